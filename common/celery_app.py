@@ -1,0 +1,44 @@
+"""The Celery app shared by the producer and the workers: queues, msgpack on the wire, no pickle."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from common.settings import Settings, get_settings
+
+DOWNLOAD_QUEUE = "download"
+EMBED_QUEUE = "embed"
+DOWNLOAD_TASK = "koala.download"
+EMBED_TASK = "koala.embed"
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """A Celery app for the fleet; tasks are sent by name so senders need not import workers."""
+    settings = settings or get_settings()
+    app = Celery("koala", broker=settings.broker_url)
+    app.conf.update(
+        # msgpack carries image bytes natively; pickle is never accepted.
+        task_serializer="msgpack",
+        accept_content=["msgpack"],
+        result_accept_content=["msgpack"],
+        event_serializer="json",
+        task_ignore_result=True,
+        task_queues=(Queue(DOWNLOAD_QUEUE), Queue(EMBED_QUEUE)),
+        task_default_queue=DOWNLOAD_QUEUE,
+        task_routes={DOWNLOAD_TASK: {"queue": DOWNLOAD_QUEUE}, EMBED_TASK: {"queue": EMBED_QUEUE}},
+        task_create_missing_queues=False,
+        # Ack after the work is durable; a killed worker's messages come back.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        worker_soft_shutdown_timeout=30.0,
+    )
+    return app

@@ -1,0 +1,67 @@
+"""Every setting of the fleet, read from KOALA_* environment variables (and a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The fleet's settings; each field is the variable KOALA_<FIELD NAME IN CAPITALS>."""
+
+    model_config = SettingsConfigDict(env_prefix="KOALA_", env_file=".env", extra="ignore")
+
+    # Broker and job state
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker + job state); a password goes in the URL: redis://:PASSWORD@host:6379/0")
+    state_prefix: str = Field("koala", description="prefix of every job-state key in Redis")
+    visibility_timeout: int = Field(3600, description="seconds before Redis re-delivers an unacknowledged message")
+    failures_kept: int = Field(100_000, description="failure details kept in Redis (the JSON Lines files keep all)")
+
+    # Queues and backpressure
+    chunk_size: int = Field(16, description="URLs per download message")
+    download_queue_limit: int = Field(2_000, description="download messages (chunks) queued before the producer holds back")
+    embed_queue_limit: int = Field(1_000, description="images queued for embedding before download workers hold back")
+
+    # Download stage
+    download_concurrency: int = Field(32, description="chunks downloaded at once per download worker (threads)")
+    per_host_connections: int = Field(8, description="downloads in flight to one host per download worker")
+    connect_timeout: float = Field(10.0, description="seconds to connect")
+    read_timeout: float = Field(20.0, description="seconds to wait for each read")
+    download_deadline: float = Field(60.0, description="seconds for one download, retries and redirects included")
+    retries: int = Field(3, description="extra attempts after a timeout, connection error, 429 or 5xx")
+    retry_backoff: float = Field(1.0, description="first backoff in seconds, doubled each attempt (Retry-After wins when longer)")
+    max_bytes: int = Field(25_000_000, description="largest image download accepted, in bytes")
+    max_pixels: int = Field(89_478_485, description="largest image accepted, in pixels (decompression bombs)")
+    max_redirects: int = Field(5, description="redirect hops followed")
+    user_agent: str = Field("koala-fleet/0.1 (image dataset builder)", description="User-Agent header of downloads")
+    allow_private_addresses: bool = Field(False, description="1 lets loopback and private addresses through (never link-local or metadata)")
+    blocked_networks: str = Field("", description="extra CIDRs to refuse, comma or space separated")
+    keep_originals: Path | None = Field(None, description="directory where download workers also save the downloaded bytes as <md5>.<ext>")
+
+    # Images and records
+    resize_mode: Literal["contain", "crop", "stretch"] = Field("contain", description="fit inside on white (contain), centre crop (crop) or stretch")
+    image_size: int = Field(299, description="side of the square images fed to Inception")
+    lab_size: Literal[299, 224] = Field(299, description="side of the Lab channels in the records (224 = what the latest original training code reads)")
+    output_dir: Path = Field(Path("data/tfrecords"), description="where shards and failure logs are written")
+    checkpoint: str | None = Field(None, description="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release, or URL")
+    examples_per_shard: int = Field(500, description="records per shard")
+    shard_max_age: float = Field(600.0, description="seconds a shard stays open before it is finalized")
+    compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
+
+    @field_validator("chunk_size", "download_queue_limit", "embed_queue_limit", "download_concurrency",
+                     "per_host_connections", "max_bytes", "max_pixels", "examples_per_shard")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

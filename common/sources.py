@@ -1,0 +1,226 @@
+"""URL-list lines to items (pure): `<id><TAB><url>` as in fall11_urls.txt, or one URL a line.
+
+An item's URL is the last whitespace-separated token of a non-blank, non-comment line; its key is
+the md5 hex digest of that token's UTF-8 bytes. Lines without a URL token are rejected, never fatal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Literal
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_URL_CHARS",
+    "Kind",
+    "ParseCounts",
+    "UrlItem",
+    "iter_items",
+    "key_of",
+    "parse_line",
+    "url_problem",
+]
+
+MAX_LINE_BYTES = 64 * 1024  # longest line (without its ending) that can hold an item
+MAX_URL_CHARS = 4096  # longest URL that may be fetched
+_BOM = b"\xef\xbb\xbf"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_FETCHABLE_SCHEMES = frozenset({"http", "https"})
+_PORT = re.compile(r"[0-9]+")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")  # WHATWG: host must then be IPv4
+# RFC 3986 reg-name characters without %-escapes, plus any non-ASCII character (IDN)
+_HOST_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=\u0080-\U0010ffff]+")
+_AUTHORITY_END = re.compile(r"[/?#]")
+
+Kind = Literal["item", "blank", "comment", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class UrlItem:
+    """One URL of a list: `key` is the md5 hex of the URL token's UTF-8 bytes."""
+
+    key: str
+    url: str
+
+
+@dataclass
+class ParseCounts:
+    """Lines read so far, by kind; `items` includes items passed over by `skip`."""
+
+    items: int = 0
+    blank: int = 0
+    comments: int = 0
+    rejected: int = 0
+
+
+def key_of(token: str) -> str:
+    """md5 hex digest of the UTF-8 bytes of `token`."""
+    return hashlib.md5(token.encode("utf-8"), usedforsecurity=False).hexdigest()
+
+
+def _strip_ending(raw: bytes) -> bytes:
+    """Drop a trailing LF, CRLF or CR and a leading UTF-8 BOM."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw[len(_BOM):] if raw.startswith(_BOM) else raw
+
+
+def parse_line(raw: bytes) -> UrlItem | Literal["blank", "comment", "rejected"]:
+    """Classify one raw line (with or without its ending; CRLF and a leading BOM tolerated).
+
+    Rejected: over MAX_LINE_BYTES, not UTF-8 (comments excepted), or a last token without a URI
+    scheme. Only http/https are fetchable, but any scheme makes an item (see `url_problem`).
+    """
+    line = _strip_ending(raw)
+    if len(line) > MAX_LINE_BYTES:
+        return "rejected"
+    if line.lstrip().startswith(b"#"):  # a comment's encoding does not matter
+        return "comment"
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "rejected"
+    tokens = text.split()
+    if not tokens:
+        return "blank"
+    if tokens[0].startswith("#"):
+        return "comment"
+    url = tokens[-1]
+    if not _SCHEME.match(url):
+        return "rejected"
+    return UrlItem(key=key_of(url), url=url)
+
+
+def _next_kind(stream: BinaryIO) -> UrlItem | Literal["blank", "comment", "rejected"] | None:
+    """Parse the next line of `stream` (None at its end), holding at most ~64 KiB of it."""
+    limit = MAX_LINE_BYTES + 2  # room for the longest accepted content and a CRLF
+    chunk = stream.readline(limit)
+    if not chunk:
+        return None
+    if len(chunk) < limit or chunk.endswith(b"\n"):
+        return parse_line(chunk)
+    while chunk and not chunk.endswith(b"\n"):  # too long: drain the rest, keeping none of it
+        chunk = stream.readline(limit)
+    return "rejected"
+
+
+def _count(counts: ParseCounts, kind: UrlItem | Literal["blank", "comment", "rejected"]) -> None:
+    """Add one line of the given kind to `counts`."""
+    if isinstance(kind, UrlItem):
+        counts.items += 1
+    elif kind == "blank":
+        counts.blank += 1
+    elif kind == "comment":
+        counts.comments += 1
+    else:
+        counts.rejected += 1
+
+
+def iter_items(
+    stream: BinaryIO,
+    counts: ParseCounts | None = None,
+    *,
+    skip: int = 0,
+    count: int | None = None,
+) -> Iterator[UrlItem]:
+    """Yield the items of a binary stream line by line (only LF ends a line).
+
+    `skip` and `count` apply to items, as `download --skip N --count N` does; reading stops once
+    `count` items were yielded. `counts` is updated as lines are read (skipped items included).
+    """
+    if skip < 0 or (count is not None and count < 0):
+        raise ValueError("skip and count must not be negative")
+    counts = counts if counts is not None else ParseCounts()
+    seen = yielded = 0
+    while count is None or yielded < count:
+        kind = _next_kind(stream)
+        if kind is None:
+            return
+        _count(counts, kind)
+        if isinstance(kind, UrlItem):
+            seen += 1
+            if seen > skip:
+                yielded += 1
+                yield kind
+
+
+def url_problem(url: str) -> tuple[str, str] | None:
+    """('bad_scheme' | 'invalid_url', detail) when `url` can't be fetched, else None (no DNS)."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return ("invalid_url", "no URI scheme")
+    name = scheme.group()[:-1].lower()
+    if name not in _FETCHABLE_SCHEMES:
+        return ("bad_scheme", f"scheme {name!r} is not http or https")
+    problem = _text_problem(url) or _authority_problem(url[scheme.end():])
+    return None if problem is None else ("invalid_url", problem)
+
+
+def _text_problem(url: str) -> str | None:
+    """Length, whitespace and control characters."""
+    if len(url) > MAX_URL_CHARS:
+        return f"URL longer than {MAX_URL_CHARS} characters"
+    for char in url:
+        if char.isspace() or ord(char) < 0x20 or 0x7F <= ord(char) <= 0x9F:
+            return f"whitespace or control character {char!r} in URL"
+    return None
+
+
+def _authority_problem(rest: str) -> str | None:
+    """Check the '//userinfo@host:port' part that follows 'http:'."""
+    if not rest.startswith("//"):
+        return "no '//' authority after the scheme"
+    end = _AUTHORITY_END.search(rest, 2)
+    authority = rest[2:end.start() if end else len(rest)]
+    host_port = authority.rpartition("@")[2]  # userinfo (credentials included) is allowed
+    if host_port.startswith("["):
+        host, sep, after = host_port[1:].partition("]")
+        if not sep:
+            return "unterminated IPv6 literal"
+        return _ipv6_problem(host) or _port_problem(after)
+    host, sep, port = host_port.partition(":")
+    return _host_problem(host) or (_port_problem(sep + port) if sep else None)
+
+
+def _ipv6_problem(host: str) -> str | None:
+    """An IPv6 literal (a zone such as '%25eth0' is accepted)."""
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return f"unparseable IPv6 literal {host!r}"
+    return None
+
+
+def _port_problem(after: str) -> str | None:
+    """What follows the host: nothing, ':' or ':<port 1..65535>'."""
+    if after in ("", ":"):
+        return None
+    port = after[1:]
+    if not after.startswith(":") or not _PORT.fullmatch(port):
+        return f"bad port {after!r}"
+    if not 1 <= int(port) <= 65535:
+        return f"port {int(port)} out of range"
+    return None
+
+
+def _host_problem(host: str) -> str | None:
+    """A registered name or dotted IPv4 literal: no empty labels, no stray characters."""
+    if not host:
+        return "no host"
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if any(not label for label in labels):
+        return f"empty label in host {host!r}"
+    if not _HOST_CHARS.fullmatch(host):
+        return f"bad character in host {host!r}"
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        try:
+            ipaddress.IPv4Address(host.rstrip("."))
+        except ValueError:
+            return f"invalid IPv4 address {host!r}"
+    return None

@@ -1,0 +1,283 @@
+"""Job state in Redis: one entry per item (dedupe + progress), exact counters, failure details.
+
+Per-item cost: items live in 65,536 hash buckets `<prefix>:i:<4 hex>`, field = the other
+14 bytes of the md5, value = a state of 1-3 bytes. Small hashes are listpacks in Redis
+(about 20 bytes per entry); the fleet's Redis runs with `hash-max-listpack-entries 1024`
+so that buckets stay listpacks up to ~60 M items (see README, "Job state in Redis").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+
+# Item states. Pending states (s, d) carry a 2-byte submission-run tag after the letter, so a
+# new run can tell items it registered itself from items an earlier (maybe killed) run left.
+SUBMITTED = b"s"
+DOWNLOADED = b"d"
+WRITTEN = b"w"
+FAILED = b"f"
+
+REASONS = (
+    "bad_scheme", "invalid_url", "blocked_address", "dns_error", "connection_error", "timeout",
+    "http_error", "too_large", "not_an_image", "truncated", "too_many_pixels", "redirect_loop",
+    "io_error", "internal_error",
+)
+COUNTERS = ("submitted", "duplicates", "rejected_lines", "requeued", "downloaded", "written", "failed")
+
+# KEYS: bucket per item. ARGV: counts key, run tag, requeue flag, journal key, journal field,
+# journal value, producer-alive key, then one field per item. The chunk is journaled in the
+# same step, so a producer killed before sending it leaves a record to send it from.
+# Returns per item: 0 new, 1 left pending by an earlier run (sent again only when the
+# requeue flag is 1), 2 nothing to do.
+_REGISTER = """
+local new, dup, requeued = 0, 0, 0
+local out = {}
+for i = 1, #KEYS do
+  local field = ARGV[i + 7]
+  local v = redis.call('HGET', KEYS[i], field)
+  if not v then
+    redis.call('HSET', KEYS[i], field, 's' .. ARGV[2])
+    new = new + 1; out[i] = 0
+  else
+    dup = dup + 1
+    local c = string.sub(v, 1, 1)
+    if ARGV[3] == '1' and (c == 's' or c == 'd') and string.sub(v, 2) ~= ARGV[2] then
+      redis.call('HSET', KEYS[i], field, c .. ARGV[2])
+      requeued = requeued + 1; out[i] = 1
+    else
+      out[i] = 2
+    end
+  end
+end
+if new > 0 then redis.call('HINCRBY', ARGV[1], 'submitted', new) end
+if dup > 0 then redis.call('HINCRBY', ARGV[1], 'duplicates', dup) end
+if requeued > 0 then redis.call('HINCRBY', ARGV[1], 'requeued', requeued) end
+if new + requeued > 0 and ARGV[5] ~= '' then
+  redis.call('HSET', ARGV[4], ARGV[5], ARGV[6])
+  redis.call('SET', ARGV[7], '1', 'EX', 60)
+end
+return out
+"""
+
+# KEYS[1] bucket; ARGV: counts key, field, target state, allowed source letters,
+# then (for failures) reasons key, stream key, stream cap, reason, then stream field/value pairs.
+_TRANSITION = """
+local v = redis.call('HGET', KEYS[1], ARGV[2])
+if not v then return 0 end
+local c = string.sub(v, 1, 1)
+if not string.find(ARGV[4], c, 1, true) then return 0 end
+if ARGV[3] == 'd' then
+  redis.call('HSET', KEYS[1], ARGV[2], 'd' .. string.sub(v, 2))
+else
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
+end
+if ARGV[3] == 'd' then
+  redis.call('HINCRBY', ARGV[1], 'downloaded', 1)
+elseif ARGV[3] == 'w' then
+  redis.call('HINCRBY', ARGV[1], 'written', 1)
+  if c == 's' then redis.call('HINCRBY', ARGV[1], 'downloaded', 1) end
+elseif ARGV[3] == 'f' then
+  redis.call('HINCRBY', ARGV[1], 'failed', 1)
+  redis.call('HINCRBY', ARGV[5], ARGV[8], 1)
+  local entry = {}
+  for i = 9, #ARGV do entry[#entry + 1] = ARGV[i] end
+  redis.call('XADD', ARGV[6], 'MAXLEN', '~', ARGV[7], '*', unpack(entry))
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed item: its key, URL or path, a reason from REASONS and a readable detail."""
+
+    key: str
+    reason: str
+    detail: str
+    url: str = ""
+    path: str = ""
+    node: str = ""
+    time: float = 0.0
+
+    def as_dict(self) -> dict:
+        """The JSON form: `url` for URL items, `path` for files of a folder."""
+        source = {"path": self.path} if self.path else {"url": self.url}
+        return {"key": self.key, **source, "reason": self.reason, "detail": self.detail,
+                "node": self.node, "time": self.time}
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client for the broker URL, with timeouts so a dead server is noticed."""
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
+                                health_check_interval=30)
+
+
+class JobState:
+    """Item states, counters and failures of the job kept in one Redis."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "koala", failures_kept: int = 100_000):
+        self.r = client
+        self.prefix = prefix
+        self.failures_kept = failures_kept
+        self.counts_key = f"{prefix}:counts"
+        self.reasons_key = f"{prefix}:reasons"
+        self.failures_key = f"{prefix}:failures"
+        self.journal_key = f"{prefix}:journal"
+        self._register = client.register_script(_REGISTER)
+        self._transition = client.register_script(_TRANSITION)
+
+    def _slot(self, key: str) -> tuple[str, bytes]:
+        """The bucket and field of an item key (md5 hex)."""
+        return f"{self.prefix}:i:{key[:4]}", bytes.fromhex(key[4:])
+
+    def new_run(self) -> bytes:
+        """A 2-byte tag for a submission run, different from the previous run's."""
+        n = self.r.hincrby(f"{self.prefix}:meta", "runs", 1)
+        return (n % 65536).to_bytes(2, "big")
+
+    def register(self, keys: Sequence[str], run: bytes, *, requeue: bool = False,
+                 journal: tuple[str, str, bytes] | None = None) -> list[int]:
+        """Record submitted keys; per key 0 = new, 1 = left pending by an earlier run, 2 = skip.
+
+        `journal` = (producer id, entry id, chunk): kept until `unjournal` confirms the send.
+        """
+        if not keys:
+            return []
+        slots = [self._slot(k) for k in keys]
+        producer, entry, chunk = journal or ("", "", b"")
+        args = [self.counts_key, run, int(requeue), self.journal_key,
+                f"{producer}:{entry}" if journal else "", chunk, self._alive_key(producer),
+                *[f for _, f in slots]]
+        return self._register(keys=[b for b, _ in slots], args=args)
+
+    def _alive_key(self, producer: str) -> str:
+        return f"{self.prefix}:producer:{producer}"
+
+    def keep_alive(self, producer: str) -> None:
+        """Tell other producers this one is alive (its journal is not orphaned)."""
+        self.r.set(self._alive_key(producer), 1, ex=60)
+
+    def unjournal(self, producer: str, entry: str) -> None:
+        """The journaled chunk was sent: forget it."""
+        self.r.hdel(self.journal_key, f"{producer}:{entry}")
+
+    def orphaned_chunks(self) -> list[tuple[str, bytes]]:
+        """Journaled chunks of producers that died before confirming them sent."""
+        out = []
+        for field, chunk in self.r.hgetall(self.journal_key).items():
+            producer = field.decode().split(":", 1)[0]
+            if not self.r.exists(self._alive_key(producer)):
+                out.append((field.decode(), chunk))
+        return out
+
+    def drop_orphan(self, field: str) -> None:
+        """Forget an orphaned chunk once it has been dealt with."""
+        self.r.hdel(self.journal_key, field)
+
+    def add(self, counter: str, n: int = 1) -> None:
+        """Add to a counter (e.g. rejected_lines)."""
+        if n:
+            self.r.hincrby(self.counts_key, counter, n)
+
+    def state(self, key: str) -> bytes | None:
+        """The state letter of an item (s, d, w, f) or None when unknown."""
+        bucket, field = self._slot(key)
+        v = self.r.hget(bucket, field)
+        return v[:1] if v else None
+
+    def states(self, keys: Sequence[str]) -> list[bytes | None]:
+        """State letters of many items in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(*self._slot(key))
+        return [v[:1] if v else None for v in pipe.execute()]
+
+    def _move(self, key: str, target: bytes, sources: bytes, extra: Iterable = ()) -> bool:
+        bucket, field = self._slot(key)
+        args = [self.counts_key, field, target, sources, *extra]
+        return bool(self._transition(keys=[bucket], args=args))
+
+    def mark_downloaded(self, key: str) -> bool:
+        """submitted -> downloaded; False when the item was not pending submission."""
+        return self._move(key, DOWNLOADED, SUBMITTED)
+
+    def mark_written(self, key: str) -> bool:
+        """submitted/downloaded -> written; False when it already was final."""
+        return self._move(key, WRITTEN, SUBMITTED + DOWNLOADED)
+
+    def mark_failed(self, failure: Failure, *, from_states: bytes = SUBMITTED) -> bool:
+        """Pending -> failed with its reason; counts it and keeps its detail (capped) in a stream."""
+        if failure.reason not in REASONS:
+            raise ValueError(f"unknown failure reason {failure.reason!r}")
+        entry = failure.as_dict()
+        fields = [x for k, v in entry.items() for x in (k, str(v))]
+        extra = [self.reasons_key, self.failures_key, self.failures_kept, failure.reason, *fields]
+        return self._move(failure.key, FAILED, from_states, extra)
+
+    def counts(self) -> dict[str, int]:
+        """Counters of the job, with pending = submitted - written - failed."""
+        raw = self.r.hgetall(self.counts_key)
+        counts = {name: int(raw.get(name.encode(), 0)) for name in COUNTERS}
+        counts["pending"] = counts["submitted"] - counts["written"] - counts["failed"]
+        return counts
+
+    def failures_by_reason(self) -> dict[str, int]:
+        """Failed items per reason."""
+        return {k.decode(): int(v) for k, v in sorted(self.r.hgetall(self.reasons_key).items())}
+
+    def failures(self, reason: str | None = None, limit: int | None = None) -> list[dict]:
+        """Failure details kept in Redis, oldest first, optionally of one reason."""
+        out: list[dict] = []
+        last = "-"
+        while limit is None or len(out) < limit:
+            batch = self.r.xrange(self.failures_key, min=last, max="+", count=1000)
+            if last != "-":
+                batch = batch[1:]
+            if not batch:
+                break
+            for _, fields in batch:
+                item = {k.decode(): v.decode() for k, v in fields.items()}
+                item["time"] = float(item.get("time") or 0)
+                if reason is None or item.get("reason") == reason:
+                    out.append(item)
+            last = batch[-1][0].decode()
+        return out[:limit] if limit is not None else out
+
+    def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
+        """Messages waiting in each broker queue (kombu keeps a Redis list per queue)."""
+        pipe = self.r.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(q)
+        pipe.hlen("unacked")
+        *depths, unacked = pipe.execute()
+        return {**dict(zip(queues, depths, strict=True)), "unacked": unacked}
+
+    def reset(self) -> int:
+        """Delete every key of this job (items, counters, failures); returns how many went."""
+        n = 0
+        for key in self.r.scan_iter(match=f"{self.prefix}:*", count=10_000):
+            n += self.r.delete(key)
+        return n
+
+
+def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
+    """Append a failure to `<directory>/failures_<node>.jsonl` (all of them, unlike Redis)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(failure.as_dict(), ensure_ascii=False) + "\n"
+    path = directory / f"failures_{node.replace('@', '_').replace('/', '_')}.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def now() -> float:
+    """Wall-clock seconds, for failure records."""
+    return round(time.time(), 3)

@@ -1,0 +1,5 @@
+"""`python -m producer` is the `koala` command."""
+
+from producer.cli import main
+
+main()

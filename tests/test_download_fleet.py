@@ -1,0 +1,201 @@
+"""End to end: `koala submit` + a real download worker process + real Redis + loopback server."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from common import images as img
+from tests.conftest import ROOT, Workers, wait_for
+from tests.servers import ImageServer, worker_env
+
+
+def koala(redis_url: str, out_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess with the test settings."""
+    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=worker_env(redis_url, out_dir))
+
+
+def embed_messages(rclient) -> list[dict]:
+    """Decode every message waiting on the embed queue (kombu envelope, msgpack body)."""
+    out = []
+    for raw in rclient.lrange("embed", 0, -1):
+        envelope = json.loads(raw)
+        assert envelope["content-type"] == "application/x-msgpack"
+        args, kwargs, _ = msgpack.unpackb(base64.b64decode(envelope["body"]), raw=False)
+        assert envelope["headers"]["task"] == "koala.embed"
+        out.append(args[0])
+    return out
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def build_list(server: ImageServer, images: dict, bad_images: dict) -> tuple[bytes, dict, dict]:
+    """A URL list mixing every good image, every bad one and every misbehaviour.
+
+    Returns the list bytes, {url: expected image bytes} and {url: expected reason}.
+    """
+    base = server.base
+    port = base.rsplit(":", 1)[1]
+    good = {f"{base}/img/{name}": data for name, data in images.items()}
+    good[f"{base}/flaky503/fleet"] = images["jpeg_rgb"]
+    good[f"{base}/ratelimited/fleet"] = images["png_rgb"]
+    good[f"{base}/to-image/jpeg_small"] = images["jpeg_small"]
+    bad = {f"{base}/img/bad_{name}": reason for name, (_, reason) in bad_images.items()}
+    bad.update({
+        f"{base}/status/404": "http_error",
+        f"{base}/status/500": "http_error",
+        f"{base}/html": "not_an_image",
+        f"{base}/html-as-jpeg": "not_an_image",
+        f"{base}/empty": "not_an_image",
+        f"{base}/slow/3": "timeout",
+        f"{base}/huge-declared": "too_large",
+        f"{base}/huge-chunked": "too_large",
+        f"{base}/lying-length": "truncated",
+        f"{base}/loop/a": "redirect_loop",
+        f"{base}/to-file": "bad_scheme",
+        f"{base}/to-blocked": "blocked_address",
+        f"http://127.0.0.2:{port}/img/jpeg_rgb": "blocked_address",
+        "ftp://127.0.0.1/image.jpg": "bad_scheme",
+        "http://[::1/broken": "invalid_url",
+    })
+    lines = [b"# a comment", b""]
+    for i, url in enumerate([*good, *bad]):
+        # half in the fall11 layout `<id>\t<url>`, half as plain URLs
+        lines.append(f"n{i:08d}_1\t{url}".encode() if i % 2 else url.encode())
+    lines += [b"hello world", b"\xff\xfe not utf-8 \x80", b"   ", next(iter(good)).encode()]
+    return b"\r\n".join(lines) + b"\n", good, bad
+
+
+def test_submit_download_every_item_accounted_once(image_server: ImageServer, images, bad_images,
+                                                   workers: Workers, rclient, redis_url, tmp_path):
+    data, good, bad = build_list(image_server, images, bad_images)
+    url_list = tmp_path / "urls.txt"
+    url_list.write_bytes(data)
+    workers.start("download", "-c", "8")
+
+    result = koala(redis_url, workers.out_dir, "submit", str(url_list), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["new"] == len(good) + len(bad)
+
+    def status() -> dict:
+        out = koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    wait_for(lambda: (s := status())["downloaded"] + s["failed"] == s["submitted"], 90,
+             "every item downloaded or failed", workers.logs)
+    s = status()
+    assert s["submitted"] == len(good) + len(bad)
+    assert s["duplicates"] == 1
+    assert s["rejected_lines"] == 2
+    assert s["downloaded"] == len(good)
+    assert s["failed"] == len(bad)
+    assert s["pending"] == len(good)  # nothing is written until the embed stage runs
+    assert s["queues"]["embed"] == len(good)
+
+    # every good image reaches the embed queue once, with the pixels of the reference resize
+    messages = embed_messages(rclient)
+    by_key = {m["key"]: m for m in messages}
+    assert len(by_key) == len(messages) == len(good)
+    for url, original in good.items():
+        message = by_key[md5(url)]
+        assert message["source"] == url and message["name"] == md5(url)
+        expected = img.load_rgb(original, size=(299, 299), mode="contain", max_pixels=50_000_000)
+        np.testing.assert_array_equal(img.decode_pixels(message["pixels"]), expected, err_msg=url)
+
+    # every bad one is in the failures once, with the right reason
+    out = koala(redis_url, workers.out_dir, "failures", "--json")
+    failures = json.loads(out.stdout)
+    assert sorted(f["url"] for f in failures) == sorted(bad)
+    wrong = {f["url"]: (f["reason"], f["detail"]) for f in failures if f["reason"] != bad[f["url"]]}
+    assert not wrong
+    assert all(f["detail"] and f["key"] == md5(f["url"]) for f in failures)
+    assert s["failures_by_reason"] == {r: list(bad.values()).count(r) for r in set(bad.values())}
+    logged = [json.loads(line) for p in workers.out_dir.glob("failures_*.jsonl")
+              for line in p.read_text().splitlines()]
+    assert sorted(f["url"] for f in logged) == sorted(bad)
+
+    # submitting the same list again adds nothing
+    again = koala(redis_url, workers.out_dir, "submit", str(url_list), "--json")
+    assert json.loads(again.stdout)["new"] == 0 and json.loads(again.stdout)["requeued"] == 0
+    s2 = status()
+    assert (s2["submitted"], s2["downloaded"], s2["failed"]) == (s["submitted"], s["downloaded"], s["failed"])
+    assert s2["queues"]["download"] == 0 and s2["queues"]["embed"] == len(good)
+
+    # `koala failures --reason` filters
+    only = json.loads(koala(redis_url, workers.out_dir, "failures", "--json", "--reason", "timeout").stdout)
+    assert [f["url"] for f in only] == [u for u, r in bad.items() if r == "timeout"]
+
+
+def test_folder_submission_sends_bytes_and_names_by_relative_path(images, workers: Workers, rclient,
+                                                                  redis_url, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jpg").write_bytes(images["jpeg_rgb"])
+    (folder / "sub" / "b.png").write_bytes(images["png_rgba"])
+    (folder / "notes.txt").write_bytes(b"not an image at all")
+    workers.start("download", "-c", "2")
+    result = koala(redis_url, workers.out_dir, "submit", str(folder), "--json")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: rclient.llen("embed") == 2 and rclient.hget("koala:counts", "failed") == b"1",
+             60, "2 images and 1 failure", workers.logs)
+    by_name = {m["name"]: m for m in embed_messages(rclient)}
+    assert set(by_name) == {"a.jpg", "sub/b.png"}
+    expected = img.load_rgb(images["png_rgba"], max_pixels=50_000_000)
+    np.testing.assert_array_equal(img.decode_pixels(by_name["sub/b.png"]["pixels"]), expected)
+    failures = json.loads(koala(redis_url, workers.out_dir, "failures", "--json").stdout)
+    assert [(f["path"], f["reason"]) for f in failures] == [("notes.txt", "not_an_image")]
+
+
+def test_url_list_over_http_with_count_and_skip(image_server: ImageServer, workers: Workers, rclient,
+                                                redis_url, tmp_path):
+    names = ["jpeg_rgb", "png_rgb", "jpeg_small", "png_p", "webp"]
+    image_server.files["__list__"] = "\n".join(f"{image_server.base}/img/{n}" for n in names).encode()
+    result = koala(redis_url, tmp_path, "submit", f"{image_server.base}/list/urls.txt",
+                   "--skip", "1", "--count", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["new"] == 3
+    assert rclient.hget("koala:counts", "submitted") == b"3"
+
+
+def test_submit_reports_unreachable_redis_in_one_line(tmp_path):
+    listing = tmp_path / "urls.txt"
+    listing.write_text("http://127.0.0.1/x.jpg\n")
+    result = subprocess.run([sys.executable, "-m", "producer", "submit", str(listing)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env=worker_env("redis://127.0.0.1:1/0", tmp_path))
+    assert result.returncode != 0
+    assert "cannot reach Redis" in result.stderr
+
+
+def test_pickle_is_not_accepted_by_the_app():
+    from common.celery_app import make_app
+
+    app = make_app()
+    assert app.conf.accept_content == ["msgpack"]
+    assert app.conf.task_serializer == "msgpack"
+
+
+@pytest.mark.parametrize("mode", ["contain", "crop", "stretch"])
+def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, rclient, redis_url,
+                                                tmp_path):
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "wide.jpg").write_bytes(images["jpeg_rgb"])
+    workers.start("download", "-c", "1", KOALA_RESIZE_MODE=mode)
+    assert koala(redis_url, workers.out_dir, "submit", str(folder)).returncode == 0
+    wait_for(lambda: rclient.llen("embed") == 1, 60, "one image", workers.logs)
+    got = img.decode_pixels(embed_messages(rclient)[0]["pixels"])
+    np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))

@@ -1,0 +1,119 @@
+"""The guarded downloader against the loopback server (in-process, no workers)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from common.addresses import parse_networks
+from common.fetch import FetchError, Policy, fetch, make_session, open_stream
+from tests.servers import ImageServer
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return Policy(allow_private=True, blocked=parse_networks("127.0.0.2/32"), connect_timeout=2,
+                  read_timeout=1, deadline=6, max_bytes=3_000_000, retries=3, backoff=0.1)
+
+
+@pytest.fixture(scope="module")
+def session(policy: Policy):
+    with make_session(policy) as s:
+        yield s
+
+
+def reason_of(url: str, session, policy: Policy) -> str:
+    with pytest.raises(FetchError) as info:
+        fetch(url, session, policy)
+    return info.value.reason
+
+
+def test_good_image_is_returned_byte_for_byte(image_server: ImageServer, images, session, policy):
+    assert fetch(f"{image_server.base}/img/jpeg_rgb", session, policy) == images["jpeg_rgb"]
+
+
+def test_redirect_to_an_image_is_followed(image_server: ImageServer, images, session, policy):
+    assert fetch(f"{image_server.base}/to-image/png_rgb", session, policy) == images["png_rgb"]
+
+
+@pytest.mark.parametrize(("route", "reason"), [
+    ("/status/404", "http_error"),
+    ("/status/410", "http_error"),
+    ("/status/500", "http_error"),
+    ("/huge-declared", "too_large"),
+    ("/huge-chunked", "too_large"),
+    ("/lying-length", "truncated"),
+    ("/loop/a", "redirect_loop"),
+    ("/to-file", "bad_scheme"),
+    ("/to-blocked", "blocked_address"),
+    ("/slow/3", "timeout"),
+])
+def test_misbehaving_routes_fail_with_their_reason(image_server, session, policy, route, reason):
+    assert reason_of(image_server.base + route, session, policy) == reason
+
+
+def test_404_is_not_retried_but_500_is(image_server: ImageServer, session, policy):
+    reason_of(f"{image_server.base}/counted/404/a", session, policy)
+    reason_of(f"{image_server.base}/counted/500/a", session, policy)
+    assert image_server.behaviour.hits["/counted/404/a"] == 1
+    assert image_server.behaviour.hits["/counted/500/a"] == policy.retries + 1
+
+
+def test_503_then_200_is_retried_into_success(image_server: ImageServer, images, session, policy):
+    url = f"{image_server.base}/flaky503/fetch-test"
+    assert fetch(url, session, policy) == images["jpeg_rgb"]
+    assert image_server.behaviour.hits["/flaky503/fetch-test"] == 3
+
+
+def test_429_honours_retry_after(image_server: ImageServer, images, session, policy):
+    start = time.monotonic()
+    assert fetch(f"{image_server.base}/ratelimited/fetch-test", session, policy) == images["png_rgb"]
+    assert time.monotonic() - start >= 1.0  # Retry-After: 1 was waited, not the 0.1 s backoff
+
+
+def test_directly_blocked_address_never_connects(image_server: ImageServer, session, policy):
+    port = image_server.base.rsplit(":", 1)[1]
+    assert reason_of(f"http://127.0.0.2:{port}/img/jpeg_rgb", session, policy) == "blocked_address"
+
+
+def test_loopback_refused_without_allow_private(image_server: ImageServer):
+    strict = Policy(allow_private=False, retries=0)
+    with make_session(strict) as s:
+        assert reason_of(f"{image_server.base}/img/jpeg_rgb", s, strict) == "blocked_address"
+
+
+def test_dns_failure_is_dns_error(monkeypatch, session, policy):
+    def no_such_host(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    fast = Policy(allow_private=True, retries=1, backoff=0.01)
+    with make_session(fast) as s:
+        assert reason_of("http://no-such-host.invalid/x.jpg", s, fast) == "dns_error"
+
+
+def test_host_resolving_to_metadata_is_blocked_even_with_private_allowed(monkeypatch):
+    def metadata(host, port, *args, **kwargs):
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", metadata)
+    p = Policy(allow_private=True, retries=0)
+    with make_session(p) as s:
+        assert reason_of("http://metadata.example/latest", s, p) == "blocked_address"
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
+    ("javascript:alert(1)", "bad_scheme"),
+    ("http://[::1/x", "invalid_url"),
+])
+def test_bad_urls_fail_without_traffic(url, reason, session, policy):
+    assert reason_of(url, session, policy) == reason
+
+
+def test_open_stream_reads_a_url_list(image_server: ImageServer, policy):
+    image_server.files["__list__"] = b"line one\nline two\n"
+    with open_stream(f"{image_server.base}/list/x", policy) as stream:
+        assert stream.read() == b"line one\nline two\n"

@@ -1,0 +1,424 @@
+"""Unit tests of common.images: decoding every mode, resizing, failures, fuzzing, payloads."""
+
+from __future__ import annotations
+
+import functools
+import io
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from common import images as img
+from tests import corpus
+
+pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
+
+GOOD = corpus.good_images()
+BAD = corpus.bad_images()
+WHITE = 255
+
+
+def _is_jpeg(name: str) -> bool:
+    return name.startswith("jpeg")
+
+
+# --- every good image, every mode, against the reference ----------------------------------
+
+
+@pytest.mark.parametrize("mode", img.RESIZE_MODES)
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_good_image_matches_reference(name: str, mode: str):
+    out = img.load_rgb(GOOD[name], mode=mode)
+    assert out.dtype == np.uint8 and out.shape == (299, 299, 3)
+    diff = np.abs(out.astype(int) - corpus.reference_rgb(GOOD[name], mode=mode))
+    if _is_jpeg(name):  # draft decoding (1/2 .. 1/8 scale IDCT) differs slightly
+        assert diff.mean() < 1.5 and diff.max() <= 24, (diff.mean(), diff.max())
+    else:
+        assert diff.max() <= 1, diff.max()
+
+
+@pytest.mark.parametrize("size", [(299, 299), (224, 160), (64, 128)])
+def test_output_shape_is_height_width_3(size: tuple[int, int]):
+    out = img.load_rgb(GOOD["jpeg_rgb"], size=size, mode="contain")
+    assert out.shape == (size[1], size[0], 3)
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+def _white_rows(out: np.ndarray) -> np.ndarray:
+    return (out == WHITE).all(axis=(1, 2))
+
+
+def _white_cols(out: np.ndarray) -> np.ndarray:
+    return (out == WHITE).all(axis=(0, 2))
+
+
+def test_contain_wide_image_has_white_bars_top_and_bottom():
+    out = img.load_rgb(GOOD["jpeg_rgb"])  # 640x480 -> 299x224, 75 rows of padding
+    rows = _white_rows(out)
+    assert rows[:37].all() and rows[-37:].all()
+    assert not rows[40:-40].any()
+    assert not _white_cols(out).any()
+
+
+def test_contain_tall_image_has_white_bars_left_and_right():
+    out = img.load_rgb(GOOD["jpeg_portrait"])
+    cols = _white_cols(out)
+    assert cols[:37].all() and cols[-37:].all()
+    assert not cols[40:-40].any()
+    assert not _white_rows(out).any()
+
+
+def test_small_square_image_is_enlarged_without_border():
+    assert Image.open(io.BytesIO(GOOD["jpeg_small"])).size == (200, 200)
+    out = img.load_rgb(GOOD["jpeg_small"])
+    assert not _white_rows(out).any() and not _white_cols(out).any()
+
+
+@pytest.mark.parametrize("mode", ["crop", "stretch"])
+@pytest.mark.parametrize("name", ["jpeg_rgb", "jpeg_portrait", "png_rgb", "jpeg_small"])
+def test_crop_and_stretch_leave_no_white_bars(name: str, mode: str):
+    out = img.load_rgb(GOOD[name], mode=mode)
+    assert not _white_rows(out).any() and not _white_cols(out).any()
+
+
+def test_crop_takes_the_centre():
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, 80:220] = (10, 200, 10)  # green beyond the middle third (filter support), else black
+    out = img.resize(Image.fromarray(arr), (50, 50), "crop")
+    assert (np.abs(out.astype(int) - (10, 200, 10)) <= 2).all()
+
+
+@pytest.mark.parametrize("name", ["jpeg_exif_rotated", "jpeg_bad_exif"])
+def test_exif_orientation_is_applied(name: str):
+    stored = Image.open(io.BytesIO(GOOD[name]))
+    shown = img.decode(GOOD[name])
+    assert shown.size == stored.size[::-1]  # orientation 6: wide file, tall picture
+    # The RED block stored top-left is shown top-right after a 90 degree clockwise turn.
+    w = shown.size[0]
+    assert np.abs(np.subtract(shown.getpixel((w - 5, 5)), corpus.RED)).max() < 20
+    out = img.load_rgb(GOOD[name])
+    assert _white_cols(out)[:30].all() and not _white_rows(out).any()
+
+
+# --- JPEG draft decoding -------------------------------------------------------------------
+
+
+@functools.cache
+def _rotated_large_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(corpus.photo(1600, 800, 21)).save(buf, "JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", img.RESIZE_MODES)
+@pytest.mark.parametrize("target", [(299, 299), (100, 400), (400, 100), (64, 64)])
+@pytest.mark.parametrize("name", ["jpeg_large", "jpeg_progressive", "rotated_large"])
+def test_draft_keeps_twice_the_needed_size(name: str, target: tuple[int, int], mode: str):
+    data = _rotated_large_jpeg() if name == "rotated_large" else GOOD[name]
+    full_size = _shown_size(data)
+    drafted = img.decode(data, draft_for=target, mode=mode)
+    need_w, need_h = img._scaled_size(full_size, target, mode)
+    assert drafted.size == full_size or (
+        drafted.size[0] >= 2 * need_w and drafted.size[1] >= 2 * need_h), drafted.size
+
+
+@functools.cache
+def _shown_size(data: bytes) -> tuple[int, int]:
+    return img.decode(data).size
+
+
+def test_draft_actually_reduces_large_jpeg():
+    assert img.decode(GOOD["jpeg_large"]).size == (1600, 1200)
+    assert img.decode(GOOD["jpeg_large"], draft_for=(299, 299)).size == (800, 600)
+    assert img.decode(GOOD["jpeg_large"], draft_for=(64, 64)).size == (200, 150)
+
+
+# --- modes and transparency ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, region", [
+    ("png_rgba", (slice(100, 200), slice(5, 60))),  # left quarter alpha 0, black underneath
+    ("png_64bit", (slice(100, 200), slice(5, 60))),
+    ("png_p_transparent", (slice(110, 190), slice(110, 190))),
+    ("png_rgb_trns", (slice(85, 140), slice(50, 170))),
+    ("gif_transparent", (slice(100, 200), slice(5, 60))),
+    ("webp_lossless", (slice(42, 90), slice(0, 299))),
+    ("png_la", (slice(100, 200), slice(0, 2))),  # alpha ramps from 0 at the left edge
+])
+def test_transparency_becomes_white(name: str, region: tuple[slice, slice]):
+    out = img.load_rgb(GOOD[name])
+    assert out[region].min() >= 250, out[region].min()
+
+
+def test_half_transparent_pixels_blend_with_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)
+    rgba[..., 3] = 128
+    out = img.decode(_png(Image.fromarray(rgba, "RGBA")))
+    assert set(np.unique(np.asarray(out))) <= {127, 128}
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_16bit_grey_is_scaled_not_clipped():
+    arr = np.array([[65535, 32768, 1000, 65280, 0, 257]], np.uint16)
+    expected = [255, 128, 4, 254, 0, 1]  # round(v / 257); clipping would give 255 for all but 0
+    for data in (corpus.png16(arr), _png(Image.fromarray(arr))):
+        assert np.asarray(img.decode(data))[0, :, 0].tolist() == expected
+        assert Image.open(io.BytesIO(data)).mode == "I;16"
+
+
+def test_48bit_rgb_is_rounded_not_truncated():
+    arr = np.array([[[65535, 32768, 1000], [65280, 0, 257]]], np.uint16)
+    # Pillow alone keeps the high byte: 1000 -> 3, 65280 -> 255.
+    assert np.asarray(Image.open(io.BytesIO(corpus.png16(arr))))[0, :, 2].tolist() == [3, 1]
+    out = np.asarray(img.decode(corpus.png16(arr)))
+    assert out.tolist() == [[[255, 128, 4], [254, 0, 1]]]
+
+
+def test_64bit_rgba_is_rounded_and_composited():
+    arr = np.array([[[65280, 32768, 1000, 65535], [0, 0, 0, 0]]], np.uint16)
+    assert np.asarray(img.decode(corpus.png16(arr))).tolist() == [[[254, 128, 4], [255] * 3]]
+
+
+def test_16bit_pgm_opens_as_I_and_is_scaled():
+    data = b"P5 3 1 65535\n" + np.array([65535, 32768, 1000], ">u2").tobytes()
+    assert Image.open(io.BytesIO(data)).mode == "I"
+    assert np.asarray(img.decode(data))[0, :, 0].tolist() == [255, 128, 4]
+
+
+def test_float_and_32bit_images_are_scaled():
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F")
+    assert np.asarray(img.decode(_tiff(floats)))[0, :, 0].tolist() == [0, 128, 255]
+    ints = Image.fromarray(np.array([[-1_000_000, 0, 1_000_000]], np.int32), "I")
+    assert np.asarray(img.decode(_tiff(ints)))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def _tiff(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name, seed, tolerance", [
+    ("jpeg_cmyk", 5, 6), ("tiff_cmyk", 11, 1), ("tiff_lab", 12, 3), ("webp", 8, 6),
+    ("png_rgb", 2, 0), ("bmp", 9, 0), ("tiff", 10, 0), ("ppm", 19, 0),
+])
+def test_colour_spaces_decode_to_the_right_rgb(name: str, seed: int, tolerance: float):
+    decoded = np.asarray(img.decode(GOOD[name])).astype(int)
+    expected = corpus.photo(*decoded.shape[1::-1], seed)
+    assert np.abs(decoded - expected).mean() <= tolerance
+
+
+def test_grey_and_bilevel_images_are_grey_rgb():
+    grey = np.asarray(img.decode(GOOD["jpeg_gray"]))
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    bilevel = np.asarray(img.decode(GOOD["png_1bit"]))
+    assert set(np.unique(bilevel)) == {0, 255}
+
+
+@pytest.mark.parametrize("name", ["gif_animated", "apng", "webp_animated"])
+def test_animation_uses_the_first_frame(name: str):
+    assert Image.open(io.BytesIO(GOOD[name])).n_frames == 2
+    red, _, blue = np.asarray(img.decode(GOOD[name])).reshape(-1, 3).mean(axis=0)
+    assert red > blue + 80  # first frame red, second blue
+
+
+@pytest.mark.parametrize("mode", ["YCbCr", "HSV", "LAB", "CMYK", "RGBX", "RGBa", "P"])
+def test_resize_accepts_any_pillow_mode(mode: str):
+    src = Image.new("RGB", (40, 20), (200, 100, 50))
+    out = img.resize(src.quantize(4) if mode == "P" else src.convert(mode), (16, 16), "stretch")
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - (200, 100, 50)).max() <= 6
+
+
+# --- failures ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_image_fails_with_its_reason(name: str):
+    data, reason = BAD[name]
+    for call in (lambda: img.load_rgb(data, max_pixels=50_000_000),
+                 lambda: img.decode(data, max_pixels=50_000_000)):
+        with pytest.raises(img.ImageError) as info:
+            call()
+        assert info.value.reason == reason
+        assert info.value.detail and isinstance(info.value.detail, str)
+
+
+def test_not_an_image_detail_shows_the_first_bytes():
+    with pytest.raises(img.ImageError) as info:
+        img.decode(b"<html><body>nope</body></html>")
+    assert "cannot identify image file" in info.value.detail
+    assert "<html>" in info.value.detail
+
+
+def test_bomb_is_refused_before_decoding():
+    start = time.perf_counter()
+    with pytest.raises(img.ImageError) as info:
+        img.load_rgb(BAD["bomb"][0])  # the default limit refuses 400 Mpixels too
+    assert info.value.reason == "too_many_pixels"
+    assert time.perf_counter() - start < 0.5
+
+
+def test_max_pixels_is_inclusive():
+    data = GOOD["jpeg_small"]  # 200x200
+    assert img.load_rgb(data, max_pixels=40_000).shape == (299, 299, 3)
+    with pytest.raises(img.ImageError, match="too_many_pixels"):
+        img.load_rgb(data, max_pixels=39_999)
+
+
+def test_pillow_global_limit_is_not_used(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would refuse > 2000 pixels
+    assert img.load_rgb(GOOD["jpeg_small"]).shape == (299, 299, 3)
+    large = corpus.bomb_png(12_000, 10_000)  # 120 Mpixels: over Pillow's default limit
+    with pytest.raises(img.ImageError, match="too_many_pixels"):
+        img.decode(large, max_pixels=100_000_000)
+
+
+def test_invalid_mode_is_a_value_error_naming_the_modes():
+    for call in (lambda: img.load_rgb(GOOD["png_rgb"], mode="fill"),
+                 lambda: img.decode(GOOD["png_rgb"], mode="fill"),
+                 lambda: img.resize(Image.new("RGB", (4, 4)), mode="fill")):
+        with pytest.raises(ValueError, match="contain, crop, stretch"):
+            call()
+
+
+def _small(fmt: str, **params) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(corpus.photo(48, 32, 30)).save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def _rotated_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif.tobytes()
+
+
+def _palette_with_transparency() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(corpus.photo(48, 32, 31)).quantize(8).save(buf, "PNG", transparency=0)
+    return buf.getvalue()
+
+
+FUZZ_SEEDS = {
+    "jpeg": _small("JPEG", quality=80, exif=_rotated_exif()),
+    "png": _small("PNG"),
+    "png_p_trns": _palette_with_transparency(),
+    "png_48bit": corpus.png16(corpus.photo(24, 16, 32).astype(np.uint16) * 257),
+    "gif": _small("GIF"),
+    "webp": _small("WEBP", quality=80),
+    "bmp": _small("BMP"),
+    "tiff": _small("TIFF"),
+}
+
+_edits = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("cut"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10**6), st.integers(1, 64)),
+)
+
+
+def _mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
+    buf = bytearray(data)
+    for op, pos, arg in edits:
+        pos %= max(len(buf), 1)
+        if op == "flip" and buf:
+            buf[pos] = arg
+        elif op == "cut":
+            del buf[pos:]
+        elif op == "insert":
+            buf[pos:pos] = bytes([arg]) * (1 + arg % 16)
+        elif op == "delete":
+            del buf[pos : pos + arg]
+    return bytes(buf)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@settings(max_examples=200, deadline=2000, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.sampled_from(sorted(FUZZ_SEEDS)), edits=st.lists(_edits, min_size=1, max_size=6),
+       mode=st.sampled_from(img.RESIZE_MODES))
+def test_mutated_images_only_ever_raise_image_error(seed: str, edits, mode: str):
+    data = _mutate(FUZZ_SEEDS[seed], edits)
+    try:
+        out = img.load_rgb(data, size=(32, 32), mode=mode, max_pixels=1_000_000)
+    except img.ImageError as e:
+        assert e.reason in ("not_an_image", "truncated", "too_many_pixels")
+    else:
+        assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+
+
+# --- queue payload -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(299, 299, 3), (1, 1, 3), (7, 300, 3), (0, 5, 3)])
+def test_pixels_round_trip_exactly(shape: tuple[int, int, int]):
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    back = img.decode_pixels(img.encode_pixels(arr))
+    assert back.dtype == np.uint8 and back.shape == shape
+    np.testing.assert_array_equal(back, arr)
+
+
+def test_pixels_round_trip_non_contiguous_and_shrink():
+    arr = img.load_rgb(GOOD["jpeg_rgb"])
+    flipped = arr[:, ::-1]
+    np.testing.assert_array_equal(img.decode_pixels(img.encode_pixels(flipped)), flipped)
+    assert len(img.encode_pixels(arr)) < 0.5 * arr.nbytes
+
+
+def test_encode_pixels_rejects_other_arrays():
+    for bad in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
+                np.zeros((4, 4, 4), np.uint8)):
+        with pytest.raises(ValueError):
+            img.encode_pixels(bad)
+
+
+def _corrupt_payloads() -> dict[str, bytes]:
+    good = img.encode_pixels(corpus.photo(40, 30, 33))
+    return {
+        "empty": b"",
+        "unknown tag": b"X" + good[1:],
+        "header only": good[:5],
+        "cut": good[: len(good) // 2],
+        "wrong height": good[:1] + (31).to_bytes(2, "big") + good[3:],
+        "flipped byte": good[:100] + bytes([good[100] ^ 0xFF]) + good[101:],
+        "trailing junk": good + b"junk",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_corrupt_payloads()))
+def test_corrupt_pixel_payload_is_a_value_error(name: str):
+    with pytest.raises(ValueError):
+        img.decode_pixels(_corrupt_payloads()[name])
+
+
+# --- extension guessing --------------------------------------------------------------------
+
+
+def _expected_extension(name: str) -> str:
+    prefix = name.split("_")[0]
+    return {"jpeg": "jpg", "apng": "png", "tiff": "tif", "pgm": "pgm"}.get(prefix, prefix)
+
+
+@pytest.mark.parametrize("name", sorted(GOOD))
+def test_guess_extension_of_good_images(name: str):
+    assert img.guess_extension(GOOD[name]) == _expected_extension(name)
+
+
+@pytest.mark.parametrize("name", ["html", "empty", "garbage"])
+def test_guess_extension_of_non_images_is_bin(name: str):
+    assert img.guess_extension(BAD[name][0]) == "bin"
