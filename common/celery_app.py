@@ -38,7 +38,13 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # kombu's default sweep for expired unacked messages runs every 10 s x 10 calls;
+            # make it follow the visibility timeout so a killed worker's work comes back soon.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 3)),
+            "unacked_restore_throttle": 1,
+        },
         worker_soft_shutdown_timeout=30.0,
     )
     return app

@@ -188,7 +188,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
 
 def _decode(data: bytes, max_pixels: int, draft_for: tuple[int, int] | None,
             mode: str) -> Image.Image:
-    img = _open(bytes(data), max_pixels)
+    data = bytes(data)
+    img = _open(data, max_pixels)
     if draft_for is not None and img.format in ("JPEG", "MPO"):
         _draft(img, draft_for, mode)
     orientation = _orientation(img) if img.format in ("JPEG", "MPO") else None
@@ -249,14 +250,15 @@ def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "co
 
 
 # Queue payload: b"U" + >HH (height, width) + zlib level 1 of the rows' "up" deltas (PNG's Up
-# filter, mod 256). Measured with Pillow 13 / zlib on 2 cores, 299x299 from the photo-like
-# 640x480 JPEG of tests/corpus.py, raw 268,203 B; size, encode ms, decode ms, contain | crop:
-#   PNG level 0     268,658 B  2.9 / 1.0    | 268,658 B  3.5 / 1.4   (no gain)
-#   PNG level 1      82,950 B  5.0 / 1.9    | 110,438 B  6.2 / 2.6
-#   PNG level 6      71,415 B 29.6 / 1.8    |  95,354 B 37.6 / 2.4
-#   zlib 1 of raw   131,655 B  3.3 / 0.9    | 164,455 B  4.1 / 1.2
-#   up + zlib 1      85,007 B  2.1 / 1.3    | 110,306 B  2.7 / 1.5   <- chosen
-# The delta makes noise-free areas (padding, skies) zero runs, which zlib also compresses faster.
+# filter, mod 256). Measured (Pillow 13, 2-core box, mean of 200 runs) on 299x299 from the
+# photo-like 640x480 JPEG of tests/corpus.py, raw 268,203 B; size, encode ms, decode ms:
+#                     contain (white bars)        crop (no bars)
+#   PNG level 0     268,658 B  2.9 / 1.1     268,658 B  3.4 / 1.4   (no gain)
+#   PNG level 1      82,550 B  5.1 / 2.0     109,951 B  6.2 / 2.6
+#   PNG level 6      70,983 B 29.6 / 1.8      94,632 B 36.9 / 2.5
+#   zlib 1 of raw   130,427 B  3.3 / 0.9     163,011 B  4.2 / 1.2
+#   up + zlib 1      84,460 B  2.1 / 1.3     109,641 B  2.7 / 1.4   <- chosen
+# The delta turns smooth areas and padding into near-zero runs, which zlib also compresses faster.
 _TAG_UP_ZLIB = b"U"
 _HEADER = struct.Struct(">HH")
 

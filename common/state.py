@@ -278,6 +278,13 @@ def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
         os.fsync(f.fileno())
 
 
+def room_for(limit: int, depth: int) -> int:
+    """Messages a sender may send before looking at a queue again: a tenth of the free room,
+    so that several senders together overshoot the high-water mark by little."""
+    free = limit - depth
+    return min(free, max(1, limit // 10)) if free > 0 else 0
+
+
 def now() -> float:
     """Wall-clock seconds, for failure records."""
     return round(time.time(), 3)

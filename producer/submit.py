@@ -25,7 +25,7 @@ from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetch import FetchError, open_stream, policy_from_settings
 from common.settings import Settings
 from common.sources import ParseCounts, iter_items, url_problem
-from common.state import Failure, JobState, append_failure_log, now
+from common.state import Failure, JobState, append_failure_log, now, room_for
 
 
 @dataclass
@@ -102,7 +102,7 @@ class Submitter:
         self.producer = uuid.uuid4().hex[:12]
         self.sequence = 0
         self.report = SubmitReport()
-        self._last_room_check = 0.0
+        self._room = 0  # messages we may still send before looking at the queue again
 
     def recover_orphans(self) -> None:
         """Send the pending items of chunks that a killed producer journaled but never sent."""
@@ -211,14 +211,14 @@ class Submitter:
 
     def _wait_for_room(self) -> None:
         """Hold back while the download queue is at its high-water mark."""
-        if time.monotonic() - self._last_room_check < 0.2:
-            return
         started = time.monotonic()
-        while self.state.r.llen(DOWNLOAD_QUEUE) >= self.settings.download_queue_limit:
-            self.state.keep_alive(self.producer)
-            time.sleep(0.5)
+        while self._room <= 0:
+            self._room = room_for(self.settings.download_queue_limit, self.state.r.llen(DOWNLOAD_QUEUE))
+            if self._room <= 0:
+                self.state.keep_alive(self.producer)
+                time.sleep(0.5)
+        self._room -= 1
         self.report.held_back_s += time.monotonic() - started
-        self._last_room_check = time.monotonic()
 
 
 def submit_source(source: str, submitter: Submitter, skip: int = 0,

@@ -28,18 +28,17 @@ KEY = (1, 2, 3)  # colour-key transparency of png_rgb_trns; photo() never produc
 def photo(w: int, h: int, seed: int = 0) -> np.ndarray:
     """A photo-like uint8 [h, w, 3] image: smooth gradients, soft blobs, mild sensor noise."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    y /= max(h - 1, 1)
-    x /= max(w - 1, 1)
-    img = np.stack([60 + 150 * x, 80 + 120 * y, 180 - 100 * x * y], axis=-1)
+    y = np.linspace(0, 1, h, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, w, dtype=np.float32)[None, :]
+    img = np.empty((h, w, 3), np.float32)
+    img[..., 0], img[..., 1], img[..., 2] = 60 + 150 * x, 80 + 120 * y, 180 - 100 * x * y
     for _ in range(6):
-        cx, cy = rng.uniform(0, 1, 2)
-        radius, soft = rng.uniform(0.08, 0.3), rng.uniform(0.005, 0.05)
+        cx, cy, radius, soft = (float(v) for v in rng.uniform((0, 0, 0.08, 0.005), (1, 1, 0.3, 0.05)))
         colour = rng.uniform(20, 225, 3).astype(np.float32)
-        dist = np.hypot((x - cx) * w / max(w, h), (y - cy) * h / max(w, h))
-        mask = 1 / (1 + np.exp(np.clip((dist - radius) / soft, -50, 50)))
-        img = img * (1 - mask[..., None]) + colour * mask[..., None]
-    img += rng.normal(0, 3, img.shape)
+        dist = np.hypot((x - cx) * (w / max(w, h)), (y - cy) * (h / max(w, h)))
+        mask = (1 / (1 + np.exp(np.clip((dist - radius) / soft, -50, 50))))[..., None]
+        img += (colour - img) * mask
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 3
     return np.clip(np.rint(img), 5, 232).astype(np.uint8)
 
 
@@ -74,6 +73,21 @@ def png16(arr: np.ndarray) -> bytes:
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
             + _chunk(b"IEND", b""))
+
+
+def tiff16_rgb(arr: np.ndarray) -> bytes:
+    """An uncompressed little-endian 16-bit RGB TIFF of a uint16 [h, w, 3] array, by hand."""
+    h, w = arr.shape[:2]
+    pixels = arr.astype("<u2").tobytes()
+    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 0), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, 0), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels))]
+    bits_at = 8 + 2 + 12 * len(tags) + 4
+    out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, count, value in tags:
+        value = {258: bits_at, 273: bits_at + 6}.get(tag, value)
+        out += struct.pack("<HHI", tag, kind, count)
+        out += struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+    return out + struct.pack("<I", 0) + struct.pack("<3H", 16, 16, 16) + pixels
 
 
 def _deep(w: int, h: int, channels: int, seed: int) -> np.ndarray:

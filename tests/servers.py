@@ -86,6 +86,9 @@ class Behaviour:
 
     def __init__(self) -> None:
         self.hits: dict[str, int] = {}
+        self.user_agents: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.lock = threading.Lock()
 
     def hit(self, path: str) -> int:
@@ -124,11 +127,21 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
             parts = path.strip("/").split("/")
             head, rest = parts[0], "/".join(parts[1:])
             port = port_ref[0]
+            with behaviour.lock:
+                behaviour.user_agents.append(self.headers.get("User-Agent", ""))
             if head == "img" and rest in files:
                 self.send_body(files[rest], "application/octet-stream")
             elif head == "counted":  # /counted/<code>/<id>: counts hits, answers <code>
                 behaviour.hit(path)
                 self.send_body(b"counted", "text/plain", code=int(parts[1]))
+            elif head == "concurrent":  # counts downloads in flight at once
+                with behaviour.lock:
+                    behaviour.in_flight += 1
+                    behaviour.max_in_flight = max(behaviour.max_in_flight, behaviour.in_flight)
+                time.sleep(0.2)
+                with behaviour.lock:
+                    behaviour.in_flight -= 1
+                self.send_body(files["jpeg_small"])
             elif head == "status":
                 self.send_body(b"no", "text/plain", code=int(rest))
             elif head == "flaky503":  # 503 twice, then the image

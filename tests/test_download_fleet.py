@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -199,3 +200,60 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     wait_for(lambda: rclient.llen("embed") == 1, 60, "one image", workers.logs)
     got = img.decode_pixels(embed_messages(rclient)[0]["pixels"])
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
+
+
+def test_producer_holds_back_at_the_queue_limit(image_server: ImageServer, workers: Workers, rclient,
+                                                redis_url, tmp_path):
+    listing = tmp_path / "urls.txt"
+    listing.write_text("".join(f"{image_server.base}/img/jpeg_small?{i}\n" for i in range(40)))
+    env = worker_env(redis_url, workers.out_dir, KOALA_DOWNLOAD_QUEUE_LIMIT="2")
+    producer = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(listing)], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: rclient.llen("download") == 2, 30, "the queue to reach its limit")
+        time.sleep(2)
+        assert producer.poll() is None, "the producer should be holding back"
+        assert rclient.llen("download") == 2
+        workers.start("download", "-c", "2")
+        producer.wait(90)
+        assert producer.returncode == 0
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"40", 60, "40 downloads",
+             workers.logs)
+
+
+def test_keep_originals_writes_md5_named_files(image_server: ImageServer, images, workers: Workers,
+                                               redis_url, rclient, tmp_path):
+    keep = tmp_path / "original"
+    urls = [f"{image_server.base}/img/jpeg_rgb", f"{image_server.base}/img/png_rgb"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    workers.start("download", "--keep-originals", str(keep))
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.llen("embed") == 2, 60, "two images", workers.logs)
+    assert sorted(p.name for p in keep.iterdir()) == sorted([f"{md5(urls[0])}.jpg", f"{md5(urls[1])}.png"])
+    assert (keep / f"{md5(urls[0])}.jpg").read_bytes() == images["jpeg_rgb"]
+
+
+def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: ImageServer,
+                                                                 workers: Workers, redis_url,
+                                                                 rclient, tmp_path):
+    # slow responses keep the chunks in flight when the worker is killed
+    urls = [f"{image_server.base}/concurrent/kill{i}" for i in range(24)]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    fast_restore = {"KOALA_VISIBILITY_TIMEOUT": "3"}
+    first = workers.start("download", "-c", "2", **fast_restore)
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.hlen("unacked") > 0, 30, "a chunk in flight", workers.logs)
+    first.kill()  # SIGKILL: no chance to requeue or ack
+    first.wait()
+    workers.start("download", "-c", "4", **fast_restore)
+    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"24", 90, "all 24 downloaded",
+             workers.logs)
+    keys = {m["key"] for m in embed_messages(rclient)}
+    assert keys == {md5(u) for u in urls}  # at least once on the queue, once in the counts
+    counts = {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
+    assert counts["submitted"] == 24 and counts.get("failed", 0) == 0

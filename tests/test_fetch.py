@@ -117,3 +117,23 @@ def test_open_stream_reads_a_url_list(image_server: ImageServer, policy):
     image_server.files["__list__"] = b"line one\nline two\n"
     with open_stream(f"{image_server.base}/list/x", policy) as stream:
         assert stream.read() == b"line one\nline two\n"
+
+
+def test_per_host_limit_bounds_downloads_in_flight(image_server: ImageServer):
+    from concurrent.futures import ThreadPoolExecutor
+
+    limited = Policy(allow_private=True, per_host=2, read_timeout=5, deadline=20)
+    behaviour = image_server.behaviour
+    behaviour.max_in_flight = 0
+    with make_session(limited, pool_maxsize=8) as s, ThreadPoolExecutor(8) as pool:
+        bodies = list(pool.map(lambda i: fetch(f"{image_server.base}/concurrent/{i}", s, limited),
+                               range(8)))
+    assert len(bodies) == 8 and all(bodies)
+    assert behaviour.max_in_flight == 2
+
+
+def test_user_agent_is_configurable(image_server: ImageServer):
+    custom = Policy(allow_private=True, user_agent="koala-test/9")
+    with make_session(custom) as s:
+        fetch(f"{image_server.base}/img/png_rgb", s, custom)
+    assert image_server.behaviour.user_agents[-1] == "koala-test/9"

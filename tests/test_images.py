@@ -187,6 +187,13 @@ def test_48bit_rgb_is_rounded_not_truncated():
     assert out.tolist() == [[[255, 128, 4], [254, 0, 1]]]
 
 
+def test_48bit_tiff_is_rounded_not_truncated():
+    arr = np.array([[[65535, 32768, 1000], [65280, 0, 257]]], np.uint16)
+    data = corpus.tiff16_rgb(arr)
+    assert np.asarray(Image.open(io.BytesIO(data)))[0, :, 2].tolist() == [3, 1]
+    assert np.asarray(img.decode(data)).tolist() == [[[255, 128, 4], [254, 0, 1]]]
+
+
 def test_64bit_rgba_is_rounded_and_composited():
     arr = np.array([[[65280, 32768, 1000, 65535], [0, 0, 0, 0]]], np.uint16)
     assert np.asarray(img.decode(corpus.png16(arr))).tolist() == [[[254, 128, 4], [255] * 3]]

@@ -18,7 +18,7 @@ from common import images
 from common.celery_app import EMBED_QUEUE
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
 from common.settings import Settings
-from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now
+from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now, room_for
 
 log = logging.getLogger("koala.download")
 
@@ -53,7 +53,7 @@ class DownloadStage:
         self.policy = policy_from_settings(settings)
         self.session = make_session(self.policy, pool_maxsize=settings.per_host_connections)
         self.size = (settings.image_size, settings.image_size)
-        self._room_checked = 0.0
+        self._room = 0  # images we may still publish before looking at the queue again
         self._room_lock = threading.Lock()
 
     def run(self, items: list[dict], publish: Publish) -> None:
@@ -104,13 +104,10 @@ class DownloadStage:
                 log.warning("cannot append to the failure log in %s: %s", self.settings.output_dir, e)
 
     def wait_for_room(self) -> None:
-        """Hold back while the embed queue is above its high-water mark."""
-        while True:
-            with self._room_lock:
-                if time.monotonic() - self._room_checked < 0.2:
-                    return
-                depth = self.state.r.llen(EMBED_QUEUE)
-                if depth < self.settings.embed_queue_limit:
-                    self._room_checked = time.monotonic()
-                    return
-            time.sleep(0.5)
+        """Hold back while the embed queue is at its high-water mark."""
+        with self._room_lock:  # one thread looks at the queue; the others wait for its answer
+            while self._room <= 0:
+                self._room = room_for(self.settings.embed_queue_limit, self.state.r.llen(EMBED_QUEUE))
+                if self._room <= 0:
+                    time.sleep(0.5)
+            self._room -= 1
