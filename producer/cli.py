@@ -179,10 +179,12 @@ def reset(yes: bool) -> None:
     click.echo(f"deleted {state.reset()} keys")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("kind", type=click.Choice(["download", "embed"]))
+@main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_context
-def worker(ctx: click.Context, kind: str) -> None:
-    """Start one worker (options: `koala worker download --help`)."""
-    argv = [sys.executable, "-m", "workers", kind, *ctx.args]
-    os.execv(sys.executable, argv)
+def worker(ctx: click.Context, args: tuple[str, ...]) -> None:
+    """Start one worker: `koala worker download|embed [OPTIONS]` (`--help` after the kind)."""
+    if not args or args[0] not in ("download", "embed"):
+        click.echo(ctx.get_help())
+        ctx.exit(0 if not args or args[0] in ("-h", "--help") else 2)
+    os.execv(sys.executable, [sys.executable, "-m", "workers", *args])
