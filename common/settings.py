@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     blocked_networks: str = Field("", description="extra CIDRs to refuse, comma or space separated")
     keep_originals: Path | None = Field(None, description="directory where download workers also save the downloaded bytes as <md5>.<ext>")
 
+    # Embed stage
+    batch_size: int = Field(16, description="images per model call in an embed worker")
+    batch_wait: float = Field(2.0, description="seconds an embed worker waits to fill a batch before running a partial one")
+    mixed_precision: bool = Field(False, description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)")
+    xla: bool = Field(False, description="1 compiles the model with XLA")
+    cache_dir: Path = Field(Path.home() / ".cache" / "koala", description="where a downloaded or extracted checkpoint is kept")
+
     # Images and records
     resize_mode: Literal["contain", "crop", "stretch"] = Field("contain", description="fit inside on white (contain), centre crop (crop) or stretch")
     image_size: int = Field(299, description="side of the square images fed to Inception")
@@ -53,7 +60,7 @@ class Settings(BaseSettings):
     compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
 
     @field_validator("chunk_size", "download_queue_limit", "embed_queue_limit", "download_concurrency",
-                     "per_host_connections", "max_bytes", "max_pixels", "examples_per_shard")
+                     "per_host_connections", "max_bytes", "max_pixels", "examples_per_shard", "batch_size")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

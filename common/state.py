@@ -73,17 +73,16 @@ local v = redis.call('HGET', KEYS[1], ARGV[2])
 if not v then return 0 end
 local c = string.sub(v, 1, 1)
 if not string.find(ARGV[4], c, 1, true) then return 0 end
-if ARGV[3] == 'd' then
+local target = string.sub(ARGV[3], 1, 1)
+if target == 'd' then
   redis.call('HSET', KEYS[1], ARGV[2], 'd' .. string.sub(v, 2))
-else
-  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
-end
-if ARGV[3] == 'd' then
   redis.call('HINCRBY', ARGV[1], 'downloaded', 1)
-elseif ARGV[3] == 'w' then
+elseif target == 'w' then
+  redis.call('HSET', KEYS[1], ARGV[2], ARGV[3])
   redis.call('HINCRBY', ARGV[1], 'written', 1)
   if c == 's' then redis.call('HINCRBY', ARGV[1], 'downloaded', 1) end
-elseif ARGV[3] == 'f' then
+elseif target == 'f' then
+  redis.call('HSET', KEYS[1], ARGV[2], 'f')
   redis.call('HINCRBY', ARGV[1], 'failed', 1)
   redis.call('HINCRBY', ARGV[5], ARGV[8], 1)
   local entry = {}
@@ -194,10 +193,13 @@ class JobState:
 
     def states(self, keys: Sequence[str]) -> list[bytes | None]:
         """State letters of many items in one round trip."""
+        return [v[:1] if v else None for v in self._values(keys)]
+
+    def _values(self, keys: Sequence[str]) -> list[bytes | None]:
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.hget(*self._slot(key))
-        return [v[:1] if v else None for v in pipe.execute()]
+        return pipe.execute()
 
     def _move(self, key: str, target: bytes, sources: bytes, extra: Iterable = ()) -> bool:
         bucket, field = self._slot(key)
@@ -208,9 +210,22 @@ class JobState:
         """submitted -> downloaded; False when the item was not pending submission."""
         return self._move(key, DOWNLOADED, SUBMITTED)
 
-    def mark_written(self, key: str) -> bool:
-        """submitted/downloaded -> written; False when it already was final."""
-        return self._move(key, WRITTEN, SUBMITTED + DOWNLOADED)
+    def mark_written(self, key: str, shard: bytes = b"") -> bool:
+        """submitted/downloaded -> written into `shard` (a short token); False when already final."""
+        return self._move(key, WRITTEN + shard, SUBMITTED + DOWNLOADED)
+
+    def mark_written_many(self, keys: Sequence[str], shard: bytes) -> list[bool]:
+        """mark_written for a batch, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            bucket, field = self._slot(key)
+            self._transition(keys=[bucket], args=[self.counts_key, field, WRITTEN + shard,
+                                                  SUBMITTED + DOWNLOADED], client=pipe)
+        return [bool(x) for x in pipe.execute()]
+
+    def written_to(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The shard token each item was written to (None when it is not written)."""
+        return [v[1:] if v and v[:1] == WRITTEN else None for v in self._values(keys)]
 
     def mark_failed(self, failure: Failure, *, from_states: bytes = SUBMITTED) -> bool:
         """Pending -> failed with its reason; counts it and keeps its detail (capped) in a stream."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -35,6 +36,31 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
         "-n", name or f"download-{os.getpid()}@{socket.gethostname()}",
         "-E", "-l", loglevel, "--without-gossip", "--without-mingle",
     ])
+
+
+@main.command()
+@click.option("--batch-size", "-b", type=int, default=None, help="images per model call")
+@click.option("--checkpoint", type=str, default=None,
+              help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="output folder of the shards (default KOALA_OUTPUT_DIR)")
+@click.option("--examples-per-shard", type=int, default=None, help="records per shard")
+@click.option("--name", "-n", default=None, help="unique node name (default embed@<host>); names the shards")
+@click.option("--loglevel", "-l", default="INFO")
+def embed(batch_size: int | None, checkpoint: str | None, out_dir: str | None,
+          examples_per_shard: int | None, name: str | None, loglevel: str) -> None:
+    """Consume the embed queue: Inception + Lab -> rotating TFRecord shards."""
+    overrides = {"KOALA_BATCH_SIZE": batch_size, "KOALA_CHECKPOINT": checkpoint,
+                 "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
+                 "KOALA_EXAMPLES_PER_SHARD": examples_per_shard}
+    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
+    logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    from workers.embed import run_embed_worker
+
+    try:
+        run_embed_worker(name or f"embed@{socket.gethostname()}")
+    except (RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 if __name__ == "__main__":

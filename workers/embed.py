@@ -1,0 +1,194 @@
+"""The embed stage: a batch of 299x299 images -> Inception logits + Lab -> records in a shard.
+
+Nothing here knows about the broker: `EmbedStage.process` takes the messages' payloads and
+says which are done. The order of writes, chosen for crashes:
+  1. records appended to the open (hidden, uncompressed) shard and fsynced;
+  2. each item claimed in Redis as written into that shard (one-way; a loser drops its copy);
+  3. the messages acked by the caller.
+A worker killed anywhere leaves a temp shard whose records `recover` keeps (claiming the
+unclaimed) or drops (claimed by another shard), then finalizes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from common import images, lab, records
+from common.settings import Settings
+from common.state import DOWNLOADED, SUBMITTED, Failure, JobState, append_failure_log, now
+
+log = logging.getLogger("koala.embed")
+
+Embed = Callable[[np.ndarray], np.ndarray]
+
+
+def shard_token(path: Path) -> bytes:
+    """4 bytes naming a shard in the job state (from its name without dot or extension)."""
+    stem = path.name.lstrip(".").split(".")[0]
+    return hashlib.md5(stem.encode()).digest()[:4]
+
+
+class NodeLock:
+    """An exclusive lock on a node name in the output folder: two live writers never share one."""
+
+    def __init__(self, out_dir: Path, node: str):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f".{records.safe_node(node)}.lock"
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RuntimeError(f"another embed worker named {node!r} is writing to {out_dir}") from None
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class EmbedStage:
+    """Embeds batches and writes them exactly once into rotating shards."""
+
+    def __init__(self, settings: Settings, state: JobState, node: str, embed: Embed,
+                 writer: records.ShardWriter):
+        self.settings = settings
+        self.state = state
+        self.node = node
+        self.embed = embed
+        self.writer = writer
+        self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+
+    def process(self, payloads: list[dict]) -> int:
+        """Write the records of a batch; returns how many were written. Every payload is done
+        (written, failed, or already final) when this returns; it raises only on I/O or Redis errors."""
+        states = self.state.states([p["key"] for p in payloads])
+        todo = [p for p, s in zip(payloads, states, strict=True) if s in (SUBMITTED, DOWNLOADED)]
+        todo = self._dedupe(todo)
+        pixels = [self._pixels(p) for p in todo]
+        todo = [p for p, px in zip(todo, pixels, strict=True) if px is not None]
+        pixels = [px for px in pixels if px is not None]
+        if not todo:
+            return 0
+        labs = [self.lab_pool.submit(lab.lab_channels, px, self.settings.lab_size) for px in pixels]
+        logits = self.embed(np.stack(pixels))
+        serialized = [self._record(p, f.result(), emb) for p, f, emb in zip(todo, labs, logits, strict=True)]
+        return self._write(todo, serialized)
+
+    @staticmethod
+    def _dedupe(payloads: list[dict]) -> list[dict]:
+        """One payload per key (a re-sent image can sit twice in one batch)."""
+        seen: dict[str, dict] = {}
+        for p in payloads:
+            seen.setdefault(p["key"], p)
+        return list(seen.values())
+
+    def _pixels(self, payload: dict) -> np.ndarray | None:
+        """The image of a payload, or None after recording why it is unusable."""
+        try:
+            return images.decode_pixels(payload["pixels"])
+        except (ValueError, KeyError, TypeError) as e:
+            self.fail(payload, "internal_error", f"unreadable image payload: {e}")
+            return None
+
+    def _record(self, payload: dict, lab_ab: tuple[np.ndarray, np.ndarray], embedding: np.ndarray) -> bytes:
+        l_channel, ab = lab_ab
+        return records.serialize_example(
+            name=str(payload["name"]).encode(), key=payload["key"].encode(),
+            source=str(payload.get("source") or "").encode(), l=l_channel, ab=ab, embedding=embedding)
+
+    def _write(self, payloads: list[dict], serialized: list[bytes]) -> int:
+        """Append + fsync, claim in Redis, drop what another shard claimed first."""
+        path, start, _ = self.writer.append(serialized)
+        token = shard_token(path)
+        claimed = self.state.mark_written_many([p["key"] for p in payloads], token)
+        if not all(claimed):
+            winners = [r for r, ok in zip(serialized, claimed, strict=True) if ok]
+            log.info("dropping %d records already written elsewhere", len(serialized) - len(winners))
+            self.writer.truncate_to(start)
+            if winners:
+                self.writer.append(winners)
+        self.writer.maybe_rotate()
+        return sum(claimed)
+
+    def fail(self, payload: dict, reason: str, detail: str) -> None:
+        """Record an item that cannot become a record."""
+        source = str(payload.get("source") or "")
+        is_url = "://" in source
+        failure = Failure(key=payload["key"], reason=reason, detail=detail,
+                          url=source if is_url else "", path="" if is_url else source,
+                          node=self.node, time=now())
+        if self.state.mark_failed(failure, from_states=SUBMITTED + DOWNLOADED):
+            try:
+                append_failure_log(self.settings.output_dir, self.node, failure)
+            except OSError as e:
+                log.warning("cannot append to the failure log: %s", e)
+
+    def close(self) -> None:
+        """Finalize the open shard."""
+        self.writer.close()
+        self.lab_pool.shutdown()
+
+
+def recover(out_dir: Path, node: str, state: JobState, compression: str) -> dict[str, int]:
+    """Finish what a killed worker of this node left: keep records it owns or nobody claimed,
+    drop records another shard claimed, cut an incomplete tail, finalize. Returns counts."""
+    kept = dropped = shards = 0
+    for temp in records.recover_temp_shards(out_dir, records.safe_node(node)):
+        token = shard_token(temp)
+        entries = list(records.iter_examples(temp))
+        keys = [records.example_key(data).decode() for _, _, data in entries]
+        owners = state.written_to(keys)
+        unclaimed = [k for k, o in zip(keys, owners, strict=True) if o is None]
+        if unclaimed:
+            state.mark_written_many(unclaimed, token)
+            owners = state.written_to(keys)
+        keep = {k for k, o in zip(keys, owners, strict=True) if o == token}
+        n = records.rewrite_shard(temp, lambda data: records.example_key(data).decode() in keep)
+        kept += n
+        dropped += len(entries) - n
+        if records.finalize_temp(temp, compression):
+            shards += 1
+    return {"kept": kept, "dropped": dropped, "shards": shards}
+
+
+def run_embed_worker(node: str) -> None:
+    """Recover this node's leftovers, then consume the embed queue until SIGTERM/SIGINT."""
+    from common.celery_app import make_app
+    from common.model import Embedder
+    from common.settings import get_settings
+    from common.state import connect
+    from workers.batching import BatchConsumer
+
+    settings = get_settings()
+    if not settings.checkpoint:
+        raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
+    out = settings.output_dir
+    state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
+    lock = NodeLock(out, node)
+    try:
+        done = recover(out, node, state, settings.compression)
+        if done["shards"]:
+            log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
+        embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,
+                            mixed_precision=settings.mixed_precision, xla=settings.xla)
+        log.info("model ready on %s", embedder.device)
+        writer = records.ShardWriter(out, node, examples_per_shard=settings.examples_per_shard,
+                                     max_age=settings.shard_max_age, compression=settings.compression)
+        stage = EmbedStage(settings, state, node, embedder.embed, writer)
+        consumer = BatchConsumer(make_app(settings), stage.process, batch_size=settings.batch_size,
+                                 max_wait=settings.batch_wait, on_idle=writer.maybe_rotate)
+        consumer.install_signal_handlers()
+        try:
+            consumer.run()
+        finally:
+            stage.close()
+        log.info("stopped after writing %d records", consumer.written)
+    finally:
+        lock.release()
