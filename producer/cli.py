@@ -16,7 +16,7 @@ from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE, make_app
 from common.settings import Settings, get_settings
 from common.state import REASONS, JobState, connect
 
-SHARD_GLOB = "lab_images_*.tfrecord*"
+SHARD_GLOB = "*lab_images_*.tfrecord*"  # training and val_ shards; temps start with a dot
 
 
 def job_state(settings: Settings) -> JobState:
@@ -41,7 +41,7 @@ def _safe_url(url: str) -> str:
 def snapshot(state: JobState, out_dir: Path) -> dict:
     """Everything `koala status --json` reports, read once."""
     counts = state.counts()
-    shards = sorted(p.name for p in out_dir.glob(SHARD_GLOB)) if out_dir.is_dir() else []
+    shards = [p for p in out_dir.glob(SHARD_GLOB) if not p.name.startswith(".")] if out_dir.is_dir() else []
     return {**counts, "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
             "shards": len(shards), "failures_by_reason": state.failures_by_reason(),
             "time": time.time()}
@@ -166,6 +166,22 @@ def failures(as_json: bool, reason: str | None, limit: int | None) -> None:
         source = item.get("url") or item.get("path", "")
         click.echo(f"{item['reason']:<16} {source}  {item['detail']}")
     click.echo(f"{len(items)} failures", err=True)
+
+
+@main.command()
+@click.option("--val-fraction", type=float, required=True, help="share of shards for validation, e.g. 0.1")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def split(val_fraction: float, directory: Path) -> None:
+    """Rename a deterministic choice of finalized shards in DIRECTORY to val_... (idempotent)."""
+    from common.records import split_validation
+
+    try:
+        renamed = split_validation(directory, val_fraction)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    for path in renamed:
+        click.echo(path.name)
+    click.echo(f"{len(renamed)} shards renamed for validation", err=True)
 
 
 @main.command()

@@ -107,3 +107,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             pytest.fail(f"timed out waiting for {what}\n{on_timeout()}")
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0), written once (~230 MB)."""
+    from tests.checkpoint import write_fake_checkpoint
+
+    path = tmp_path_factory.mktemp("checkpoint") / "inception_resnet_v2_2016_08_30.ckpt"
+    write_fake_checkpoint(path)
+    return path

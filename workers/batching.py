@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -67,8 +66,6 @@ class BatchConsumer:
                         try:
                             conn.drain_events(timeout=0.2)
                         except TimeoutError:
-                            pass
-                        except socket.timeout:
                             pass
                     if self.buffer and not first:
                         first = time.monotonic()

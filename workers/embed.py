@@ -104,16 +104,17 @@ class EmbedStage:
             source=str(payload.get("source") or "").encode(), l=l_channel, ab=ab, embedding=embedding)
 
     def _write(self, payloads: list[dict], serialized: list[bytes]) -> int:
-        """Append + fsync, claim in Redis, drop what another shard claimed first."""
+        """Append + fsync, claim in Redis; records another shard claimed first are left out."""
         path, start, _ = self.writer.append(serialized)
-        token = shard_token(path)
-        claimed = self.state.mark_written_many([p["key"] for p in payloads], token)
+        try:
+            claimed = self.state.mark_written_many([p["key"] for p in payloads], shard_token(path))
+        except BaseException:
+            # unclaimed: the messages come back and are written again, so this copy must go
+            self.writer.discard(start, [False] * len(serialized))
+            raise
         if not all(claimed):
-            winners = [r for r, ok in zip(serialized, claimed, strict=True) if ok]
-            log.info("dropping %d records already written elsewhere", len(serialized) - len(winners))
-            self.writer.truncate_to(start)
-            if winners:
-                self.writer.append(winners)
+            log.info("leaving out %d records already written elsewhere", claimed.count(False))
+            self.writer.discard(start, claimed)
         self.writer.maybe_rotate()
         return sum(claimed)
 
@@ -137,25 +138,33 @@ class EmbedStage:
 
 
 def recover(out_dir: Path, node: str, state: JobState, compression: str) -> dict[str, int]:
-    """Finish what a killed worker of this node left: keep records it owns or nobody claimed,
-    drop records another shard claimed, cut an incomplete tail, finalize. Returns counts."""
+    """Finish what a killed worker of this node left: claim the records nobody claimed, keep the
+    first copy of each record its shard owns, drop the rest, cut an incomplete tail, finalize."""
     kept = dropped = shards = 0
     for temp in records.recover_temp_shards(out_dir, records.safe_node(node)):
         token = shard_token(temp)
-        entries = list(records.iter_examples(temp))
-        keys = [records.example_key(data).decode() for _, _, data in entries]
-        owners = state.written_to(keys)
-        unclaimed = [k for k, o in zip(keys, owners, strict=True) if o is None]
-        if unclaimed:
-            state.mark_written_many(unclaimed, token)
-            owners = state.written_to(keys)
-        keep = {k for k, o in zip(keys, owners, strict=True) if o == token}
-        n = records.rewrite_shard(temp, lambda data: records.example_key(data).decode() in keep)
-        kept += n
-        dropped += len(entries) - n
-        if records.finalize_temp(temp, compression):
-            shards += 1
+        keys = [records.example_key(data).decode() for _, _, data in records.iter_examples(temp)]
+        unclaimed = [k for k, owner in zip(keys, state.written_to(keys), strict=True) if owner is None]
+        state.mark_written_many(unclaimed, token)
+        owned = {k for k, owner in zip(keys, state.written_to(keys), strict=True) if owner == token}
+        n = records.rewrite_shard(temp, first_copy_of(owned))
+        kept, dropped = kept + n, dropped + len(keys) - n
+        shards += records.finalize_temp(temp, compression) is not None
     return {"kept": kept, "dropped": dropped, "shards": shards}
+
+
+def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:
+    """A record filter keeping the first record of each of `keys`."""
+    wanted = set(keys)
+
+    def keep(data: bytes) -> bool:
+        key = records.example_key(data).decode()
+        if key in wanted:
+            wanted.discard(key)
+            return True
+        return False
+
+    return keep
 
 
 def run_embed_worker(node: str) -> None:

@@ -1,0 +1,121 @@
+"""End to end through both stages: real Redis, download + embed worker processes, loopback
+server, generated checkpoint; records checked against an independent computation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from skimage.color import rgb2lab
+
+from common import images as img
+from tests.conftest import ROOT, Workers, wait_for
+from tests.servers import ImageServer, worker_env
+
+GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "gif_animated", "webp",
+        "png_16bit_gray"]
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def embed_env(checkpoint: Path, **extra: str) -> dict[str, str]:
+    return {"KOALA_CHECKPOINT": str(checkpoint), "KOALA_EXAMPLES_PER_SHARD": "3",
+            "KOALA_BATCH_SIZE": "4", "KOALA_BATCH_WAIT": "0.5", **extra}
+
+
+def koala(redis_url: str, out_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=worker_env(redis_url, out_dir))
+
+
+def read_records(out_dir: Path) -> list[dict]:
+    from common.records import read_dataset
+
+    files = sorted(str(p) for p in out_dir.glob("lab_images_*.tfrecord*"))
+    return [{k: v.numpy() for k, v in r.items()} for r in read_dataset(files)] if files else []
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+
+
+@pytest.fixture(scope="module")
+def embedder(fake_checkpoint: Path):
+    from common.model import Embedder
+
+    return Embedder(fake_checkpoint)
+
+
+def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, workers: Workers,
+                                             redis_url, tmp_path, fake_checkpoint, embedder):
+    good = {f"{image_server.base}/img/{n}": images[n] for n in GOOD}
+    bad = [f"{image_server.base}/status/404", f"{image_server.base}/html"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join([*good, *bad, next(iter(good))]))
+    workers.start("download", "-c", "4")
+    embed = workers.start("embed", **embed_env(fake_checkpoint))
+
+    done = koala(redis_url, workers.out_dir, "submit", str(listing), "--wait")
+    assert done.returncode == 0, done.stderr + workers.logs()
+    stop(embed)
+    assert embed.returncode == 0, workers.logs()
+
+    status = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
+    assert (status["submitted"], status["written"], status["failed"], status["pending"]) == (
+        len(good) + len(bad), len(good), len(bad), 0)
+    assert not list(workers.out_dir.glob(".*.tmp")), "no temporary shard after a clean stop"
+    shards = sorted(workers.out_dir.glob("lab_images_*.tfrecord"))
+    assert len(shards) == status["shards"] >= 2  # 3 per shard, plus less than one batch of 4
+
+    records = read_records(workers.out_dir)
+    by_name = {r["image_name"].decode(): r for r in records}
+    assert len(records) == len(by_name) == len(good)
+    pixels = {url: img.load_rgb(data, max_pixels=50_000_000) for url, data in good.items()}
+    logits = dict(zip(pixels, embedder.embed(np.stack(list(pixels.values()))), strict=True))
+    for url, rgb in pixels.items():
+        r = by_name[md5(url)]
+        lab = rgb2lab(rgb)  # independent: skimage on the reference resize
+        np.testing.assert_allclose(r["image_l"][..., 0], 2 * lab[..., 0] / 100 - 1, atol=1e-4)
+        np.testing.assert_allclose(r["image_ab"], lab[..., 1:] / 127, atol=1e-4)
+        np.testing.assert_allclose(r["image_embedding"], logits[url], rtol=1e-3, atol=1e-3)
+        assert r["image_source"].decode() == url
+    assert r["image_l"].shape == (299, 299, 1) and r["image_embedding"].shape == (1001,)
+
+
+def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
+        image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path,
+        fake_checkpoint):
+    urls = [f"{image_server.base}/img/{n}?copy={i}" for i in range(3) for n in GOOD[:6]]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    env = embed_env(fake_checkpoint, KOALA_BATCH_SIZE="2", KOALA_VISIBILITY_TIMEOUT="5")
+    workers.start("download", "-c", "4")
+    first = workers.start("embed", "-n", "embed-a@test", **env)
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+
+    def written() -> int:
+        return int(rclient.hget("koala:counts", "written") or 0)
+
+    wait_for(lambda: written() >= 4, 240, "a few records", workers.logs)
+    first.kill()  # SIGKILL mid-run: an open temp shard, maybe half a record, unacked messages
+    first.wait()
+    assert written() < len(urls), "the kill should happen mid-run"
+    second = workers.start("embed", "-n", "embed-a@test", **env)
+    wait_for(lambda: written() == len(urls), 300, "every record", workers.logs)
+    stop(second)
+
+    records = read_records(workers.out_dir)
+    names = sorted(r["image_name"].decode() for r in records)
+    assert names == sorted(md5(u) for u in urls)
+    assert not list(workers.out_dir.glob(".*.tmp"))
+    counts = {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
+    assert counts["written"] == len(urls) and counts.get("failed", 0) == 0

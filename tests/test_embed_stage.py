@@ -1,0 +1,140 @@
+"""The embed stage's exactly-once writing, with a real Redis and real shards; the model is
+replaced by a deterministic function (the real one runs in test_embed_fleet)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import images, records
+from common.settings import Settings
+from common.state import JobState
+from workers.embed import EmbedStage, recover, shard_token
+
+
+def fake_embed(batch: np.ndarray) -> np.ndarray:
+    """1001 numbers per image that depend on its pixels."""
+    means = batch.reshape(len(batch), -1).mean(axis=1, dtype=np.float64)
+    return (np.arange(1001, dtype=np.float32)[None, :] * means[:, None]).astype(np.float32)
+
+
+def payload(i: int) -> dict:
+    rgb = np.full((299, 299, 3), i * 10 % 256, np.uint8)
+    key = hashlib.md5(f"http://x/{i}".encode()).hexdigest()
+    return {"key": key, "name": key, "source": f"http://x/{i}", "pixels": images.encode_pixels(rgb)}
+
+
+@pytest.fixture
+def state(rclient) -> JobState:
+    return JobState(rclient)
+
+
+def stage(tmp_path: Path, state: JobState, node: str, per_shard: int = 100) -> EmbedStage:
+    settings = Settings(output_dir=tmp_path)
+    writer = records.ShardWriter(tmp_path, node, examples_per_shard=per_shard)
+    return EmbedStage(settings, state, node, fake_embed, writer)
+
+
+def names_in(out: Path) -> list[str]:
+    return sorted(records.example_bytes_feature(data, b"image_name").decode()
+                  for shard in out.glob(records.SHARD_GLOB)
+                  for _, _, data in records.iter_examples(shard))
+
+
+def register(state: JobState, payloads: list[dict]) -> None:
+    state.register([p["key"] for p in payloads], state.new_run())
+
+
+def test_a_batch_becomes_one_record_per_item(tmp_path, state):
+    batch = [payload(i) for i in range(5)]
+    register(state, batch)
+    s = stage(tmp_path, state, "a", per_shard=2)
+    assert s.process(batch + [batch[0]]) == 5  # a repeat inside the batch is written once
+    assert s.process(batch) == 0  # re-delivered: already written
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch)
+    assert state.counts()["written"] == 5 and state.counts()["pending"] == 0
+
+
+def test_two_workers_with_the_same_message_write_it_once(tmp_path, state):
+    batch = [payload(i) for i in range(3)]
+    register(state, batch)
+    first, second = stage(tmp_path, state, "a"), stage(tmp_path, state, "b")
+    assert first.process(batch[:2]) == 2
+    # the second got all three (a visibility-timeout re-delivery) and checked state before the
+    # first claimed: simulate by bypassing the state check with the writer path directly
+    serialized = [second._record(p, ((np.zeros((299, 299), np.float32)), np.zeros((299, 299, 2), np.float32)),
+                                 np.zeros(1001, np.float32)) for p in batch]
+    assert second._write(batch, serialized) == 1  # only the third was unclaimed
+    first.close()
+    second.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch)
+
+
+def test_claim_failure_leaves_the_batch_out(tmp_path, state, monkeypatch):
+    batch = [payload(i) for i in range(2)]
+    register(state, batch)
+    s = stage(tmp_path, state, "a")
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("Redis went away")
+
+    with monkeypatch.context() as m:
+        m.setattr(state, "mark_written_many", broken)
+        with pytest.raises(ConnectionError):
+            s.process(batch)
+    assert s.process(batch) == 2  # the re-delivered messages
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch)  # once each, not twice
+
+
+def test_recovery_keeps_owned_and_unclaimed_records_once_and_cuts_the_tail(tmp_path, state):
+    batch = [payload(i) for i in range(4)]
+    register(state, batch)
+    s = stage(tmp_path, state, "node@a")
+    s.process(batch[:2])  # written and claimed
+    temp = s.writer.path
+    # a batch appended but not claimed (killed before the claim), then a repeat and half a record
+    serialized = [s._record(p, ((np.zeros((299, 299), np.float32)), np.zeros((299, 299, 2), np.float32)),
+                            np.zeros(1001, np.float32)) for p in batch[1:]]
+    s.writer.append(serialized)
+    # another shard claimed item 3 first
+    state.mark_written_many([batch[3]["key"]], b"zzzz")
+    with open(temp, "ab") as f:
+        f.write(records.frame_record(serialized[0])[:100])
+    # "kill": the writer is abandoned without close
+    result = recover(tmp_path, "node@a", state, "none")
+    assert result == {"kept": 3, "dropped": 2, "shards": 1}
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch[:3])
+    assert state.written_to([batch[2]["key"]]) == [shard_token(temp)]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_split_marks_a_deterministic_idempotent_choice(tmp_path):
+    import subprocess
+    import sys
+
+    for n in range(10):
+        (tmp_path / records.shard_name("node", n)).write_bytes(b"")
+    (tmp_path / ".lab_images_node_00010.tfrecord.tmp").write_bytes(b"")
+
+    def run() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "producer", "split", "--val-fraction", "0.2",
+                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    val = sorted(p.name for p in tmp_path.glob("val_*"))
+    assert len(val) == 2 and sorted(first.stdout.split()) == val
+    assert run().stdout == ""  # nothing more to do
+    assert sorted(p.name for p in tmp_path.glob("val_*")) == val
+    # the same choice in another folder with the same shards
+    other = tmp_path / "other"
+    other.mkdir()
+    for n in range(10):
+        (other / records.shard_name("node", n)).write_bytes(b"")
+    assert sorted(p.name for p in records.split_validation(other, 0.2)) == val
+    assert len(records.split_validation(tmp_path / "other", 0.01)) == 0  # at least one: already
