@@ -9,6 +9,7 @@ so that buckets stay listpacks up to ~60 M items (see README, "Job state in Redi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis
+import tenacity
+from kombu.exceptions import OperationalError
 
 # Item states. Pending states (s, d) carry a 2-byte submission-run tag after the letter, so a
 # new run can tell items it registered itself from items an earlier (maybe killed) run left.
@@ -110,6 +113,18 @@ class Failure:
         source = {"path": self.path} if self.path else {"url": self.url}
         return {"key": self.key, **source, "reason": self.reason, "detail": self.detail,
                 "node": self.node, "time": self.time}
+
+
+log = logging.getLogger("koala.state")
+
+# A worker that loses Redis waits for it (with backoff, logged) instead of failing its work.
+retry_on_broker = tenacity.retry(
+    retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError, OperationalError)),
+    wait=tenacity.wait_exponential(multiplier=0.5, max=30),
+    before_sleep=lambda s: log.warning("Redis unreachable (%s); retrying in %.1fs",
+                                       s.outcome.exception(), s.next_action.sleep),
+    reraise=True,
+)
 
 
 def connect(url: str) -> redis.Redis:

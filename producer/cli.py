@@ -7,6 +7,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -19,9 +21,9 @@ from common.state import REASONS, JobState, connect
 SHARD_GLOB = "*lab_images_*.tfrecord*"  # training and val_ shards; temps start with a dot
 
 
-def job_state(settings: Settings) -> JobState:
+def job_state(settings: Settings, broker: str | None = None) -> JobState:
     """The job state in the configured Redis; exits with one clear line when it is unreachable."""
-    state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
+    state = JobState(connect(broker or settings.broker_url), settings.state_prefix, settings.failures_kept)
     try:
         state.r.ping()
     except Exception as e:  # redis raises several kinds; the user needs one line
@@ -53,6 +55,27 @@ def with_rates(before: dict, after: dict) -> dict:
     rates = {k: round((after[k] - before[k]) / dt, 2)
              for k in ("submitted", "downloaded", "written", "failed")}
     return {**after, "rates": rates}
+
+
+@contextmanager
+def run_broker(out_dir: Path | None) -> Iterator[str | None]:
+    """The Redis of a `koala run` in out_dir: its running server, or started from its state for
+    the duration (None when out_dir holds no run or a broker is configured explicitly)."""
+    state_dir = out_dir / ".redis" if out_dir else None
+    if state_dir is None or not state_dir.is_dir() or "KOALA_BROKER_URL" in os.environ:
+        yield None
+        return
+    url_file = state_dir / "url"
+    if url_file.exists():
+        yield url_file.read_text().strip()
+        return
+    from producer.run import EmbeddedRedis
+
+    server = EmbeddedRedis(out_dir).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,17 +151,19 @@ def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0) -> dict:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="output folder whose shards to count (default KOALA_OUTPUT_DIR)")
+              help="output folder whose shards to count (default KOALA_OUTPUT_DIR); "
+                   "finds the embedded Redis of a `koala run` there")
 @click.option("--interval", type=float, default=1.0, help="seconds between the two reads for rates (0: none)")
 def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
     """Counts, queue depths, rates, shards and failures by reason."""
     settings = get_settings()
-    state = job_state(settings)
-    out_dir = out_dir or settings.output_dir
-    snap = snapshot(state, out_dir)
-    if interval > 0:
-        time.sleep(interval)
-        snap = with_rates(snap, snapshot(state, out_dir))
+    with run_broker(out_dir) as broker:
+        state = job_state(settings, broker)
+        out_dir = out_dir or settings.output_dir
+        snap = snapshot(state, out_dir)
+        if interval > 0:
+            time.sleep(interval)
+            snap = with_rates(snap, snapshot(state, out_dir))
     if as_json:
         click.echo(json.dumps(snap))
         return
@@ -155,10 +180,12 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only this reason")
 @click.option("--limit", type=int, default=None, help="at most N")
-def failures(as_json: bool, reason: str | None, limit: int | None) -> None:
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="the output folder of a `koala run` (finds its embedded Redis)")
+def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | None) -> None:
     """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
-    state = job_state(get_settings())
-    items = state.failures(reason, limit)
+    with run_broker(out_dir) as broker:
+        items = job_state(get_settings(), broker).failures(reason, limit)
     if as_json:
         click.echo(json.dumps(items, ensure_ascii=False))
         return
@@ -166,6 +193,28 @@ def failures(as_json: bool, reason: str | None, limit: int | None) -> None:
         source = item.get("url") or item.get("path", "")
         click.echo(f"{item['reason']:<16} {source}  {item['detail']}")
     click.echo(f"{len(items)} failures", err=True)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="output folder: shards, summary.json, and the embedded Redis's state")
+@click.option("--checkpoint", default=None, help="Inception checkpoint (.ckpt, .tar.gz or URL; default: "
+              "KOALA_CHECKPOINT, else the official release, downloaded once)")
+@click.option("--download-workers", type=int, default=2, help="download worker processes")
+@click.option("--flower", is_flag=True, help="also start Flower on http://localhost:5555")
+@click.option("--batch-size", type=int, default=None, help="images per model call")
+def run(source: str, out_dir: Path, checkpoint: str | None, download_workers: int, flower: bool,
+        batch_size: int | None) -> None:
+    """The whole job on this machine: embedded Redis, workers, submit, progress, summary."""
+    from producer.run import RunError, run_job
+
+    try:
+        code = run_job(source, out_dir, checkpoint=checkpoint, download_workers=download_workers,
+                       flower=flower, batch_size=batch_size, echo=lambda m: click.echo(m, err=True))
+    except RunError as e:
+        raise click.ClickException(str(e)) from None
+    sys.exit(code)
 
 
 @main.command()

@@ -257,3 +257,40 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: I
     assert keys == {md5(u) for u in urls}  # at least once on the queue, once in the counts
     counts = {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
     assert counts["submitted"] == 24 and counts.get("failed", 0) == 0
+
+
+class Booby:
+    """Unpickling this makes a directory: the proof that pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def push_pickle_message(redis_url: str, task: str, queue: str, marker: Path) -> None:
+    """Publish a Celery task message serialized with pickle straight into a queue."""
+    from celery import Celery
+
+    sender = Celery("attacker", broker=redis_url)
+    sender.conf.task_serializer = "pickle"
+    sender.send_task(task, args=[Booby(marker)], queue=queue, serializer="pickle")
+
+
+def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer, workers: Workers,
+                                                      redis_url, rclient, tmp_path):
+    marker = tmp_path / "pickle-was-executed"
+    worker = workers.start("download", "-c", "2")
+    push_pickle_message(redis_url, "koala.download", "download", marker)
+    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
+             "the message to be taken and dropped", workers.logs)
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/img/png_rgb\n")
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.llen("embed") == 1, 30, "the worker to go on working", workers.logs)
+    assert worker.poll() is None
+    assert not marker.exists()
+    assert "pickle" in workers.logs().lower()

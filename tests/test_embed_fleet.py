@@ -17,6 +17,7 @@ from skimage.color import rgb2lab
 from common import images as img
 from tests.conftest import ROOT, Workers, wait_for
 from tests.servers import ImageServer, worker_env
+from tests.test_download_fleet import push_pickle_message
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "gif_animated", "webp",
         "png_16bit_gray"]
@@ -63,6 +64,8 @@ def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, 
     listing.write_text("\n".join([*good, *bad, next(iter(good))]))
     workers.start("download", "-c", "4")
     embed = workers.start("embed", **embed_env(fake_checkpoint))
+    marker = tmp_path / "pickle-was-executed"
+    push_pickle_message(redis_url, "koala.embed", "embed", marker)
 
     done = koala(redis_url, workers.out_dir, "submit", str(listing), "--wait")
     assert done.returncode == 0, done.stderr + workers.logs()
@@ -73,6 +76,7 @@ def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, 
     assert (status["submitted"], status["written"], status["failed"], status["pending"]) == (
         len(good) + len(bad), len(good), len(bad), 0)
     assert not list(workers.out_dir.glob(".*.tmp")), "no temporary shard after a clean stop"
+    assert not marker.exists(), "a pickle message must never be deserialized"
     shards = sorted(workers.out_dir.glob("lab_images_*.tfrecord"))
     assert len(shards) == status["shards"] >= 2  # 3 per shard, plus less than one batch of 4
 

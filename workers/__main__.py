@@ -54,12 +54,14 @@ def embed(batch_size: int | None, checkpoint: str | None, out_dir: str | None,
                  "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
                  "KOALA_EXAMPLES_PER_SHARD": examples_per_shard}
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
+    from common.model import CheckpointError
     from workers.embed import run_embed_worker
 
     try:
         run_embed_worker(name or f"embed@{socket.gethostname()}")
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
 
 

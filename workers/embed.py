@@ -172,7 +172,7 @@ def run_embed_worker(node: str) -> None:
     from common.celery_app import make_app
     from common.model import Embedder
     from common.settings import get_settings
-    from common.state import connect
+    from common.state import connect, retry_on_broker
     from workers.batching import BatchConsumer
 
     settings = get_settings()
@@ -182,7 +182,7 @@ def run_embed_worker(node: str) -> None:
     state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
     lock = NodeLock(out, node)
     try:
-        done = recover(out, node, state, settings.compression)
+        done = retry_on_broker(recover)(out, node, state, settings.compression)
         if done["shards"]:
             log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
         embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,

@@ -1,0 +1,87 @@
+"""Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression.
+
+Run: .venv/bin/python -m bench.records [--n 200] [--json bench/results/records.json]
+Ratios, not absolute times, are what to compare: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from common import records
+
+
+def sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lab channels and logits of one 299x299 record."""
+    return (rng.uniform(-1, 1, (299, 299)).astype(np.float32),
+            rng.uniform(-1, 1, (299, 299, 2)).astype(np.float32),
+            rng.normal(size=1001).astype(np.float32))
+
+
+def tf_example(name: bytes, key: bytes, source: bytes, l, ab, emb) -> bytes:  # noqa: E741
+    """The straightforward construction users would write."""
+    import tensorflow as tf
+
+    def floats(a: np.ndarray) -> tf.train.Feature:
+        return tf.train.Feature(float_list=tf.train.FloatList(value=a.ravel()))
+
+    def raw(b: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
+
+    feature = {"image_name": raw(name), "image_key": raw(key), "image_source": raw(source),
+               "image_l": floats(l), "image_ab": floats(ab), "image_embedding": floats(emb)}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def per_second(fn, n: int) -> float:
+    """Calls of fn per second over n calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return n / (time.perf_counter() - start)
+
+
+def writing(n: int, compression: str, data: list[bytes]) -> dict:
+    """MB/s and shard size for one shard of n records with the given compression."""
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = records.ShardWriter(Path(tmp), "bench", examples_per_shard=n, compression=compression)
+        start = time.perf_counter()
+        for i in range(0, n, 16):
+            writer.append(data[i:i + 16])
+        final = writer.close()
+        seconds = time.perf_counter() - start
+        size = final.stat().st_size
+    return {"compression": compression, "records": n, "seconds": round(seconds, 3),
+            "mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1), "shard_mb": round(size / 1e6, 1)}
+
+
+@click.command()
+@click.option("--n", default=200, help="records per measurement")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+def main(n: int, json_path: str | None) -> None:
+    """Print and optionally save the records benchmark."""
+    rng = np.random.default_rng(0)
+    l, ab, emb = sample(rng)  # noqa: E741
+    args = (b"0" * 32, b"0" * 32, b"http://example.com/x.jpg", l, ab, emb)
+    ours = per_second(lambda: records.serialize_example(*args), n)
+    theirs = per_second(lambda: tf_example(*args), max(5, n // 10))
+    serialized = [records.serialize_example(*args)] * n
+    result = {
+        "serialize_per_s": {"ours": round(ours), "tf_train_example": round(theirs, 1),
+                            "ratio": round(ours / theirs, 1)},
+        "write": [writing(n, c, serialized) for c in ("none", "gzip", "zlib")],
+    }
+    click.echo(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

