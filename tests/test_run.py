@@ -1,0 +1,110 @@
+"""`koala run`: the whole job on one machine with the embedded Redis, interrupted and resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from common.records import iter_examples
+from tests.conftest import ROOT, wait_for
+from tests.servers import ImageServer, worker_env
+
+GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
+
+
+def run_env(tmp_path: Path) -> dict[str, str]:
+    env = worker_env("unused", tmp_path, KOALA_EXAMPLES_PER_SHARD="3", KOALA_BATCH_SIZE="2",
+                     KOALA_BATCH_WAIT="0.5", KOALA_CACHE_DIR=str(tmp_path / "cache"))
+    del env["KOALA_BROKER_URL"]  # no broker configured: koala run starts its own
+    return env
+
+
+def koala_run(listing: Path, out: Path, checkpoint: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "producer", "run", str(listing), "--out", str(out),
+                             "--checkpoint", str(checkpoint), "--download-workers", "1"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def record_names(out: Path) -> list[str]:
+    from common.records import example_bytes_feature
+
+    return sorted(example_bytes_feature(data, b"image_name").decode()
+                  for shard in out.glob("lab_images_*.tfrecord") for _, _, data in iter_examples(shard))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
+        return f.read().split()[2] != "Z"
+
+
+def listing_of(server: ImageServer, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    good = [f"{server.base}/img/{n}" for n in GOOD]
+    bad = [f"{server.base}/status/404", "ftp://127.0.0.1/x.jpg"]
+    path = tmp_path / "urls.txt"
+    path.write_text("\n".join(good + bad) + "\n")
+    return path, good, bad
+
+
+def test_run_does_the_whole_job_and_leaves_nothing_behind(image_server, tmp_path, fake_checkpoint):
+    listing, good, bad = listing_of(image_server, tmp_path)
+    out = tmp_path / "out"
+    proc = koala_run(listing, out, fake_checkpoint, run_env(tmp_path))
+    stdout, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["records"], summary["failed"], summary["pending"]) == (len(good), len(bad), 0)
+    assert summary["failures_by_reason"] == {"http_error": 1, "bad_scheme": 1}
+    assert record_names(out) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
+    assert not list(out.glob(".*.tmp"))
+    time.sleep(0.5)
+    assert not [pid for pid in summary["processes"] if alive(pid)], "a child outlived koala run"
+    assert not (out / ".redis" / "url").exists()
+    status = subprocess.run([sys.executable, "-m", "producer", "status", "--out", str(out), "--json",
+                             "--interval", "0"], cwd=ROOT, env=run_env(tmp_path), capture_output=True,
+                            text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["written"] == len(good)
+
+
+def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fake_checkpoint):
+    listing, good, bad = listing_of(image_server, tmp_path)
+    out = tmp_path / "out"
+    env = run_env(tmp_path)
+    proc = koala_run(listing, out, fake_checkpoint, env)
+    url_file = out / ".redis" / "url"
+
+    def written() -> int:
+        if not url_file.exists():
+            return 0
+        try:
+            return int(redis.Redis.from_url(url_file.read_text()).hget("koala:counts", "written") or 0)
+        except redis.RedisError:
+            return 0
+
+    wait_for(lambda: written() >= 2 or proc.poll() is not None, 300, "two records")
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=200)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "run the same command again" in stderr
+    partial = record_names(out)
+    assert 2 <= len(partial) < len(good) and len(set(partial)) == len(partial)
+
+    again = koala_run(listing, out, fake_checkpoint, env)
+    _, stderr = again.communicate(timeout=400)
+    assert again.returncode == 0, stderr[-3000:]
+    assert record_names(out) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["records"], summary["failed"], summary["pending"]) == (len(good), len(bad), 0)
