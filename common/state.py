@@ -32,7 +32,8 @@ REASONS = (
     "http_error", "too_large", "not_an_image", "truncated", "too_many_pixels", "redirect_loop",
     "io_error", "internal_error",
 )
-COUNTERS = ("submitted", "duplicates", "rejected_lines", "requeued", "downloaded", "written", "failed")
+COUNTERS = ("submitted", "duplicates", "rejected_lines", "requeued", "retried", "downloaded", "written",
+            "failed")
 
 # KEYS: bucket per item. ARGV: counts key, run tag, requeue flag, journal key, journal field,
 # journal value, producer-alive key, then one field per item. The chunk is journaled in the
@@ -65,6 +66,33 @@ if requeued > 0 then redis.call('HINCRBY', ARGV[1], 'requeued', requeued) end
 if new + requeued > 0 and ARGV[5] ~= '' then
   redis.call('HSET', ARGV[4], ARGV[5], ARGV[6])
   redis.call('SET', ARGV[7], '1', 'EX', 60)
+end
+return out
+"""
+
+# KEYS: bucket per item. ARGV: counts key, reasons key, failures stream, run tag, journal key,
+# journal field, journal value, producer-alive key, then (field, reason, stream id) per item.
+# failed -> submitted again (for `koala retry`); returns per item 1 when it was failed.
+_UNFAIL = """
+local out = {}
+local n = 0
+for i = 1, #KEYS do
+  local base = 8 + (i - 1) * 3
+  local v = redis.call('HGET', KEYS[i], ARGV[base + 1])
+  if v == 'f' then
+    redis.call('HSET', KEYS[i], ARGV[base + 1], 's' .. ARGV[4])
+    redis.call('HINCRBY', ARGV[1], 'failed', -1)
+    redis.call('HINCRBY', ARGV[2], ARGV[base + 2], -1)
+    redis.call('XDEL', ARGV[3], ARGV[base + 3])
+    n = n + 1; out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+if n > 0 then
+  redis.call('HINCRBY', ARGV[1], 'retried', n)
+  redis.call('HSET', ARGV[5], ARGV[6], ARGV[7])
+  redis.call('SET', ARGV[8], '1', 'EX', 60)
 end
 return out
 """
@@ -146,6 +174,7 @@ class JobState:
         self.journal_key = f"{prefix}:journal"
         self._register = client.register_script(_REGISTER)
         self._transition = client.register_script(_TRANSITION)
+        self._unfail = client.register_script(_UNFAIL)
 
     def _slot(self, key: str) -> tuple[str, bytes]:
         """The bucket and field of an item key (md5 hex)."""
@@ -170,6 +199,19 @@ class JobState:
                 f"{producer}:{entry}" if journal else "", chunk, self._alive_key(producer),
                 *[f for _, f in slots]]
         return self._register(keys=[b for b, _ in slots], args=args)
+
+    def unfail(self, failures: Sequence[dict], run: bytes, journal: tuple[str, str, bytes]) -> list[bool]:
+        """Failed -> submitted again (with the entries from `failures()`, which carry their stream
+        id); counters and the kept details are updated, the chunk journaled. Per item: was it failed."""
+        if not failures:
+            return []
+        slots = [self._slot(f["key"]) for f in failures]
+        producer, entry, chunk = journal
+        args = [self.counts_key, self.reasons_key, self.failures_key, run, self.journal_key,
+                f"{producer}:{entry}", chunk, self._alive_key(producer)]
+        for (_, field), f in zip(slots, failures, strict=True):
+            args += [field, f["reason"], f["id"]]
+        return [bool(x) for x in self._unfail(keys=[b for b, _ in slots], args=args)]
 
     def _alive_key(self, producer: str) -> str:
         return f"{self.prefix}:producer:{producer}"
@@ -260,7 +302,8 @@ class JobState:
 
     def failures_by_reason(self) -> dict[str, int]:
         """Failed items per reason."""
-        return {k.decode(): int(v) for k, v in sorted(self.r.hgetall(self.reasons_key).items())}
+        raw = sorted(self.r.hgetall(self.reasons_key).items())
+        return {k.decode(): int(v) for k, v in raw if int(v)}
 
     def failures(self, reason: str | None = None, limit: int | None = None) -> list[dict]:
         """Failure details kept in Redis, oldest first, optionally of one reason."""
@@ -272,9 +315,10 @@ class JobState:
                 batch = batch[1:]
             if not batch:
                 break
-            for _, fields in batch:
+            for entry_id, fields in batch:
                 item = {k.decode(): v.decode() for k, v in fields.items()}
                 item["time"] = float(item.get("time") or 0)
+                item["id"] = entry_id.decode()
                 if reason is None or item.get("reason") == reason:
                     out.append(item)
             last = batch[-1][0].decode()

@@ -168,7 +168,7 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
         click.echo(json.dumps(snap))
         return
     for key in ("submitted", "downloaded", "written", "failed", "pending", "duplicates",
-                "requeued", "rejected_lines", "shards"):
+                "requeued", "retried", "rejected_lines", "shards"):
         rate = snap.get("rates", {}).get(key)
         click.echo(f"{key:>15}  {snap[key]:>12,}" + (f"   {rate:,.1f}/s" if rate else ""))
     click.echo("queues: " + ", ".join(f"{k} {v:,}" for k, v in snap["queues"].items()))
@@ -231,6 +231,27 @@ def split(val_fraction: float, directory: Path) -> None:
     for path in renamed:
         click.echo(path.name)
     click.echo(f"{len(renamed)} shards renamed for validation", err=True)
+
+
+@main.command()
+@click.option("--reason", type=click.Choice(REASONS), default=None, help="only failures of this reason")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="the output folder of a `koala run` (finds its embedded Redis)")
+def retry(reason: str | None, out_dir: Path | None) -> None:
+    """Submit failed URLs again (all, or one reason), e.g. after a network outage."""
+    from producer.submit import Submitter
+
+    settings = get_settings()
+    with run_broker(out_dir) as broker:
+        state = job_state(settings, broker)
+        failed = state.failures(reason)
+        app = make_app(settings.model_copy(update={"broker_url": broker})) if broker else make_app(settings)
+        submitter = Submitter(app, state, settings, node=f"producer-{socket.gethostname()}")
+        submitter.recover_orphans()
+        submitter.retry(failed)
+    click.echo(f"{submitter.report.requeued} failed items sent again"
+               + (f"; {submitter.report.known} files of folders can't be (submit the folder again)"
+                  if submitter.report.known else ""))
 
 
 @main.command()

@@ -146,6 +146,22 @@ class Submitter:
             self.state.add("rejected_lines", delta)
             self.report.rejected_lines = counts.rejected
 
+    def retry(self, failures: list[dict]) -> None:
+        """Send failed URL items again (files of folders can't be: their bytes are not kept)."""
+        items = [f for f in failures if f.get("url")]
+        for i in range(0, len(items), self.settings.chunk_size):
+            part = items[i:i + self.settings.chunk_size]
+            chunk = [{"k": f["key"], "u": f["url"]} for f in part]
+            self.sequence += 1
+            entry = str(self.sequence)
+            journal = (self.producer, entry, msgpack.packb(chunk, use_bin_type=True))
+            again = self.state.unfail(part, self.run_tag, journal)
+            self._send([item for item, ok in zip(chunk, again, strict=True) if ok])
+            self.state.unjournal(self.producer, entry)
+            self.report.requeued += sum(again)
+            self.on_item(len(part))
+        self.report.known += len(failures) - len(items)
+
     def _send_chunk(self, chunk: list[dict]) -> None:
         """Register and journal a chunk; send what is new (or requeued); fail bad ones."""
         if not chunk:

@@ -88,6 +88,7 @@ class Behaviour:
         self.hits: dict[str, int] = {}
         self.user_agents: list[str] = []
         self.in_flight = 0
+        self.outage = False
         self.max_in_flight = 0
         self.lock = threading.Lock()
 
@@ -142,6 +143,11 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
                 with behaviour.lock:
                     behaviour.in_flight -= 1
                 self.send_body(files["jpeg_small"])
+            elif head == "outage":  # 503 while the test says the outage lasts
+                if behaviour.outage:
+                    self.send_body(b"down", "text/plain", code=503)
+                else:
+                    self.send_body(files["png_rgb"], "image/png")
             elif head == "status":
                 self.send_body(b"no", "text/plain", code=int(rest))
             elif head == "flaky503":  # 503 twice, then the image

@@ -294,3 +294,27 @@ def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer,
     assert worker.poll() is None
     assert not marker.exists()
     assert "pickle" in workers.logs().lower()
+
+
+def test_retry_sends_failed_items_again_after_an_outage(image_server: ImageServer, workers: Workers,
+                                                       redis_url, rclient, tmp_path):
+    urls = [f"{image_server.base}/outage/{i}" for i in range(3)] + [f"{image_server.base}/status/404"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    workers.start("download", "-c", "4", KOALA_RETRIES="1")
+    image_server.behaviour.outage = True
+    try:
+        assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+        wait_for(lambda: rclient.hget("koala:counts", "failed") == b"4", 60, "4 failures", workers.logs)
+    finally:
+        image_server.behaviour.outage = False
+    out = koala(redis_url, workers.out_dir, "retry", "--reason", "http_error")
+    assert out.returncode == 0, out.stderr
+    assert "4 failed items sent again" in out.stdout
+    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"3"
+             and rclient.hget("koala:counts", "failed") == b"1", 60, "3 downloads, 1 failure", workers.logs)
+    counts = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
+    assert (counts["submitted"], counts["retried"], counts["pending"]) == (4, 4, 3)
+    assert counts["failures_by_reason"] == {"http_error": 1}
+    failures = json.loads(koala(redis_url, workers.out_dir, "failures", "--json").stdout)
+    assert [f["url"] for f in failures] == [urls[3]]
