@@ -48,3 +48,14 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_soft_shutdown_timeout=30.0,
     )
     return app
+
+
+_apps: dict[str, Celery] = {}
+
+
+def __getattr__(name: str) -> Celery:
+    """`celery -A common.celery_app flower|inspect ...`: the fleet's app (msgpack control
+    messages included), built from the settings on first use."""
+    if name in ("app", "celery"):
+        return _apps.setdefault(name, make_app())
+    raise AttributeError(name)

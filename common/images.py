@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import struct
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -332,3 +335,14 @@ def guess_extension(data: bytes) -> str:
         if head.startswith(magic):
             return ext
     return "bin"
+
+
+def save_original(directory: Path, key: str, data: bytes) -> Path:
+    """Write the downloaded bytes as <md5>.<ext> atomically, like the original `download`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{key}.{guess_extension(data)}"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return path

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE, make_app
 from common.settings import Settings, get_settings
 from common.state import REASONS, JobState, connect
+from producer.steps import register as register_steps
 
 SHARD_GLOB = "*lab_images_*.tfrecord*"  # training and val_ shards; temps start with a dot
 
@@ -263,6 +264,9 @@ def reset(yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete every {settings.state_prefix}:* key?", abort=True)
     click.echo(f"deleted {state.reset()} keys")
+
+
+register_steps(main)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -257,8 +257,8 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
             children.start(f"download{i}", worker_argv("download", "-n", f"download{i}@{host}"))
         children.start("embed", worker_argv("embed", "-n", f"embed@{host}"))
         if flower:
-            children.start("flower", [sys.executable, "-m", "celery", "--broker", broker, "flower",
-                                      "--port=5555"])
+            children.start("flower", [sys.executable, "-m", "celery", "-A", "common.celery_app",
+                                      "flower", "--port=5555"])
             echo("Flower: http://localhost:5555")
         times["submit"] = _submit(source, state, settings, broker, tqdm)
         t0 = time.time()

@@ -32,7 +32,6 @@ from common.settings import Settings, get_settings
 from common.sources import ParseCounts, UrlItem, iter_items
 from common.state import Failure, now
 from producer.submit import file_key, is_url, open_list
-from workers.download import save_original
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,6 +41,7 @@ FAILURES_FILE = "failures.jsonl"
 MD5_STEM = re.compile(r"[0-9a-f]{32}")
 SHEET_PAD = 8  # pixels around and between the cells of a contact sheet
 SHEET_LABEL = 16  # pixels of the name line under each cell
+SHEET_BACKGROUND = (224, 224, 224)  # light grey, so that white padding shows where a cell ends
 
 
 def register(main: click.Group) -> None:
@@ -120,12 +120,16 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Itera
     """fn over items on `threads` threads, at most 4×threads in flight; results in completion order."""
     with ThreadPoolExecutor(threads) as pool:
         pending: set[Future[R]] = set()
-        for item in items:
-            pending.add(pool.submit(fn, item))
-            if len(pending) >= 4 * threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in done)
-        yield from (f.result() for f in as_completed(pending))
+        try:
+            for item in items:
+                pending.add(pool.submit(fn, item))
+                if len(pending) >= 4 * threads:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+            yield from (f.result() for f in as_completed(pending))
+        finally:  # stopped early (error, Ctrl-C): drop what has not started
+            for future in pending:
+                future.cancel()
 
 
 def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
@@ -219,7 +223,7 @@ class Downloader:
             data = fetch(url, self.session, self.policy)
             images.decode(data, max_pixels=self.settings.max_pixels, draft_for=self.size,
                           mode=self.settings.resize_mode)  # the fleet's acceptance
-            save_original(self.out_dir, key, data)
+            images.save_original(self.out_dir, key, data)
         except (FetchError, images.ImageError) as e:
             reason, detail = e.reason, e.detail
         except OSError as e:
@@ -526,7 +530,7 @@ def contact_sheet(cells: list[tuple[str, np.ndarray, np.ndarray]], columns: int 
     """A Pillow image: each record's grey input beside its colour, its name under them, in a grid."""
     side = max(grey.shape[0] for _, grey, _ in cells)
     cols = columns or max(1, math.ceil(math.sqrt(len(cells))))
-    sheet = Image.new("RGB", sheet_size(len(cells), side, cols), (255, 255, 255))
+    sheet = Image.new("RGB", sheet_size(len(cells), side, cols), SHEET_BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     for i, (name, grey, colour) in enumerate(cells):
         x = SHEET_PAD + (i % cols) * (2 * side + SHEET_PAD)

@@ -1,19 +1,24 @@
 """The embed queue's consumer: collects messages into batches (size or maximum wait), hands
 them to the embed stage, acks after it returns. A plain kombu consumer, not a Celery task,
-so that acks follow the durable write exactly and nothing is buffered unacked for long."""
+so that acks follow the durable write exactly and nothing is buffered unacked for long.
+It still shows in Flower: it sends Celery's worker and task events (a batch is one
+`koala.embed` task) and answers the control commands Flower asks workers (`inspect`)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 from celery import Celery
 from kombu import Message, Queue
 
-from common.celery_app import EMBED_QUEUE
+from common.celery_app import EMBED_QUEUE, EMBED_TASK
 
 log = logging.getLogger("koala.embed")
 
@@ -24,8 +29,10 @@ class BatchConsumer:
     """Consume the embed queue in batches until stopped (SIGTERM/SIGINT finish the batch)."""
 
     def __init__(self, app: Celery, process: Process, *, batch_size: int, max_wait: float,
-                 on_idle: Callable[[], None] = lambda: None):
+                 on_idle: Callable[[], None] = lambda: None, hostname: str = "embed"):
         self.app = app
+        self.hostname = hostname
+        self.events: FlowerEvents | None = None
         self.process = process
         self.batch_size = batch_size
         self.max_wait = max_wait
@@ -56,28 +63,39 @@ class BatchConsumer:
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
             queue = Queue(EMBED_QUEUE)
+            self.events = FlowerEvents(self.app, conn, self.hostname)
+            control = control_node(self.app, conn, self.hostname, self)
             with conn.Consumer(queue, callbacks=[self._on_message], accept=["msgpack"],
                                prefetch_count=self.batch_size, on_decode_error=self._on_decode_error):
                 log.info("consuming %s in batches of %d", EMBED_QUEUE, self.batch_size)
+                try:
+                    self._loop(conn)
+                finally:
+                    control.cancel()
+                    self.events.close()
+
+    def _loop(self, conn) -> None:
+        """Drain messages into the buffer; flush when full, due, or stopping."""
+        first = 0.0
+        while True:
+            stopping = self.stopping.is_set()
+            if not stopping and len(self.buffer) < self.batch_size:
+                try:
+                    conn.drain_events(timeout=0.2)
+                except TimeoutError:
+                    pass
+            if self.buffer and not first:
+                first = time.monotonic()
+            due = self.buffer and (len(self.buffer) >= self.batch_size or stopping
+                                   or time.monotonic() - first >= self.max_wait)
+            if due:
+                self._flush()
                 first = 0.0
-                while True:
-                    stopping = self.stopping.is_set()
-                    if not stopping and len(self.buffer) < self.batch_size:
-                        try:
-                            conn.drain_events(timeout=0.2)
-                        except TimeoutError:
-                            pass
-                    if self.buffer and not first:
-                        first = time.monotonic()
-                    due = self.buffer and (len(self.buffer) >= self.batch_size or stopping
-                                           or time.monotonic() - first >= self.max_wait)
-                    if due:
-                        self._flush()
-                        first = 0.0
-                    else:
-                        self.on_idle()
-                    if stopping and not self.buffer:
-                        return
+            else:
+                self.on_idle()
+            self.events.heartbeat(active=len(self.buffer))
+            if stopping and not self.buffer:
+                return
 
     def _on_message(self, body: object, message: Message) -> None:
         try:
@@ -97,6 +115,69 @@ class BatchConsumer:
 
     def _flush(self) -> None:
         batch, self.buffer = self.buffer, []
-        self.written += self.process([payload for payload, _ in batch])
+        started = time.monotonic()
+        written = self.process([payload for payload, _ in batch])
         for _, message in batch:
             message.ack()
+        self.written += written
+        if self.events:
+            self.events.batch(len(batch), written, time.monotonic() - started)
+
+
+class FlowerEvents:
+    """Celery worker/task events for the embed consumer; sending never breaks the consumer."""
+
+    def __init__(self, app: Celery, conn, hostname: str, freq: float = 5.0):
+        self.freq = freq
+        self.processed = 0
+        self.last_beat = 0.0
+        self.dispatcher = app.events.Dispatcher(conn, hostname=hostname, enabled=True)
+        self.send("worker-online", freq=freq, sw_ident="koala-embed", sw_ver="0.1",
+                  sw_sys=platform.system())
+
+    def send(self, kind: str, **fields) -> None:
+        try:
+            self.dispatcher.send(kind, **fields)
+        except Exception as e:  # events are for the dashboard only
+            log.debug("cannot send %s event: %s", kind, e)
+
+    def heartbeat(self, active: int = 0) -> None:
+        """A worker-heartbeat every `freq` seconds (Flower marks silent workers offline)."""
+        if time.monotonic() - self.last_beat >= self.freq:
+            self.last_beat = time.monotonic()
+            self.send("worker-heartbeat", freq=self.freq, active=active, processed=self.processed,
+                      loadavg=list(os.getloadavg()))
+
+    def batch(self, images: int, written: int, runtime: float) -> None:
+        """One batch, as the life of one `koala.embed` task."""
+        task_id = str(uuid.uuid4())
+        self.processed += 1
+        self.send("task-received", uuid=task_id, name=EMBED_TASK, args=f"[{images} images]",
+                  kwargs="{}", retries=0, eta=None, root_id=task_id, parent_id=None)
+        self.send("task-started", uuid=task_id, pid=os.getpid())
+        self.send("task-succeeded", uuid=task_id, result=f"{written} records written",
+                  runtime=round(runtime, 3))
+        self.heartbeat()
+
+    def close(self) -> None:
+        self.send("worker-offline")
+        self.dispatcher.close()
+
+
+def control_node(app: Celery, conn, hostname: str, consumer: BatchConsumer):
+    """Answer the `inspect` commands Flower sends, so the embed worker and its queue are listed."""
+    queue = Queue(EMBED_QUEUE).as_dict(recurse=True)
+    handlers = {
+        "ping": lambda state, **_: {"ok": "pong"},
+        "active_queues": lambda state, **_: [queue],
+        "registered": lambda state, **_: [EMBED_TASK],
+        "stats": lambda state, **_: {"pid": os.getpid(), "pool": {"max-concurrency": 1},
+                                     "total": {EMBED_TASK: consumer.events.processed}},
+        "active": lambda state, **_: [],
+        "reserved": lambda state, **_: [],
+        "scheduled": lambda state, **_: [],
+        "revoked": lambda state, **_: [],
+        "conf": lambda state, **_: {},
+    }
+    node = app.control.mailbox(conn).Node(hostname, handlers=handlers, channel=conn.channel())
+    return node.listen()

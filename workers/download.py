@@ -7,12 +7,9 @@ function for the images, so the fleet and `koala download` share this code path.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from common import images
 from common.celery_app import EMBED_QUEUE
@@ -30,17 +27,6 @@ def embed_message(item: dict, pixels: bytes) -> dict:
     name = item.get("p") or item["k"]
     return {"key": item["k"], "name": name, "source": item.get("u") or item.get("p"),
             "pixels": pixels}
-
-
-def save_original(directory: Path, key: str, data: bytes) -> Path:
-    """Write the downloaded bytes as <md5>.<ext> atomically, like the original `download`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{key}.{images.guess_extension(data)}"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{key}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-    return path
 
 
 class DownloadStage:
@@ -88,7 +74,7 @@ class DownloadStage:
         else:
             data = fetch(item["u"], self.session, self.policy)
             if self.settings.keep_originals:
-                save_original(self.settings.keep_originals, item["k"], data)
+                images.save_original(self.settings.keep_originals, item["k"], data)
         rgb = images.load_rgb(data, size=self.size, mode=self.settings.resize_mode,
                               max_pixels=self.settings.max_pixels)
         return images.encode_pixels(rgb)

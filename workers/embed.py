@@ -192,7 +192,7 @@ def run_embed_worker(node: str) -> None:
                                      max_age=settings.shard_max_age, compression=settings.compression)
         stage = EmbedStage(settings, state, node, embedder.embed, writer)
         consumer = BatchConsumer(make_app(settings), stage.process, batch_size=settings.batch_size,
-                                 max_wait=settings.batch_wait, on_idle=writer.maybe_rotate)
+                                 max_wait=settings.batch_wait, on_idle=writer.maybe_rotate, hostname=node)
         consumer.install_signal_handlers()
         try:
             consumer.run()
