@@ -123,3 +123,27 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     assert not list(workers.out_dir.glob(".*.tmp"))
     counts = {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
     assert counts["written"] == len(urls) and counts.get("failed", 0) == 0
+
+
+def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(image_server: ImageServer, workers: Workers,
+                                                                redis_url, rclient, tmp_path,
+                                                                fake_checkpoint):
+    urls = [f"{image_server.base}/img/{n}?node={i}" for i in range(2) for n in GOOD]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    env = embed_env(fake_checkpoint, KOALA_BATCH_SIZE="2")
+    workers.start("download", "-c", "2", "-n", "download-a@host1")
+    workers.start("download", "-c", "2", "-n", "download-b@host2")
+    a = workers.start("embed", "-n", "embed-a@host1", **env)
+    b = workers.start("embed", "-n", "embed-b@host2", **env)
+    wait_for(lambda: workers.logs().count("model ready") == 2, 240, "both embed workers", workers.logs)
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.hget("koala:counts", "written") == str(len(urls)).encode(), 300,
+             "every record", workers.logs)
+    stop(a)
+    stop(b)
+    shards = sorted(p.name for p in workers.out_dir.glob("lab_images_*.tfrecord"))
+    assert any("embed-a-host1" in n for n in shards) and any("embed-b-host2" in n for n in shards)
+    names = sorted(r["image_name"].decode() for r in read_records(workers.out_dir))
+    assert names == sorted(md5(u) for u in urls)
+    assert rclient.hget("koala:counts", "failed") in (None, b"0")

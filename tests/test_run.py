@@ -108,3 +108,38 @@ def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fak
     assert record_names(out) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["records"], summary["failed"], summary["pending"]) == (len(good), len(bad), 0)
+
+
+def read_all(out: Path) -> dict[str, dict]:
+    from common.records import read_dataset
+
+    files = sorted(str(p) for p in out.glob("lab_images_*.tfrecord"))
+    return {r["image_name"].numpy().decode(): {k: v.numpy() for k, v in r.items()}
+            for r in read_dataset(files)}
+
+
+def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path, fake_checkpoint):
+    import numpy as np
+
+    listing, good, _ = listing_of(image_server, tmp_path)
+    fleet_out = tmp_path / "fleet"
+    env = run_env(tmp_path)
+    proc = koala_run(listing, fleet_out, fake_checkpoint, env)
+    _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 0, stderr[-3000:]
+
+    def koala(*args: str) -> None:
+        out = subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    koala("download", str(listing), str(tmp_path / "original"))
+    koala("resize", str(tmp_path / "original"), str(tmp_path / "resized"))
+    koala("lab-batch", "-c", str(fake_checkpoint), str(tmp_path / "resized"), str(tmp_path / "steps"),
+          "-b", "4")
+    fleet, steps = read_all(fleet_out), read_all(tmp_path / "steps")
+    assert sorted(fleet) == sorted(steps) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
+    for name, record in fleet.items():
+        np.testing.assert_array_equal(record["image_l"], steps[name]["image_l"])
+        np.testing.assert_array_equal(record["image_ab"], steps[name]["image_ab"])
+        np.testing.assert_allclose(record["image_embedding"], steps[name]["image_embedding"], atol=1e-3)
