@@ -143,3 +143,28 @@ def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path
         np.testing.assert_array_equal(record["image_l"], steps[name]["image_l"])
         np.testing.assert_array_equal(record["image_ab"], steps[name]["image_ab"])
         np.testing.assert_allclose(record["image_embedding"], steps[name]["image_embedding"], atol=1e-3)
+
+
+def run_fails(args: list[str], env: dict) -> str:
+    out = subprocess.run([sys.executable, "-m", "producer", "run", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, out.stderr[-2000:]
+    return lines[0]
+
+
+def test_run_says_in_one_line_why_it_cannot_start(image_server, tmp_path, fake_checkpoint):
+    listing, _, _ = listing_of(image_server, tmp_path)
+    env = run_env(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "cannot write to the output folder" in run_fails(
+        [str(listing), "--out", str(blocker / "out"), "--checkpoint", str(fake_checkpoint)], env)
+    assert "no usable Inception checkpoint" in run_fails(
+        [str(listing), "--out", str(tmp_path / "o1"), "--checkpoint", "http://127.0.0.1:9/x.tar.gz"], env)
+    assert "cannot reach Redis" in run_fails(
+        [str(listing), "--out", str(tmp_path / "o2"), "--checkpoint", str(fake_checkpoint)],
+        {**env, "KOALA_BROKER_URL": "redis://127.0.0.1:9/0"})
+    assert "no such file or folder" in run_fails(
+        [str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o3")], env)
