@@ -25,8 +25,8 @@ def test_every_reason_is_in_the_readme():
 
 
 def test_ci_runs_the_readme_test_command():
-    block = re.search(r"## Run the tests\s+```bash\n(.+?)\n```", README, re.S)
-    assert block, "README has a 'Run the tests' command block"
+    block = re.search(r"Run the tests:\s+```bash\n(.+?)\n```", README, re.S)
+    assert block, "README has a 'Run the tests:' command block"
     command = block.group(1).strip()
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in [line.strip() for line in ci]
