@@ -1,0 +1,776 @@
+"""Download benchmark: our download stage vs img2dataset, same loopback corpus, same machine, same run.
+
+Run: .venv/bin/python -m bench.download [--images 2000] [--latency 0.05] [--rounds 3] [--workers 2]
+                                        [--threads 64] [--json bench/results/download.json]
+     .venv/bin/python -m bench.download --smoke      (40 images, 1 round, no img2dataset: ~30 s)
+
+What runs, all on 127.0.0.1:
+- a threaded keep-alive HTTP server in its own process serving a generated corpus of ImageNet-like
+  JPEGs (cached under bench/results/cache/), sleeping `--latency` seconds before each answer;
+- img2dataset, installed by this script into its own venv (bench/results/img2dataset-venv; its pins
+  never touch ours), as a subprocess: `--processes_count` = our worker count, `--thread_count` T;
+- ours: a redis-server, `--workers` download workers (`python -m workers download -c 32`), the
+  producer (`python -m producer submit`), and a counting sink draining the `embed` queue (it
+  stands for the embed workers, which are not measured here).
+The two tools alternate, `--rounds` times each. Per run: images/s, CPU-seconds per image (all
+processes of the tool: img2dataset's whole process tree; our workers + redis-server + producer),
+peak RSS (sum over the tool's processes, sampled every 0.2 s), successes. Then single-thread costs
+of each step of both paths on the same corpus (the ceiling), and a markdown table.
+Ratios, not absolute numbers, are what to compare: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CACHE = RESULTS / "cache"
+I2D_VENV = RESULTS / "img2dataset-venv"
+CORPUS_VERSION = 1
+SIZE = 299
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+# --- corpus -----------------------------------------------------------------------------------
+
+
+def make_jpeg(index: int) -> bytes:
+    """One deterministic photo-like JPEG: 400..1600 x 350..1200 (a quarter portrait), smooth colour
+    field + flat shapes + sensor noise; quality adjusted so the file lands near 100..300 KB."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(1000 + index)
+    w = int(rng.integers(400, 1601))
+    h = int(np.clip(w * rng.uniform(0.6, 0.95), 350, 1200))
+    if rng.random() < 0.25:
+        w, h = h, w
+    field = rng.uniform(20, 235, (max(4, h // 24), max(4, w // 24), 3)).astype(np.uint8)
+    img = Image.fromarray(field, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(6, 16))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1.0))
+    arr = np.asarray(img).astype(np.int16)
+    arr += rng.normal(0, rng.uniform(3, 7), arr.shape).astype(np.int16)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    target, quality = rng.uniform(100_000, 300_000), 90
+    for _ in range(3):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        if 0.8 * target < buf.tell() < 1.25 * target:
+            break
+        quality = int(np.clip(quality + (6 if buf.tell() < target else -8), 60, 97))
+    return buf.getvalue()
+
+
+def _make_one(index: int) -> tuple[int, bytes]:
+    return index, make_jpeg(index)
+
+
+def corpus_dir() -> Path:
+    return CACHE / f"corpus-v{CORPUS_VERSION}"
+
+
+def ensure_corpus(n: int) -> list[Path]:
+    """The first n corpus files, generating (in parallel, once) the ones not cached yet."""
+    folder = corpus_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:05d}.jpg" for i in range(n)]
+    missing = [i for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        started = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(os.cpu_count() or 2) as pool:
+            for i, data in pool.imap_unordered(_make_one, missing, chunksize=8):
+                tmp = paths[i].with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.rename(paths[i])
+        log(f"generated {len(missing)} corpus images in {time.perf_counter() - started:.0f} s")
+    return paths
+
+
+def corpus_stats(paths: list[Path]) -> dict:
+    """Sizes of the corpus files (bytes and pixels, from the JPEG headers)."""
+    from PIL import Image
+
+    sizes = np.array([p.stat().st_size for p in paths])
+    pixels = []
+    for p in paths:
+        with Image.open(p) as im:
+            pixels.append(im.size[0] * im.size[1])
+    px = np.array(pixels)
+    return {"images": len(paths), "mean_kb": round(sizes.mean() / 1000, 1),
+            "kb_p5_p50_p95": [round(float(v) / 1000) for v in np.percentile(sizes, [5, 50, 95])],
+            "share_100_300_kb": round(float(np.mean((sizes >= 100e3) & (sizes <= 300e3))), 3),
+            "mean_mpix": round(px.mean() / 1e6, 3),
+            "mpix_min_max": [round(px.min() / 1e6, 3), round(px.max() / 1e6, 3)]}
+
+
+# --- the image server (its own process) -------------------------------------------------------
+
+
+def _serve(folder: str, n: int, latency: float, conn) -> None:
+    """Serve /img/<i>.jpg from memory, sleeping `latency` s first (`?nolatency` skips it)."""
+    files = {f"{i:05d}.jpg": (Path(folder) / f"{i:05d}.jpg").read_bytes() for i in range(n)}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive for clients that want it
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path, _, query = self.path.partition("?")
+            body = files.get(path.rsplit("/", 1)[-1])
+            if latency and "nolatency" not in query:
+                time.sleep(latency)
+            code, ctype = (200, "image/jpeg") if body is not None else (404, "text/plain")
+            body = body if body is not None else b"not found"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024  # many clients connect at once; the default 5 drops SYNs
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    conn.send(httpd.server_address[1])
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    httpd.serve_forever()
+
+
+class CorpusServer:
+    """The image server process; `base` is its URL."""
+
+    def __init__(self, n: int, latency: float):
+        parent, child = multiprocessing.get_context("fork").Pipe()
+        self.proc = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(str(corpus_dir()), n, latency, child), daemon=True)
+        self.proc.start()
+        if not parent.poll(120):
+            raise RuntimeError("the image server did not start")
+        self.port = parent.recv()
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def urls(self, n: int) -> list[str]:
+        return [f"{self.base}/img/{i:05d}.jpg" for i in range(n)]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.join(10)
+
+
+# --- process accounting from /proc -------------------------------------------------------------
+
+
+def proc_stat(pid: int) -> tuple[int, float, int] | None:
+    """(ppid, CPU seconds of the process and of its reaped children, RSS bytes), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()  # fields from the 3rd (state) on
+    cpu = sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK  # utime stime cutime cstime
+    return int(fields[1]), cpu, int(fields[21]) * PAGE
+
+
+def process_tree(roots: list[int]) -> list[int]:
+    """The roots and all their live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = proc_stat(int(entry))
+            if st:
+                children.setdefault(st[0], []).append(int(entry))
+    out, todo = [], [r for r in roots if r]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu(roots: list[int]) -> float:
+    return sum(st[1] for pid in process_tree(roots) if (st := proc_stat(pid)))
+
+
+class Sampler(threading.Thread):
+    """Samples the summed RSS of the process trees under roots() every `interval` seconds."""
+
+    def __init__(self, roots: Callable[[], list[int]], interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.roots, self.interval = roots, interval
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            rss = sum(st[2] for pid in process_tree(self.roots()) if (st := proc_stat(pid)))
+            self.peak = max(self.peak, rss)
+            self.done.wait(self.interval)
+
+    def stop(self) -> int:
+        self.done.set()
+        self.join()
+        return self.peak
+
+
+def wait_rusage(proc: subprocess.Popen, deadline: float, poll: Callable[[], None] = lambda: None
+                ) -> tuple[int, float, float]:
+    """Wait for proc (killing its group past the deadline); (exit code, CPU s of its whole reaped
+    tree, time it ended). Calls poll() while waiting."""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime, time.perf_counter()
+        if time.perf_counter() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            deadline = float("inf")
+        poll()
+        time.sleep(0.02)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
+    env.update(extra)
+    return env
+
+
+def log(msg: str) -> None:
+    print(f"[bench.download {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --- img2dataset -------------------------------------------------------------------------------
+
+
+def ensure_img2dataset() -> tuple[Path | None, str]:
+    """Its venv (created with `python3 -m venv` + `pip install img2dataset` if missing): (bin dir,
+    version) or (None, why not)."""
+    exe = I2D_VENV / "bin" / "img2dataset"
+    if not exe.exists():
+        log("installing img2dataset into its own venv (bench/results/img2dataset-venv) ...")
+        try:
+            subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)],
+                           check=True, capture_output=True, text=True)
+            subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
+                           check=True, capture_output=True, text=True, timeout=1200)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            tail = (getattr(e, "stderr", "") or "")[-2000:]
+            return None, f"cannot install img2dataset: {e}\n{tail}"
+    try:
+        out = subprocess.run([str(I2D_VENV / "bin" / "python"), "-c",
+                              "import importlib.metadata as m, cv2; print(m.version('img2dataset'),"
+                              " cv2.__version__)"],
+                             check=True, capture_output=True, text=True, timeout=120)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        return None, f"img2dataset does not import: {(getattr(e, 'stderr', '') or str(e))[-2000:]}"
+    version, cv2_version = out.stdout.split()
+    return I2D_VENV / "bin", f"img2dataset {version}, opencv {cv2_version}"
+
+
+def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, threads: int,
+                    server: CorpusServer, timeout: float) -> dict:
+    """One img2dataset run over the list; timing, CPU, RSS and successes."""
+    out = RESULTS / "tmp" / f"i2d-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    per_shard = max(1, math.ceil(n / processes))  # one shard per process: all of them busy
+    cmd = [str(bindir / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
+           "--output_folder", str(out), "--processes_count", str(processes),
+           "--thread_count", str(threads), "--image_size", str(SIZE), "--resize_mode", "border",
+           "--output_format", "files", "--encode_quality", "95",
+           "--number_sample_per_shard", str(per_shard), "--timeout", "10", "--retries", "0",
+           "--incremental_mode", "overwrite", "--enable_wandb", "False",
+           "--distributor", "multiprocessing"]
+    env = clean_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
+    log_path = RESULTS / "tmp" / "i2d-last.log"
+    server_cpu0 = tree_cpu([server.proc.pid])
+    with open(log_path, "wb") as logf:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RESULTS,
+                                start_new_session=True)
+        sampler = Sampler(lambda: [proc.pid])
+        sampler.start()
+        code, cpu, t_end = wait_rusage(proc, t0 + timeout)
+        peak = sampler.stop()
+    wall = t_end - t0
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
+    success = sum(s.get("successes", 0) for s in stats)
+    files = len(list(out.glob("**/*.jpg")))
+    errors: dict[str, int] = {}
+    for s in stats:
+        for k, v in (s.get("status_dict") or {}).items():
+            if k != "success":
+                errors[k] = errors.get(k, 0) + v
+    inner = (max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)) if stats else 0
+    shutil.rmtree(out, ignore_errors=True)
+    result = {"tool": "img2dataset", "threads": threads, "processes": processes, "images": n,
+              "success": success, "files_written": files, "failed": n - success,
+              "wall_s": round(wall, 2), "images_per_s": round(success / wall, 1),
+              "cpu_s": round(cpu, 2), "cpu_s_per_image": round(cpu / max(success, 1), 5),
+              "peak_rss_mb": round(peak / 2**20), "exit_code": code,
+              "shard_phase_s": round(inner, 2),
+              "shard_phase_images_per_s": round(success / inner, 1) if inner else None,
+              "server_cpu_s": round(tree_cpu([server.proc.pid]) - server_cpu0, 2)}
+    if errors:
+        result["errors"] = errors
+    if code != 0 or not stats:
+        result["log_tail"] = log_path.read_text(errors="replace")[-1500:]
+    return result
+
+
+I2D_CEILING = r"""
+import io, json, sys, time, urllib.request
+import numpy as np, cv2
+from img2dataset.resizer import Resizer
+args = json.load(sys.stdin)
+datas = [open(p, "rb").read() for p in args["files"]]
+resizer = Resizer(image_size=args["size"], resize_mode="border", resize_only_if_bigger=False,
+                  encode_quality=95)
+cv2.setNumThreads(1)
+def cost(fn, items):
+    fn(items[0])
+    c0, w0 = time.thread_time(), time.perf_counter()
+    for x in items:
+        fn(x)
+    return {"cpu_ms": round((time.thread_time() - c0) / len(items) * 1e3, 2),
+            "wall_ms": round((time.perf_counter() - w0) / len(items) * 1e3, 2)}
+def fetch(url):
+    req = urllib.request.Request(url, headers={"User-Agent": "bench"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read()
+def check(x):
+    out = resizer(io.BytesIO(x))
+    assert out[-1] is None, out[-1]
+out = {
+    "i2d_resizer_ms": cost(check, datas),
+    "cv2_full_decode_ms": cost(lambda x: cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED),
+                               datas),
+    "cv2_reduced2_decode_area_ms": cost(lambda x: cv2.resize(cv2.imdecode(np.frombuffer(x, np.uint8),
+                                        cv2.IMREAD_REDUCED_COLOR_2), (299, 224),
+                                        interpolation=cv2.INTER_AREA), datas),
+    "i2d_urllib_fetch_ms": cost(fetch, args["urls"]),
+}
+print(json.dumps(out))
+"""
+
+
+def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dict:
+    """Single-thread per-image costs of img2dataset's own resizer and fetch, in its venv."""
+    payload = json.dumps({"files": [str(p) for p in files], "urls": [u + "?nolatency" for u in urls],
+                          "size": SIZE})
+    proc = subprocess.run([str(bindir / "python"), "-c", I2D_CEILING], input=payload, text=True,
+                          capture_output=True, env=clean_env(NO_ALBUMENTATIONS_UPDATE="1",
+                                                             PYTHONWARNINGS="ignore"), timeout=600)
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- ours --------------------------------------------------------------------------------------
+
+
+class Fleet:
+    """A redis-server and `workers` download workers, kept up across rounds (as a fleet is)."""
+
+    def __init__(self, workers: int, concurrency: int, per_host: int, workdir: Path):
+        from tests.servers import RedisServer, worker_env
+
+        shutil.rmtree(workdir, ignore_errors=True)
+        self.workdir = workdir
+        self.redis = RedisServer(workdir / "redis").start()
+        self.env = worker_env(self.redis.url, workdir / "out", **{
+            # the bench corpus is one host standing for many: the per-host cap must not bind
+            "KOALA_PER_HOST_CONNECTIONS": str(per_host),
+            "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
+            "KOALA_CHUNK_SIZE": "16",  # the default (tests.servers sets 4)
+            "KOALA_CONNECT_TIMEOUT": "10", "KOALA_READ_TIMEOUT": "10",
+            "KOALA_DOWNLOAD_DEADLINE": "60", "KOALA_RETRY_BACKOFF": "1",
+            "KOALA_MAX_BYTES": "25000000", "KOALA_MAX_PIXELS": "89478485",
+        })
+        for var in PROXY_VARS:
+            self.env.pop(var, None)
+        self.workers: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        started = time.perf_counter()
+        for i in range(workers):
+            path = workdir / f"dl{i + 1}.log"
+            with open(path, "wb") as f:
+                self.workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "workers", "download", "-c", str(concurrency),
+                     "-n", f"dl{i + 1}@bench"],
+                    cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+            self.logs.append(path)
+        for proc, path in zip(self.workers, self.logs, strict=True):
+            while "ready." not in path.read_text(errors="replace"):
+                if proc.poll() is not None or time.perf_counter() - started > 120:
+                    raise RuntimeError(f"download worker did not start:\n{path.read_text()[-2000:]}")
+                time.sleep(0.1)
+        self.startup_s = round(time.perf_counter() - started, 2)
+        self.startup_cpu_s = round(tree_cpu([p.pid for p in self.workers]), 2)
+        self.client = self.redis.client()
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.workers]
+
+    def reset(self) -> None:
+        """FLUSHALL, keeping kombu's routing table (the workers declared their queues only once:
+        without their bindings, the next messages would go to kombu's dead-letter queue)."""
+        deadline = time.monotonic() + 30
+        while self.client.llen("download") or self.client.hlen("unacked"):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        bindings = {k: self.client.smembers(k) for k in self.client.scan_iter("_kombu.binding.*")}
+        self.client.flushall()
+        for key, members in bindings.items():
+            if members:
+                self.client.sadd(key, *members)
+
+    def run(self, url_list: Path, n: int, server: CorpusServer, timeout: float) -> dict:
+        """Submit the list, drain `embed` until every item is downloaded or failed."""
+        from common import images
+        from common.state import JobState
+
+        self.reset()
+        state = JobState(self.client)
+        fleet_pids = [*self.worker_pids(), self.redis.proc.pid]
+        cpu0 = {pid: tree_cpu([pid]) for pid in fleet_pids}
+        server_cpu0 = tree_cpu([server.proc.pid])
+        producer: list[subprocess.Popen] = []
+        sampler = Sampler(lambda: fleet_pids + [p.pid for p in producer if p.returncode is None])
+        sampler.start()
+        out_path = self.workdir / "submit.json"
+        count = failed = payload_bytes = 0
+        check = None
+        sink_cpu0 = time.thread_time()
+        t0 = time.perf_counter()
+        with open(out_path, "wb") as out:
+            producer.append(subprocess.Popen(
+                [sys.executable, "-m", "producer", "submit", str(url_list), "--json"], cwd=ROOT,
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        prod_usage: tuple[int, float, float] | None = None
+        t_done = None
+        next_count = 0.0
+        while True:
+            batch = self.client.rpop("embed", 512)
+            if batch:
+                count += len(batch)
+                payload_bytes += sum(len(m) for m in batch)
+                if check is None:
+                    check = _check_message(batch[0], images)
+                continue
+            now = time.perf_counter()
+            if prod_usage is None:
+                pid, status, usage = os.wait4(producer[0].pid, os.WNOHANG)
+                if pid:
+                    producer[0].returncode = os.waitstatus_to_exitcode(status)
+                    prod_usage = (producer[0].returncode, usage.ru_utime + usage.ru_stime, now)
+            if now >= next_count:
+                failed = state.counts()["failed"]
+                next_count = now + 0.2
+            if count + failed >= n:
+                t_done = now
+                break
+            if now - t0 > timeout:
+                break
+            time.sleep(0.002)
+        sink_cpu = time.thread_time() - sink_cpu0
+        failed = state.counts()["failed"]
+        if prod_usage is None:
+            prod_usage = wait_rusage(producer[0], time.perf_counter() + 60)
+        peak = sampler.stop()
+        cpu1 = {pid: tree_cpu([pid]) for pid in fleet_pids}
+        workers_cpu = sum(cpu1[p] - cpu0[p] for p in self.worker_pids())
+        redis_cpu = cpu1[self.redis.proc.pid] - cpu0[self.redis.proc.pid]
+        cpu = workers_cpu + redis_cpu + prod_usage[1]
+        wall = (t_done or time.perf_counter()) - t0
+        result = {"tool": "ours", "images": n, "success": count, "failed": failed,
+                  "wall_s": round(wall, 2), "images_per_s": round(count / wall, 1),
+                  "cpu_s": round(cpu, 2), "cpu_s_per_image": round(cpu / max(count, 1), 5),
+                  "peak_rss_mb": round(peak / 2**20),
+                  "cpu_s_workers": round(workers_cpu, 2), "cpu_s_redis": round(redis_cpu, 2),
+                  "cpu_s_producer": round(prod_usage[1], 2),
+                  "producer_wall_s": round(prod_usage[2] - t0, 2), "producer_exit": prod_usage[0],
+                  "sink_cpu_s": round(sink_cpu, 2),
+                  "server_cpu_s": round(tree_cpu([server.proc.pid]) - server_cpu0, 2),
+                  "bytes_per_message": round(payload_bytes / max(count, 1)), "payload_check": check}
+        if t_done is None:
+            result["timed_out"] = True
+        if failed:
+            result["failures_by_reason"] = state.failures_by_reason()
+        return result
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.redis.stop()
+
+
+def _check_message(raw: bytes, images) -> str:
+    """Decode one embed message as the embed stage would: kombu envelope -> msgpack -> pixels."""
+    import msgpack
+
+    try:
+        envelope = json.loads(raw)
+        body = base64.b64decode(envelope["body"])
+        args = msgpack.unpackb(body, raw=False)[0]
+        pixels = images.decode_pixels(args[0]["pixels"])
+        return f"{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]} ok"
+    except Exception as e:  # a report, not a crash
+        return f"cannot decode: {type(e).__name__}: {e}"
+
+
+# --- single-thread costs of our steps (the ceiling) ---------------------------------------------
+
+
+def _cost(fn: Callable, items: list) -> dict:
+    fn(items[0])
+    c0, w0 = time.thread_time(), time.perf_counter()
+    for x in items:
+        fn(x)
+    return {"cpu_ms": round((time.thread_time() - c0) / len(items) * 1e3, 2),
+            "wall_ms": round((time.perf_counter() - w0) / len(items) * 1e3, 2)}
+
+
+def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
+    """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback)."""
+    import msgpack
+
+    from common import images
+    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+    from common.fetch import fetch, make_session
+    from common.settings import Settings
+    from common.state import JobState, connect
+    from workers.download import embed_message
+
+    size = (SIZE, SIZE)
+    datas = [p.read_bytes() for p in files]
+    rgbs = [images.load_rgb(d, size=size) for d in datas]
+    payloads = [images.encode_pixels(a) for a in rgbs]
+    keys = [f"{i:032x}" for i in range(len(datas))]
+    messages = [embed_message({"k": k, "u": u}, p) for k, u, p in zip(keys, urls, payloads, strict=True)]
+    settings = Settings(broker_url=redis_url, allow_private_addresses=True,
+                        per_host_connections=4, embed_queue_limit=10**9)
+    from common.fetch import policy_from_settings
+
+    policy = policy_from_settings(settings)
+    session = make_session(policy, 4)
+    client = connect(redis_url)
+    state = JobState(client)
+    pending = [*keys, f"{len(keys):032x}"]  # _cost calls once more to warm up
+    state.register(pending, state.new_run())
+    app = make_app(settings)
+    out = {
+        "load_rgb (draft + LANCZOS + pad)": _cost(lambda d: images.load_rgb(d, size=size), datas),
+        "decode with draft": _cost(lambda d: images.decode(d, draft_for=size), datas),
+        "decode full (no draft)": _cost(images.decode, datas),
+        "full decode + LANCZOS + pad": _cost(lambda d: images.resize(images.decode(d), size), datas),
+        "encode_pixels": _cost(images.encode_pixels, rgbs),
+        "msgpack of the embed message": _cost(lambda m: msgpack.packb(m, use_bin_type=True), messages),
+        "send_task to embed (serialize + LPUSH)": _cost(
+            lambda m: app.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages),
+        "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded(pending.pop()), keys),
+        "Redis PING round trip": _cost(lambda k: client.ping(), keys),
+        "fetch (requests, loopback, no latency)": _cost(
+            lambda u: fetch(u + "?nolatency", session, policy), urls),
+    }
+    client.delete(EMBED_QUEUE)
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return round(statistics.median(values), 5) if values else None
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians per tool (per img2dataset thread count) and the ratios ours / best img2dataset."""
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        name = "ours" if r["tool"] == "ours" else f"img2dataset T={r['threads']}"
+        groups.setdefault(name, []).append(r)
+    med = {name: {k: median(rows, k) for k in ("images_per_s", "cpu_s_per_image", "peak_rss_mb",
+                                               "wall_s", "shard_phase_images_per_s")}
+           | {"runs": len(rows), "all_images": all(r["success"] == r["images"] for r in rows)}
+           for name, rows in groups.items()}
+    out: dict = {"medians": med}
+    i2d = [k for k in med if k.startswith("img2dataset")]
+    if "ours" in med and i2d:
+        best = max(i2d, key=lambda k: med[k]["images_per_s"] or 0)
+        o, b = med["ours"], med[best]
+        out["ratio_vs"] = best
+        out["ratio_images_per_s"] = round(o["images_per_s"] / b["images_per_s"], 2)
+        out["ratio_cpu_s_per_image"] = round(o["cpu_s_per_image"] / b["cpu_s_per_image"], 2)
+        if b.get("shard_phase_images_per_s"):
+            out["ratio_images_per_s_vs_shard_phase"] = round(
+                o["images_per_s"] / b["shard_phase_images_per_s"], 2)
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The tables printed to stdout and written to download.md."""
+    cfg = result["config"]
+    lines = [f"## Download + resize to {SIZE}x{SIZE}: ours vs img2dataset", "",
+             f"`{cfg['command']}`  ", f"{cfg['images']} images ({result['corpus']['mean_kb']} KB, "
+             f"{result['corpus']['mean_mpix']} Mpix on average), {cfg['latency']} s latency per "
+             f"response, {cfg['workers']} processes each, {os.cpu_count()} CPU cores; "
+             f"{result.get('img2dataset_version') or 'img2dataset not run'}", "",
+             "| run | tool | images/s | CPU-s per image | peak RSS MB | ok / images | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(result["runs"], 1):
+        tool = "ours" if r["tool"] == "ours" else f"img2dataset T={r['threads']}"
+        lines.append(f"| {i} | {tool} | {r['images_per_s']} | {r['cpu_s_per_image']:.4f} | "
+                     f"{r['peak_rss_mb']} | {r['success']} / {r['images']} | {r['wall_s']} |")
+    summary = result["summary"]
+    lines += ["", "| median | images/s | CPU-s per image | peak RSS MB | runs | all images |",
+              "|---|---|---|---|---|---|"]
+    for name, m in summary["medians"].items():
+        lines.append(f"| {name} | {m['images_per_s']} | {m['cpu_s_per_image']:.4f} | {m['peak_rss_mb']} | "
+                     f"{m['runs']} | {'yes' if m['all_images'] else 'NO'} |")
+    if "ratio_images_per_s" in summary:
+        lines += ["", f"**ours / {summary['ratio_vs']}: images/s x{summary['ratio_images_per_s']}, "
+                      f"CPU-s per image x{summary['ratio_cpu_s_per_image']}** (medians; target: "
+                      f"images/s x1.5 or more)"]
+        if "ratio_images_per_s_vs_shard_phase" in summary:
+            lines.append(f"(vs img2dataset's own in-shard rate, start-up excluded: "
+                         f"x{summary['ratio_images_per_s_vs_shard_phase']})")
+    if result.get("img2dataset_error"):
+        lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
+    ceiling = result.get("ceiling", {})
+    if ceiling:
+        lines += ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images):", "",
+                  "| step | CPU ms | wall ms |", "|---|---|---|"]
+        for part in ("ours", "img2dataset"):
+            for name, c in ceiling.get(part, {}).items():
+                if isinstance(c, dict):
+                    lines.append(f"| {part}: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+    return "\n".join(lines) + "\n"
+
+
+@click.command()
+@click.option("--images", type=int, default=2000, show_default=True, help="corpus size")
+@click.option("--latency", type=float, default=0.05, show_default=True, help="seconds before each answer")
+@click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="our download workers = img2dataset processes")
+@click.option("--concurrency", type=int, default=32, show_default=True, help="threads per worker of ours")
+@click.option("--threads", default="64", show_default=True, help="img2dataset --thread_count (e.g. 16,64)")
+@click.option("--ceiling-sample", type=int, default=100, show_default=True,
+              help="corpus images for the single-thread costs (0: skip)")
+@click.option("--smoke", is_flag=True, help="40 images, 1 round, no img2dataset")
+@click.option("--no-img2dataset", is_flag=True, help="measure ours only")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="default bench/results/download.json (download-smoke.json with --smoke)")
+def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,
+         ceiling_sample: int, smoke: bool, no_img2dataset: bool, json_path: str | None) -> None:
+    """Download + resize throughput and CPU: ours vs img2dataset on a loopback corpus."""
+    if smoke:
+        images, rounds, no_img2dataset, ceiling_sample = 40, 1, True, min(ceiling_sample, 20)
+    thread_counts = [int(t) for t in threads.split(",") if t.strip()]
+    default_name = "download-smoke.json" if smoke else "download.json"
+    json_out = Path(json_path) if json_path else RESULTS / default_name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tmp").mkdir(exist_ok=True)
+    command = "python -m bench.download " + " ".join(sys.argv[1:])
+    paths = ensure_corpus(images)
+    result: dict = {"config": {"command": command.strip(), "images": images, "latency": latency,
+                               "rounds": rounds, "workers": workers, "concurrency": concurrency,
+                               "img2dataset_threads": thread_counts, "ceiling_sample": ceiling_sample,
+                               "cpu_count": os.cpu_count(),
+                               "per_host_connections": concurrency, "chunk_size": 16},
+                    "corpus": corpus_stats(paths), "runs": []}
+    bindir = None
+    if not no_img2dataset:
+        bindir, info = ensure_img2dataset()
+        result["img2dataset_version" if bindir else "img2dataset_error"] = info
+        if bindir is None:
+            log(info)
+    server = CorpusServer(images, latency)
+    url_list = RESULTS / "tmp" / f"urls-{images}.txt"
+    urls = server.urls(images)
+    url_list.write_text("\n".join(urls) + "\n")
+    timeout = max(120.0, images / 5)
+    fleet = None
+    try:
+        fleet = Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / "fleet")
+        result["ours_startup"] = {"wall_s": fleet.startup_s, "cpu_s": fleet.startup_cpu_s}
+        if bindir:
+            fixed = run_img2dataset(bindir, _one_url_list(urls), 1, workers, thread_counts[0], server, 120)
+            result["img2dataset_fixed_cost_1_image"] = {"wall_s": fixed["wall_s"], "cpu_s": fixed["cpu_s"],
+                                                        "peak_rss_mb": fixed["peak_rss_mb"]}
+        for round_no in range(1, rounds + 1):
+            if bindir:
+                for t in thread_counts:
+                    r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout)
+                    log(f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
+                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{images}")
+                    result["runs"].append({"round": round_no, **r})
+            r = fleet.run(url_list, images, server, timeout)
+            log(f"round {round_no} ours: {r['images_per_s']} img/s, {r['cpu_s_per_image']:.4f} CPU-s/img, "
+                f"{r['success']}/{images}")
+            result["runs"].append({"round": round_no, **r})
+        if ceiling_sample:
+            sample = paths[:ceiling_sample]
+            fleet.reset()
+            result["ceiling"] = {"ours": our_ceiling(sample, urls[:len(sample)], fleet.redis.url)}
+            if bindir:
+                result["ceiling"]["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[:len(sample)])
+    finally:
+        if fleet:
+            fleet.stop()
+        server.stop()
+    result["summary"] = summarize(result["runs"])
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+    table = markdown(result)
+    json_out.with_suffix(".md").write_text(table)
+    print(table)
+
+
+def _one_url_list(urls: list[str]) -> Path:
+    path = RESULTS / "tmp" / "urls-1.txt"
+    path.write_text(urls[0] + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Embed benchmark: the bare model against the embed worker end to end, and where a batch's time goes.
+
+Run: .venv/bin/python -m bench.embed [--images 96] [--batch-size 16] [--json PATH] [--smoke]
+
+1. Bare model: `Embedder.embed` on uint8 arrays in memory, `batch_size` images per call, TensorFlow's
+   default threads (as the worker), measured before and after the worker run (the machine is shared:
+   the mean of both is the reference). Also a plain `model(x)` in a `tf.function` for reference.
+2. Worker: a real redis-server, the `embed` queue pre-filled with N messages exactly as download
+   workers publish them (items registered and marked downloaded first), a real `python -m workers
+   embed` process. Throughput is taken between `written` >= one batch (model load and tracing done)
+   and `written` = N, polling `koala:counts`; also reported from the first record to the shard
+   finalized after SIGTERM.
+3. Steps: `EmbedStage.process` run in this process on the same batches, real ShardWriter and Redis,
+   its parts timed by wrapping functions (this process only); the queue side (receive, decode, ack)
+   by the real `BatchConsumer` with a no-op process.
+
+The checkpoint is generated (tests.checkpoint, ~230 MB, cached in bench/results/cache/): the model's
+cost does not depend on the weights. Ratios, not absolute times, are what to compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CACHE = RESULTS / "cache"
+CHECKPOINT_NAME = "inception_resnet_v2_2016_08_30.ckpt"
+TARGET_RATIO = 0.9
+
+
+# ---- helpers shared with the other benchmarks ---------------------------------------------------
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def proc_kb(pid: int, field: str) -> int | None:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+class PeakSampler:
+    """Samples VmHWM (peak RSS) of a process in a thread until stopped; keeps the largest value."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval = pid, interval
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> int:
+        kb = proc_kb(self.pid, "VmHWM")
+        if kb:
+            self.peak_kb = max(self.peak_kb, kb)
+        return self.peak_kb
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def save_json(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def default_json(name: str, smoke: bool) -> Path:
+    """bench/results/<name>.json; smoke runs go to bench/results/smoke/ so they never replace real ones."""
+    return (RESULTS / "smoke" if smoke else RESULTS) / f"{name}.json"
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+def ensure_checkpoint(cache: Path) -> Path:
+    """The generated checkpoint, written once (atomically) into the cache folder."""
+    path = cache / CHECKPOINT_NAME
+    if not path.exists():
+        from tests.checkpoint import write_fake_checkpoint
+
+        cache.mkdir(parents=True, exist_ok=True)
+        log(f"writing a generated checkpoint to {path} (once, ~230 MB)")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_fake_checkpoint(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def make_images(n: int, distinct: int = 16) -> np.ndarray:
+    """n photo-like uint8 299x299 RGB images (`distinct` different ones, repeated)."""
+    from tests.corpus import photo
+
+    base = [photo(299, 299, seed) for seed in range(min(n, distinct))]
+    return np.stack([base[i % len(base)] for i in range(n)])
+
+
+def item_of(i: int) -> dict:
+    url = f"http://bench.invalid/embed/{i}.jpg"
+    return {"k": hashlib.md5(url.encode()).hexdigest(), "u": url}
+
+
+def payloads_of(rgb: np.ndarray) -> list[dict]:
+    """The embed messages' payloads, exactly as download workers build them."""
+    from common.images import encode_pixels
+    from workers.download import embed_message
+
+    return [embed_message(item_of(i), encode_pixels(img)) for i, img in enumerate(rgb)]
+
+
+def batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
+# ---- 1. bare model ------------------------------------------------------------------------------
+
+def bare_embed(embedder, rgb: np.ndarray, batch_size: int) -> dict:
+    """Embedder.embed in a loop, one call per batch (after one warm-up call)."""
+    parts = batches(rgb, batch_size)
+    embedder.embed(parts[0])
+    start = time.perf_counter()
+    for b in parts:
+        embedder.embed(b)
+    seconds = time.perf_counter() - start
+    return {"images": len(rgb), "seconds": round(seconds, 2), "img_s": round(len(rgb) / seconds, 3)}
+
+
+def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
+    """model(x) in a tf.function on preprocessed float32 input (the preprocessing left out)."""
+    import tensorflow as tf
+
+    from common.model import preprocess
+
+    model = embedder.model
+    call = tf.function(lambda x: model(x, training=False),
+                       input_signature=[tf.TensorSpec([None, 299, 299, 3], tf.float32)])
+    parts = [tf.constant(preprocess(b)) for b in batches(rgb, batch_size)]
+    call(parts[0]).numpy()
+    start = time.perf_counter()
+    for b in parts:
+        call(b).numpy()
+    seconds = time.perf_counter() - start
+    return {"images": len(rgb), "seconds": round(seconds, 2), "img_s": round(len(rgb) / seconds, 3)}
+
+
+# ---- 2. the worker end to end -------------------------------------------------------------------
+
+def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> None:
+    """Register the items and mark them downloaded, as the producer and download workers would."""
+    from common.state import JobState
+
+    state = JobState(client, prefix)
+    keys = [p["key"] for p in payloads]
+    state.register(keys, state.new_run())
+    for k in keys:
+        state.mark_downloaded(k)
+
+
+def fill_embed_queue(redis_url: str, payloads: list[dict]) -> None:
+    """One `koala.embed` message per payload, sent as workers.tasks.publish_embed sends it."""
+    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+    from common.settings import Settings
+
+    app = make_app(Settings(broker_url=redis_url))
+    try:
+        for p in payloads:
+            app.send_task(EMBED_TASK, args=[p], queue=EMBED_QUEUE)
+    finally:
+        app.close()
+
+
+class EmbedWorker:
+    """A `python -m workers embed` process against the bench's Redis and output folder."""
+
+    def __init__(self, redis_url: str, out: Path, checkpoint: Path, batch_size: int, log_path: Path):
+        from tests.servers import worker_env
+
+        env = worker_env(redis_url, out, KOALA_CHECKPOINT=str(checkpoint), KOALA_BATCH_SIZE=str(batch_size),
+                         KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", TF_CPP_MIN_LOG_LEVEL="2")
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "embed@bench"],
+                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> float:
+        """SIGTERM (finishes the batch, finalizes the shard); returns when it has exited."""
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            self._log.close()
+        return time.monotonic()
+
+
+class WorkerWatch(threading.Thread):
+    """`watch_worker` in a thread, started with the worker: `join_result()` gives its result."""
+
+    def __init__(self, worker: EmbedWorker, client, n: int, batch_size: int, timeout: float):
+        super().__init__(daemon=True)
+        self.args = (worker, client, n, batch_size, timeout)
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.result = watch_worker(*self.args)
+        except BaseException as e:  # handed to the main thread
+            self.error = e
+
+    def join_result(self) -> dict:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def watch_worker(worker: EmbedWorker, client, n: int, batch_size: int, timeout: float) -> dict:
+    """Poll `written` until it reaches n; timestamps of the first record, first batch and last one;
+    then stop the worker (SIGTERM: the shard is finalized)."""
+    first = batch = None
+    w_batch = 0
+    deadline = time.monotonic() + timeout
+    with PeakSampler(worker.proc.pid) as rss:
+        while True:
+            written = int(client.hget("koala:counts", "written") or 0)
+            t = time.monotonic()
+            if written and first is None:
+                first = t
+            if written >= batch_size and batch is None:
+                batch, w_batch = t, written
+            if written >= n:
+                done = t
+                break
+            if worker.proc.poll() is not None:
+                raise RuntimeError(f"the embed worker exited ({worker.proc.returncode}):\n{worker.tail()}")
+            if t > deadline:
+                raise RuntimeError(f"the worker wrote {written}/{n} in {timeout:.0f}s:\n{worker.tail()}")
+            time.sleep(0.05)
+        peak = rss.sample()
+    finalized = worker.stop()
+    steady_images = n - w_batch
+    steady_s = done - batch
+    return {
+        "images": n,
+        "start_to_first_record_s": round(first - worker.started, 2),
+        "steady_images": steady_images,
+        "steady_s": round(steady_s, 2),
+        "img_s": round(steady_images / steady_s, 3) if steady_images else None,
+        "first_record_to_finalized_s": round(finalized - first, 2),
+        "img_s_first_record_to_finalized": round((n - min(n, batch_size)) / (finalized - first), 3)
+        if n > batch_size else None,
+        "exit_code": worker.proc.returncode,
+        "peak_rss_mb": round(peak / 1024),
+    }
+
+
+def count_records(out: Path) -> dict:
+    """Records and distinct keys in the finalized shards (no TensorFlow), and leftover temp shards."""
+    from common import records
+
+    keys = []
+    shards = sorted(out.glob(records.SHARD_GLOB))
+    for shard in shards:
+        keys += [records.example_key(data) for _, _, data in records.iter_examples(shard)]
+    return {"records": len(keys), "distinct": len(set(keys)), "shards": len(shards),
+            "temp_shards": len(list(out.glob(".*.tmp")))}
+
+
+# ---- 3. where the time goes ---------------------------------------------------------------------
+
+class Timers:
+    """Durations per step name, from wrapped functions (thread-safe appends)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = defaultdict(list)
+
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name].append(time.perf_counter() - start)
+        return timed
+
+    def total(self, name: str) -> float:
+        return sum(self.seconds.get(name, []))
+
+
+@contextlib.contextmanager
+def patched(obj: object, attr: str, timers: Timers, name: str) -> Iterator[None]:
+    """obj.attr wrapped with a timer for the duration (restored afterwards)."""
+    original = getattr(obj, attr)
+    setattr(obj, attr, timers.wrap(name, original))
+    try:
+        yield
+    finally:
+        setattr(obj, attr, original)
+
+
+STEPS = [  # (name, what it is); main-thread steps add up to the process time, with "other"
+    ("state lookup", "JobState.states: one pipelined HGET per item"),
+    ("decode_pixels", "lossless payload -> uint8 array"),
+    ("model", "Embedder.embed (preprocessing + Inception)"),
+    ("lab wait", "waiting for the Lab threads after the model returned"),
+    ("serialize", "records.serialize_example"),
+    ("append+fsync", "ShardWriter.append (framing, write, fsync)"),
+    ("claim", "JobState.mark_written_many (Lua per item, one pipeline)"),
+    ("rotate", "ShardWriter.maybe_rotate"),
+]
+
+
+def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_size: int, out: Path) -> dict:
+    """EmbedStage.process on the batches with its parts timed, in this process."""
+    from common import images, lab, records
+    from common.settings import Settings
+    from common.state import JobState
+    from workers.embed import EmbedStage
+
+    prefix = "benchsteps"
+    register_downloaded(client, payloads, prefix)
+    settings = Settings(broker_url=redis_url, output_dir=out)
+    state = JobState(client, prefix)
+    writer = records.ShardWriter(out, "steps@bench", examples_per_shard=500)
+    timers = Timers()
+    stage = EmbedStage(settings, state, "steps@bench", timers.wrap("model", embedder.embed), writer)
+    stage._record = timers.wrap("record", stage._record)  # lab wait + serialize
+    stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
+    timers.seconds.clear()
+    written = 0
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(patched(images, "decode_pixels", timers, "decode_pixels"))
+        patches.enter_context(patched(lab, "lab_channels", timers, "lab (threads)"))
+        patches.enter_context(patched(records, "serialize_example", timers, "serialize"))
+        patches.enter_context(patched(state, "states", timers, "state lookup"))
+        patches.enter_context(patched(state, "mark_written_many", timers, "claim"))
+        patches.enter_context(patched(writer, "append", timers, "append+fsync"))
+        patches.enter_context(patched(writer, "maybe_rotate", timers, "rotate"))
+        start = time.perf_counter()
+        for i in range(batch_size, len(payloads), batch_size):
+            written += timers.wrap("process", stage.process)(payloads[i:i + batch_size])
+        wall = time.perf_counter() - start
+    stage.close()
+    n = len(payloads) - batch_size
+    seconds = {name: timers.total(name) for name, _ in STEPS if name != "lab wait"}
+    seconds["lab wait"] = timers.total("record") - timers.total("serialize")
+    seconds["other"] = timers.total("process") - sum(seconds.values())
+    return {"images": n, "written": written, "wall_s": round(wall, 2), "seconds": seconds,
+            "lab_threads_s": timers.total("lab (threads)")}
+
+
+def receive_ack(redis_url: str, payloads: list[dict], batch_size: int) -> dict:
+    """The worker's queue side alone: the real BatchConsumer draining the messages, no-op process."""
+    from common.celery_app import make_app
+    from common.settings import Settings
+    from workers.batching import BatchConsumer
+
+    fill_embed_queue(redis_url, payloads)
+    app = make_app(Settings(broker_url=redis_url))
+    seen: list[tuple[float, int]] = []  # (time, messages) of each flush
+    consumer: BatchConsumer
+
+    def process(batch: list[dict]) -> int:
+        seen.append((time.perf_counter(), len(batch)))
+        if sum(k for _, k in seen) >= len(payloads):
+            consumer.stopping.set()
+        return 0
+
+    consumer = BatchConsumer(app, process, batch_size=batch_size, max_wait=0.2, hostname="receive@bench")
+    consumer.run()
+    app.close()
+    # from the first flush to the last: the messages of every batch but the first (no connection set-up)
+    return {"images": sum(k for _, k in seen[1:]), "seconds": seen[-1][0] - seen[0][0]}
+
+
+def steps_table_rows(steps: dict, receive: dict) -> tuple[dict, dict]:
+    """ms per image and share of the worker's time (process + receive/ack) for each step."""
+    per_image = {name: 1000 * s / steps["images"] for name, s in steps["seconds"].items()}
+    per_image["receive+ack"] = 1000 * receive["seconds"] / receive["images"]
+    total = sum(per_image.values())
+    share = {name: ms / total for name, ms in per_image.items()}
+    return ({k: round(v, 2) for k, v in per_image.items()}, {k: round(v, 4) for k, v in share.items()})
+
+
+# ---- the benchmark ------------------------------------------------------------------------------
+
+def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
+    quiet_tensorflow()
+    from tests.servers import RedisServer
+
+    checkpoint = ensure_checkpoint(cache)
+    rgb = make_images(n)
+    payloads = payloads_of(rgb)
+    result: dict = {"bench": "embed", "smoke": smoke, "images": n, "batch_size": batch_size,
+                    "checkpoint": {"path": str(checkpoint), "generated_weights": True,
+                                   "bytes": checkpoint.stat().st_size}}
+    with tempfile.TemporaryDirectory(prefix="koala-bench-embed-") as tmp:
+        tmp_path = Path(tmp)
+        server = RedisServer(tmp_path / "redis").start()
+        try:
+            client = server.client()
+
+            def start_worker() -> tuple[EmbedWorker, WorkerWatch]:
+                register_downloaded(client, payloads)
+                fill_embed_queue(server.url, payloads)
+                log(f"{n} embed messages queued; starting the embed worker")
+                proc = EmbedWorker(server.url, tmp_path / "out", checkpoint, batch_size,
+                                   tmp_path / "worker.log")
+                return proc, WorkerWatch(proc, server.client(), n, batch_size, timeout=max(300.0, 5.0 * n))
+
+            # smoke: the worker loads its model while this process loads its own (timings overlap)
+            worker = start_worker() if smoke else None
+            import tensorflow as tf
+
+            from common.model import Embedder
+
+            started = time.perf_counter()
+            embedder = Embedder(checkpoint, batch_size=batch_size)
+            result["model_load_s"] = round(time.perf_counter() - started, 1)
+            result["device"] = embedder.device
+            threads = tf.config.threading
+            result["tf_threads"] = {"intra_op": threads.get_intra_op_parallelism_threads() or "default",
+                                    "inter_op": threads.get_inter_op_parallelism_threads() or "default"}
+            log("bare model")
+            bare = [bare_embed(embedder, rgb, batch_size)]
+            log("plain model(x)")
+            plain = plain_model(embedder, rgb, batch_size)
+            if worker is None:
+                worker = start_worker()
+            log("waiting for the worker")
+            try:
+                result["worker"] = worker[1].join_result()
+            finally:
+                worker[0].stop()
+            result["worker"].update(count_records(tmp_path / "out"))
+            log("steps inside EmbedStage.process")
+            steps = stage_steps(embedder, server.url, client, payloads, batch_size, tmp_path / "steps")
+            receive = receive_ack(server.url, payloads, batch_size)
+            if not smoke:
+                log("bare model again")
+                bare.append(bare_embed(embedder, rgb, batch_size))
+        finally:
+            server.stop()
+    bare_img_s = sum(b["img_s"] for b in bare) / len(bare)
+    result["bare"] = {"embedder_embed": {"img_s": round(bare_img_s, 3), "runs": bare},
+                      "plain_model_call": plain,
+                      "embed_vs_plain_ratio": round(bare_img_s / plain["img_s"], 3)}
+    w = result["worker"]
+    w["ratio_vs_bare"] = round(w["img_s"] / bare_img_s, 3) if w["img_s"] else None
+    w["ratio_first_record_to_finalized_vs_bare"] = (
+        round(w["img_s_first_record_to_finalized"] / bare_img_s, 3) if w["img_s_first_record_to_finalized"]
+        else None)
+    w["target_ratio"] = TARGET_RATIO
+    w["target_met"] = bool(w["ratio_vs_bare"] and w["ratio_vs_bare"] >= TARGET_RATIO)
+    per_image, share = steps_table_rows(steps, receive)
+    in_process_img_s = 1000 / sum(per_image.values())
+    result["steps"] = {
+        "images": steps["images"], "written": steps["written"], "ms_per_image": per_image, "share": share,
+        "lab_threads_ms_per_image": round(1000 * steps["lab_threads_s"] / steps["images"], 2),
+        "in_process_img_s": round(in_process_img_s, 3),
+        "in_process_ratio_vs_bare": round(in_process_img_s / bare_img_s, 3),
+        "model_in_stage_vs_bare_ratio": round(1000 / per_image["model"] / bare_img_s, 3),
+    }
+    result["gpu"] = ("not measured: no GPU on this machine" if result["device"] != "GPU"
+                     else "measured above (TensorFlow saw a GPU)")
+    if smoke:
+        result["note"] = "smoke: tiny sizes, the worker ran while this process measured: timings meaningless"
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The tables of an embed result."""
+    bare, w, s = result["bare"], result["worker"], result["steps"]
+    runs = ", ".join(f"{r['img_s']}" for r in bare["embedder_embed"]["runs"])
+    met = "met" if w["target_met"] else "NOT met"
+    head = (f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}, "
+            f"generated weights{', SMOKE' if result['smoke'] else ''})")
+    t1 = md_table(["measurement", "images/s", "ratio"], [
+        [f"bare `Embedder.embed` (runs: {runs})", bare["embedder_embed"]["img_s"], "1.00 (reference)"],
+        ["plain `model(x)` in tf.function", bare["plain_model_call"]["img_s"],
+         f"{1 / bare['embed_vs_plain_ratio']:.2f}"],
+        [f"embed worker, steady ({w['steady_images']} images after the first batch)", w["img_s"],
+         f"**{w['ratio_vs_bare']}** (target ≥ {w['target_ratio']}: {met})"],
+        ["embed worker, first record → shard finalized", w["img_s_first_record_to_finalized"],
+         w["ratio_first_record_to_finalized_vs_bare"]],
+        ["`EmbedStage.process` in-process + receive/ack", s["in_process_img_s"],
+         s["in_process_ratio_vs_bare"]],
+    ])
+    t2 = md_table(["worker", "value"], [
+        ["start → first record (model load + first batch)", f"{w['start_to_first_record_s']} s"],
+        ["records in finalized shards / distinct / shards / temp left",
+         f"{w['records']} / {w['distinct']} / {w['shards']} / {w['temp_shards']}"],
+        ["peak RSS (VmHWM)", f"{w['peak_rss_mb']} MB"],
+        ["exit code after SIGTERM", w["exit_code"]],
+    ])
+    rows = [[name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what]
+            for name, what in [*STEPS, ("other", "np.stack, dedupe, bookkeeping"),
+                               ("receive+ack", "BatchConsumer: BRPOP, msgpack, base64, ack (no-op process)")]]
+    rows.append(["(lab in threads)", s["lab_threads_ms_per_image"], "overlaps the model",
+                 "common.lab.lab_channels in the stage's thread pool"])
+    t3 = md_table(["step", "ms/image", "share", "what"], rows)
+    return "\n\n".join([head, t1, t2, "Share of time per step inside the worker (in-process):", t3,
+                        f"GPU: {result['gpu']}."])
+
+
+@click.command()
+@click.option("--images", "n", type=int, default=None, help="images per measurement (default 96; smoke 8)")
+@click.option("--batch-size", type=int, default=None, help="images per model call (default 16; smoke 4)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--smoke", is_flag=True, help="a tiny run (seconds) that only checks the path works")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
+              help="where the generated checkpoint is kept")
+def main(n: int | None, batch_size: int | None, json_path: Path | None, smoke: bool, cache: Path) -> None:
+    """Bare model vs embed worker, and the share of each step."""
+    batch_size = batch_size or (4 if smoke else 16)
+    n = n or (2 * batch_size if smoke else 96)
+    if n < 2 * batch_size:
+        raise click.BadParameter("at least two batches of images", param_hint="--images")
+    result = run(n, batch_size, smoke, cache)
+    save_json(result, json_path or default_json("embed", smoke))
+    click.echo(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

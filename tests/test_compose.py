@@ -1,0 +1,478 @@
+"""The Docker Compose set-up, checked without a Docker engine.
+
+Static checks of docker-compose.yml, docker-compose.gpu.yml, the Dockerfiles, .env.example and
+docs/compose.md: every command is a real entry point with real options, every KOALA_* variable a real
+setting, every ${VAR} defined, volumes declared, ports consistent, healthchecks and restart policies
+present, non-root images, a GPU reservation, the producer in a profile. Then the healthchecks
+themselves, run against a real Redis, a real download worker, a real Flower and a held node lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from common.settings import Settings
+from tests.conftest import wait_for
+from tests.servers import RedisServer, free_port, worker_env
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+GPU = ROOT / "docker-compose.gpu.yml"
+DOCKERFILES = [ROOT / "Dockerfile", ROOT / "Dockerfile.gpu"]
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCS = ROOT / "docs" / "compose.md"
+BIN = Path(sys.executable).parent
+SETTINGS = {f"KOALA_{name.upper()}" for name in Settings.model_fields}
+LONG_RUNNING = ("redis", "flower", "download-worker", "embed-worker")
+
+
+def load(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file, as far as these checks need it: mappings merge, the rest
+    is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merge(base[k], v) if k in base else v for k, v in override.items()}}
+    return override
+
+
+BASE = load(COMPOSE)
+WITH_GPU = merge(BASE, load(GPU))
+CONFIGS = {"docker-compose.yml": BASE, "docker-compose.yml + docker-compose.gpu.yml": WITH_GPU}
+
+
+def services(config: dict) -> dict[str, dict]:
+    return config["services"]
+
+
+def koala_image(service: dict) -> bool:
+    """Built from this project's Dockerfiles (entrypoint `koala` unless overridden)."""
+    return "build" in service
+
+
+def entrypoint(service: dict) -> list[str]:
+    return service.get("entrypoint", ["koala"])
+
+
+def koala_commands() -> list[tuple[str, list[str]]]:
+    """(where, koala arguments) of every koala-entrypoint service and every documented
+    `docker compose run --rm producer ...`."""
+    found = [(f"{name} in {where}", list(s["command"]))
+             for where, config in CONFIGS.items() for name, s in services(config).items()
+             if koala_image(s) and entrypoint(s) == ["koala"]]
+    docs = DOCS.read_text()
+    for line in re.findall(r"docker compose(?: -f \S+)* run --rm producer ([^\n`]+)", docs):
+        found.append((f"docs: producer {line.strip()}", shlex.split(line)))
+    for line in re.findall(r"^koala (.+)$", docs, re.M):
+        found.append((f"docs: koala {line.strip()}", shlex.split(line)))
+    return found
+
+
+def help_text(args: list[str]) -> str:
+    """`python -m producer <subcommand> --help`: the real CLI, as the image's `koala` runs it."""
+    path = args[:2] if args[0] == "worker" else args[:1]
+    out = subprocess.run([sys.executable, "-m", "producer", *path, "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, f"`koala {' '.join(path)}` is not a command: {out.stdout}{out.stderr}"
+    return out.stdout
+
+
+def options(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("-")]
+
+
+def mentions(text: str, option: str) -> bool:
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+def interpolated(text: str) -> set[str]:
+    """Variables compose substitutes: ${VAR}, ${VAR:-default}, ${VAR:?error}, $VAR (not $$)."""
+    text = text.replace("$$", "")
+    return set(re.findall(r"\$\{([A-Za-z_]\w*)", text)) | set(re.findall(r"\$([A-Za-z_]\w*)", text))
+
+
+def env_example() -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def healthcheck(service: dict) -> list[str]:
+    return service["healthcheck"]["test"]
+
+
+def option_value(args: list[str], option: str) -> str:
+    for i, arg in enumerate(args):
+        if arg == option:
+            return args[i + 1]
+        if arg.startswith(option + "="):
+            return arg.split("=", 1)[1]
+    raise AssertionError(f"{option} not in {args}")
+
+
+def seconds(duration: str) -> float:
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", str(duration)))
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
+                                            if not line.lstrip().startswith("#")))
+    return [(m.group(1).upper(), m.group(2).strip())
+            for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)]
+
+
+# --- commands and options ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("where", "args"), [pytest.param(w, a, id=w) for w, a in koala_commands()])
+def test_koala_commands_are_real_entry_points(where: str, args: list[str]) -> None:
+    text = help_text(args)
+    unknown = [o for o in options(args) if not mentions(text, o)]
+    assert not unknown, f"{where}: options missing from the help: {unknown}"
+    # And click parses them (types, values, required arguments) without running anything.
+    if args[0] == "worker":
+        from workers.__main__ import main as workers_cli
+
+        workers_cli.commands[args[1]].make_context(args[1], list(args[2:]))
+    else:
+        from producer.cli import main as koala_cli
+
+        koala_cli.commands[args[0]].make_context(args[0], list(args[1:]))
+
+
+def test_every_service_of_the_koala_image_runs_koala_or_flower() -> None:
+    for name, service in services(WITH_GPU).items():
+        if koala_image(service):
+            assert entrypoint(service) in (["koala"], ["celery"]), name
+            assert isinstance(service["command"], list), f"{name}: exec form, no shell"
+
+
+def flower_service() -> dict:
+    found = [s for s in services(BASE).values() if entrypoint(s) == ["celery"]]
+    assert len(found) == 1 and "flower" in found[0]["command"]
+    return found[0]
+
+
+def test_flower_command_uses_real_flower_options() -> None:
+    command = flower_service()["command"]
+    at = command.index("flower")
+    # `celery ... flower -- --help` prints the options Flower really parses (tornado's); it also
+    # loads the -A app, which fails loudly when the module is wrong.
+    out = subprocess.run([str(BIN / "celery"), *command[:at], "flower", "--", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and "Unable to load" not in text, text
+    for option in options(command[at + 1:]):
+        assert mentions(text, option), f"Flower has no {option}"
+    assert {"--port", "--basic-auth"} <= set(options(command[at + 1:]))
+
+
+def test_flower_uses_the_fleets_celery_app() -> None:
+    """Workers accept msgpack only; Flower's control messages (inspect) use its app's serializer."""
+    import importlib
+
+    command = flower_service()["command"]
+    module = option_value(command, "-A") if "-A" in command else option_value(command, "--app")
+    app = importlib.import_module(module).app
+    assert app.conf.accept_content == ["msgpack"] and app.conf.task_serializer == "msgpack"
+
+
+# --- settings and variables -------------------------------------------------------------------
+
+def config_texts() -> dict[str, str]:
+    paths = [COMPOSE, GPU, *DOCKERFILES, ENV_EXAMPLE, DOCS]
+    return {p.name: p.read_text() for p in paths}
+
+
+def test_every_koala_variable_is_a_real_setting() -> None:
+    for name, text in config_texts().items():
+        unknown = set(re.findall(r"\bKOALA_[A-Z0-9_]+", text)) - SETTINGS
+        assert not unknown, f"{name} names settings that do not exist: {sorted(unknown)}"
+
+
+def test_the_shared_environment_holds_valid_settings() -> None:
+    env = BASE["x-koala-env"]
+    assert env and all(k in SETTINGS for k in env), sorted(set(env) - SETTINGS)
+    values = {k.removeprefix("KOALA_").lower(): v for k, v in env.items()}
+    settings = Settings(_env_file=None, **values)
+    assert settings.broker_url.startswith("redis://:${REDIS_PASSWORD}@redis:6379/")
+    for name, service in services(WITH_GPU).items():
+        if koala_image(service):
+            assert service["environment"] == env, f"{name} does not get x-koala-env"
+
+
+def test_dockerfiles_set_the_same_folders_as_compose() -> None:
+    env = BASE["x-koala-env"]
+    for path in DOCKERFILES:
+        envs = " ".join(args for op, args in dockerfile_instructions(path) if op == "ENV")
+        for var in ("KOALA_OUTPUT_DIR", "KOALA_CACHE_DIR"):
+            assert f"{var}={env[var]}" in envs, f"{path.name}: {var}"
+
+
+def test_every_interpolated_variable_is_in_env_example() -> None:
+    defined = env_example()
+    for path in (COMPOSE, GPU):
+        missing = interpolated(path.read_text()) - set(defined)
+        assert not missing, f"{path.name} uses {sorted(missing)}, not in .env.example"
+
+
+def test_secrets_stay_out_of_git_and_images() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
+    assert "data" in ignored or {"data/tfrecords", "data/original"} <= set(ignored)
+
+
+# --- volumes, ports, health, restarts ---------------------------------------------------------
+
+def volume_source(volume: str | dict) -> str:
+    return volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
+
+
+@pytest.mark.parametrize("where", CONFIGS)
+def test_volumes_are_declared_or_existing_relative_folders(where: str) -> None:
+    config = CONFIGS[where]
+    declared = set(config.get("volumes") or {})
+    for name, service in services(config).items():
+        for volume in service.get("volumes", []):
+            source = volume_source(volume)
+            if source.startswith((".", "/", "~")):
+                assert source.startswith("./"), f"{name}: bind path {source} is not relative"
+                assert (ROOT / source).is_dir(), f"{name}: {source} does not exist in the repository"
+            else:
+                assert source in declared, f"{name}: volume {source} is not declared"
+    assert declared, "Redis keeps its data in a named volume"
+
+
+def published(service: dict) -> list[tuple[str, int]]:
+    """(host side, container port) of each published port."""
+    out = []
+    for port in service.get("ports", []):
+        host, _, container = str(port).rpartition(":")
+        out.append((host, int(container.split("/")[0])))
+    return out
+
+
+def test_ports() -> None:
+    flower = flower_service()
+    port = int(option_value(flower["command"], "--port"))
+    assert published(flower) and all(c == port for _, c in published(flower))
+    assert any(h.endswith(str(port)) for h, _ in published(flower))
+    assert f":{port}/healthcheck" in " ".join(healthcheck(flower))
+    for name, service in services(WITH_GPU).items():
+        if name != "redis" and service is not flower:
+            assert not published(service), f"{name} publishes ports"
+    assert not published(services(BASE)["redis"]), "Redis is not published by default"
+    assert not any("container_name" in s for s in services(WITH_GPU).values())
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_long_running_services_have_a_healthcheck_and_a_restart_policy(name: str) -> None:
+    service = services(WITH_GPU)[name]
+    assert healthcheck(service)[0] in ("CMD", "CMD-SHELL") and len(healthcheck(service)) > 1
+    assert service["restart"] in ("always", "unless-stopped", "on-failure")
+    assert "profiles" not in service
+    if name != "redis":
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_every_service_is_either_long_running_or_a_tool() -> None:
+    assert set(services(WITH_GPU)) == {*LONG_RUNNING, "producer"}
+
+
+def test_producer_is_a_tool_in_a_profile() -> None:
+    producer = services(BASE)["producer"]
+    assert producer["profiles"] and producer["restart"] == "no"
+    assert entrypoint(producer) == ["koala"]
+
+
+def test_redis_is_persistent_compact_and_password_protected() -> None:
+    redis = services(BASE)["redis"]
+    command = " ".join(redis["command"])
+    assert redis["image"].startswith("redis:7")
+    for setting in ("--appendonly yes", "--appendfsync everysec", "--hash-max-listpack-entries 1024"):
+        assert setting in command
+    assert re.search(r"--requirepass \$\{REDIS_PASSWORD[:?}]", command)
+    assert redis["env_file"] in (".env", [".env"])
+    assert "redis-data:/data" in redis["volumes"]
+    assert "$$REDIS_PASSWORD" in " ".join(healthcheck(redis))
+
+
+def test_download_workers_scale_and_have_node_names_per_container() -> None:
+    worker = services(BASE)["download-worker"]
+    name = option_value(worker["command"], "--name")
+    assert name.endswith("@%h"), "each replica needs its own node name"
+    assert f"{name.split('@')[0]}@{{socket.gethostname()}}" in " ".join(healthcheck(worker))
+
+
+@pytest.mark.parametrize("where", CONFIGS)
+def test_embed_worker_writes_where_the_fleet_looks(where: str) -> None:
+    worker = services(CONFIGS[where])["embed-worker"]
+    out = option_value(worker["command"], "--out")
+    assert out == BASE["x-koala-env"]["KOALA_OUTPUT_DIR"]
+    assert option_value(worker["command"], "--checkpoint").startswith("/data/")
+    name = option_value(worker["command"], "--name")
+    assert "%" not in name, "a fixed node name, so a new container recovers its predecessor's shard"
+    assert f"{out}/.{name}.lock" in " ".join(healthcheck(worker))
+    assert seconds(worker["stop_grace_period"]) >= 60
+
+
+# --- images -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_images_run_as_a_non_root_user(path: Path) -> None:
+    steps = dockerfile_instructions(path)
+    users = [args for op, args in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0") and not users[-1].startswith("0:")
+    assert f"ARG APP_UID={10001}" in [f"{op} {args}" for op, args in steps]
+    assert any(op == "RUN" and "useradd" in args and "${APP_UID}" in args and users[-1] in args
+               for op, args in steps)
+    assert not any(s.get("user") in ("root", "0") for s in services(WITH_GPU).values())
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_install_the_project_and_run_koala(path: Path) -> None:
+    steps = dockerfile_instructions(path)
+    assert [args for op, args in steps if op == "ENTRYPOINT"][-1] == '["koala"]'
+    assert [args for op, args in steps if op == "WORKDIR"][-1] == "/app"
+    copied = " ".join(args for op, args in steps if op == "COPY")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = [*pyproject["tool"]["setuptools"]["packages"], "pyproject.toml", pyproject["project"]["readme"]]
+    for name in needed:
+        assert re.search(rf"(?<![\w.-]){re.escape(name)}/?(?![\w.-])", copied), f"{path.name} lacks {name}"
+    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert not any(re.search(r"(\.|/src)\[", args) for args in installs), "the project, no extras"
+    assert any(re.search(r"pip install(?: --?[\w-]+)* (\.|/src)(\s|$)", args) for args in installs)
+
+
+def test_the_cpu_image_is_python_slim_and_the_gpu_image_tensorflow_gpu() -> None:
+    froms = {p.name: [args for op, args in dockerfile_instructions(p) if op == "FROM"] for p in DOCKERFILES}
+    assert froms["Dockerfile"] == ["python:3.11-slim"]
+    assert len(froms["Dockerfile.gpu"]) == 1 and re.fullmatch(r"tensorflow/tensorflow:[\d.]+-gpu",
+                                                             froms["Dockerfile.gpu"][0])
+
+
+def test_gpu_override_reserves_an_nvidia_gpu_and_builds_the_gpu_image() -> None:
+    worker = services(load(GPU))["embed-worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d.get("count", 1) for d in devices)
+    merged = services(WITH_GPU)["embed-worker"]
+    assert (ROOT / merged["build"]["context"] / merged["build"]["dockerfile"]) == ROOT / "Dockerfile.gpu"
+    assert merged["image"] != services(BASE)["embed-worker"]["image"]
+    assert int(option_value(merged["command"], "--batch-size")) > Settings.model_fields["batch_size"].default
+    assert set(load(GPU)["services"]) == {"embed-worker"}
+
+
+# --- the healthchecks, run for real -----------------------------------------------------------
+
+def python_check(service: dict) -> str:
+    test = healthcheck(service)
+    assert test[:3] == ["CMD", "python", "-c"], test
+    return test[3]
+
+
+def run_check(code: str, env: dict[str, str] | None = None) -> int:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60,
+                          capture_output=True).returncode
+
+
+@pytest.mark.skipif(not shutil.which("redis-cli"), reason="no redis-cli")
+def test_redis_healthcheck_needs_the_password(tmp_path: Path) -> None:
+    redis = services(BASE)["redis"]
+    args = [a for a in redis["command"][1:] if "REDIS_PASSWORD" not in a and a != "--requirepass"]
+    server = RedisServer(tmp_path / "redis", password="s3cret-pw").start(*args)
+    try:
+        assert server.client().config_get("hash-max-listpack-entries")["hash-max-listpack-entries"] == "1024"
+        assert server.client().config_get("appendonly")["appendonly"] == "yes"
+        kind, shell = healthcheck(redis)
+        assert kind == "CMD-SHELL"
+        shell = shell.replace("$$", "$").replace("redis-cli", f"redis-cli -p {server.port}")
+        for password, healthy in (("s3cret-pw", True), ("wrong", False)):
+            rc = subprocess.run(["sh", "-c", shell], env={**os.environ, "REDIS_PASSWORD": password},
+                                capture_output=True, timeout=30).returncode
+            assert (rc == 0) == healthy, password
+    finally:
+        server.stop()
+
+
+def test_embed_healthcheck_sees_the_node_lock(tmp_path: Path) -> None:
+    from workers.embed import NodeLock
+
+    worker = services(BASE)["embed-worker"]
+    out = option_value(worker["command"], "--out")
+    code = python_check(worker).replace(f"'{out}/", f"'{tmp_path}/")
+    assert run_check(code) != 0, "no lock file: unhealthy"
+    lock = NodeLock(tmp_path, option_value(worker["command"], "--name"))
+    try:
+        assert run_check(code) == 0, "a live worker holds the lock: healthy"
+    finally:
+        lock.release()
+    assert run_check(code) != 0, "lock released: unhealthy"
+
+
+def test_download_and_flower_healthchecks_against_a_real_fleet(redis_url: str, tmp_path: Path) -> None:
+    """The download worker's command and healthcheck, and Flower's, as compose runs them (Flower
+    on a free port); Flower sees the worker's details, so the workers accept its control messages."""
+    env = worker_env(redis_url, tmp_path / "out")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    download = services(BASE)["download-worker"]
+    flower = flower_service()
+    port = free_port()
+    flower_args = [a.replace("5555", str(port)) if a.startswith("--port") else a for a in flower["command"]]
+    flower_args = [re.sub(r"--basic-auth=.*", "--basic-auth=koala:pw", a) for a in flower_args]
+    procs = []
+    try:
+        for argv, log in (([sys.executable, "-m", "producer", *download["command"]], "download.log"),
+                          ([str(BIN / "celery"), *flower_args], "flower.log")):
+            with open(logs / log, "wb") as f:
+                procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+
+        def show() -> str:
+            return "\n".join(p.read_text(errors="replace")[-3000:] for p in logs.iterdir())
+
+        wait_for(lambda: "ready." in (logs / "download.log").read_text(), 60, "the download worker", show)
+        assert run_check(python_check(download), env) == 0, show()
+
+        flower_check = python_check(flower).replace(":5555/", f":{port}/")
+        wait_for(lambda: run_check(flower_check) == 0, 60, "Flower's healthcheck", show)
+        base = f"http://127.0.0.1:{port}"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/api/workers", timeout=10)
+        assert refused.value.code == 401
+
+        def workers_seen() -> bool:
+            request = urllib.request.Request(f"{base}/api/workers?refresh=1",
+                                             headers={"Authorization": "Basic a29hbGE6cHc="})  # koala:pw
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return any(name.startswith("download@") and info.get("stats")
+                           for name, info in json.loads(answer.read()).items())
+
+        wait_for(workers_seen, 30, "Flower's view of the download worker", show)
+        assert "ContentDisallowed" not in (logs / "download.log").read_text()
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
