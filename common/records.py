@@ -244,24 +244,41 @@ def _sub(buf: memoryview, start: int, end: int, field: int) -> Iterator[tuple[in
             yield s, e
 
 
-def example_bytes_feature(serialized: bytes, name: bytes) -> bytes:
-    """First value of the bytes feature `name` of a serialized Example, without TensorFlow
-    (any map entry order; the last entry of a repeated name wins, as protobuf merges maps)."""
-    buf = memoryview(serialized)
-    found: tuple[int, int] | None = None
+def feature_span(buf: memoryview, name: bytes) -> tuple[int, int]:
+    """Span of the Feature message named `name` in a serialized Example (the last entry wins)."""
+    found = None
     for fs, fe in _sub(buf, 0, len(buf), 1):  # Example.features
         for es, ee in _sub(buf, fs, fe, 1):  # Features.feature map entries
             key = value = None
             for number, wire, s, e in _fields(buf, es, ee):
                 if wire == 2 and number == 1:
-                    key = buf[s:e]
+                    key = bytes(buf[s:e])
                 elif wire == 2 and number == 2:
                     value = (s, e)
             if key == name:
                 found = value or (0, 0)
     if found is None:
         raise KeyError(name.decode(errors="replace"))
-    for ls, le in _sub(buf, found[0], found[1], 1):  # Feature.bytes_list
+    return found
+
+
+def example_floats(serialized: bytes, name: bytes) -> np.ndarray:
+    """The float_list values of feature `name` of a serialized Example, without TensorFlow."""
+    buf = memoryview(serialized)
+    start, end = feature_span(buf, name)
+    parts = [np.frombuffer(buf[vs:ve], "<f4")
+             for ls, le in _sub(buf, start, end, 2)  # Feature.float_list
+             for number, wire, vs, ve in _fields(buf, ls, le)
+             if number == 1 and wire in (2, 5)]  # packed, or one fixed32 value
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def example_bytes_feature(serialized: bytes, name: bytes) -> bytes:
+    """First value of the bytes feature `name` of a serialized Example, without TensorFlow
+    (any map entry order; the last entry of a repeated name wins, as protobuf merges maps)."""
+    buf = memoryview(serialized)
+    start, end = feature_span(buf, name)
+    for ls, le in _sub(buf, start, end, 1):  # Feature.bytes_list
         for vs, ve in _sub(buf, ls, le, 1):  # BytesList.value
             return bytes(buf[vs:ve])
     raise ValueError(f"feature {name!r} holds no bytes value")

@@ -471,44 +471,15 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
 
 # ---- koala preview -------------------------------------------------------------------------------
 
-def _feature_span(buf: memoryview, name: bytes) -> tuple[int, int]:
-    """Span of the Feature message named `name` in a serialized Example (the last entry wins)."""
-    found = None
-    for fs, fe in records._sub(buf, 0, len(buf), 1):  # Example.features
-        for es, ee in records._sub(buf, fs, fe, 1):  # Features.feature map entries
-            key = value = None
-            for number, wire, s, e in records._fields(buf, es, ee):
-                if wire == 2 and number == 1:
-                    key = bytes(buf[s:e])
-                elif wire == 2 and number == 2:
-                    value = (s, e)
-            if key == name:
-                found = value or (0, 0)
-    if found is None:
-        raise KeyError(name.decode(errors="replace"))
-    return found
-
-
-def example_floats(serialized: bytes, name: bytes) -> np.ndarray:
-    """The float_list values of feature `name` of a serialized Example, without TensorFlow."""
-    buf = memoryview(serialized)
-    start, end = _feature_span(buf, name)
-    parts = [np.frombuffer(buf[vs:ve], "<f4")
-             for ls, le in records._sub(buf, start, end, 2)  # Feature.float_list
-             for number, wire, vs, ve in records._fields(buf, ls, le)
-             if number == 1 and wire in (2, 5)]  # packed, or one fixed32 value
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-
-
 def record_images(serialized: bytes) -> tuple[str, np.ndarray, np.ndarray]:
     """(name, greyscale L as RGB, colour rebuilt from Lab) of one record."""
     name = records.example_bytes_feature(serialized, b"image_name").decode(errors="replace")
-    l_flat = example_floats(serialized, b"image_l")
+    l_flat = records.example_floats(serialized, b"image_l")
     side = math.isqrt(l_flat.size)
     if side * side != l_flat.size or side == 0:
         raise ValueError(f"record {name}: image_l holds {l_flat.size} values, not a square")
     l_channel = l_flat.reshape(side, side)
-    ab = example_floats(serialized, b"image_ab").reshape(side, side, 2)
+    ab = records.example_floats(serialized, b"image_ab").reshape(side, side, 2)
     return name, lab.rgb_from_lab(l_channel, np.zeros_like(ab)), lab.rgb_from_lab(l_channel, ab)
 
 

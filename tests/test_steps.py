@@ -217,8 +217,8 @@ def test_preview_parses_floats_as_written():
     rng = np.random.default_rng(0)
     l_channel, ab, emb = (rng.random(s, dtype=np.float32) for s in ((4, 4), (4, 4, 2), (1001,)))
     data = records.serialize_example(b"n", b"k", b"s", l_channel, ab, emb)
-    assert np.array_equal(steps.example_floats(data, b"image_ab"), ab.ravel())
-    assert np.array_equal(steps.example_floats(data, b"image_embedding"), emb)
+    assert np.array_equal(records.example_floats(data, b"image_ab"), ab.ravel())
+    assert np.array_equal(records.example_floats(data, b"image_embedding"), emb)
 
 
 def test_register_adds_the_commands():
