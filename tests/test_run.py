@@ -50,10 +50,16 @@ def alive(pid: int) -> bool:
 
 
 def listing_of(server: ImageServer, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+    """A loopback copy of data/unsplash.txt (its comments and blank lines kept, each photo URL
+    replaced by a loopback image), plus two bad URLs."""
     good = [f"{server.base}/img/{n}" for n in GOOD]
     bad = [f"{server.base}/status/404", "ftp://127.0.0.1/x.jpg"]
+    shipped = (ROOT / "data" / "unsplash.txt").read_text().splitlines()
+    urls = iter(good)
+    lines = [line if not line.startswith("http") else next(urls) for line in shipped]
+    assert next(urls, None) is None, "data/unsplash.txt should list one URL per loopback image"
     path = tmp_path / "urls.txt"
-    path.write_text("\n".join(good + bad) + "\n")
+    path.write_text("\n".join(lines + bad) + "\n")
     return path, good, bad
 
 
