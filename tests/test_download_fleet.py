@@ -318,3 +318,23 @@ def test_retry_sends_failed_items_again_after_an_outage(image_server: ImageServe
     assert counts["failures_by_reason"] == {"http_error": 1}
     failures = json.loads(koala(redis_url, workers.out_dir, "failures", "--json").stdout)
     assert [f["url"] for f in failures] == [urls[3]]
+
+
+def test_redis_with_a_password(image_server: ImageServer, tmp_path):
+    from tests.servers import RedisServer
+
+    server = RedisServer(tmp_path / "redis-auth", password="s3cret-for-tests").start()
+    team = Workers(server.url, tmp_path / "out", tmp_path)
+    try:
+        team.start("download", "-c", "2")
+        listing = tmp_path / "urls.txt"
+        listing.write_text(f"{image_server.base}/img/png_rgb\n")
+        assert koala(server.url, team.out_dir, "submit", str(listing)).returncode == 0
+        wait_for(lambda: server.client().llen("embed") == 1, 30, "one image", team.logs)
+        no_password = server.url.replace(":s3cret-for-tests@", "")
+        refused = koala(no_password, team.out_dir, "status", "--json", "--interval", "0")
+        assert refused.returncode != 0 and "cannot reach Redis" in refused.stderr
+        assert "s3cret" not in refused.stderr  # the password is never printed
+    finally:
+        team.stop_all()
+        server.stop()
