@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -258,6 +259,50 @@ def wait_rusage(proc: subprocess.Popen, deadline: float, poll: Callable[[], None
         time.sleep(0.02)
 
 
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine since boot, of which stolen by the hypervisor)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICK, v[7] / TICK
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
+    """Wait (at most max_wait s) for a 1-second window in which the machine is busy less than
+    `threshold` cores; returns the last window's busy cores (others' load before a run)."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = machine_cpu_s()[0], time.monotonic()
+        time.sleep(1.0)
+        busy = (machine_cpu_s()[0] - b0) / (time.monotonic() - t0)
+        if busy < threshold or time.monotonic() > deadline:
+            return round(busy, 2)
+
+
+class Background:
+    """What else used the CPU during a run: the image server, this process (sink, sampler) and
+    everything else on the machine (other people's jobs: the machine is shared)."""
+
+    def __init__(self, server: CorpusServer):
+        self.server = server
+        self.machine0, self.steal0 = machine_cpu_s()
+        self.server0 = tree_cpu([server.proc.pid])
+        self.self0 = self_cpu_s()
+
+    def finish(self, tool_cpu: float, wall: float) -> dict:
+        machine, steal = machine_cpu_s()
+        server = tree_cpu([self.server.proc.pid]) - self.server0
+        bench = self_cpu_s() - self.self0
+        others = max(0.0, machine - self.machine0 - tool_cpu - server - bench)
+        return {"server_cpu_s": round(server, 2), "bench_process_cpu_s": round(bench, 2),
+                "others_cores": round(others / wall, 2),
+                "steal_cores": round((steal - self.steal0) / wall, 2)}
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
@@ -303,17 +348,19 @@ def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, thread
     out = RESULTS / "tmp" / f"i2d-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     per_shard = max(1, math.ceil(n / processes))  # one shard per process: all of them busy
+    # A fresh folder each run, in the default incremental mode: img2dataset 1.47's
+    # `--incremental_mode overwrite` deletes its own _tmp folder and then retries for ever.
     cmd = [str(bindir / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
            "--output_folder", str(out), "--processes_count", str(processes),
            "--thread_count", str(threads), "--image_size", str(SIZE), "--resize_mode", "border",
            "--output_format", "files", "--encode_quality", "95",
            "--number_sample_per_shard", str(per_shard), "--timeout", "10", "--retries", "0",
-           "--incremental_mode", "overwrite", "--enable_wandb", "False",
+           "--enable_wandb", "False",
            "--distributor", "multiprocessing"]
     env = clean_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     log_path = RESULTS / "tmp" / "i2d-last.log"
-    server_cpu0 = tree_cpu([server.proc.pid])
     with open(log_path, "wb") as logf:
+        background = Background(server)
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RESULTS,
                                 start_new_session=True)
@@ -339,7 +386,8 @@ def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, thread
               "peak_rss_mb": round(peak / 2**20), "exit_code": code,
               "shard_phase_s": round(inner, 2),
               "shard_phase_images_per_s": round(success / inner, 1) if inner else None,
-              "server_cpu_s": round(tree_cpu([server.proc.pid]) - server_cpu0, 2)}
+              "steady_images_per_s": round(success / inner, 1) if inner else None,
+              **background.finish(cpu, wall)}
     if errors:
         result["errors"] = errors
     if code != 0 or not stats:
@@ -379,6 +427,16 @@ out = {
                                         interpolation=cv2.INTER_AREA), datas),
     "i2d_urllib_fetch_ms": cost(fetch, args["urls"]),
 }
+decoded = [cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in datas]
+def area(img):
+    h, w = img.shape[:2]
+    s = 299 / max(h, w)
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+out["cv2_INTER_AREA_resize_ms"] = cost(area, decoded)
+small = [cv2.copyMakeBorder(area(d), 0, 299 - area(d).shape[0], 0, 299 - area(d).shape[1],
+                            cv2.BORDER_CONSTANT, value=[255, 255, 255]) for d in decoded]
+out["cv2_imencode_jpg_q95_ms"] = cost(lambda a: cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95]),
+                                      small)
 print(json.dumps(out))
 """
 
@@ -398,14 +456,50 @@ def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dic
 # --- ours --------------------------------------------------------------------------------------
 
 
+# `--variant lean`: the workers run with two candidate changes swapped in at start-up (the fleet's
+# files are not changed): encode_pixels with zlib's Z_RLE strategy (same payload format), and
+# publish_embed without Celery's per-message argument repr and task-sent event.
+LEAN_WORKER = """
+import struct, sys, zlib
+import numpy as np
+from common import images
+
+def encode_pixels(arr):
+    h, w, _ = arr.shape
+    delta = np.array(arr)
+    delta[1:] -= arr[:-1]
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    return b"U" + struct.pack(">HH", h, w) + z.compress(delta.data) + z.flush()
+
+images.encode_pixels = encode_pixels
+import workers.tasks as tasks
+from common.celery_app import EMBED_QUEUE, EMBED_TASK
+from common.state import retry_on_broker
+tasks.app.conf.task_send_sent_event = False
+
+@retry_on_broker
+def publish_embed(message):
+    tasks.app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE, argsrepr="(image)",
+                        kwargsrepr="{}")
+
+tasks.publish_embed = publish_embed
+from workers.__main__ import main
+sys.argv[0] = "workers"
+main()
+"""
+
+
 class Fleet:
     """A redis-server and `workers` download workers, kept up across rounds (as a fleet is)."""
 
-    def __init__(self, workers: int, concurrency: int, per_host: int, workdir: Path):
+    def __init__(self, workers: int, concurrency: int, per_host: int, workdir: Path,
+                 variant: str | None = None):
         from tests.servers import RedisServer, worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
+        self.name = f"ours+{variant}" if variant else "ours"
+        launcher = ["-c", LEAN_WORKER] if variant == "lean" else ["-m", "workers"]
         self.redis = RedisServer(workdir / "redis").start()
         self.env = worker_env(self.redis.url, workdir / "out", **{
             # the bench corpus is one host standing for many: the per-host cap must not bind
@@ -425,7 +519,7 @@ class Fleet:
             path = workdir / f"dl{i + 1}.log"
             with open(path, "wb") as f:
                 self.workers.append(subprocess.Popen(
-                    [sys.executable, "-m", "workers", "download", "-c", str(concurrency),
+                    [sys.executable, *launcher, "download", "-c", str(concurrency),
                      "-n", f"dl{i + 1}@bench"],
                     cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
             self.logs.append(path)
@@ -464,13 +558,14 @@ class Fleet:
         state = JobState(self.client)
         fleet_pids = [*self.worker_pids(), self.redis.proc.pid]
         cpu0 = {pid: tree_cpu([pid]) for pid in fleet_pids}
-        server_cpu0 = tree_cpu([server.proc.pid])
+        background = Background(server)
         producer: list[subprocess.Popen] = []
         sampler = Sampler(lambda: fleet_pids + [p.pid for p in producer if p.returncode is None])
         sampler.start()
         out_path = self.workdir / "submit.json"
         count = failed = payload_bytes = 0
         check = None
+        t_first = t_last = 0.0
         sink_cpu0 = time.thread_time()
         t0 = time.perf_counter()
         with open(out_path, "wb") as out:
@@ -480,13 +575,24 @@ class Fleet:
         prod_usage: tuple[int, float, float] | None = None
         t_done = None
         next_count = 0.0
+        drain = self.client.pipeline(transaction=True)
+        sampled = 0
         while True:
-            batch = self.client.rpop("embed", 512)
-            if batch:
-                count += len(batch)
-                payload_bytes += sum(len(m) for m in batch)
-                if check is None:
+            # The sink stands for the embed stage, which runs elsewhere: it should cost this
+            # machine little. The first messages are read and checked; after that it counts and
+            # deletes in one atomic step (LLEN + DEL), moving no payload.
+            if check is None:
+                batch = self.client.rpop("embed", 16)
+                taken = len(batch or [])
+                if batch:
                     check = _check_message(batch[0], images)
+                    payload_bytes, sampled = sum(len(m) for m in batch), len(batch)
+            else:
+                taken = drain.llen("embed").delete("embed").execute()[0]
+            if taken:
+                t_last = time.perf_counter()
+                t_first = t_first or t_last
+                count += taken
                 continue
             now = time.perf_counter()
             if prod_usage is None:
@@ -502,7 +608,7 @@ class Fleet:
                 break
             if now - t0 > timeout:
                 break
-            time.sleep(0.002)
+            time.sleep(0.01)
         sink_cpu = time.thread_time() - sink_cpu0
         failed = state.counts()["failed"]
         if prod_usage is None:
@@ -513,7 +619,7 @@ class Fleet:
         redis_cpu = cpu1[self.redis.proc.pid] - cpu0[self.redis.proc.pid]
         cpu = workers_cpu + redis_cpu + prod_usage[1]
         wall = (t_done or time.perf_counter()) - t0
-        result = {"tool": "ours", "images": n, "success": count, "failed": failed,
+        result = {"tool": self.name, "images": n, "success": count, "failed": failed,
                   "wall_s": round(wall, 2), "images_per_s": round(count / wall, 1),
                   "cpu_s": round(cpu, 2), "cpu_s_per_image": round(cpu / max(count, 1), 5),
                   "peak_rss_mb": round(peak / 2**20),
@@ -521,8 +627,11 @@ class Fleet:
                   "cpu_s_producer": round(prod_usage[1], 2),
                   "producer_wall_s": round(prod_usage[2] - t0, 2), "producer_exit": prod_usage[0],
                   "sink_cpu_s": round(sink_cpu, 2),
-                  "server_cpu_s": round(tree_cpu([server.proc.pid]) - server_cpu0, 2),
-                  "bytes_per_message": round(payload_bytes / max(count, 1)), "payload_check": check}
+                  "first_image_s": round(t_first - t0, 2) if t_first else None,
+                  "steady_images_per_s": round((count - 1) / (t_last - t_first), 1)
+                  if t_first and t_last > t_first else None,
+                  **background.finish(cpu, wall),
+                  "bytes_per_message": round(payload_bytes / max(sampled, 1)), "payload_check": check}
         if t_done is None:
             result["timed_out"] = True
         if failed:
@@ -569,26 +678,26 @@ def _cost(fn: Callable, items: list) -> dict:
 
 
 def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
-    """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback)."""
+    """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback);
+    and of candidate changes, measured here by swapping the step in this process only."""
     import msgpack
 
     from common import images
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
-    from common.fetch import fetch, make_session
+    from common.fetch import fetch, make_session, policy_from_settings
     from common.settings import Settings
     from common.state import JobState, connect
     from workers.download import embed_message
 
     size = (SIZE, SIZE)
     datas = [p.read_bytes() for p in files]
+    decoded = [images.decode(d, draft_for=size) for d in datas]
     rgbs = [images.load_rgb(d, size=size) for d in datas]
     payloads = [images.encode_pixels(a) for a in rgbs]
     keys = [f"{i:032x}" for i in range(len(datas))]
     messages = [embed_message({"k": k, "u": u}, p) for k, u, p in zip(keys, urls, payloads, strict=True)]
     settings = Settings(broker_url=redis_url, allow_private_addresses=True,
                         per_host_connections=4, embed_queue_limit=10**9)
-    from common.fetch import policy_from_settings
-
     policy = policy_from_settings(settings)
     session = make_session(policy, 4)
     client = connect(redis_url)
@@ -596,9 +705,10 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     pending = [*keys, f"{len(keys):032x}"]  # _cost calls once more to warm up
     state.register(pending, state.new_run())
     app = make_app(settings)
-    out = {
+    steps = {
         "load_rgb (draft + LANCZOS + pad)": _cost(lambda d: images.load_rgb(d, size=size), datas),
         "decode with draft": _cost(lambda d: images.decode(d, draft_for=size), datas),
+        "resize (LANCZOS + pad)": _cost(lambda im: images.resize(im, size), decoded),
         "decode full (no draft)": _cost(images.decode, datas),
         "full decode + LANCZOS + pad": _cost(lambda d: images.resize(images.decode(d), size), datas),
         "encode_pixels": _cost(images.encode_pixels, rgbs),
@@ -611,7 +721,78 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
             lambda u: fetch(u + "?nolatency", session, policy), urls),
     }
     client.delete(EMBED_QUEUE)
+    return {"steps": steps, "payload_bytes": round(float(np.mean([len(p) for p in payloads]))),
+            "what_if": what_if(decoded, rgbs, messages, client, settings)}
+
+
+def encode_pixels_rle(arr: np.ndarray) -> bytes:
+    """encode_pixels with zlib's Z_RLE strategy: same format, decode_pixels reads it unchanged."""
+    import struct
+    import zlib
+
+    h, w, _ = arr.shape
+    delta = np.array(arr)
+    delta[1:] -= arr[:-1]
+    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    return b"U" + struct.pack(">HH", h, w) + z.compress(delta.data) + z.flush()
+
+
+def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client, settings) -> dict:
+    """Costs of candidate changes to our steps (nothing outside this process is changed)."""
+    import msgpack
+    from PIL import Image
+
+    from common import images
+    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+
+    out: dict = {}
+    rle = [encode_pixels_rle(a) for a in rgbs]
+    exact = all(np.array_equal(images.decode_pixels(p), a) for p, a in zip(rle, rgbs, strict=True))
+    smooth = _smooth_photo()
+    out["encode_pixels with Z_RLE"] = {
+        **_cost(encode_pixels_rle, rgbs), "exact_round_trip": exact,
+        "bytes": round(float(np.mean([len(p) for p in rle]))),
+        "smooth_photo_bytes_now_vs_rle": [len(images.encode_pixels(smooth)), len(encode_pixels_rle(smooth))]}
+    lean = make_app(settings)
+    lean.conf.task_send_sent_event = False
+    out["send_task, argsrepr given, no task-sent event"] = _cost(
+        lambda m: lean.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE, argsrepr="(image)",
+                                 kwargsrepr="{}"), messages)
+    client.delete(EMBED_QUEUE)
+    out["msgpack + LPUSH (no kombu envelope)"] = _cost(
+        lambda m: client.lpush("bench:raw", msgpack.packb(m, use_bin_type=True)), messages)
+    client.delete("bench:raw")
+    for name, flt, gap in (("resize BILINEAR + pad", Image.Resampling.BILINEAR, None),
+                           ("resize LANCZOS reducing_gap=1.5 + pad", Image.Resampling.LANCZOS, 1.5)):
+        out[name] = {**_cost(lambda im, f=flt, g=gap: _pad_with(im, f, g), decoded),
+                     **_difference([_pad_with(im, flt, gap) for im in decoded], rgbs)}
     return out
+
+
+def _pad_with(img, resample, reducing_gap) -> np.ndarray:
+    """common.images._pad with another filter."""
+    from PIL import Image
+
+    (w, h), (tw, th) = img.size, (SIZE, SIZE)
+    inner = (tw, max(1, round(h / w * tw))) if w / h > tw / th else (max(1, round(w / h * th)), th)
+    scaled = img.resize(inner, resample, reducing_gap=reducing_gap)
+    out = Image.new("RGB", (tw, th), (255, 255, 255))
+    out.paste(scaled, (round((tw - inner[0]) * 0.5), round((th - inner[1]) * 0.5)))
+    return np.asarray(out)
+
+
+def _difference(got: list[np.ndarray], want: list[np.ndarray]) -> dict:
+    diffs = [np.abs(g.astype(np.int16) - w.astype(np.int16)) for g, w in zip(got, want, strict=True)]
+    return {"max_abs_diff": int(max(d.max() for d in diffs)),
+            "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 3)}
+
+
+def _smooth_photo() -> np.ndarray:
+    """The smooth photo-like image images.py's payload table was measured on, at 299x299."""
+    from common import images
+    from tests.corpus import GOOD
+
+    return images.load_rgb(GOOD["jpeg_rgb"](), size=(SIZE, SIZE))
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -626,23 +807,32 @@ def summarize(runs: list[dict]) -> dict:
     """Medians per tool (per img2dataset thread count) and the ratios ours / best img2dataset."""
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        name = "ours" if r["tool"] == "ours" else f"img2dataset T={r['threads']}"
+        name = r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"
         groups.setdefault(name, []).append(r)
-    med = {name: {k: median(rows, k) for k in ("images_per_s", "cpu_s_per_image", "peak_rss_mb",
-                                               "wall_s", "shard_phase_images_per_s")}
+    med = {name: {k: median(rows, k) for k in ("images_per_s", "steady_images_per_s", "cpu_s_per_image",
+                                               "peak_rss_mb", "wall_s", "others_cores")}
            | {"runs": len(rows), "all_images": all(r["success"] == r["images"] for r in rows)}
            for name, rows in groups.items()}
     out: dict = {"medians": med}
     i2d = [k for k in med if k.startswith("img2dataset")]
-    if "ours" in med and i2d:
+    if "ours" in med and i2d and all(med[k]["images_per_s"] for k in i2d):
         best = max(i2d, key=lambda k: med[k]["images_per_s"] or 0)
-        o, b = med["ours"], med[best]
         out["ratio_vs"] = best
-        out["ratio_images_per_s"] = round(o["images_per_s"] / b["images_per_s"], 2)
-        out["ratio_cpu_s_per_image"] = round(o["cpu_s_per_image"] / b["cpu_s_per_image"], 2)
-        if b.get("shard_phase_images_per_s"):
-            out["ratio_images_per_s_vs_shard_phase"] = round(
-                o["images_per_s"] / b["shard_phase_images_per_s"], 2)
+        out |= _ratios(med["ours"], med[best])
+        for name in med:
+            if name.startswith("ours+"):
+                out.setdefault("variants", {})[name] = _ratios(med[name], med[best])
+    for name in med:
+        if name.startswith("ours+") and "ours" in med:
+            out.setdefault("variants_vs_ours", {})[name] = _ratios(med[name], med["ours"])
+    return out
+
+
+def _ratios(a: dict, b: dict) -> dict:
+    out = {"ratio_images_per_s": round(a["images_per_s"] / b["images_per_s"], 2),
+           "ratio_cpu_s_per_image": round(a["cpu_s_per_image"] / b["cpu_s_per_image"], 2)}
+    if a.get("steady_images_per_s") and b.get("steady_images_per_s"):
+        out["ratio_steady_images_per_s"] = round(a["steady_images_per_s"] / b["steady_images_per_s"], 2)
     return out
 
 
@@ -654,35 +844,65 @@ def markdown(result: dict) -> str:
              f"{result['corpus']['mean_mpix']} Mpix on average), {cfg['latency']} s latency per "
              f"response, {cfg['workers']} processes each, {os.cpu_count()} CPU cores; "
              f"{result.get('img2dataset_version') or 'img2dataset not run'}", "",
-             "| run | tool | images/s | CPU-s per image | peak RSS MB | ok / images | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "images/s: whole command (img2dataset: its start-up included; ours: from `submit` to the "
+             "last image, workers already up); steady: img2dataset's own in-shard rate, ours from the "
+             "first image out to the last; CPU-s per image and cores used: all processes of the tool "
+             "(img2dataset's process tree; our workers + redis-server + producer), not the image server "
+             "nor the counting sink; others: cores used by other jobs on this shared machine during "
+             "the run.", "",
+             "| run | tool | images/s | steady images/s | CPU-s per image | cores used | peak RSS MB "
+             "| ok / images | wall s | others (cores) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(result["runs"], 1):
-        tool = "ours" if r["tool"] == "ours" else f"img2dataset T={r['threads']}"
-        lines.append(f"| {i} | {tool} | {r['images_per_s']} | {r['cpu_s_per_image']:.4f} | "
-                     f"{r['peak_rss_mb']} | {r['success']} / {r['images']} | {r['wall_s']} |")
+        tool = r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"
+        lines.append(f"| {i} | {tool} | {r['images_per_s']} | {r.get('steady_images_per_s')} | "
+                     f"{r['cpu_s_per_image']:.4f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']} | "
+                     f"{r['success']} / {r['images']} | "
+                     f"{r['wall_s']} | {r.get('others_cores')} |")
     summary = result["summary"]
-    lines += ["", "| median | images/s | CPU-s per image | peak RSS MB | runs | all images |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| median | images/s | steady images/s | CPU-s per image | peak RSS MB | runs "
+                  "| all images |", "|---|---|---|---|---|---|---|"]
     for name, m in summary["medians"].items():
-        lines.append(f"| {name} | {m['images_per_s']} | {m['cpu_s_per_image']:.4f} | {m['peak_rss_mb']} | "
-                     f"{m['runs']} | {'yes' if m['all_images'] else 'NO'} |")
+        lines.append(f"| {name} | {m['images_per_s']} | {m['steady_images_per_s']} | "
+                     f"{m['cpu_s_per_image']:.4f} | {m['peak_rss_mb']} | {m['runs']} | "
+                     f"{'yes' if m['all_images'] else 'NO'} |")
+    fixed = result.get("img2dataset_fixed_cost_1_image")
+    if fixed:
+        lines += ["", f"img2dataset's fixed cost (a 1-image run): {fixed['wall_s']} s, "
+                      f"{fixed['cpu_s']} CPU-s, {fixed['peak_rss_mb']} MB. "
+                      "Our workers' start-up (not in our runs): "
+                      f"{result['ours_startup']['wall_s']} s, {result['ours_startup']['cpu_s']} CPU-s."]
     if "ratio_images_per_s" in summary:
         lines += ["", f"**ours / {summary['ratio_vs']}: images/s x{summary['ratio_images_per_s']}, "
                       f"CPU-s per image x{summary['ratio_cpu_s_per_image']}** (medians; target: "
                       f"images/s x1.5 or more)"]
-        if "ratio_images_per_s_vs_shard_phase" in summary:
-            lines.append(f"(vs img2dataset's own in-shard rate, start-up excluded: "
-                         f"x{summary['ratio_images_per_s_vs_shard_phase']})")
+        if "ratio_steady_images_per_s" in summary:
+            lines.append(f"Steady state (start-ups excluded on both sides): images/s "
+                         f"x{summary['ratio_steady_images_per_s']}")
+    for title, group in (("vs " + str(summary.get("ratio_vs")), summary.get("variants", {})),
+                         ("vs ours", summary.get("variants_vs_ours", {}))):
+        for name, rat in group.items():
+            lines.append(f"{name} {title}: images/s x{rat['ratio_images_per_s']}, steady "
+                         f"x{rat.get('ratio_steady_images_per_s')}, CPU-s per image "
+                         f"x{rat['ratio_cpu_s_per_image']}  ")
     if result.get("img2dataset_error"):
         lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
     ceiling = result.get("ceiling", {})
     if ceiling:
-        lines += ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images):", "",
-                  "| step | CPU ms | wall ms |", "|---|---|---|"]
-        for part in ("ours", "img2dataset"):
-            for name, c in ceiling.get(part, {}).items():
-                if isinstance(c, dict):
-                    lines.append(f"| {part}: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+        lines += ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images, this process, "
+                      "no network unless said):", "", "| step | CPU ms | wall ms |", "|---|---|---|"]
+        for name, c in ceiling.get("ours", {}).get("steps", {}).items():
+            lines.append(f"| ours: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+        for name, c in ceiling.get("img2dataset", {}).items():
+            if isinstance(c, dict):
+                lines.append(f"| img2dataset: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+        what = ceiling.get("ours", {}).get("what_if", {})
+        if what:
+            lines += ["", "Candidate changes to our steps (measured in this process only):", "",
+                      "| change | CPU ms | wall ms | notes |", "|---|---|---|---|"]
+            for name, c in what.items():
+                notes = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("cpu_ms", "wall_ms"))
+                lines.append(f"| {name} | {c['cpu_ms']} | {c['wall_ms']} | {notes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -696,15 +916,20 @@ def markdown(result: dict) -> str:
 @click.option("--threads", default="64", show_default=True, help="img2dataset --thread_count (e.g. 16,64)")
 @click.option("--ceiling-sample", type=int, default=100, show_default=True,
               help="corpus images for the single-thread costs (0: skip)")
+@click.option("--quiet-wait", type=float, default=30, show_default=True,
+              help="before each run, wait up to this many seconds for other jobs' load to drop")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["lean"]),
+              help="also run ours with candidate changes swapped into the workers (see LEAN_WORKER)")
 @click.option("--smoke", is_flag=True, help="40 images, 1 round, no img2dataset")
 @click.option("--no-img2dataset", is_flag=True, help="measure ours only")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="default bench/results/download.json (download-smoke.json with --smoke)")
 def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,
-         ceiling_sample: int, smoke: bool, no_img2dataset: bool, json_path: str | None) -> None:
+         ceiling_sample: int, quiet_wait: float, variants: tuple[str, ...], smoke: bool, no_img2dataset: bool,
+         json_path: str | None) -> None:
     """Download + resize throughput and CPU: ours vs img2dataset on a loopback corpus."""
     if smoke:
-        images, rounds, no_img2dataset, ceiling_sample = 40, 1, True, min(ceiling_sample, 20)
+        images, rounds, no_img2dataset, ceiling_sample, quiet_wait = 40, 1, True, min(ceiling_sample, 20), 0
     thread_counts = [int(t) for t in threads.split(",") if t.strip()]
     default_name = "download-smoke.json" if smoke else "download.json"
     json_out = Path(json_path) if json_path else RESULTS / default_name
@@ -729,10 +954,13 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
     urls = server.urls(images)
     url_list.write_text("\n".join(urls) + "\n")
     timeout = max(120.0, images / 5)
-    fleet = None
+    fleets: list[Fleet] = []
     try:
-        fleet = Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / "fleet")
-        result["ours_startup"] = {"wall_s": fleet.startup_s, "cpu_s": fleet.startup_cpu_s}
+        for variant in (None, *variants):
+            name = f"fleet-{variant}" if variant else "fleet"
+            fleets.append(Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / name, variant))
+            result.setdefault("ours_startup", {"wall_s": fleets[0].startup_s,
+                                               "cpu_s": fleets[0].startup_cpu_s})
         if bindir:
             fixed = run_img2dataset(bindir, _one_url_list(urls), 1, workers, thread_counts[0], server, 120)
             result["img2dataset_fixed_cost_1_image"] = {"wall_s": fixed["wall_s"], "cpu_s": fixed["cpu_s"],
@@ -740,22 +968,25 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
         for round_no in range(1, rounds + 1):
             if bindir:
                 for t in thread_counts:
+                    before = wait_quiet(quiet_wait) if quiet_wait else None
                     r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout)
                     log(f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
                         f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{images}")
-                    result["runs"].append({"round": round_no, **r})
-            r = fleet.run(url_list, images, server, timeout)
-            log(f"round {round_no} ours: {r['images_per_s']} img/s, {r['cpu_s_per_image']:.4f} CPU-s/img, "
-                f"{r['success']}/{images}")
-            result["runs"].append({"round": round_no, **r})
+                    result["runs"].append({"round": round_no, "others_before_cores": before, **r})
+            for fleet in fleets:
+                before = wait_quiet(quiet_wait) if quiet_wait else None
+                r = fleet.run(url_list, images, server, timeout)
+                log(f"round {round_no} {fleet.name}: {r['images_per_s']} img/s, "
+                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{images}")
+                result["runs"].append({"round": round_no, "others_before_cores": before, **r})
         if ceiling_sample:
             sample = paths[:ceiling_sample]
-            fleet.reset()
-            result["ceiling"] = {"ours": our_ceiling(sample, urls[:len(sample)], fleet.redis.url)}
+            fleets[0].reset()
+            result["ceiling"] = {"ours": our_ceiling(sample, urls[:len(sample)], fleets[0].redis.url)}
             if bindir:
                 result["ceiling"]["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[:len(sample)])
     finally:
-        if fleet:
+        for fleet in fleets:
             fleet.stop()
         server.stop()
     result["summary"] = summarize(result["runs"])

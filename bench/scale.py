@@ -29,6 +29,7 @@ import numpy as np
 from bench.embed import CACHE, ROOT, PeakSampler, default_json, log, md_table, proc_kb, save_json
 
 TARGET_BYTES_PER_URL = 100
+NAME = "scale"
 BIG = (4000, 3000)
 
 
@@ -71,17 +72,22 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     first = None
     first_count = 0
     timed_out = False
-    with PeakSampler(proc.pid) as rss:
-        while proc.poll() is None:
-            count = int(client.hget("koala:counts", "submitted") or 0)
-            if count and first is None:
-                first, first_count = time.monotonic(), count
-            if time.monotonic() - started > timeout:
-                timed_out = True
-                proc.terminate()
-                break
-            time.sleep(0.05)
-    stdout, stderr = proc.communicate(timeout=60)
+    try:
+        with PeakSampler(proc.pid) as rss:
+            while proc.poll() is None:
+                count = int(client.hget("koala:counts", "submitted") or 0)
+                if count and first is None:
+                    first, first_count = time.monotonic(), count
+                if time.monotonic() - started > timeout:
+                    timed_out = True
+                    proc.terminate()
+                    break
+                time.sleep(0.05)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     ended = time.monotonic()
     if proc.returncode != 0 and not timed_out:
         raise RuntimeError(f"koala submit failed ({proc.returncode}): {stderr[-2000:]}")
@@ -124,6 +130,15 @@ def backpressure(client, redis_url: str, tmp: Path, n: int, limit: int, hold_s: 
     env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(limit))
     proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(listing), "--json"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        return _backpressure(client, proc, n, limit, hold_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _backpressure(client, proc: subprocess.Popen, n: int, limit: int, hold_s: float) -> dict:
     samples = []
     max_depth = 0
     popped = 0
@@ -385,8 +400,11 @@ def main(sizes: str | None, json_path: Path | None, smoke: bool, timeout: float,
     """Redis bytes per URL, producer memory and backpressure, download worker memory."""
     sizes = sizes or ("1000,5000" if smoke else "10000,100000,1000000")
     result = run([int(s) for s in sizes.split(",")], smoke, cache, timeout)
-    save_json(result, json_path or default_json("scale", smoke))
-    click.echo(markdown(result))
+    path = json_path or default_json(NAME, smoke)
+    save_json(result, path)
+    text = markdown(result)
+    path.with_suffix(".md").write_text(text + "\n")  # beside the JSON: `python -m bench --reuse` reads it
+    click.echo(text)
 
 
 if __name__ == "__main__":
