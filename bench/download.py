@@ -456,10 +456,10 @@ def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dic
 # --- ours --------------------------------------------------------------------------------------
 
 
-# `--variant lean`: the workers run with two candidate changes swapped in at start-up (the fleet's
-# files are not changed): encode_pixels with zlib's Z_RLE strategy (same payload format), and
-# publish_embed without Celery's per-message argument repr and task-sent event.
-LEAN_WORKER = """
+# `--variant before`: the workers run with the publish path as it was before the Z_RLE payload and
+# the lean send_task (default zlib strategy, a repr of every message and a task-sent event per
+# image), swapped in at start-up, so one run measures what that change bought.
+BEFORE_WORKER = """
 import struct, sys, zlib
 import numpy as np
 from common import images
@@ -468,19 +468,17 @@ def encode_pixels(arr):
     h, w, _ = arr.shape
     delta = np.array(arr)
     delta[1:] -= arr[:-1]
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    return b"U" + struct.pack(">HH", h, w) + z.compress(delta.data) + z.flush()
+    return b"U" + struct.pack(">HH", h, w) + zlib.compress(delta.data, 1)
 
 images.encode_pixels = encode_pixels
 import workers.tasks as tasks
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
 from common.state import retry_on_broker
-tasks.app.conf.task_send_sent_event = False
+tasks.app.conf.task_send_sent_event = True
 
 @retry_on_broker
 def publish_embed(message):
-    tasks.app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE, argsrepr="(image)",
-                        kwargsrepr="{}")
+    tasks.app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE)
 
 tasks.publish_embed = publish_embed
 from workers.__main__ import main
@@ -499,7 +497,7 @@ class Fleet:
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
         self.name = f"ours+{variant}" if variant else "ours"
-        launcher = ["-c", LEAN_WORKER] if variant == "lean" else ["-m", "workers"]
+        launcher = ["-c", BEFORE_WORKER] if variant == "before" else ["-m", "workers"]
         self.redis = RedisServer(workdir / "redis").start()
         self.env = worker_env(self.redis.url, workdir / "out", **{
             # the bench corpus is one host standing for many: the per-host cap must not bind
@@ -705,6 +703,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     pending = [*keys, f"{len(keys):032x}"]  # _cost calls once more to warm up
     state.register(pending, state.new_run())
     app = make_app(settings)
+    app.conf.task_send_sent_event = False  # as workers.tasks
     steps = {
         "load_rgb (draft + LANCZOS + pad)": _cost(lambda d: images.load_rgb(d, size=size), datas),
         "decode with draft": _cost(lambda d: images.decode(d, draft_for=size), datas),
@@ -714,7 +713,8 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
         "encode_pixels": _cost(images.encode_pixels, rgbs),
         "msgpack of the embed message": _cost(lambda m: msgpack.packb(m, use_bin_type=True), messages),
         "send_task to embed (serialize + LPUSH)": _cost(
-            lambda m: app.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages),
+            lambda m: app.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE, argsrepr=f"({m['name']!r})",
+                                    kwargsrepr="{}"), messages),
         "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded(pending.pop()), keys),
         "Redis PING round trip": _cost(lambda k: client.ping(), keys),
         "fetch (requests, loopback, no latency)": _cost(
@@ -725,16 +725,15 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
             "what_if": what_if(decoded, rgbs, messages, client, settings)}
 
 
-def encode_pixels_rle(arr: np.ndarray) -> bytes:
-    """encode_pixels with zlib's Z_RLE strategy: same format, decode_pixels reads it unchanged."""
+def encode_pixels_default(arr: np.ndarray) -> bytes:
+    """encode_pixels as before Z_RLE: zlib's default strategy (same format)."""
     import struct
     import zlib
 
     h, w, _ = arr.shape
     delta = np.array(arr)
     delta[1:] -= arr[:-1]
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    return b"U" + struct.pack(">HH", h, w) + z.compress(delta.data) + z.flush()
+    return b"U" + struct.pack(">HH", h, w) + zlib.compress(delta.data, 1)
 
 
 def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client, settings) -> dict:
@@ -746,18 +745,15 @@ def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client,
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
 
     out: dict = {}
-    rle = [encode_pixels_rle(a) for a in rgbs]
-    exact = all(np.array_equal(images.decode_pixels(p), a) for p, a in zip(rle, rgbs, strict=True))
+    before = [encode_pixels_default(a) for a in rgbs]
     smooth = _smooth_photo()
-    out["encode_pixels with Z_RLE"] = {
-        **_cost(encode_pixels_rle, rgbs), "exact_round_trip": exact,
-        "bytes": round(float(np.mean([len(p) for p in rle]))),
-        "smooth_photo_bytes_now_vs_rle": [len(images.encode_pixels(smooth)), len(encode_pixels_rle(smooth))]}
-    lean = make_app(settings)
-    lean.conf.task_send_sent_event = False
-    out["send_task, argsrepr given, no task-sent event"] = _cost(
-        lambda m: lean.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE, argsrepr="(image)",
-                                 kwargsrepr="{}"), messages)
+    out["encode_pixels, default zlib strategy (before)"] = {
+        **_cost(encode_pixels_default, rgbs), "bytes": round(float(np.mean([len(p) for p in before]))),
+        "smooth_photo_bytes_before_vs_now": [len(encode_pixels_default(smooth)),
+                                             len(images.encode_pixels(smooth))]}
+    old = make_app(settings)
+    out["send_task with repr and task-sent event (before)"] = _cost(
+        lambda m: old.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages)
     client.delete(EMBED_QUEUE)
     out["msgpack + LPUSH (no kombu envelope)"] = _cost(
         lambda m: client.lpush("bench:raw", msgpack.packb(m, use_bin_type=True)), messages)
@@ -918,8 +914,8 @@ def markdown(result: dict) -> str:
               help="corpus images for the single-thread costs (0: skip)")
 @click.option("--quiet-wait", type=float, default=30, show_default=True,
               help="before each run, wait up to this many seconds for other jobs' load to drop")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["lean"]),
-              help="also run ours with candidate changes swapped into the workers (see LEAN_WORKER)")
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["before"]),
+              help="also run ours with the earlier publish path swapped in (see BEFORE_WORKER)")
 @click.option("--smoke", is_flag=True, help="40 images, 1 round, no img2dataset")
 @click.option("--no-img2dataset", is_flag=True, help="measure ours only")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,

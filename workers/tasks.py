@@ -12,6 +12,9 @@ from workers.download import DownloadStage
 
 log = logging.getLogger("koala.worker")
 app = make_app()
+# A task-sent event per image costs a publish and nobody needs it: the embed worker reports
+# its own task events, and the repr of an image message is never worth computing.
+app.conf.task_send_sent_event = False
 
 @cache
 def download_stage(node: str) -> DownloadStage:
@@ -24,7 +27,8 @@ def download_stage(node: str) -> DownloadStage:
 @retry_on_broker
 def publish_embed(message: dict) -> None:
     """Send one image to the embed queue."""
-    app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE)
+    app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE, argsrepr=f"({message['name']!r})",
+                  kwargsrepr="{}")
 
 
 @app.task(name=DOWNLOAD_TASK, bind=True)
