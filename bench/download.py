@@ -456,9 +456,9 @@ def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dic
 # --- ours --------------------------------------------------------------------------------------
 
 
-# `--variant before`: the workers run with the publish path as it was before the Z_RLE payload and
-# the lean send_task (default zlib strategy, a repr of every message and a task-sent event per
-# image), swapped in at start-up, so one run measures what that change bought.
+# `--variant before`: the workers run with the publish path as it was before the zstd payload and
+# the lean send_task (zlib payload, a repr of every message and a task-sent event per image),
+# swapped in at start-up, so one run measures what those changes bought.
 BEFORE_WORKER = """
 import struct, sys, zlib
 import numpy as np
@@ -726,7 +726,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
 
 
 def encode_pixels_default(arr: np.ndarray) -> bytes:
-    """encode_pixels as before Z_RLE: zlib's default strategy (same format)."""
+    """encode_pixels as before zstd: zlib level 1 (tag U, which decode_pixels still reads)."""
     import struct
     import zlib
 
@@ -747,7 +747,7 @@ def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client,
     out: dict = {}
     before = [encode_pixels_default(a) for a in rgbs]
     smooth = _smooth_photo()
-    out["encode_pixels, default zlib strategy (before)"] = {
+    out["encode_pixels with zlib (before)"] = {
         **_cost(encode_pixels_default, rgbs), "bytes": round(float(np.mean([len(p) for p in before]))),
         "smooth_photo_bytes_before_vs_now": [len(encode_pixels_default(smooth)),
                                              len(images.encode_pixels(smooth))]}

@@ -11,10 +11,12 @@ import math
 import os
 import struct
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 
 import numpy as np
+import zstandard
 from PIL import Image
 
 # Our own max_pixels check (in decode) replaces Pillow's global one, which would otherwise warn
@@ -252,20 +254,27 @@ def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "co
     return resize(decode(data, max_pixels=max_pixels, draft_for=size, mode=mode), size, mode)
 
 
-# Queue payload: b"U" + >HH (height, width) + zlib level 1 of the rows' "up" deltas (PNG's Up
-# filter, mod 256). Measured (Pillow 13, 2-core box, mean of 200 runs) on 299x299 from the
-# photo-like 640x480 JPEG of tests/corpus.py, raw 268,203 B; size, encode ms, decode ms:
-#                     contain (white bars)        crop (no bars)
-#   PNG level 0     268,658 B  2.9 / 1.1     268,658 B  3.4 / 1.4   (no gain)
-#   PNG level 1      82,550 B  5.1 / 2.0     109,951 B  6.2 / 2.6
-#   PNG level 6      70,983 B 29.6 / 1.8      94,632 B 36.9 / 2.5
-#   zlib 1 of raw   130,427 B  3.3 / 0.9     163,011 B  4.2 / 1.2
-#   up + zlib 1      84,460 B  2.1 / 1.3     109,641 B  2.7 / 1.4   <- chosen
-# The delta turns smooth areas and padding into near-zero runs, which zlib also compresses faster;
-# zlib's Z_RLE strategy on them was smaller and about a third cheaper again on bench.download's
-# corpus (same stream format, so decode_pixels reads either).
+# Queue payload: a tag, >HH (height, width), then the rows' "up" deltas (PNG's Up filter, mod 256)
+# compressed: b"Z" zstd level 1 with a checksum (written), b"U" zlib (read only: what workers wrote
+# before, still in a queue during an upgrade). The delta turns smooth areas and padding into
+# near-zero runs. Measured on 299x299 from the photo-like 640x480 JPEG of tests/corpus.py (raw
+# 268,203 B; size, encode ms, decode ms; Pillow 13, 2-core box):
+#   PNG level 1      82,550 B  5.1 / 2.0
+#   zlib 1 of raw   130,427 B  3.3 / 0.9
+#   up + zlib 1      84,460 B  2.1 / 1.3
+# and on 60 images of bench.download's corpus (mean size, encode ms, decode ms):
+#   up + zlib 1 Z_RLE  130,414 B  3.16 / 1.42
+#   up + zstd 1        131,081 B  0.96 / 0.42   <- chosen
+_TAG_UP_ZSTD = b"Z"
 _TAG_UP_ZLIB = b"U"
 _HEADER = struct.Struct(">HH")
+_ZSTD = threading.local()  # zstandard (de)compressors are not safe to share between threads
+
+
+def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+    if not hasattr(_ZSTD, "pair"):
+        _ZSTD.pair = (zstandard.ZstdCompressor(level=1, write_checksum=True), zstandard.ZstdDecompressor())
+    return _ZSTD.pair
 
 
 def encode_pixels(arr: np.ndarray) -> bytes:
@@ -277,26 +286,43 @@ def encode_pixels(arr: np.ndarray) -> bytes:
         raise ValueError(f"{h}x{w} is too large for the pixel payload header")
     delta = np.array(arr)
     delta[1:] -= arr[:-1]  # uint8 arithmetic wraps mod 256, undone by a uint8 cumsum
-    z = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
-    return _TAG_UP_ZLIB + _HEADER.pack(h, w) + z.compress(delta.data) + z.flush()
+    return _TAG_UP_ZSTD + _HEADER.pack(h, w) + _zstd()[0].compress(delta.data)
 
 
 def decode_pixels(data: bytes) -> np.ndarray:
     """Exact inverse of encode_pixels; ValueError on a corrupt or unknown payload."""
     data = bytes(data)
-    if len(data) < 1 + _HEADER.size or data[:1] != _TAG_UP_ZLIB:
+    tag = data[:1]
+    if len(data) < 1 + _HEADER.size or tag not in (_TAG_UP_ZSTD, _TAG_UP_ZLIB):
         raise ValueError(f"unknown pixel payload (starts with {data[:8]!r})")
     h, w = _HEADER.unpack_from(data, 1)
     expected = h * w * 3
-    inflater = zlib.decompressobj()
-    try:
-        raw = inflater.decompress(data[1 + _HEADER.size :], expected + 1)
-    except zlib.error as e:
-        raise ValueError(f"corrupt pixel payload: {e}") from e
-    if len(raw) != expected or not inflater.eof or inflater.unused_data:
+    body = data[1 + _HEADER.size :]
+    raw = _unzstd(body, expected) if tag == _TAG_UP_ZSTD else _unzlib(body, expected)
+    if len(raw) != expected:
         raise ValueError(f"corrupt pixel payload: {len(raw)} bytes for {h}x{w}x3")
     delta = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
     return np.cumsum(delta, axis=0, dtype=np.uint8)
+
+
+def _unzstd(body: bytes, expected: int) -> bytes:
+    try:
+        if zstandard.frame_content_size(body) != expected:
+            raise ValueError(f"corrupt pixel payload: frame size is not {expected}")
+        return _zstd()[1].decompress(body, max_output_size=expected, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise ValueError(f"corrupt pixel payload: {e}") from e
+
+
+def _unzlib(body: bytes, expected: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(body, expected + 1)
+    except zlib.error as e:
+        raise ValueError(f"corrupt pixel payload: {e}") from e
+    if not inflater.eof or inflater.unused_data:
+        raise ValueError("corrupt pixel payload: not one whole zlib stream")
+    return raw
 
 
 _MAGIC = (

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import io
+import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -411,6 +413,22 @@ def _corrupt_payloads() -> dict[str, bytes]:
 def test_corrupt_pixel_payload_is_a_value_error(name: str):
     with pytest.raises(ValueError):
         img.decode_pixels(_corrupt_payloads()[name])
+
+
+def _zlib_payload(arr: np.ndarray) -> bytes:
+    """The payload earlier workers wrote (tag U, zlib), built independently here."""
+    delta = np.array(arr)
+    delta[1:] -= arr[:-1]
+    return b"U" + struct.pack(">HH", *arr.shape[:2]) + zlib.compress(delta.tobytes(), 1)
+
+
+def test_earlier_zlib_payload_still_decodes():
+    arr = corpus.photo(40, 30, 33)
+    assert img.encode_pixels(arr)[:1] == b"Z"
+    np.testing.assert_array_equal(img.decode_pixels(_zlib_payload(arr)), arr)
+    for bad in (_zlib_payload(arr) + b"junk", _zlib_payload(arr)[:-10]):
+        with pytest.raises(ValueError):
+            img.decode_pixels(bad)
 
 
 # --- extension guessing --------------------------------------------------------------------
