@@ -1,6 +1,8 @@
 """Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression.
 
-Run: .venv/bin/python -m bench.records [--n 200] [--json bench/results/records.json]
+Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json]
+The records hold the Lab channels of 16 photo-like generated images (tests/corpus.photo), so that
+the compressed sizes mean something (uniform noise would not compress at all).
 Ratios, not absolute times, are what to compare: the machine is shared and noisy.
 """
 
@@ -17,11 +19,14 @@ import numpy as np
 from common import records
 
 
-def sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lab channels and logits of one 299x299 record."""
-    return (rng.uniform(-1, 1, (299, 299)).astype(np.float32),
-            rng.uniform(-1, 1, (299, 299, 2)).astype(np.float32),
-            rng.normal(size=1001).astype(np.float32))
+def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(L, ab, logits) of photo-like 299x299 images, as the embed stage would store them."""
+    from common.lab import lab_channels
+    from tests.corpus import photo
+
+    rng = np.random.default_rng(0)
+    return [(*lab_channels(photo(299, 299, seed)), rng.normal(size=1001).astype(np.float32))
+            for seed in range(count)]
 
 
 def tf_example(name: bytes, key: bytes, source: bytes, l, ab, emb) -> bytes:  # noqa: E741
@@ -62,16 +67,15 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
 
 
 @click.command()
-@click.option("--n", default=200, help="records per measurement")
+@click.option("--n", default=500, help="records per measurement (and per shard: 500 as the default shard)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def main(n: int, json_path: str | None) -> None:
     """Print and optionally save the records benchmark."""
-    rng = np.random.default_rng(0)
-    l, ab, emb = sample(rng)  # noqa: E741
-    args = (b"0" * 32, b"0" * 32, b"http://example.com/x.jpg", l, ab, emb)
-    ours = per_second(lambda: records.serialize_example(*args), n)
-    theirs = per_second(lambda: tf_example(*args), max(5, n // 10))
-    serialized = [records.serialize_example(*args)] * n
+    made = [(f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode(), *lab)
+            for i, lab in enumerate(samples())]
+    ours = per_second(lambda: records.serialize_example(*made[0]), n)
+    theirs = per_second(lambda: tf_example(*made[0]), max(5, n // 10))
+    serialized = [records.serialize_example(*made[i % len(made)]) for i in range(n)]
     result = {
         "serialize_per_s": {"ours": round(ours), "tf_train_example": round(theirs, 1),
                             "ratio": round(ours / theirs, 1)},
