@@ -474,6 +474,7 @@ class ShardWriter:
         self._fd: int | None = None
         self._opened = 0.0
         self._last_number = -1
+        self._unpublished: list[tuple[Path, list[tuple[int, int]] | None]] = []  # closed, not yet renamed
 
     @property
     def age(self) -> float:
@@ -498,6 +499,7 @@ class ShardWriter:
     def append(self, records: list[bytes]) -> tuple[Path, int, int]:
         """Append serialized examples to the open temp shard, fsynced before returning;
         returns (temp path, offset before the batch, offset after)."""
+        self._publish()
         if self._fd is not None and self.count >= self.examples_per_shard:
             self._finalize()
         if self._fd is None:
@@ -548,25 +550,46 @@ class ShardWriter:
 
     def maybe_rotate(self) -> Path | None:
         """Finalize the open shard if it is full or older than max_age; returns its final path."""
+        published = self._publish()
         if self._fd is not None and (self.count >= self.examples_per_shard or self.age >= self.max_age):
             return self._finalize()
-        return None
+        return published
 
     def _finalize(self) -> Path | None:
         assert self._fd is not None and self.path is not None
         os.fsync(self._fd)
         os.close(self._fd)
         spans = [sp for sp in self._spans() if sp[0] not in self._discarded] if self._discarded else None
-        path, self._fd, self.path, self.count, self.offset = self.path, None, None, 0, 0
+        self._unpublished.append((self.path, spans))
+        self._fd, self.path, self.count, self.offset = None, None, 0, 0
         self._ends, self._discarded = [], set()
-        final = finalize_temp(path, self.compression, self.compression_level, spans)
-        if final is not None:
-            self.finalized.append(final)
+        return self._publish()
+
+    def _publish(self) -> Path | None:
+        """Publish the closed temp shards; one the disk refused (full, read-only) stays queued and
+        the OSError propagates, so a later call publishes it. Returns the last final path."""
+        final = None
+        while self._unpublished:
+            temp, spans = self._unpublished[0]
+            if temp.exists():
+                final = finalize_temp(temp, self.compression, self.compression_level, spans)
+            else:  # renamed (or deleted, when empty) by an attempt whose later steps failed
+                final = final_path(temp, self.compression)
+                final = final if final.exists() else None
+            self._unpublished.pop(0)
+            if final is not None and final not in self.finalized:
+                self.finalized.append(final)
         return final
 
+    @property
+    def unpublished(self) -> int:
+        """Closed temp shards waiting to be published."""
+        return len(self._unpublished)
+
     def close(self) -> Path | None:
-        """Finalize the open shard (an empty one is deleted); returns its final path."""
-        return self._finalize() if self._fd is not None else None
+        """Finalize the open shard (an empty one is deleted) and publish any left; returns the last
+        final path."""
+        return self._finalize() if self._fd is not None else self._publish()
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -8,6 +8,7 @@ so that buckets stay listpacks up to ~60 M items (see README, "Job state in Redi
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,9 @@ REASONS = (
     "http_error", "too_large", "not_an_image", "truncated", "too_many_pixels", "redirect_loop",
     "io_error", "internal_error",
 )
+# A producer refreshes its alive key at every chunk and while it holds back; a journaled chunk
+# whose producer's key has expired is orphaned and sent by the next producer.
+PRODUCER_ALIVE_S = 15
 COUNTERS = ("submitted", "duplicates", "rejected_lines", "requeued", "retried", "downloaded", "written",
             "failed")
 
@@ -65,7 +69,7 @@ if dup > 0 then redis.call('HINCRBY', ARGV[1], 'duplicates', dup) end
 if requeued > 0 then redis.call('HINCRBY', ARGV[1], 'requeued', requeued) end
 if new + requeued > 0 and ARGV[5] ~= '' then
   redis.call('HSET', ARGV[4], ARGV[5], ARGV[6])
-  redis.call('SET', ARGV[7], '1', 'EX', 60)
+  redis.call('SET', ARGV[7], '1', 'EX', %(alive)d)
 end
 return out
 """
@@ -92,7 +96,7 @@ end
 if n > 0 then
   redis.call('HINCRBY', ARGV[1], 'retried', n)
   redis.call('HSET', ARGV[5], ARGV[6], ARGV[7])
-  redis.call('SET', ARGV[8], '1', 'EX', 60)
+  redis.call('SET', ARGV[8], '1', 'EX', %(alive)d)
 end
 return out
 """
@@ -155,6 +159,24 @@ retry_on_broker = tenacity.retry(
 )
 
 
+STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM}
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """An OSError of the output disk that may pass (full, read-only, quota, I/O), not a bug."""
+    return isinstance(e, OSError) and e.errno in STORAGE_ERRORS
+
+
+# A worker whose output disk refuses writes waits (with backoff, logged) instead of crashing.
+retry_on_disk = tenacity.retry(
+    retry=tenacity.retry_if_exception(is_storage_error),
+    wait=tenacity.wait_exponential(multiplier=0.5, max=30),
+    before_sleep=lambda s: log.warning("output disk refuses writes (%s); retrying in %.1fs",
+                                       s.outcome.exception(), s.next_action.sleep),
+    reraise=True,
+)
+
+
 def connect(url: str) -> redis.Redis:
     """A Redis client for the broker URL, with timeouts so a dead server is noticed."""
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
@@ -172,9 +194,9 @@ class JobState:
         self.reasons_key = f"{prefix}:reasons"
         self.failures_key = f"{prefix}:failures"
         self.journal_key = f"{prefix}:journal"
-        self._register = client.register_script(_REGISTER)
+        self._register = client.register_script(_REGISTER % {"alive": PRODUCER_ALIVE_S})
         self._transition = client.register_script(_TRANSITION)
-        self._unfail = client.register_script(_UNFAIL)
+        self._unfail = client.register_script(_UNFAIL % {"alive": PRODUCER_ALIVE_S})
 
     def _slot(self, key: str) -> tuple[str, bytes]:
         """The bucket and field of an item key (md5 hex)."""
@@ -218,7 +240,7 @@ class JobState:
 
     def keep_alive(self, producer: str) -> None:
         """Tell other producers this one is alive (its journal is not orphaned)."""
-        self.r.set(self._alive_key(producer), 1, ex=60)
+        self.r.set(self._alive_key(producer), 1, ex=PRODUCER_ALIVE_S)
 
     def unjournal(self, producer: str, entry: str) -> None:
         """The journaled chunk was sent: forget it."""
@@ -251,6 +273,10 @@ class JobState:
     def states(self, keys: Sequence[str]) -> list[bytes | None]:
         """State letters of many items in one round trip."""
         return [v[:1] if v else None for v in self._values(keys)]
+
+    def pending_in_run(self, keys: Sequence[str], run: bytes) -> list[bool]:
+        """Per key: still pending (submitted or downloaded) and tagged with submission run `run`."""
+        return [bool(v) and v[:1] in (SUBMITTED, DOWNLOADED) and v[1:] == run for v in self._values(keys)]
 
     def _values(self, keys: Sequence[str]) -> list[bytes | None]:
         pipe = self.r.pipeline(transaction=False)

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE, make_app
 from common.settings import Settings, get_settings
-from common.state import REASONS, JobState, connect
+from common.state import REASONS, JobState, connect, retry_on_broker
 from producer.steps import register as register_steps
 
 SHARD_GLOB = "*lab_images_*.tfrecord*"  # training and val_ shards; temps start with a dot
@@ -123,18 +123,30 @@ def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pendin
                    f"{report.failed_at_submit} failed at once, "
                    f"{report.rejected_lines} lines rejected")
     if wait:
-        wait_until_done(state, settings.output_dir)
+        def resend() -> None:
+            again = Submitter(make_app(settings), state, settings, node=f"producer-{socket.gethostname()}",
+                              requeue=True)
+            submit_source(source, again)
+            click.echo(f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
+                       f"{again.report.requeued + again.report.recovered} pending items again", err=True)
+
+        wait_until_done(state, settings.output_dir, resend=resend, resend_after=settings.resend_after)
 
 
-def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0) -> dict:
-    """Show a bar per stage until pending is 0; returns the last snapshot."""
-    first = snapshot(state, out_dir)
+def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0, *,
+                    resend: Callable[[], None] | None = None, resend_after: float = 60.0) -> dict:
+    """Show a bar per stage until pending is 0 (waiting out a lost Redis); returns the last snapshot.
+    `resend` is called when items stay pending with nothing queued or unacknowledged for
+    `resend_after` seconds: their messages were lost (a crash between a broker's pop and its
+    unacked record, a Redis that lost its queues)."""
+    first = retry_on_broker(snapshot)(state, out_dir)
     bars = {name: tqdm(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i,
                        dynamic_ncols=True, leave=True)
             for i, name in enumerate(("downloaded", "written", "failed"))}
+    stall = Stall(resend_after)
     try:
         while True:
-            now = snapshot(state, out_dir)
+            now = retry_on_broker(snapshot)(state, out_dir)
             for name, bar in bars.items():
                 bar.total = now["submitted"]
                 bar.n = now[name]
@@ -143,10 +155,32 @@ def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0) -> dict:
                 bar.refresh()
             if now["pending"] <= 0:
                 return now
+            if resend and stall.stalled(now):
+                retry_on_broker(resend)()
             time.sleep(poll)
     finally:
         for bar in bars.values():
             bar.close()
+
+
+class Stall:
+    """Tells when a job has pending items, no message anywhere, and no progress for a while."""
+
+    def __init__(self, after: float):
+        self.after = after
+        self.progress: tuple | None = None
+        self.since = time.monotonic()
+
+    def stalled(self, snap: dict) -> bool:
+        """True once per `after` seconds of no progress with empty queues and nothing unacked."""
+        progress = tuple(snap[k] for k in ("submitted", "downloaded", "written", "failed"))
+        if progress != self.progress or any(snap["queues"].values()):
+            self.progress, self.since = progress, time.monotonic()
+            return False
+        if time.monotonic() - self.since >= self.after:
+            self.since = time.monotonic()
+            return True
+        return False
 
 
 @main.command()

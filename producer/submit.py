@@ -25,7 +25,7 @@ from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetch import FetchError, open_stream, policy_from_settings
 from common.settings import Settings
 from common.sources import ParseCounts, iter_items, url_problem
-from common.state import Failure, JobState, append_failure_log, now, room_for
+from common.state import Failure, JobState, append_failure_log, now, retry_on_broker, room_for
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Submitter:
         self.node = node
         self.on_item = on_item
         self.requeue = requeue
-        self.run_tag = state.new_run()
+        self.run_tag = retry_on_broker(state.new_run)()
         self.producer = uuid.uuid4().hex[:12]
         self.sequence = 0
         self.report = SubmitReport()
@@ -106,13 +106,16 @@ class Submitter:
 
     def recover_orphans(self) -> None:
         """Send the pending items of chunks that a killed producer journaled but never sent."""
-        for field, packed in self.state.orphaned_chunks():
-            items = msgpack.unpackb(packed, raw=False)
-            states = self.state.states([i["k"] for i in items])
-            pending = [i for i, s in zip(items, states, strict=True) if s in (b"s", b"d")]
-            self._send([i for i in pending if not self._failed_early(i)])
-            self.report.recovered += len(pending)
-            self.state.drop_orphan(field)
+        for field, packed in retry_on_broker(self.state.orphaned_chunks)():
+            retry_on_broker(self._recover_chunk)(field, packed)
+
+    def _recover_chunk(self, field: str, packed: bytes) -> None:
+        items = msgpack.unpackb(packed, raw=False)
+        states = self.state.states([i["k"] for i in items])
+        pending = [i for i, s in zip(items, states, strict=True) if s in (b"s", b"d")]
+        self._send([i for i in pending if not self._failed_early(i)])
+        self.report.recovered += len(pending)
+        self.state.drop_orphan(field)
 
     def submit_urls(self, stream: BinaryIO, skip: int = 0, count: int | None = None) -> None:
         """Submit every item of a URL-list stream."""
@@ -143,7 +146,7 @@ class Submitter:
     def _add_rejected(self, counts: ParseCounts) -> None:
         delta = counts.rejected - self.report.rejected_lines
         if delta:
-            self.state.add("rejected_lines", delta)
+            retry_on_broker(self.state.add)("rejected_lines", delta)
             self.report.rejected_lines = counts.rejected
 
     def retry(self, failures: list[dict]) -> None:
@@ -170,8 +173,7 @@ class Submitter:
         self.sequence += 1
         entry = str(self.sequence)
         journal = (self.producer, entry, msgpack.packb(chunk, use_bin_type=True))
-        verdicts = self.state.register([i["k"] for i in chunk], self.run_tag, requeue=self.requeue,
-                                       journal=journal)
+        verdicts = self._register([i["k"] for i in chunk], journal)
         outgoing = []
         for item, verdict in zip(chunk, verdicts, strict=True):
             if verdict == 2:
@@ -183,9 +185,25 @@ class Submitter:
                 self.report.requeued += 1
             if not self._failed_early(item):
                 outgoing.append(item)
-        self._send(outgoing)
-        self.state.unjournal(self.producer, entry)
+        retry_on_broker(self._send)(outgoing)
+        retry_on_broker(self.state.unjournal)(self.producer, entry)
         self.on_item(len(chunk))
+
+    def _register(self, keys: list[str], journal: tuple[str, str, bytes]) -> list[int]:
+        """`JobState.register`, waiting for a lost Redis. An attempt whose answer was lost may have
+        registered the keys: after a retry, keys pending in this run count as new (0)."""
+        attempts = 0
+
+        def attempt() -> list[int]:
+            nonlocal attempts
+            attempts += 1
+            return self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal)
+
+        verdicts = retry_on_broker(attempt)()
+        if attempts > 1:
+            mine = retry_on_broker(self.state.pending_in_run)(keys, self.run_tag)
+            verdicts = [0 if v == 2 and m else v for v, m in zip(verdicts, mine, strict=True)]
+        return verdicts
 
     def _send(self, items: list[dict]) -> None:
         """One download message, once the queue has room."""
@@ -218,7 +236,7 @@ class Submitter:
     def _fail(self, item: dict, reason: str, detail: str) -> None:
         failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
                           path=item.get("p", ""), node=self.node, time=now())
-        if self.state.mark_failed(failure):
+        if retry_on_broker(self.state.mark_failed)(failure):
             self.report.failed_at_submit += 1
             try:
                 append_failure_log(self.settings.output_dir, self.node, failure)

@@ -15,10 +15,13 @@ import time
 import uuid
 from collections.abc import Callable
 
+import redis
 from celery import Celery
 from kombu import Message, Queue
+from kombu.exceptions import OperationalError
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
+from common.state import is_storage_error
 
 log = logging.getLogger("koala.embed")
 
@@ -40,6 +43,7 @@ class BatchConsumer:
         self.stopping = threading.Event()
         self.buffer: list[tuple[dict, Message]] = []
         self.written = 0
+        self.disk_delay = 0.0  # current backoff while the output disk refuses writes
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: finish the current batch, then stop."""
@@ -49,13 +53,17 @@ class BatchConsumer:
     def run(self) -> None:
         """Consume until stopped, reconnecting with backoff when the broker goes away."""
         delay = 0.5
+        broker_errors = (*self.app.connection().connection_errors, OperationalError, redis.ConnectionError,
+                         redis.TimeoutError)
         while not self.stopping.is_set():
             try:
                 self._consume()
                 delay = 0.5
-            except self.app.connection().connection_errors as e:
+            except broker_errors as e:
+                if is_storage_error(e):
+                    raise  # not the broker's: _flush and _idle deal with the disk
                 self.buffer.clear()  # unacked: the broker gives them back after the visibility timeout
-                log.warning("broker unreachable (%s); reconnecting in %.1fs", e, delay)
+                log.warning("broker unreachable (%s); reconnecting in %.1fs", one_line(e), delay)
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 30)
 
@@ -89,10 +97,10 @@ class BatchConsumer:
             due = self.buffer and (len(self.buffer) >= self.batch_size or stopping
                                    or time.monotonic() - first >= self.max_wait)
             if due:
-                self._flush()
-                first = 0.0
+                if self._flush():
+                    first = 0.0
             else:
-                self.on_idle()
+                self._idle()
             self.events.heartbeat(active=len(self.buffer))
             if stopping and not self.buffer:
                 return
@@ -113,15 +121,54 @@ class BatchConsumer:
         log.error("refusing a message with content type %s: %s", message.content_type, error)
         message.ack()
 
-    def _flush(self) -> None:
-        batch, self.buffer = self.buffer, []
+    def _flush(self) -> bool:
+        """Process the buffer and ack it; True when done. When the output disk refuses (full,
+        read-only), nothing is acked: the batch is kept and tried again after a backoff."""
+        batch = self.buffer
         started = time.monotonic()
-        written = self.process([payload for payload, _ in batch])
+        try:
+            written = self.process([payload for payload, _ in batch])
+        except OSError as e:
+            if not is_storage_error(e):
+                raise
+            self._disk_refused(e, len(batch))
+            return False
+        self.buffer = []
+        self.disk_delay = 0.0
         for _, message in batch:
             message.ack()
         self.written += written
         if self.events:
             self.events.batch(len(batch), written, time.monotonic() - started)
+        return True
+
+    def _idle(self) -> None:
+        """The idle hook (age rotation), its disk errors logged, not raised."""
+        try:
+            self.on_idle()
+            self.disk_delay = 0.0
+        except OSError as e:
+            if not is_storage_error(e):
+                raise
+            self._disk_refused(e, 0)
+
+    def _disk_refused(self, error: OSError, held: int) -> None:
+        """Log why nothing is acked, then wait (doubling up to 30 s). Stopping: the held messages
+        are let go unacked; the broker gives them back."""
+        self.disk_delay = min(max(1.0, self.disk_delay * 2), 30.0)
+        if self.stopping.is_set():
+            log.warning("output disk refuses writes (%s); stopping with %d messages unacknowledged",
+                        one_line(error), held)
+            self.buffer = []
+            return
+        log.warning("output disk refuses writes (%s); not acknowledging %d messages, retrying in %.0fs",
+                    one_line(error), held, self.disk_delay)
+        self.stopping.wait(self.disk_delay)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one short line for the log."""
+    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
 
 
 class FlowerEvents:

@@ -23,7 +23,16 @@ import numpy as np
 
 from common import images, lab, records
 from common.settings import Settings
-from common.state import DOWNLOADED, SUBMITTED, Failure, JobState, append_failure_log, now
+from common.state import (
+    DOWNLOADED,
+    SUBMITTED,
+    Failure,
+    JobState,
+    append_failure_log,
+    now,
+    retry_on_broker,
+    retry_on_disk,
+)
 
 log = logging.getLogger("koala.embed")
 
@@ -107,7 +116,8 @@ class EmbedStage:
         """Append + fsync, claim in Redis; records another shard claimed first are left out."""
         path, start, _ = self.writer.append(serialized)
         try:
-            claimed = self.state.mark_written_many([p["key"] for p in payloads], shard_token(path))
+            # waits for a lost Redis: a claim whose answer was lost may have been made
+            claimed = retry_on_broker(self._claim)([p["key"] for p in payloads], shard_token(path))
         except BaseException:
             # unclaimed: the messages come back and are written again, so this copy must go
             self.writer.discard(start, [False] * len(serialized))
@@ -117,6 +127,12 @@ class EmbedStage:
             self.writer.discard(start, claimed)
         self.writer.maybe_rotate()
         return sum(claimed)
+
+    def _claim(self, keys: list[str], token: bytes) -> list[bool]:
+        """Claim the items for the shard `token`; per item, whether this shard owns it (asked
+        again after the claim, so a retried claim still knows its own earlier success)."""
+        self.state.mark_written_many(keys, token)
+        return [owner == token for owner in self.state.written_to(keys)]
 
     def fail(self, payload: dict, reason: str, detail: str) -> None:
         """Record an item that cannot become a record."""
@@ -172,7 +188,7 @@ def run_embed_worker(node: str) -> None:
     from common.celery_app import make_app
     from common.model import Embedder
     from common.settings import get_settings
-    from common.state import connect, retry_on_broker
+    from common.state import connect
     from workers.batching import BatchConsumer
 
     settings = get_settings()
@@ -180,9 +196,9 @@ def run_embed_worker(node: str) -> None:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     out = settings.output_dir
     state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
-    lock = NodeLock(out, node)
+    lock = retry_on_disk(NodeLock)(out, node)
     try:
-        done = retry_on_broker(recover)(out, node, state, settings.compression)
+        done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)
         if done["shards"]:
             log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
         embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,
