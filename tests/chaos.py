@@ -62,10 +62,12 @@ def corpus_server() -> ImageServer:
     files = {name: corpus.GOOD[name]() for name in GOOD}
     bad = corpus.bad_images()
     files.update({f"bad_{n}": bad[n][0] for n in ("garbage", "truncated_jpeg")})
-    return ImageServer(files).start()
+    server = ImageServer(files)
+    server.httpd.handle_error = lambda *_: None  # a killed worker's reset connection is expected
+    return server.start()
 
 
-def job_list(base: str, items: int, rng: random.Random) -> tuple[list[str], list[str]]:
+def job_list(base: str, items: int) -> tuple[list[str], list[str]]:
     """(good URLs, bad URLs): about one item in seven is bad; distinct URLs, shuffled together."""
     n_bad = max(2, items // 7)
     good = [f"{base}/img/{GOOD[i % len(GOOD)]}?c={i}" for i in range(items - n_bad)]
@@ -83,8 +85,10 @@ class Child:
     log: Path
     proc: subprocess.Popen | None = None
     sessions: list[int] = field(default_factory=list)
+    log_offset: int = 0
 
     def start(self) -> None:
+        self.log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log,
                                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -121,7 +125,7 @@ class Fleet:
         self.out.mkdir()
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(self.out)], check=True)
         self.redis = RedisServer(root / "redis")
-        self.good, self.bad = job_list(server.base, items, rng)
+        self.good, self.bad = job_list(server.base, items)
         urls = self.good + self.bad
         rng.shuffle(urls)
         self.urls = root / "urls.txt"
@@ -194,7 +198,9 @@ class Fleet:
         return self._kill_restart("embed")
 
     def _kill_producer(self) -> str:
-        return self._kill_restart("producer")
+        log = self.children["producer"].log.read_bytes()[self.children["producer"].log_offset:]
+        phase = "waiting" if b"read " in log else "mid-submit"  # `read N items` ends the submission
+        return f"{self._kill_restart('producer')} {phase}"
 
     def _redis_restart(self) -> str:
         self.redis.stop()  # SIGTERM: a clean shutdown, the append-only file flushed
@@ -396,7 +402,7 @@ def plan(rng: random.Random, n_faults: int) -> list[tuple[float, str]]:
 
 
 def run_trial(seed: int, server: ImageServer, checkpoint: Path, work: Path, items: int,
-              n_faults: int) -> TrialResult:
+              n_faults: int, keep: bool = False) -> TrialResult:
     """One seeded trial: start, inject the faults while the job runs, settle, stop, verify."""
     rng = random.Random(seed)
     started = time.monotonic()
@@ -423,7 +429,7 @@ def run_trial(seed: int, server: ImageServer, checkpoint: Path, work: Path, item
         fleet.teardown()
     result = TrialResult(seed, done, len(verdict.lost), len(verdict.duplicated), problems,
                          round(time.monotonic() - started, 1))
-    if result.ok:
+    if result.ok and not keep:
         shutil.rmtree(root, ignore_errors=True)
     return result
 
@@ -484,17 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=3, help="faults per trial")
     parser.add_argument("--work", type=Path, default=Path("/tmp/koala-chaos"))
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a generated-weights checkpoint (default: written once into --work)")
     parser.add_argument("--stop-on-failure", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the folders (logs) of passed trials too")
     args = parser.parse_args(argv)
     enter_private_namespace()
     args.work.mkdir(parents=True, exist_ok=True)
-    checkpoint = fake_checkpoint(args.work)
+    checkpoint = args.checkpoint or fake_checkpoint(args.work)
     server = corpus_server()
     results: list[TrialResult] = []
     started = time.monotonic()
     try:
         for i in range(args.trials):
-            r = run_trial(args.seed + i, server, checkpoint, args.work, args.items, args.faults)
+            r = run_trial(args.seed + i, server, checkpoint, args.work, args.items, args.faults, args.keep)
             results.append(r)
             faults = ", ".join(f"{k} ({note})" for k, note in r.faults) or "none (job done first)"
             print(f"trial seed={r.seed} {'ok' if r.ok else 'FAILED'} {r.seconds:.0f}s lost={r.lost} "

@@ -1,0 +1,163 @@
+"""Recovery paths the chaos runner found, one function at a time: a disk that refuses writes, a
+Redis answer lost after the write was made, a stalled job."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+
+from common import records
+from common.celery_app import make_app
+from common.settings import Settings
+from common.state import JobState, is_storage_error
+from producer.cli import Stall
+from producer.submit import Submitter
+from tests.test_embed_stage import names_in, payload, register, stage
+from workers.batching import BatchConsumer
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_storage_errors_are_told_apart_from_bugs():
+    assert is_storage_error(ENOSPC) and is_storage_error(OSError(errno.EROFS, "Read-only file system"))
+    assert not is_storage_error(OSError(errno.EBADF, "bad fd")) and not is_storage_error(ValueError())
+
+
+def test_a_shard_the_disk_refused_to_publish_is_published_later(tmp_path, monkeypatch):
+    real = records.finalize_temp
+    calls = []
+
+    def refuse_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ENOSPC
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(records, "finalize_temp", refuse_once)
+    writer = records.ShardWriter(tmp_path, "n", examples_per_shard=2)
+    writer.append([b"a", b"b"])
+    with pytest.raises(OSError):
+        writer.maybe_rotate()
+    assert writer.unpublished == 1 and not list(tmp_path.glob(records.SHARD_GLOB))
+    writer.append([b"c"])  # publishes the first, then writes into a new shard
+    writer.close()
+    shards = sorted(tmp_path.glob(records.SHARD_GLOB))
+    assert [len(list(records.iter_examples(s))) for s in shards] == [2, 1]
+    assert not list(tmp_path.glob(".*.tmp")) and writer.unpublished == 0
+
+
+class FakeMessage:
+    def __init__(self) -> None:
+        self.acked = 0
+
+    def ack(self) -> None:
+        self.acked += 1
+
+
+def test_embed_consumer_does_not_ack_while_the_disk_refuses(caplog):
+    outcomes = [ENOSPC, 2]
+
+    def process(payloads: list[dict]) -> int:
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    consumer = BatchConsumer(make_app(Settings()), process, batch_size=2, max_wait=0.1)
+    messages = [FakeMessage(), FakeMessage()]
+    consumer.buffer = [({"key": "a"}, messages[0]), ({"key": "b"}, messages[1])]
+    assert consumer._flush() is False
+    assert [m.acked for m in messages] == [0, 0] and len(consumer.buffer) == 2
+    assert "No space left on device" in caplog.text and "not acknowledging 2 messages" in caplog.text
+    assert consumer._flush() is True
+    assert [m.acked for m in messages] == [1, 1] and consumer.buffer == [] and consumer.written == 2
+
+
+def test_embed_consumer_stopping_lets_held_messages_go_unacked():
+    def process(payloads: list[dict]) -> int:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    consumer = BatchConsumer(make_app(Settings()), process, batch_size=1, max_wait=0.1)
+    consumer.stopping.set()
+    message = FakeMessage()
+    consumer.buffer = [({"key": "a"}, message)]
+    assert consumer._flush() is False and consumer.buffer == [] and message.acked == 0
+
+
+def test_a_claim_whose_answer_was_lost_keeps_its_records(tmp_path: Path, rclient, monkeypatch):
+    state = JobState(rclient)
+    batch = [payload(i) for i in range(3)]
+    register(state, batch)
+    s = stage(tmp_path, state, "a")
+    real = state.mark_written_many
+    lost = threading.Event()
+
+    def claim_then_lose_the_answer(keys, shard):
+        result = real(keys, shard)
+        if not lost.is_set():
+            lost.set()
+            raise redis.ConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(state, "mark_written_many", claim_then_lose_the_answer)
+    assert s.process(batch) == 3
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch)
+    assert state.counts()["written"] == 3
+
+
+class SentTasks:
+    """Stands in for the Celery app: records what the producer sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[dict]] = []
+
+    def send_task(self, name: str, args: list, queue: str) -> None:
+        self.sent.append(args[0])
+
+
+def test_a_registration_whose_answer_was_lost_still_sends_the_chunk(rclient, monkeypatch):
+    state = JobState(rclient)
+    app = SentTasks()
+    submitter = Submitter(app, state, Settings(chunk_size=2), node="p")
+    real = state.register
+    calls = []
+
+    def register_then_lose_the_answer(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return result
+
+    monkeypatch.setattr(state, "register", register_then_lose_the_answer)
+    submitter._send_chunk([{"k": "0" * 32, "u": "http://x/0"}, {"k": "1" * 32, "u": "http://x/1"}])
+    assert [[i["k"] for i in chunk] for chunk in app.sent] == [["0" * 32, "1" * 32]]
+    assert state.counts()["submitted"] == 2 and state.orphaned_chunks() == []
+
+
+def snap(written: int, queued: int = 0) -> dict:
+    return {"submitted": 5, "downloaded": written, "written": written, "failed": 0,
+            "queues": {"download": queued, "embed": 0, "unacked": 0}}
+
+
+def test_stall_needs_no_progress_and_nothing_queued_for_the_whole_wait(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr("producer.cli.time.monotonic", lambda: clock[0])
+    stall = Stall(10)
+    assert not stall.stalled(snap(1))
+    clock[0] = 9
+    assert not stall.stalled(snap(1))
+    clock[0] = 11
+    assert not stall.stalled(snap(1, queued=1))  # a message in a queue: not lost
+    clock[0] = 20
+    assert not stall.stalled(snap(1))
+    clock[0] = 22
+    assert stall.stalled(snap(1))  # 11 s with the same counts and nothing queued
+    assert not stall.stalled(snap(1))  # once per period
+    clock[0] = 40
+    assert not stall.stalled(snap(2))  # progress resets it
