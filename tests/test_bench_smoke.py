@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("records", "download", "embed", "scale")
+SECTIONS = ("records", "download", "embed", "device", "scale")
 
 
 def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path):
@@ -34,6 +34,10 @@ def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path)
     assert (worker["records"], worker["distinct"], worker["temp_shards"], worker["exit_code"]) == (
         embed["images"], embed["images"], 0, 0)
     assert "bare `Embedder.embed`" in summary and "Share of time per step" in summary
+
+    device = json.loads((tmp_path / "device.json").read_text())
+    assert device["model_gflops_per_image"] > 20 and device["peak_tflops"]["float32"] > 0
+    assert all(r["img_s"] > 0 and 0 < r["share_of_peak"] for r in device["rows"])
 
     scale = json.loads((tmp_path / "scale.json").read_text())
     assert [s["submitted"] for s in scale["submit"]] == [s["urls"] for s in scale["submit"]]
