@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from celery import Celery
 from kombu import Queue
 
@@ -11,6 +13,21 @@ DOWNLOAD_QUEUE = "download"
 EMBED_QUEUE = "embed"
 DOWNLOAD_TASK = "koala.download"
 EMBED_TASK = "koala.embed"
+
+
+class BrokerLossInOneLine(logging.Filter):
+    """Celery logs a lost broker connection with a chained traceback; keep it to one line (the
+    worker reconnects by itself, and the traceback tells nothing more)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and "Connection to broker lost" in str(record.msg):
+            error = record.exc_info[1]
+            record.msg = f"{str(record.msg).splitlines()[0]} ({type(error).__name__}: {error})"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("celery.worker.consumer.consumer").addFilter(BrokerLossInOneLine())
 
 
 def make_app(settings: Settings | None = None) -> Celery:

@@ -161,3 +161,20 @@ def test_stall_needs_no_progress_and_nothing_queued_for_the_whole_wait(monkeypat
     assert not stall.stalled(snap(1))  # once per period
     clock[0] = 40
     assert not stall.stalled(snap(2))  # progress resets it
+
+
+def test_a_lost_broker_connection_is_logged_in_one_line():
+    import logging
+
+    from common.celery_app import BrokerLossInOneLine
+
+    try:
+        raise redis.ConnectionError("Connection closed by server.")
+    except redis.ConnectionError:
+        import sys
+
+        record = logging.LogRecord("celery.worker.consumer.consumer", logging.WARNING, __file__, 1,
+                                   "consumer: Connection to broker lost. Trying to re-establish the "
+                                   "connection...", None, sys.exc_info())
+    assert BrokerLossInOneLine().filter(record)
+    assert record.exc_info is None and "ConnectionError: Connection closed by server." in record.getMessage()
