@@ -1,6 +1,7 @@
-"""`python -m bench --smoke`: every benchmark runs end to end in a tiny version and lands in the summary.
+"""`python -m bench --smoke`: the benchmarks run end to end in tiny versions and land in the summary.
 
-No timing is asserted (the machine is shared): only that each benchmark ran and reported.
+No timing is asserted (the machine is shared): only that each benchmark ran and reported. The
+default run smokes the benchmarks without the model; the `slow` group smokes all of them.
 """
 
 from __future__ import annotations
@@ -10,38 +11,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("records", "download", "embed", "device", "scale")
+WITHOUT_MODEL = ("records", "download", "scale")
 
 
-def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path):
-    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def run_smoke(out: Path, only: tuple[str, ...]) -> tuple[str, dict]:
+    """`python -m bench --smoke --only ...` into `out`: the summary text and its sections by name."""
+    command = [sys.executable, "-m", "bench", "--smoke", "--out", str(out), "--only", ",".join(only)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
     assert summary.startswith("# Koala fleet benchmarks")
     assert "## machine" in summary and "| cores |" in summary
     for name in SECTIONS:
         assert f"\n## {name}\n" in summary, name
-    sections = {s["name"]: s for s in json.loads((tmp_path / "summary.json").read_text())["sections"]}
+    sections = {s["name"]: s for s in json.loads((out / "summary.json").read_text())["sections"]}
     assert set(sections) == set(SECTIONS)
     for name in SECTIONS:
-        assert sections[name]["status"] == "ok", sections[name]
-        assert (tmp_path / f"{name}.json").exists()
+        assert sections[name]["status"] == ("ok" if name in only else "skipped"), sections[name]
+        assert (out / f"{name}.json").exists() == (name in only)
+    return summary, sections
 
-    embed = json.loads((tmp_path / "embed.json").read_text())
-    worker = embed["worker"]
-    assert (worker["records"], worker["distinct"], worker["temp_shards"], worker["exit_code"]) == (
-        embed["images"], embed["images"], 0, 0)
-    assert "bare `Embedder.embed`" in summary and "Share of time per step" in summary
 
-    device = json.loads((tmp_path / "device.json").read_text())
-    assert device["model_gflops_per_image"] > 20 and device["peak_tflops"]["float32"] > 0
-    assert all(r["img_s"] > 0 and 0 < r["share_of_peak"] for r in device["rows"])
-
-    scale = json.loads((tmp_path / "scale.json").read_text())
+def check_scale(out: Path) -> None:
+    scale = json.loads((out / "scale.json").read_text())
     assert [s["submitted"] for s in scale["submit"]] == [s["urls"] for s in scale["submit"]]
     bp = scale["backpressure"]
     assert bp["producer_waiting_after_hold"] and bp["all_chunks_sent"]
     assert bp["max_depth"] <= bp["limit"] + max(1, bp["limit"] // 10)  # room_for: a tenth per look
     assert all(r["failed"] == 0 for r in scale["download_rss"]["rounds"])
+
+
+def check_download(out: Path) -> None:
+    download = json.loads((out / "download.json").read_text())
+    assert all(r["success"] == r["images"] for r in download["runs"])
+    assert download["ceiling"]["ours"]["steps"]["encode_pixels"]["cpu_ms"] > 0
+
+
+def test_bench_smoke_without_the_model(tmp_path: Path):
+    run_smoke(tmp_path, WITHOUT_MODEL)
+    check_download(tmp_path)
+    check_scale(tmp_path)
+
+
+@pytest.mark.slow
+def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path):
+    summary, _ = run_smoke(tmp_path, SECTIONS)
+    embed = json.loads((tmp_path / "embed.json").read_text())
+    worker = embed["worker"]
+    assert (worker["records"], worker["distinct"], worker["temp_shards"], worker["exit_code"]) == (
+        embed["images"], embed["images"], 0, 0)
+    assert "bare `Embedder.embed`" in summary and "Share of time per step" in summary
+    device = json.loads((tmp_path / "device.json").read_text())
+    assert device["model_gflops_per_image"] > 20 and device["peak_tflops"]["float32"] > 0
+    assert all(r["img_s"] > 0 and 0 < r["share_of_peak"] for r in device["rows"])
+    check_download(tmp_path)
+    check_scale(tmp_path)
