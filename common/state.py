@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 import tenacity
@@ -157,6 +158,21 @@ retry_on_broker = tenacity.retry(
                                        s.outcome.exception(), s.next_action.sleep),
     reraise=True,
 )
+
+T = TypeVar("T")
+
+
+def call_retrying(fn: Callable[[], T]) -> tuple[T, bool]:
+    """fn() under retry_on_broker, and whether it took more than one attempt: an attempt whose
+    answer was lost with the connection may already have taken effect in Redis."""
+    attempts = 0
+
+    def attempt() -> T:
+        nonlocal attempts
+        attempts += 1
+        return fn()
+
+    return retry_on_broker(attempt)(), attempts > 1
 
 
 STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM}

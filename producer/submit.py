@@ -25,7 +25,15 @@ from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetch import FetchError, open_stream, policy_from_settings
 from common.settings import Settings
 from common.sources import ParseCounts, iter_items, url_problem
-from common.state import Failure, JobState, append_failure_log, now, retry_on_broker, room_for
+from common.state import (
+    Failure,
+    JobState,
+    append_failure_log,
+    call_retrying,
+    now,
+    retry_on_broker,
+    room_for,
+)
 
 
 @dataclass
@@ -192,15 +200,9 @@ class Submitter:
     def _register(self, keys: list[str], journal: tuple[str, str, bytes]) -> list[int]:
         """`JobState.register`, waiting for a lost Redis. An attempt whose answer was lost may have
         registered the keys: after a retry, keys pending in this run count as new (0)."""
-        attempts = 0
-
-        def attempt() -> list[int]:
-            nonlocal attempts
-            attempts += 1
-            return self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal)
-
-        verdicts = retry_on_broker(attempt)()
-        if attempts > 1:
+        verdicts, retried = call_retrying(
+            lambda: self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal))
+        if retried:
             mine = retry_on_broker(self.state.pending_in_run)(keys, self.run_tag)
             verdicts = [0 if v == 2 and m else v for v, m in zip(verdicts, mine, strict=True)]
         return verdicts

@@ -29,6 +29,7 @@ from common.state import (
     Failure,
     JobState,
     append_failure_log,
+    call_retrying,
     now,
     retry_on_broker,
     retry_on_disk,
@@ -116,8 +117,7 @@ class EmbedStage:
         """Append + fsync, claim in Redis; records another shard claimed first are left out."""
         path, start, _ = self.writer.append(serialized)
         try:
-            # waits for a lost Redis: a claim whose answer was lost may have been made
-            claimed = retry_on_broker(self._claim)([p["key"] for p in payloads], shard_token(path))
+            claimed = self._claim([p["key"] for p in payloads], shard_token(path))
         except BaseException:
             # unclaimed: the messages come back and are written again, so this copy must go
             self.writer.discard(start, [False] * len(serialized))
@@ -129,10 +129,12 @@ class EmbedStage:
         return sum(claimed)
 
     def _claim(self, keys: list[str], token: bytes) -> list[bool]:
-        """Claim the items for the shard `token`; per item, whether this shard owns it (asked
-        again after the claim, so a retried claim still knows its own earlier success)."""
-        self.state.mark_written_many(keys, token)
-        return [owner == token for owner in self.state.written_to(keys)]
+        """Claim the items for the shard `token`, waiting for a lost Redis; per item, whether this
+        shard owns it (read back after a retry: a claim whose answer was lost may have been made)."""
+        claimed, retried = call_retrying(lambda: self.state.mark_written_many(keys, token))
+        if retried:
+            claimed = [owner == token for owner in retry_on_broker(self.state.written_to)(keys)]
+        return claimed
 
     def fail(self, payload: dict, reason: str, detail: str) -> None:
         """Record an item that cannot become a record."""
