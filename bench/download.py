@@ -42,6 +42,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from bench.embed import machine_cpu_s
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CACHE = RESULTS / "cache"
@@ -259,13 +261,6 @@ def wait_rusage(proc: subprocess.Popen, deadline: float, poll: Callable[[], None
         time.sleep(0.02)
 
 
-def machine_cpu_s() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine since boot, of which stolen by the hypervisor)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICK, v[7] / TICK
-
-
 def self_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -460,17 +455,11 @@ def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dic
 # the lean send_task (zlib payload, a repr of every message and a task-sent event per image),
 # swapped in at start-up, so one run measures what those changes bought.
 BEFORE_WORKER = """
-import struct, sys, zlib
-import numpy as np
+import sys
+from bench.download import encode_pixels_default
 from common import images
 
-def encode_pixels(arr):
-    h, w, _ = arr.shape
-    delta = np.array(arr)
-    delta[1:] -= arr[:-1]
-    return b"U" + struct.pack(">HH", h, w) + zlib.compress(delta.data, 1)
-
-images.encode_pixels = encode_pixels
+images.encode_pixels = encode_pixels_default
 import workers.tasks as tasks
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
 from common.state import retry_on_broker

@@ -116,11 +116,18 @@ def log(msg: str) -> None:
     print(f"[bench {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def busy_seconds() -> float:
-    """CPU seconds the whole machine spent busy so far (all cores; /proc/stat, idle and iowait excluded)."""
+def machine_cpu_s() -> tuple[float, float]:
+    """(CPU seconds the whole machine spent busy since boot, all cores, idle and iowait excluded;
+    of which stolen by the hypervisor), from /proc/stat."""
     with open("/proc/stat") as f:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far."""
+    return machine_cpu_s()[0]
 
 
 def cpu_seconds(pid: int) -> float | None:
