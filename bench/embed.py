@@ -143,17 +143,12 @@ def cpu_seconds(pid: int) -> float | None:
 # ---- inputs -------------------------------------------------------------------------------------
 
 def ensure_checkpoint(cache: Path) -> Path:
-    """The generated checkpoint, written once (atomically) into the cache folder."""
-    path = cache / CHECKPOINT_NAME
-    if not path.exists():
-        from tests.checkpoint import write_fake_checkpoint
+    """The generated checkpoint, written once into the cache folder."""
+    from tests.checkpoint import fake_checkpoint_in
 
-        cache.mkdir(parents=True, exist_ok=True)
-        log(f"writing a generated checkpoint to {path} (once, ~230 MB)")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        write_fake_checkpoint(tmp)
-        os.replace(tmp, path)
-    return path
+    if not (cache / CHECKPOINT_NAME).exists():
+        log(f"writing a generated checkpoint to {cache / CHECKPOINT_NAME} (once, ~230 MB)")
+    return fake_checkpoint_in(cache)
 
 
 def make_images(n: int, distinct: int = 16) -> np.ndarray:

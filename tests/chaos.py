@@ -32,6 +32,7 @@ from pathlib import Path
 import redis
 
 from common import records
+from tests.checkpoint import fake_checkpoint_in
 from tests.servers import ImageServer, RedisServer, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -471,17 +472,6 @@ def enter_private_namespace() -> None:
                               "tests.chaos", *sys.argv[1:]])
 
 
-def fake_checkpoint(work: Path) -> Path:
-    """The generated-weights checkpoint, written once into the work folder."""
-    from tests.checkpoint import write_fake_checkpoint
-
-    path = work / "inception_resnet_v2_2016_08_30.ckpt"
-    if not path.exists():
-        write_fake_checkpoint(path.with_suffix(".part"))
-        path.with_suffix(".part").rename(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=10)
@@ -497,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     enter_private_namespace()
     args.work.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or fake_checkpoint(args.work)
+    checkpoint = args.checkpoint or fake_checkpoint_in(args.work)
     server = corpus_server()
     results: list[TrialResult] = []
     started = time.monotonic()

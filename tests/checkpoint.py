@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,3 +76,14 @@ def write_fake_checkpoint(path: Path, seed: int = 0, *, extra: dict | None = Non
     tensors.update({name: np.asarray(value) for name, value in (extra or {}).items()})
     write_v1_checkpoint(Path(path), tensors)
     return tensors
+
+
+def fake_checkpoint_in(folder: Path) -> Path:
+    """The seed-0 fake checkpoint under its release name in `folder`, written once (atomically)."""
+    path = Path(folder) / "inception_resnet_v2_2016_08_30.ckpt"
+    if not path.exists():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_fake_checkpoint(tmp)
+        os.replace(tmp, path)
+    return path
