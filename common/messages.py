@@ -1,0 +1,41 @@
+"""The shapes of the messages between the stages (msgpack, Celery task protocol 2 envelopes).
+
+`download` queue, task `koala.download`: args = [chunk], a list of items
+    {"k": md5 key, "u": URL} or {"k": key, "p": path in the folder, "b": file bytes}.
+`embed` queue, task `koala.embed`: args = [images], one message per download chunk, a list of
+    {"key": md5 key, "name": record name, "source": URL or path, "pixels": images.encode_pixels}.
+    A message of one image as a bare dict (args = [image], the format before chunks) is still read.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class EmbedImage(TypedDict):
+    """One 299×299 image on its way to the embed stage."""
+
+    key: str
+    name: str
+    source: str
+    pixels: bytes
+
+
+def embed_image(item: dict, pixels: bytes) -> EmbedImage:
+    """What the embed stage receives for one downloaded item of a chunk."""
+    source = item.get("u") or item.get("p") or ""
+    return {"key": item["k"], "name": item.get("p") or item["k"], "source": source, "pixels": pixels}
+
+
+def images_of(body: object) -> list[dict]:
+    """The images of an `embed` message body (task protocol 2: [args, kwargs, embed]); ValueError
+    when it is not one of ours. Both the chunk format and the older one-image format are read."""
+    try:
+        args, _kwargs, _embed = body  # type: ignore[misc]
+        payload = args[0]
+    except (TypeError, ValueError, KeyError, IndexError) as e:
+        raise ValueError(f"not an embed task body: {e}") from None
+    found = payload if isinstance(payload, list) else [payload]
+    if not all(isinstance(p, dict) and isinstance(p.get("key"), str) and "pixels" in p for p in found):
+        raise ValueError("an embed image without a key or pixels")
+    return found
