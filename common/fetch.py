@@ -1,30 +1,42 @@
-"""Guarded HTTP download: http(s) only, public addresses only (checked after DNS and on every
-redirect hop), byte limit, timeouts, an overall deadline, and retries only where they help."""
+"""Guarded HTTP download on urllib3: http(s) only, public addresses only (checked after DNS and on
+every redirect hop), byte limit, timeouts, an overall deadline that bounds every socket read (status
+line and headers included), and retries only where they help."""
 
 from __future__ import annotations
 
+import functools
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from http.client import HTTPException
 from ipaddress import IPv4Network, IPv6Network
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
-import requests
-import tenacity
-from requests.adapters import HTTPAdapter
+from urllib3 import BaseHTTPResponse, PoolManager, Timeout
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationValueError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
+from urllib3.util.ssl_ import create_urllib3_context
 
 from common.addresses import classify, parse_networks
 from common.settings import Settings
 from common.sources import url_problem
 
 _READ = 64 * 1024
+_DRAIN = 64 * 1024  # error and redirect bodies up to this size are read so the connection is kept
+_HEADERS = {"User-Agent": "", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "gzip, deflate"}
+_deadline = threading.local()  # .at: monotonic deadline of the download this thread runs
 
 
 class FetchError(Exception):
@@ -44,7 +56,7 @@ class TransientError(FetchError):
         self.retry_after = retry_after
 
 
-# Not OSError subclasses on purpose: urllib3 and requests re-wrap OSError, these pass through.
+# Not OSError subclasses on purpose: urllib3 re-wraps OSError, these pass through.
 class BlockedAddress(Exception):
     """The host resolved to an address the policy refuses."""
 
@@ -93,6 +105,74 @@ def resolve_checked(host: str, port: int, policy: Policy) -> list[tuple]:
     return infos
 
 
+# --- sockets whose reads stop at the download's deadline ---------------------------------------
+
+
+class _DeadlineReads:
+    """Socket mixin: each read waits at most the timeout urllib3 set and never past the deadline
+    of the download the calling thread runs (a server dribbling headers cannot hold it)."""
+
+    _wanted: float | None = None
+    _cut = False
+
+    def settimeout(self, value: float | None) -> None:
+        self._wanted, self._cut = value, False
+        super().settimeout(value)  # type: ignore[misc]
+
+    def _bound(self) -> None:
+        at = getattr(_deadline, "at", None)
+        left = None if at is None else at - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("the download deadline passed")
+        if left is not None and (self._wanted is None or left < self._wanted):
+            super().settimeout(left)  # type: ignore[misc]
+            self._cut = True
+        elif self._cut:
+            super().settimeout(self._wanted)  # type: ignore[misc]
+            self._cut = False
+
+    def recv_into(self, *args, **kwargs) -> int:
+        self._bound()
+        return super().recv_into(*args, **kwargs)  # type: ignore[misc]
+
+    def recv(self, *args, **kwargs) -> bytes:
+        self._bound()
+        return super().recv(*args, **kwargs)  # type: ignore[misc]
+
+
+class _DeadlineSocket(_DeadlineReads, socket.socket):
+    """A TCP socket with deadline-bounded reads."""
+
+
+class _DeadlineSSLSocket(_DeadlineReads, ssl.SSLSocket):
+    """A TLS socket with deadline-bounded reads (the SSL context creates it)."""
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verifying TLS context per process (certifi's roots, as requests used), shared by pools."""
+    context = create_urllib3_context()
+    context.sslsocket_class = _DeadlineSSLSocket
+    try:
+        import certifi
+
+        context.load_verify_locations(certifi.where())
+    except ImportError:
+        context.load_default_certs()
+    return context
+
+
+@contextmanager
+def _download_deadline(at: float) -> Iterator[None]:
+    """Socket reads in this thread stop at `at` (time.monotonic) while the block runs."""
+    previous = getattr(_deadline, "at", None)
+    _deadline.at = at
+    try:
+        yield
+    finally:
+        _deadline.at = previous
+
+
 def _guarded_conn(base: type[HTTPConnection], policy: Policy) -> type[HTTPConnection]:
     """A urllib3 connection class that connects only to addresses the policy allows."""
 
@@ -100,10 +180,11 @@ def _guarded_conn(base: type[HTTPConnection], policy: Policy) -> type[HTTPConnec
         def _new_conn(self) -> socket.socket:
             last: OSError | None = None
             for family, kind, proto, _, addr in resolve_checked(self._dns_host, self.port, policy):
-                sock = socket.socket(family, kind, proto)
+                sock = _DeadlineSocket(family, kind, proto)
                 try:
                     sock.settimeout(self.timeout)
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock._bound()  # the connect, too, ends at the deadline
                     sock.connect(addr)
                     return sock
                 except TimeoutError as e:
@@ -117,81 +198,86 @@ def _guarded_conn(base: type[HTTPConnection], policy: Policy) -> type[HTTPConnec
     return Guarded
 
 
-class GuardedAdapter(HTTPAdapter):
-    """A requests adapter whose connection pools use the guarded connections."""
+# --- the client ---------------------------------------------------------------------------------
+
+
+class Client:
+    """Pooled guarded connections (a urllib3 PoolManager) and the request headers; close() or `with`.
+    Proxy variables are never read: the guard must see the real peer."""
 
     def __init__(self, policy: Policy, pool_maxsize: int = 64):
-        self.policy = policy
-        super().__init__(pool_connections=256, pool_maxsize=pool_maxsize, max_retries=0)
-
-    def init_poolmanager(self, *args, **kwargs) -> None:
-        super().init_poolmanager(*args, **kwargs)
-        http_conn = _guarded_conn(HTTPConnection, self.policy)
-        https_conn = _guarded_conn(HTTPSConnection, self.policy)
-        self.poolmanager.pool_classes_by_scheme = {
-            "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        self.headers = {**_HEADERS, "User-Agent": policy.user_agent}
+        self.pool = PoolManager(num_pools=256, maxsize=pool_maxsize, retries=False,
+                                ssl_context=_tls_context())
+        self.pool.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (HTTPConnectionPool,),
+                         {"ConnectionCls": _guarded_conn(HTTPConnection, policy)}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,),
+                          {"ConnectionCls": _guarded_conn(HTTPSConnection, policy)}),
         }
 
+    def close(self) -> None:
+        self.pool.clear()
 
-def make_session(policy: Policy, pool_maxsize: int = 64) -> requests.Session:
-    """A pooled session that ignores proxy variables (the guard must see the real peer)."""
-    session = requests.Session()
-    session.trust_env = False
-    adapter = GuardedAdapter(policy, pool_maxsize)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update({"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
-    return session
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def fetch(url: str, session: requests.Session, policy: Policy) -> bytes:
+def make_session(policy: Policy, pool_maxsize: int = 64) -> Client:
+    """A pooled guarded client for fetch (keep one per process or thread pool)."""
+    return Client(policy, pool_maxsize)
+
+
+def fetch(url: str, session: Client, policy: Policy) -> bytes:
     """The body of url, following redirects, with retries; FetchError with a reason otherwise."""
     problem = url_problem(url)
     if problem:
         raise FetchError(*problem)
     start = time.monotonic()
-
-    def wait(state: tenacity.RetryCallState) -> float:
-        error = state.outcome.exception()
-        backoff = policy.backoff * 2 ** (state.attempt_number - 1)
-        return max(backoff, getattr(error, "retry_after", 0.0))
-
-    def stop(state: tenacity.RetryCallState) -> bool:
-        if state.attempt_number > policy.retries:
-            return True
-        return time.monotonic() - start + wait(state) >= policy.deadline
-
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(TransientError), wait=wait, stop=stop,
-        reraise=True, sleep=time.sleep)
-    return retrying(_attempt, url, session, policy, start)
+    attempts = 0
+    with _download_deadline(start + policy.deadline):
+        while True:
+            try:
+                return _attempt(url, session, policy, start)
+            except TransientError as e:
+                attempts += 1
+                pause = max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
+                if attempts > policy.retries or time.monotonic() - start + pause >= policy.deadline:
+                    raise
+                time.sleep(pause)
 
 
-def _attempt(url: str, session: requests.Session, policy: Policy, start: float) -> bytes:
+def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
     """One attempt, holding one of the host's slots: follow the redirects, read the body."""
     with policy.host_slot(urlsplit(url).hostname or ""):
-        with _open(url, session, policy, start) as response:
+        response = _open(url, client, policy, start)
+        try:
             return _read_body(response, policy, start)
+        finally:
+            response.close()  # a no-op once the body is read: the connection went back to the pool
 
 
-def _open(url: str, session: requests.Session, policy: Policy, start: float) -> requests.Response:
+def _open(url: str, client: Client, policy: Policy, start: float) -> BaseHTTPResponse:
     """The 2xx response at the end of url's redirect chain, every hop checked."""
     seen = {url}
     for _ in range(policy.max_redirects + 1):
         problem = url_problem(url)
         if problem:
             raise FetchError(*problem)
-        response = _get(url, session, policy, start)
-        if not response.is_redirect:
+        response = _get(url, client, policy, start)
+        location = response.get_redirect_location()
+        if not location:
             try:
                 _check_status(response)
             except FetchError:
-                response.close()
+                _discard(response)
                 raise
             return response
-        response.close()
-        target = urljoin(url, response.headers.get("Location", ""))
+        _discard(response)
+        target = urljoin(url, location)
         if target in seen:
             raise FetchError("redirect_loop", f"{url} redirects back to {target}")
         seen.add(target)
@@ -199,14 +285,23 @@ def _open(url: str, session: requests.Session, policy: Policy, start: float) -> 
     raise FetchError("redirect_loop", f"more than {policy.max_redirects} redirects")
 
 
+def _discard(response: BaseHTTPResponse) -> None:
+    """Done with a redirect or an error answer: keep the connection when its body is small."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) <= _DRAIN:
+        response.drain_conn()
+        response.release_conn()
+    else:
+        response.close()
+
+
 @contextmanager
 def open_stream(url: str, policy: Policy) -> Iterator[BinaryIO]:
     """A URL list (or any large body) as a binary stream, with the same guards but no size cap."""
-    session = make_session(policy, pool_maxsize=1)
-    response = _open(url, session, replace(policy, deadline=float("inf")), time.monotonic())
-    with session, response:
-        response.raw.decode_content = True
-        yield response.raw
+    with make_session(policy, pool_maxsize=1) as client:
+        response = _open(url, client, replace(policy, deadline=float("inf")), time.monotonic())
+        with response:
+            yield response  # type: ignore[misc]
 
 
 def policy_from_settings(settings: Settings) -> Policy:
@@ -226,33 +321,36 @@ def policy_from_settings(settings: Settings) -> Policy:
     )
 
 
-def _get(url: str, session: requests.Session, policy: Policy, start: float) -> requests.Response:
+def _get(url: str, client: Client, policy: Policy, start: float) -> BaseHTTPResponse:
     """Send one GET within the remaining deadline, turning exceptions into reasons."""
     remaining = policy.deadline - (time.monotonic() - start)
     if remaining <= 0:
         raise FetchError("timeout", f"no time left of the {policy.deadline:g}s deadline")
-    timeout = (min(policy.connect_timeout, remaining), min(policy.read_timeout, remaining))
+    timeout = Timeout(connect=min(policy.connect_timeout, remaining),
+                      read=min(policy.read_timeout, remaining))
     try:
-        return session.get(url, stream=True, timeout=timeout, allow_redirects=False)
+        return client.pool.urlopen("GET", url, headers=client.headers, redirect=False, retries=False,
+                                   preload_content=False, timeout=timeout)
     except BlockedAddress as e:
         raise FetchError("blocked_address", str(e)) from None
     except DnsFailure as e:
         raise TransientError("dns_error", str(e)) from None
-    except requests.exceptions.ConnectTimeout as e:
-        raise TransientError("timeout", f"connect timed out: {_cause(e)}") from None
-    except requests.exceptions.ReadTimeout as e:
-        raise TransientError("timeout", f"no response within {timeout[1]:g}s: {_cause(e)}") from None
-    except requests.exceptions.InvalidURL as e:
+    except LocationValueError as e:
         raise FetchError("invalid_url", str(e)) from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+    except NewConnectionError as e:  # a subclass of ConnectTimeoutError: test it first
         raise TransientError("connection_error", _cause(e)) from None
-    except requests.exceptions.RequestException as e:
-        raise FetchError("connection_error", _cause(e)) from None
+    except ConnectTimeoutError as e:
+        raise TransientError("timeout", f"connect timed out: {_cause(e)}") from None
+    except (ReadTimeoutError, TimeoutError) as e:
+        waited = f"no response within {timeout.read_timeout:g}s"
+        raise TransientError("timeout", f"{waited}: {_cause(e)}") from None
+    except (HTTPError, HTTPException, OSError) as e:
+        raise TransientError("connection_error", _cause(e)) from None
 
 
-def _check_status(response: requests.Response) -> None:
+def _check_status(response: BaseHTTPResponse) -> None:
     """Refuse non-2xx answers; 429 and 5xx are worth a retry."""
-    code = response.status_code
+    code = response.status
     if 200 <= code < 300:
         return
     detail = f"HTTP {code} {response.reason or ''}".strip()
@@ -269,45 +367,41 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
-def _read_body(response: requests.Response, policy: Policy, start: float) -> bytes:
+def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> bytes:
     """Read the body within the byte limit and the deadline."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
         raise FetchError("too_large", f"Content-Length {declared} exceeds {policy.max_bytes} bytes")
+    encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
     body = bytearray()
     try:
-        for chunk in _chunks(response):
-            body += chunk
-            if len(body) > policy.max_bytes:
-                raise FetchError("too_large", f"body exceeds {policy.max_bytes} bytes")
-            if time.monotonic() - start > policy.deadline:
-                raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline")
+        if declared.isdigit() and not encoded:
+            body += response.read()  # at most Content-Length bytes, already checked against the cap
+        else:
+            _read_capped(response, body, policy.max_bytes)
     except FetchError:
         raise
-    except requests.exceptions.ConnectionError as e:
-        raise TransientError("timeout" if "timed out" in str(e) else "truncated", _cause(e)) from None
-    except Exception as e:  # urllib3 protocol errors: the body stopped early or is malformed
-        if "timed out" in str(e) or isinstance(e, TimeoutError):
-            raise TransientError("timeout", f"read timed out after {len(body)} bytes") from None
+    except (ReadTimeoutError, TimeoutError):
+        raise TransientError("timeout", f"read timed out after {len(body)} bytes") from None
+    except (HTTPError, HTTPException, OSError, ValueError) as e:  # the body stopped early or is malformed
         raise TransientError("truncated", f"body ended after {len(body)} bytes: {_cause(e)}") from None
-    encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
+    if time.monotonic() - start > policy.deadline:
+        raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline")
     if declared.isdigit() and not encoded and len(body) != int(declared):
         raise TransientError("truncated", f"got {len(body)} of {declared} bytes")
     return bytes(body)
 
 
-def _chunks(response: requests.Response) -> Iterator[bytes]:
-    """Whatever bytes arrive, as they arrive (read1 never waits to fill a buffer)."""
-    raw = response.raw
-    while True:
-        chunk = raw.read1(_READ, decode_content=True)
-        if not chunk:
-            return
-        yield chunk
+def _read_capped(response: BaseHTTPResponse, body: bytearray, max_bytes: int) -> None:
+    """Append whatever bytes arrive (decoded) to body, refusing more than max_bytes."""
+    while chunk := response.read1(_READ, decode_content=True):
+        body += chunk
+        if len(body) > max_bytes:
+            raise FetchError("too_large", f"body exceeds {max_bytes} bytes")
 
 
 def _cause(error: BaseException) -> str:
-    """The innermost useful message of a wrapped requests/urllib3 exception."""
+    """The innermost useful message of a wrapped urllib3 exception."""
     inner = error
     while True:
         nxt = getattr(inner, "reason", None) or inner.__cause__ or inner.__context__

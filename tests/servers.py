@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import ssl
 import subprocess
 import threading
 import time
@@ -70,6 +72,7 @@ class Behaviour:
         self.in_flight = 0
         self.outage = False
         self.max_in_flight = 0
+        self.peers: set[tuple] = set()  # client (address, port) pairs seen: one per connection
         self.lock = threading.Lock()
 
     def hit(self, path: str) -> int:
@@ -103,6 +106,17 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
             self.send_header("Content-Length", "0")
             self.end_headers()
 
+        def dribble(self, gap: float) -> None:
+            """Each byte arrives well within any read timeout; the whole head takes minutes."""
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 600 + b"\r\n\r\n"
+            self.close_connection = True
+            try:
+                for byte in head:
+                    self.wfile.write(bytes([byte]))
+                    time.sleep(gap)
+            except OSError:
+                pass
+
         def do_GET(self) -> None:  # noqa: C901 - one branch per misbehaviour is the point
             path = urlsplit(self.path).path
             parts = path.strip("/").split("/")
@@ -110,6 +124,7 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
             port = port_ref[0]
             with behaviour.lock:
                 behaviour.user_agents.append(self.headers.get("User-Agent", ""))
+                behaviour.peers.add(self.client_address[:2])
             if head == "img" and rest in files:
                 self.send_body(files[rest], "application/octet-stream")
             elif head == "counted":  # /counted/<code>/<id>: counts hits, answers <code>
@@ -180,6 +195,8 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
                 self.redirect(f"http://127.0.0.2:{port}/img/jpeg_rgb")
             elif head == "to-image":
                 self.redirect(f"/img/{rest}", 301)
+            elif head == "dribble-headers":  # status line and headers one byte per `rest` seconds
+                self.dribble(float(rest or 0.2))
             elif head == "list":  # a URL list served over HTTP
                 self.send_body(files["__list__"], "text/plain")
             else:
@@ -189,20 +206,29 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
 
 
 class ImageServer:
-    """A threaded HTTP server on 127.0.0.1 serving generated images and misbehaving routes."""
+    """A threaded HTTP server on 127.0.0.1 serving generated images and misbehaving routes;
+    HTTPS when given `tls` = (certificate chain file, key file)."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], tls: tuple[Path, Path] | None = None):
         self.files = files
         self.behaviour = Behaviour()
         self._port: list[int] = [0]
+        self.scheme = "https" if tls else "http"
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(files, self.behaviour, self._port))
         self.httpd.daemon_threads = True
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            # the handshake then happens in the handler's thread, not in the accept loop
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
+                                                    do_handshake_on_connect=False)
+            self.httpd.handle_error = lambda *args: None  # failed handshakes are what some tests want
         self._port[0] = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self._port[0]}"
+        return f"{self.scheme}://127.0.0.1:{self._port[0]}"
 
     def start(self) -> ImageServer:
         self.thread.start()
@@ -211,6 +237,19 @@ class ImageServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path] | None:
+    """A certificate for 127.0.0.1 and its key (openssl CLI), or None without openssl."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        return None
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
 
 
 def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import time
+from collections.abc import Iterator
 
 import pytest
 
+from common import fetch as fetch_module
 from common.addresses import parse_networks
 from common.fetch import FetchError, Policy, fetch, make_session, open_stream
-from tests.servers import ImageServer
+from tests.servers import ImageServer, self_signed_cert
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +140,56 @@ def test_user_agent_is_configurable(image_server: ImageServer):
     with make_session(custom) as s:
         fetch(f"{image_server.base}/img/png_rgb", s, custom)
     assert image_server.behaviour.user_agents[-1] == "koala-test/9"
+
+
+def test_headers_dribbled_a_byte_at_a_time_end_at_the_deadline(image_server: ImageServer):
+    # every byte comes well within the read timeout; only the overall deadline can stop it
+    short = Policy(allow_private=True, connect_timeout=2, read_timeout=1, deadline=2, retries=3, backoff=0.1)
+    with make_session(short) as s:
+        started = time.monotonic()
+        assert reason_of(f"{image_server.base}/dribble-headers/0.2", s, short) == "timeout"
+    assert time.monotonic() - started < 3.5
+
+
+def test_connections_are_kept_alive_across_downloads_and_small_errors(images):
+    server = ImageServer(dict(images)).start()
+    try:
+        p = Policy(allow_private=True, retries=0)
+        with make_session(p) as s:
+            for _ in range(3):
+                assert fetch(f"{server.base}/img/png_rgb", s, p) == images["png_rgb"]
+                assert reason_of(f"{server.base}/status/404", s, p) == "http_error"
+                assert fetch(f"{server.base}/to-image/jpeg_rgb", s, p) == images["jpeg_rgb"]
+        assert len(server.behaviour.peers) == 1
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_server(images, tmp_path_factory) -> Iterator[ImageServer]:
+    tls = self_signed_cert(tmp_path_factory.mktemp("tls"))
+    if tls is None:
+        pytest.skip("no openssl to make a certificate")
+    server = ImageServer(dict(images), tls=tls).start()
+    server.cert = tls[0]  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_https_with_an_untrusted_certificate_fails(tls_server: ImageServer):
+    p = Policy(allow_private=True, retries=0)
+    with make_session(p) as s:
+        assert reason_of(f"{tls_server.base}/img/png_rgb", s, p) == "connection_error"
+
+
+def test_https_downloads_and_its_deadline_bounds_dribbled_headers(tls_server: ImageServer, images,
+                                                                  monkeypatch):
+    context = ssl.create_default_context(cafile=str(tls_server.cert))  # type: ignore[attr-defined]
+    context.sslsocket_class = fetch_module._DeadlineSSLSocket
+    monkeypatch.setattr(fetch_module, "_tls_context", lambda: context)
+    p = Policy(allow_private=True, connect_timeout=2, read_timeout=1, deadline=2, retries=3, backoff=0.1)
+    with make_session(p) as s:
+        assert fetch(f"{tls_server.base}/img/jpeg_rgb", s, p) == images["jpeg_rgb"]
+        started = time.monotonic()
+        assert reason_of(f"{tls_server.base}/dribble-headers/0.2", s, p) == "timeout"
+    assert time.monotonic() - started < 3.5
