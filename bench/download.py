@@ -3,6 +3,15 @@
 Run: .venv/bin/python -m bench.download [--images 2000] [--latency 0.05] [--rounds 3] [--workers 2]
                                         [--threads 64] [--json bench/results/download.json]
      .venv/bin/python -m bench.download --smoke      (40 images, 1 round, no img2dataset: ~30 s)
+     .venv/bin/python -m bench.download --scenario mix [--mix good=0.4,http404=0.25,...]
+                                        [--mix-timeout 10] [--mix-retries 1]   (as root)
+     .venv/bin/python -m bench.download --scenario mix --smoke   (60 URLs, 2 s timeouts, ours only)
+
+`--scenario mix` is ImageNet's fall11_urls.txt as it is today, mostly dead links: good images (after
+the latency), 404s, parked-domain HTML pages, names that do not resolve (*.invalid), connects that hang
+(a port whose backlog is full), slow servers (the image dribbled), shuffled; both tools get the same
+list, timeout and retry count. The whole run re-executes itself in a private network namespace that
+holds only loopback (`unshare --net`; needs root): nothing leaves the machine, names fail at once.
 
 What runs, all on 127.0.0.1:
 - a threaded keep-alive HTTP server in its own process serving a generated corpus of ImageNet-like
@@ -15,7 +24,9 @@ What runs, all on 127.0.0.1:
 The two tools alternate, `--rounds` times each. Per run: images/s, CPU-seconds per image (all
 processes of the tool: img2dataset's whole process tree; our workers + redis-server + producer),
 peak RSS (sum over the tool's processes, sampled every 0.2 s), successes. Then single-thread costs
-of each step of both paths on the same corpus (the ceiling), and a markdown table.
+of each step of both paths on the same corpus (the ceiling; the clean scenario only), among them the
+CPU per response of common.fetch, of the requests path it replaced and of a bare http.client GET, and a
+markdown table.
 Ratios, not absolute numbers, are what to compare: the machine is shared and noisy.
 """
 
@@ -27,17 +38,21 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import resource
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 import numpy as np
@@ -135,8 +150,10 @@ def corpus_stats(paths: list[Path]) -> dict:
 # --- the image server (its own process) -------------------------------------------------------
 
 
-def _serve(folder: str, n: int, latency: float, conn) -> None:
-    """Serve /img/<i>.jpg from memory, sleeping `latency` s first (`?nolatency` skips it)."""
+def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0) -> None:
+    """Serve /img/<i>.jpg from memory, sleeping `latency` s first (`?nolatency` skips it); for the
+    mix also /html/... (a parked-domain page), /slow/<i>.jpg (the image dribbled over `slow_s` s)
+    and a second port that never accepts (its backlog is full: connects hang until they time out)."""
     files = {f"{i:05d}.jpg": (Path(folder) / f"{i:05d}.jpg").read_bytes() for i in range(n)}
 
     class Handler(BaseHTTPRequestHandler):
@@ -147,38 +164,60 @@ def _serve(folder: str, n: int, latency: float, conn) -> None:
 
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            body = files.get(path.rsplit("/", 1)[-1])
+            kind, name = path.strip("/").partition("/")[::2]
+            body = files.get(name.rsplit("/", 1)[-1])
             if latency and "nolatency" not in query:
                 time.sleep(latency)
-            code, ctype = (200, "image/jpeg") if body is not None else (404, "text/plain")
-            body = body if body is not None else b"not found"
+            if kind == "html":
+                self.answer(200, "text/html", b"<html><body>This domain is for sale</body></html>")
+            elif kind == "slow" and body is not None:
+                self.answer(200, "image/jpeg", body, dribble=slow_s)
+            elif body is not None:
+                self.answer(200, "image/jpeg", body)
+            else:
+                self.answer(404, "text/plain", b"not found")
+
+        def answer(self, code: int, ctype: str, body: bytes, dribble: float = 0.0) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not dribble:
+                self.wfile.write(body)
+                return
+            step = math.ceil(len(body) / 20)
+            for i in range(0, len(body), step):  # 20 pieces, evenly over `dribble` seconds
+                self.wfile.write(body[i:i + step])
+                time.sleep(dribble / 20)
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         request_queue_size = 1024  # many clients connect at once; the default 5 drops SYNs
 
     httpd = Server(("127.0.0.1", 0), Handler)
-    conn.send(httpd.server_address[1])
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(0)
+    filler = socket.create_connection(hang.getsockname())  # fills the backlog: later SYNs are dropped
+    conn.send((httpd.server_address[1], hang.getsockname()[1]))
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
-    httpd.serve_forever()
+    try:
+        httpd.serve_forever()
+    finally:
+        filler.close()
 
 
 class CorpusServer:
-    """The image server process; `base` is its URL."""
+    """The image server process; `base` is its URL, `hang_port` the port that never accepts."""
 
-    def __init__(self, n: int, latency: float):
+    def __init__(self, n: int, latency: float, slow_s: float = 3.0):
         parent, child = multiprocessing.get_context("fork").Pipe()
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(str(corpus_dir()), n, latency, child), daemon=True)
+            target=_serve, args=(str(corpus_dir()), n, latency, child, slow_s), daemon=True)
         self.proc.start()
         if not parent.poll(120):
             raise RuntimeError("the image server did not start")
-        self.port = parent.recv()
+        self.port, self.hang_port = parent.recv()
         self.base = f"http://127.0.0.1:{self.port}"
 
     def urls(self, n: int) -> list[str]:
@@ -187,6 +226,97 @@ class CorpusServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.join(10)
+
+
+# --- the realistic mix (what fall11_urls.txt is today: mostly dead links) ------------------------
+
+
+DEFAULT_MIX = "good=0.40,http404=0.25,dns=0.20,html=0.05,slow=0.05,hang=0.05"
+SUCCEEDS = ("good", "slow")
+NETNS_FLAG = "KOALA_BENCH_NETNS"
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Shares of URL kinds, and the limits both tools get: good (image after the latency), slow (the
+    image dribbled over slow_s), http404, html (a parked-domain page), dns (a name that does not
+    resolve), hang (a port whose backlog is full: the connect hangs until the timeout)."""
+
+    shares: dict[str, float]
+    timeout: float
+    retries: int
+    slow_s: float
+
+    def urls(self, server: CorpusServer, n: int, seed: int = 11) -> tuple[list[str], dict[str, int]]:
+        """n URLs in the shares (shuffled, same list every run), and how many of each kind."""
+        counts = {kind: int(share * n) for kind, share in self.shares.items()}
+        counts["good"] = counts.get("good", 0) + n - sum(counts.values())
+        kinds = [kind for kind, c in counts.items() for _ in range(c)]
+        random.Random(seed).shuffle(kinds)
+        return [self.url(kind, i, server) for i, kind in enumerate(kinds)], counts
+
+    @staticmethod
+    def url(kind: str, i: int, server: CorpusServer) -> str:
+        return {"good": f"{server.base}/img/{i:05d}.jpg", "slow": f"{server.base}/slow/{i:05d}.jpg",
+                "http404": f"{server.base}/img/gone-{i:05d}.jpg", "html": f"{server.base}/html/{i:05d}",
+                "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
+                "hang": f"http://127.0.0.1:{server.hang_port}/img/{i:05d}.jpg"}[kind]
+
+    def our_env(self) -> dict[str, str]:
+        return {"KOALA_CONNECT_TIMEOUT": f"{self.timeout:g}", "KOALA_READ_TIMEOUT": f"{self.timeout:g}",
+                "KOALA_RETRIES": str(self.retries)}
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`good=0.4,dns=0.2,...` as shares (normalized to sum 1)."""
+    kinds = ("good", "slow", "http404", "html", "dns", "hang")
+    shares: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, _, value = part.partition("=")
+        if kind not in kinds:
+            raise click.BadParameter(f"unknown kind {kind!r} (known: {', '.join(kinds)})")
+        shares[kind] = float(value)
+    total = sum(shares.values())
+    if total <= 0:
+        raise click.BadParameter("the shares must add up to more than 0")
+    return {k: v / total for k, v in shares.items()}
+
+
+def enter_private_network() -> None:
+    """Re-run this command in a new network namespace holding only loopback (no route: no packet
+    leaves the machine, names fail to resolve at once); servers, Redis, workers and img2dataset then
+    all start inside it. Needs root (or CAP_SYS_ADMIN), unshare and ip."""
+    if os.environ.get(NETNS_FLAG):
+        return
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if not (unshare and ip):
+        raise click.ClickException("--scenario mix needs unshare (util-linux) and ip (iproute2)")
+    log("entering a private network namespace (loopback only)")
+    inner = ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh",
+             sys.executable, "-m", "bench.download", *sys.argv[1:]]
+    os.execve(unshare, [unshare, "--net", "--", *inner], {**os.environ, NETNS_FLAG: "1"})
+
+
+def check_private_network() -> dict:
+    """Refuse to run the mix unless the network has no way out and names fail fast."""
+    probe = socket.socket()
+    try:
+        probe.settimeout(1)
+        probe.connect(("192.0.2.1", 80))  # TEST-NET-1: must be unreachable here
+        raise click.ClickException("a route leaves this network namespace; refusing to run the mix")
+    except OSError as e:
+        if isinstance(e, TimeoutError):
+            raise click.ClickException("packets leave this namespace (connect timed out)") from None
+        unreachable = e.strerror
+    finally:
+        probe.close()
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo("koala-bench.invalid", 80)
+        raise click.ClickException("koala-bench.invalid resolves here; refusing to run the mix")
+    except socket.gaierror as e:
+        dns = f"{e.strerror} in {time.monotonic() - started:.3f} s"
+    return {"outside_address": unreachable, "dns_failure": dns}
 
 
 # --- process accounting from /proc -------------------------------------------------------------
@@ -338,8 +468,10 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
 
 
 def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, threads: int,
-                    server: CorpusServer, timeout: float) -> dict:
-    """One img2dataset run over the list; timing, CPU, RSS and successes."""
+                    server: CorpusServer, timeout: float, fetch_timeout: float = 10, retries: int = 0
+                    ) -> dict:
+    """One img2dataset run over the list; timing, CPU, RSS and successes (`fetch_timeout`, `retries`:
+    its --timeout and --retries; it retries every failure, at once)."""
     out = RESULTS / "tmp" / f"i2d-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     per_shard = max(1, math.ceil(n / processes))  # one shard per process: all of them busy
@@ -349,8 +481,8 @@ def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, thread
            "--output_folder", str(out), "--processes_count", str(processes),
            "--thread_count", str(threads), "--image_size", str(SIZE), "--resize_mode", "border",
            "--output_format", "files", "--encode_quality", "95",
-           "--number_sample_per_shard", str(per_shard), "--timeout", "10", "--retries", "0",
-           "--enable_wandb", "False",
+           "--number_sample_per_shard", str(per_shard), "--timeout", f"{fetch_timeout:g}",
+           "--retries", str(retries), "--enable_wandb", "False",
            "--distributor", "multiprocessing"]
     env = clean_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     log_path = RESULTS / "tmp" / "i2d-last.log"
@@ -480,7 +612,7 @@ class Fleet:
     """A redis-server and `workers` download workers, kept up across rounds (as a fleet is)."""
 
     def __init__(self, workers: int, concurrency: int, per_host: int, workdir: Path,
-                 variant: str | None = None):
+                 variant: str | None = None, extra_env: dict[str, str] | None = None):
         from tests.servers import RedisServer, worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
@@ -496,6 +628,7 @@ class Fleet:
             "KOALA_CONNECT_TIMEOUT": "10", "KOALA_READ_TIMEOUT": "10",
             "KOALA_DOWNLOAD_DEADLINE": "60", "KOALA_RETRY_BACKOFF": "1",
             "KOALA_MAX_BYTES": "25000000", "KOALA_MAX_PIXELS": "89478485",
+            **(extra_env or {}),
         })
         for var in PROXY_VARS:
             self.env.pop(var, None)
@@ -550,7 +683,7 @@ class Fleet:
         sampler = Sampler(lambda: fleet_pids + [p.pid for p in producer if p.returncode is None])
         sampler.start()
         out_path = self.workdir / "submit.json"
-        count = failed = payload_bytes = 0
+        count = failed = payload_bytes = messages = 0
         check = None
         t_first = t_last = 0.0
         sink_cpu0 = time.thread_time()
@@ -562,20 +695,19 @@ class Fleet:
         prod_usage: tuple[int, float, float] | None = None
         t_done = None
         next_count = 0.0
-        drain = self.client.pipeline(transaction=True)
-        sampled = 0
         while True:
-            # The sink stands for the embed stage, which runs elsewhere: it should cost this
-            # machine little. The first messages are read and checked; after that it counts and
-            # deletes in one atomic step (LLEN + DEL), moving no payload.
-            if check is None:
-                batch = self.client.rpop("embed", 16)
-                taken = len(batch or [])
-                if batch:
-                    check = _check_message(batch[0], images)
-                    payload_bytes, sampled = sum(len(m) for m in batch), len(batch)
-            else:
-                taken = drain.llen("embed").delete("embed").execute()[0]
+            # The sink stands for the embed stage, which runs elsewhere. A message carries a chunk's
+            # images (or one, in the older format): it counts images, decoding only the envelope
+            # and the msgpack body; the first image's pixels are checked as the embed stage reads them.
+            batch = self.client.rpop("embed", 64) or []
+            taken = 0
+            for raw in batch:
+                found, problem = _images_in(raw)
+                if problem or (check is None and found):
+                    check = problem or _check_pixels(found[0], images)
+                taken += len(found)
+                payload_bytes += len(raw)
+            messages += len(batch)
             if taken:
                 t_last = time.perf_counter()
                 t_first = t_first or t_last
@@ -618,7 +750,8 @@ class Fleet:
                   "steady_images_per_s": round((count - 1) / (t_last - t_first), 1)
                   if t_first and t_last > t_first else None,
                   **background.finish(cpu, wall),
-                  "bytes_per_message": round(payload_bytes / max(sampled, 1)), "payload_check": check}
+                  "bytes_per_message": round(payload_bytes / max(messages, 1)),
+                  "images_per_message": round(count / max(messages, 1), 2), "payload_check": check}
         if t_done is None:
             result["timed_out"] = True
         if failed:
@@ -638,15 +771,24 @@ class Fleet:
         self.redis.stop()
 
 
-def _check_message(raw: bytes, images) -> str:
-    """Decode one embed message as the embed stage would: kombu envelope -> msgpack -> pixels."""
+def _images_in(raw: bytes) -> tuple[list[dict], str | None]:
+    """The images of one raw `embed` message (kombu JSON envelope -> msgpack body ->
+    common.messages.images_of), and what was wrong if it cannot be read."""
     import msgpack
 
+    from common.messages import images_of
+
     try:
-        envelope = json.loads(raw)
-        body = base64.b64decode(envelope["body"])
-        args = msgpack.unpackb(body, raw=False)[0]
-        pixels = images.decode_pixels(args[0]["pixels"])
+        body = base64.b64decode(json.loads(raw)["body"])
+        return images_of(msgpack.unpackb(body, raw=False)), None
+    except Exception as e:  # a report, not a crash
+        return [], f"cannot decode: {type(e).__name__}: {e}"
+
+
+def _check_pixels(image: dict, images) -> str:
+    """Decode one image's pixels as the embed stage would."""
+    try:
+        pixels = images.decode_pixels(image["pixels"])
         return f"{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]} ok"
     except Exception as e:  # a report, not a crash
         return f"cannot decode: {type(e).__name__}: {e}"
@@ -672,9 +814,9 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     from common import images
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.fetch import fetch, make_session, policy_from_settings
+    from common.messages import embed_image
     from common.settings import Settings
     from common.state import JobState, connect
-    from workers.download import embed_message
 
     size = (SIZE, SIZE)
     datas = [p.read_bytes() for p in files]
@@ -682,7 +824,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     rgbs = [images.load_rgb(d, size=size) for d in datas]
     payloads = [images.encode_pixels(a) for a in rgbs]
     keys = [f"{i:032x}" for i in range(len(datas))]
-    messages = [embed_message({"k": k, "u": u}, p) for k, u, p in zip(keys, urls, payloads, strict=True)]
+    messages = [embed_image({"k": k, "u": u}, p) for k, u, p in zip(keys, urls, payloads, strict=True)]
     settings = Settings(broker_url=redis_url, allow_private_addresses=True,
                         per_host_connections=4, embed_queue_limit=10**9)
     policy = policy_from_settings(settings)
@@ -706,12 +848,102 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
                                     kwargsrepr="{}"), messages),
         "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded(pending.pop()), keys),
         "Redis PING round trip": _cost(lambda k: client.ping(), keys),
-        "fetch (requests, loopback, no latency)": _cost(
-            lambda u: fetch(u + "?nolatency", session, policy), urls),
+        **fetch_costs(urls, policy, session, fetch),
     }
     client.delete(EMBED_QUEUE)
     return {"steps": steps, "payload_bytes": round(float(np.mean([len(p) for p in payloads]))),
             "what_if": what_if(decoded, rgbs, messages, client, settings)}
+
+
+def fetch_costs(urls: list[str], policy, session, fetch: Callable) -> dict:
+    """CPU per response over loopback keep-alive (no latency), in one run: common.fetch on urllib3,
+    the requests path it replaced, and a bare http.client GET (the floor)."""
+    urls = [u + "?nolatency" for u in urls]
+    before = requests_fetch_before(policy)
+    floor = http_client_get(urls[0])
+    return {"fetch (urllib3 guarded, loopback, no latency)": _cost(lambda u: fetch(u, session, policy), urls),
+            "fetch (requests, before)": _cost(before, urls),
+            "GET with http.client (floor: no guards)": _cost(floor, urls)}
+
+
+def requests_fetch_before(policy) -> Callable[[str], bytes]:
+    """common.fetch's hot path as it was on requests (Session + guarded adapter, tenacity per call,
+    host slot, status check, capped read1 loop), so one run measures what leaving requests bought."""
+    import requests
+    import tenacity
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection
+    from urllib3.connectionpool import HTTPConnectionPool
+
+    from common.fetch import FetchError, TransientError, resolve_checked
+    from common.sources import url_problem
+
+    class Guarded(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            family, kind, proto, _, addr = resolve_checked(self._dns_host, self.port, policy)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.settimeout(self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect(addr)
+            return sock
+
+    class Adapter(HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {
+                "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Guarded})}
+
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("http://", Adapter(pool_connections=256, pool_maxsize=4, max_retries=0))
+    session.headers.update({"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
+
+    def attempt(url: str, start: float) -> bytes:
+        with policy.host_slot(urlsplit(url).hostname or ""):
+            with session.get(url, stream=True, timeout=(policy.connect_timeout, policy.read_timeout),
+                             allow_redirects=False) as response:
+                if response.is_redirect or not 200 <= response.status_code < 300:
+                    raise FetchError("http_error", f"HTTP {response.status_code}")
+                body = bytearray()
+                while chunk := response.raw.read1(65536, decode_content=True):
+                    body += chunk
+                    if len(body) > policy.max_bytes or time.monotonic() - start > policy.deadline:
+                        raise FetchError("too_large", "over the limit")
+                return bytes(body)
+
+    def fetch(url: str) -> bytes:
+        if problem := url_problem(url):
+            raise FetchError(*problem)
+        start = time.monotonic()
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            return max(policy.backoff * 2 ** (state.attempt_number - 1),
+                       getattr(state.outcome.exception(), "retry_after", 0.0))
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            late = time.monotonic() - start + wait(state) >= policy.deadline
+            return state.attempt_number > policy.retries or late
+
+        retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientError), wait=wait,
+                                     stop=stop, reraise=True, sleep=time.sleep)
+        return retrying(attempt, url, start)
+
+    return fetch
+
+
+def http_client_get(url: str) -> Callable[[str], bytes]:
+    """A GET on one kept-alive http.client connection to url's host: no guards, no pool."""
+    import http.client
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+
+    def get(u: str) -> bytes:
+        path = urlsplit(u)
+        conn.request("GET", f"{path.path}?{path.query}")
+        return conn.getresponse().read()
+
+    return get
 
 
 def encode_pixels_default(arr: np.ndarray) -> bytes:
@@ -796,7 +1028,7 @@ def summarize(runs: list[dict]) -> dict:
         groups.setdefault(name, []).append(r)
     med = {name: {k: median(rows, k) for k in ("images_per_s", "steady_images_per_s", "cpu_s_per_image",
                                                "peak_rss_mb", "wall_s", "others_cores")}
-           | {"runs": len(rows), "all_images": all(r["success"] == r["images"] for r in rows)}
+           | {"runs": len(rows), "all_images": all(r["success"] == _expected(r) for r in rows)}
            for name, rows in groups.items()}
     out: dict = {"medians": med}
     i2d = [k for k in med if k.startswith("img2dataset")]
@@ -813,6 +1045,11 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
+def _expected(run: dict) -> int:
+    """Images the run could deliver (the mix's good and slow URLs; every image when clean)."""
+    return run.get("expected", run["images"])
+
+
 def _ratios(a: dict, b: dict) -> dict:
     out = {"ratio_images_per_s": round(a["images_per_s"] / b["images_per_s"], 2),
            "ratio_cpu_s_per_image": round(a["cpu_s_per_image"] / b["cpu_s_per_image"], 2)}
@@ -821,10 +1058,36 @@ def _ratios(a: dict, b: dict) -> dict:
     return out
 
 
+def mix_lines(result: dict) -> list[str]:
+    """What the mix was and how each tool's last run failed (empty for the clean scenario)."""
+    mix = result["config"].get("mix")
+    if not mix:
+        return []
+    kinds = ", ".join(f"{k} {v}" for k, v in mix["counts"].items())
+    lines = [f"Mix of {result['config']['images']} URLs: {kinds}; {mix['expected_successes']} can succeed. "
+             f"Both tools: timeout {mix['timeout_s']:g} s, "
+             f"{mix['retries']} retries (img2dataset retries every failure at once; ours timeouts, "
+             f"connection and DNS errors, 429 and 5xx, after a {mix['our_retry_backoff_s']} s backoff "
+             f"doubling, within a {mix['our_deadline_s']} s deadline). Slow servers dribble an image over "
+             f"{mix['slow_s']:g} s. Run in a private network namespace (loopback only; "
+             f"{result.get('network', {}).get('dns_failure', '')}). images/s and CPU-s per image count "
+             "successful images only: the dead links' cost is in them.", ""]
+    last: dict[str, dict] = {}
+    for r in result["runs"]:
+        last[r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"] = r
+    for name, r in last.items():
+        why = r.get("failures_by_reason") or r.get("errors") or {}
+        top = sorted(why.items(), key=lambda kv: -kv[1])[:6]
+        listed = "; ".join(f"{k[:70]}: {v}" for k, v in top) or "none"
+        lines.append(f"- {name}, last run's failures: {listed}")
+    return [*lines, ""]
+
+
 def markdown(result: dict) -> str:
     """The tables printed to stdout and written to download.md."""
     cfg = result["config"]
-    lines = [f"## Download + resize to {SIZE}x{SIZE}: ours vs img2dataset", "",
+    title = "clean corpus" if cfg.get("scenario", "clean") == "clean" else "realistic mix (mostly dead links)"
+    lines = [f"## Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset", "",
              f"`{cfg['command']}`  ", f"{cfg['images']} images ({result['corpus']['mean_kb']} KB, "
              f"{result['corpus']['mean_mpix']} Mpix on average), {cfg['latency']} s latency per "
              f"response, {cfg['workers']} processes each, {os.cpu_count()} CPU cores; "
@@ -834,7 +1097,7 @@ def markdown(result: dict) -> str:
              "first image out to the last; CPU-s per image and cores used: all processes of the tool "
              "(img2dataset's process tree; our workers + redis-server + producer), not the image server "
              "nor the counting sink; others: cores used by other jobs on this shared machine during "
-             "the run.", "",
+             "the run.", "", *mix_lines(result),
              "| run | tool | images/s | steady images/s | CPU-s per image | cores used | peak RSS MB "
              "| ok / images | wall s | others (cores) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -842,7 +1105,7 @@ def markdown(result: dict) -> str:
         tool = r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"
         lines.append(f"| {i} | {tool} | {r['images_per_s']} | {r.get('steady_images_per_s')} | "
                      f"{r['cpu_s_per_image']:.4f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']} | "
-                     f"{r['success']} / {r['images']} | "
+                     f"{r['success']} / {_expected(r)} | "
                      f"{r['wall_s']} | {r.get('others_cores')} |")
     summary = result["summary"]
     lines += ["", "| median | images/s | steady images/s | CPU-s per image | peak RSS MB | runs "
@@ -905,45 +1168,78 @@ def markdown(result: dict) -> str:
               help="before each run, wait up to this many seconds for other jobs' load to drop")
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["before"]),
               help="also run ours with the earlier publish path swapped in (see BEFORE_WORKER)")
-@click.option("--smoke", is_flag=True, help="40 images, 1 round, no img2dataset")
+@click.option("--scenario", type=click.Choice(["clean", "mix"]), default="clean", show_default=True,
+              help="clean: every URL a good image; mix: mostly dead links (see --mix), in a private "
+                   "network namespace")
+@click.option("--mix", "mix_text", default=DEFAULT_MIX, show_default=True,
+              help="shares of URL kinds for --scenario mix")
+@click.option("--mix-timeout", type=float, default=10, show_default=True,
+              help="mix: img2dataset --timeout; ours: connect and read timeouts")
+@click.option("--mix-retries", type=int, default=1, show_default=True,
+              help="mix: img2dataset --retries and ours KOALA_RETRIES")
+@click.option("--slow-seconds", type=float, default=3, show_default=True,
+              help="mix: seconds a slow server takes to dribble an image")
+@click.option("--smoke", is_flag=True, help="40 images (mix: 60, 2 s timeouts), 1 round, no img2dataset")
 @click.option("--no-img2dataset", is_flag=True, help="measure ours only")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="default bench/results/download.json (download-smoke.json with --smoke)")
+              help="default bench/results/download[-mix][-smoke].json")
 def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,
-         ceiling_sample: int, quiet_wait: float, variants: tuple[str, ...], smoke: bool, no_img2dataset: bool,
+         ceiling_sample: int, quiet_wait: float, variants: tuple[str, ...], scenario: str, mix_text: str,
+         mix_timeout: float, mix_retries: int, slow_seconds: float, smoke: bool, no_img2dataset: bool,
          json_path: str | None) -> None:
     """Download + resize throughput and CPU: ours vs img2dataset on a loopback corpus."""
     if smoke:
         images, rounds, no_img2dataset, ceiling_sample, quiet_wait = 40, 1, True, min(ceiling_sample, 20), 0
+    mix = None
+    if scenario == "mix":
+        if smoke:
+            images, mix_timeout, slow_seconds = 60, min(mix_timeout, 2), min(slow_seconds, 1)
+        mix = Mix(parse_mix(mix_text), mix_timeout, mix_retries, slow_seconds)
+        ceiling_sample = 0  # the single-thread step costs are the clean scenario's
+        ensure_corpus(images)  # what needs the network (pip) or many files, before leaving it
+        if not no_img2dataset:
+            ensure_img2dataset()
+        enter_private_network()
     thread_counts = [int(t) for t in threads.split(",") if t.strip()]
-    default_name = "download-smoke.json" if smoke else "download.json"
+    default_name = f"download{'-mix' if mix else ''}{'-smoke' if smoke else ''}.json"
     json_out = Path(json_path) if json_path else RESULTS / default_name
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "tmp").mkdir(exist_ok=True)
     command = "python -m bench.download " + " ".join(sys.argv[1:])
     paths = ensure_corpus(images)
-    result: dict = {"config": {"command": command.strip(), "images": images, "latency": latency,
-                               "rounds": rounds, "workers": workers, "concurrency": concurrency,
-                               "img2dataset_threads": thread_counts, "ceiling_sample": ceiling_sample,
-                               "cpu_count": os.cpu_count(),
+    result: dict = {"config": {"command": command.strip(), "scenario": scenario, "images": images,
+                               "latency": latency, "rounds": rounds, "workers": workers,
+                               "concurrency": concurrency, "img2dataset_threads": thread_counts,
+                               "ceiling_sample": ceiling_sample, "cpu_count": os.cpu_count(),
                                "per_host_connections": concurrency, "chunk_size": 16},
                     "corpus": corpus_stats(paths), "runs": []}
+    if mix:
+        result["network"] = check_private_network()
     bindir = None
     if not no_img2dataset:
         bindir, info = ensure_img2dataset()
         result["img2dataset_version" if bindir else "img2dataset_error"] = info
         if bindir is None:
             log(info)
-    server = CorpusServer(images, latency)
-    url_list = RESULTS / "tmp" / f"urls-{images}.txt"
+    server = CorpusServer(images, latency, slow_seconds)
+    url_list = RESULTS / "tmp" / f"urls-{scenario}-{images}.txt"
     urls = server.urls(images)
-    url_list.write_text("\n".join(urls) + "\n")
-    timeout = max(120.0, images / 5)
+    expected = images
+    if mix:
+        mixed, counts = mix.urls(server, images)
+        expected = sum(counts.get(k, 0) for k in SUCCEEDS)
+        result["config"]["mix"] = {"counts": counts, "expected_successes": expected,
+                                   "timeout_s": mix.timeout, "retries": mix.retries, "slow_s": mix.slow_s,
+                                   "our_deadline_s": 60, "our_retry_backoff_s": 1}
+    url_list.write_text("\n".join(mixed if mix else urls) + "\n")
+    timeout = max(120.0, images / 5) + (2 * (mix.retries + 1) * mix.timeout + mix.slow_s if mix else 0)
+    i2d_limits = {"fetch_timeout": mix.timeout, "retries": mix.retries} if mix else {}
     fleets: list[Fleet] = []
     try:
         for variant in (None, *variants):
             name = f"fleet-{variant}" if variant else "fleet"
-            fleets.append(Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / name, variant))
+            fleets.append(Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / name, variant,
+                                mix.our_env() if mix else None))
             result.setdefault("ours_startup", {"wall_s": fleets[0].startup_s,
                                                "cpu_s": fleets[0].startup_cpu_s})
         if bindir:
@@ -954,16 +1250,18 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
             if bindir:
                 for t in thread_counts:
                     before = wait_quiet(quiet_wait) if quiet_wait else None
-                    r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout)
+                    r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout, **i2d_limits)
                     log(f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
-                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{images}")
-                    result["runs"].append({"round": round_no, "others_before_cores": before, **r})
+                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}")
+                    result["runs"].append({"round": round_no, "others_before_cores": before,
+                                           "expected": expected, **r})
             for fleet in fleets:
                 before = wait_quiet(quiet_wait) if quiet_wait else None
                 r = fleet.run(url_list, images, server, timeout)
                 log(f"round {round_no} {fleet.name}: {r['images_per_s']} img/s, "
-                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{images}")
-                result["runs"].append({"round": round_no, "others_before_cores": before, **r})
+                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}")
+                result["runs"].append({"round": round_no, "others_before_cores": before,
+                                       "expected": expected, **r})
         if ceiling_sample:
             sample = paths[:ceiling_sample]
             fleets[0].reset()

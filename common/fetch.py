@@ -253,18 +253,20 @@ def fetch(url: str, session: Client, policy: Policy) -> bytes:
 def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
     """One attempt, holding one of the host's slots: follow the redirects, read the body."""
     with policy.host_slot(urlsplit(url).hostname or ""):
-        response = _open(url, client, policy, start)
+        response = _open(url, client, policy, start, checked=True)
         try:
             return _read_body(response, policy, start)
         finally:
             response.close()  # a no-op once the body is read: the connection went back to the pool
 
 
-def _open(url: str, client: Client, policy: Policy, start: float) -> BaseHTTPResponse:
-    """The 2xx response at the end of url's redirect chain, every hop checked."""
+def _open(url: str, client: Client, policy: Policy, start: float, checked: bool = False
+          ) -> BaseHTTPResponse:
+    """The 2xx response at the end of url's redirect chain, every hop checked (`checked`: the
+    caller already checked url itself)."""
     seen = {url}
-    for _ in range(policy.max_redirects + 1):
-        problem = url_problem(url)
+    for hop in range(policy.max_redirects + 1):
+        problem = None if checked and hop == 0 else url_problem(url)
         if problem:
             raise FetchError(*problem)
         response = _get(url, client, policy, start)
