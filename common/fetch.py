@@ -289,8 +289,8 @@ def _open(url: str, client: Client, policy: Policy, start: float, checked: bool 
 
 def _discard(response: BaseHTTPResponse) -> None:
     """Done with a redirect or an error answer: keep the connection when its body is small."""
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) <= _DRAIN:
+    declared = _framed_length(response)
+    if declared is not None and declared <= _DRAIN:
         response.drain_conn()
         response.release_conn()
     else:
@@ -375,10 +375,11 @@ def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> byte
     if declared.isdigit() and int(declared) > policy.max_bytes:
         raise FetchError("too_large", f"Content-Length {declared} exceeds {policy.max_bytes} bytes")
     encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
+    length = _framed_length(response)
     body = bytearray()
     try:
-        if declared.isdigit() and not encoded:
-            body += response.read()  # at most Content-Length bytes, already checked against the cap
+        if length is not None and not encoded:
+            body += response.read(length)  # one read: the length is within the cap
         else:
             _read_capped(response, body, policy.max_bytes)
     except FetchError:
@@ -392,6 +393,12 @@ def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> byte
     if declared.isdigit() and not encoded and len(body) != int(declared):
         raise TransientError("truncated", f"got {len(body)} of {declared} bytes")
     return bytes(body)
+
+
+def _framed_length(response: BaseHTTPResponse) -> int | None:
+    """Content-Length when it frames the body (with Transfer-Encoding, chunks do: it is ignored)."""
+    declared = response.headers.get("Content-Length", "")
+    return int(declared) if declared.isdigit() and "Transfer-Encoding" not in response.headers else None
 
 
 def _read_capped(response: BaseHTTPResponse, body: bytearray, max_bytes: int) -> None:

@@ -169,9 +169,11 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
                 self.send_header("Content-Length", str(10**9))
                 self.end_headers()
                 self.wfile.write(b"\xff" * 1024)
-            elif head == "huge-chunked":  # no Content-Length: the limit must count bytes
+            elif head in ("huge-chunked", "huge-chunked-short-length"):  # the limit must count bytes
                 self.send_response(200)
                 self.send_header("Transfer-Encoding", "chunked")
+                if head == "huge-chunked-short-length":  # a Content-Length the chunks override
+                    self.send_header("Content-Length", "100")
                 self.end_headers()
                 block = b"\xff" * 65536
                 try:

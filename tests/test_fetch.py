@@ -47,6 +47,7 @@ def test_redirect_to_an_image_is_followed(image_server: ImageServer, images, ses
     ("/status/500", "http_error"),
     ("/huge-declared", "too_large"),
     ("/huge-chunked", "too_large"),
+    ("/huge-chunked-short-length", "too_large"),
     ("/lying-length", "truncated"),
     ("/loop/a", "redirect_loop"),
     ("/to-file", "bad_scheme"),
