@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     embed_queue_limit: int = Field(1_000, description="images queued for embedding before download workers hold back")
 
     # Download stage
-    download_concurrency: int = Field(32, description="chunks downloaded at once per download worker (threads)")
+    download_concurrency: int = Field(64, description="downloads in flight per download worker (threads); the worker takes 2 × this / chunk_size chunks at once")
     per_host_connections: int = Field(8, description="downloads in flight to one host per download worker")
     connect_timeout: float = Field(10.0, description="seconds to connect")
     read_timeout: float = Field(20.0, description="seconds to wait for each read")
@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     batch_wait: float = Field(2.0, description="seconds an embed worker waits to fill a batch before running a partial one")
     mixed_precision: bool = Field(False, description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)")
     xla: bool = Field(False, description="1 compiles the model with XLA")
+    null_model: bool = Field(False, description="benchmark only: 1 replaces the model's forward pass by zeros (records useless for training); never in a real run")
     cache_dir: Path = Field(Path.home() / ".cache" / "koala", description="where a downloaded or extracted checkpoint is kept")
 
     # Images and records

@@ -309,6 +309,14 @@ class JobState:
         """submitted -> downloaded; False when the item was not pending submission."""
         return self._move(key, DOWNLOADED, SUBMITTED)
 
+    def mark_downloaded_many(self, keys: Sequence[str]) -> list[bool]:
+        """mark_downloaded for many items, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for key in keys:
+            bucket, field = self._slot(key)
+            self._transition(keys=[bucket], args=[self.counts_key, field, DOWNLOADED, SUBMITTED], client=pipe)
+        return [bool(x) for x in pipe.execute()]
+
     def mark_written(self, key: str, shard: bytes = b"") -> bool:
         """submitted/downloaded -> written into `shard` (a short token); False when already final."""
         return self._move(key, WRITTEN + shard, SUBMITTED + DOWNLOADED)

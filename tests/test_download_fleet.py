@@ -26,14 +26,16 @@ def koala(redis_url: str, out_dir: Path, *args: str) -> subprocess.CompletedProc
 
 
 def embed_messages(rclient) -> list[dict]:
-    """Decode every message waiting on the embed queue (kombu envelope, msgpack body)."""
+    """Decode every image waiting on the embed queue (kombu envelope, msgpack body, a list of
+    images per message)."""
     out = []
     for raw in rclient.lrange("embed", 0, -1):
         envelope = json.loads(raw)
         assert envelope["content-type"] == "application/x-msgpack"
         args, kwargs, _ = msgpack.unpackb(base64.b64decode(envelope["body"]), raw=False)
         assert envelope["headers"]["task"] == "koala.embed"
-        out.append(args[0])
+        assert isinstance(args[0], list) and args[0]  # one message per chunk, never empty
+        out += args[0]
     return out
 
 
@@ -104,7 +106,7 @@ def test_submit_download_every_item_accounted_once(image_server: ImageServer, im
     assert s["downloaded"] == len(good)
     assert s["failed"] == len(bad)
     assert s["pending"] == len(good)  # nothing is written until the embed stage runs
-    assert s["queues"]["embed"] == len(good)
+    assert 0 < s["queues"]["embed"] < len(good)  # messages: a chunk's images travel together
 
     # every good image reaches the embed queue once, with the pixels of the reference resize
     messages = embed_messages(rclient)
@@ -133,7 +135,7 @@ def test_submit_download_every_item_accounted_once(image_server: ImageServer, im
     assert json.loads(again.stdout)["new"] == 0 and json.loads(again.stdout)["requeued"] == 0
     s2 = status()
     assert (s2["submitted"], s2["downloaded"], s2["failed"]) == (s["submitted"], s["downloaded"], s["failed"])
-    assert s2["queues"]["download"] == 0 and s2["queues"]["embed"] == len(good)
+    assert s2["queues"]["download"] == 0 and len(embed_messages(rclient)) == len(good)
 
     # `koala failures --reason` filters
     only = json.loads(koala(redis_url, workers.out_dir, "failures", "--json", "--reason", "timeout").stdout)
@@ -150,7 +152,7 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(images, worker
     workers.start("download", "-c", "2")
     result = koala(redis_url, workers.out_dir, "submit", str(folder), "--json")
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: rclient.llen("embed") == 2 and rclient.hget("koala:counts", "failed") == b"1",
+    wait_for(lambda: len(embed_messages(rclient)) == 2 and rclient.hget("koala:counts", "failed") == b"1",
              60, "2 images and 1 failure", workers.logs)
     by_name = {m["name"]: m for m in embed_messages(rclient)}
     assert set(by_name) == {"a.jpg", "sub/b.png"}
@@ -197,7 +199,7 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     (folder / "wide.jpg").write_bytes(images["jpeg_rgb"])
     workers.start("download", "-c", "1", KOALA_RESIZE_MODE=mode)
     assert koala(redis_url, workers.out_dir, "submit", str(folder)).returncode == 0
-    wait_for(lambda: rclient.llen("embed") == 1, 60, "one image", workers.logs)
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "one image", workers.logs)
     got = img.decode_pixels(embed_messages(rclient)[0]["pixels"])
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
 
@@ -232,7 +234,7 @@ def test_keep_originals_writes_md5_named_files(image_server: ImageServer, images
     listing.write_text("\n".join(urls))
     workers.start("download", "--keep-originals", str(keep))
     assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
-    wait_for(lambda: rclient.llen("embed") == 2, 60, "two images", workers.logs)
+    wait_for(lambda: len(embed_messages(rclient)) == 2, 60, "two images", workers.logs)
     assert sorted(p.name for p in keep.iterdir()) == sorted([f"{md5(urls[0])}.jpg", f"{md5(urls[1])}.png"])
     assert (keep / f"{md5(urls[0])}.jpg").read_bytes() == images["jpeg_rgb"]
 
@@ -290,7 +292,7 @@ def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer,
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{image_server.base}/img/png_rgb\n")
     assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
-    wait_for(lambda: rclient.llen("embed") == 1, 30, "the worker to go on working", workers.logs)
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
     assert worker.poll() is None
     assert not marker.exists()
     assert "pickle" in workers.logs().lower()
@@ -330,7 +332,7 @@ def test_redis_with_a_password(image_server: ImageServer, tmp_path):
         listing = tmp_path / "urls.txt"
         listing.write_text(f"{image_server.base}/img/png_rgb\n")
         assert koala(server.url, team.out_dir, "submit", str(listing)).returncode == 0
-        wait_for(lambda: server.client().llen("embed") == 1, 30, "one image", team.logs)
+        wait_for(lambda: len(embed_messages(server.client())) == 1, 30, "one image", team.logs)
         no_password = server.url.replace(":s3cret-for-tests@", "")
         refused = koala(no_password, team.out_dir, "status", "--json", "--interval", "0")
         assert refused.returncode != 0 and "cannot reach Redis" in refused.stderr

@@ -66,9 +66,9 @@ def test_two_workers_with_the_same_message_write_it_once(tmp_path, state):
     assert first.process(batch[:2]) == 2
     # the second got all three (a visibility-timeout re-delivery) and checked state before the
     # first claimed: simulate by bypassing the state check with the writer path directly
-    serialized = [second._record(p, ((np.zeros((299, 299), np.float32)), np.zeros((299, 299, 2), np.float32)),
+    serialized = [second._record(p, np.zeros((299, 299), np.float32), np.zeros((299, 299, 2), np.float32),
                                  np.zeros(1001, np.float32)) for p in batch]
-    assert second._write(batch, serialized) == 1  # only the third was unclaimed
+    assert second._write(batch, serialized) == [False, False, True]  # only the third was unclaimed
     first.close()
     second.close()
     assert names_in(tmp_path) == sorted(p["key"] for p in batch)
@@ -98,7 +98,7 @@ def test_recovery_keeps_owned_and_unclaimed_records_once_and_cuts_the_tail(tmp_p
     s.process(batch[:2])  # written and claimed
     temp = s.writer.path
     # a batch appended but not claimed (killed before the claim), then a repeat and half a record
-    serialized = [s._record(p, ((np.zeros((299, 299), np.float32)), np.zeros((299, 299, 2), np.float32)),
+    serialized = [s._record(p, np.zeros((299, 299), np.float32), np.zeros((299, 299, 2), np.float32),
                             np.zeros(1001, np.float32)) for p in batch[1:]]
     s.writer.append(serialized)
     # another shard claimed item 3 first

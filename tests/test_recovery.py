@@ -11,13 +11,13 @@ import pytest
 import redis
 
 from common import records
-from common.celery_app import make_app
 from common.settings import Settings
 from common.state import JobState, is_storage_error
 from producer.cli import Stall
 from producer.submit import Submitter
 from tests.test_embed_stage import names_in, payload, register, stage
-from workers.batching import BatchConsumer
+from workers.embed import Batch
+from workers.pipeline import Pipeline
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
@@ -50,42 +50,49 @@ def test_a_shard_the_disk_refused_to_publish_is_published_later(tmp_path, monkey
     assert not list(tmp_path.glob(".*.tmp")) and writer.unpublished == 0
 
 
-class FakeMessage:
-    def __init__(self) -> None:
-        self.acked = 0
+def refusing(append, refusals: int, error: OSError = ENOSPC):
+    """`append` that raises `error` the first `refusals` times."""
+    calls = []
 
-    def ack(self) -> None:
-        self.acked += 1
+    def refuse(records_: list[bytes]):
+        calls.append(1)
+        if len(calls) <= refusals:
+            raise error
+        return append(records_)
+
+    return refuse
 
 
-def test_embed_consumer_does_not_ack_while_the_disk_refuses(caplog):
-    outcomes = [ENOSPC, 2]
-
-    def process(payloads: list[dict]) -> int:
-        outcome = outcomes.pop(0)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    consumer = BatchConsumer(make_app(Settings()), process, batch_size=2, max_wait=0.1)
-    messages = [FakeMessage(), FakeMessage()]
-    consumer.buffer = [({"key": "a"}, messages[0]), ({"key": "b"}, messages[1])]
-    assert consumer._flush() is False
-    assert [m.acked for m in messages] == [0, 0] and len(consumer.buffer) == 2
+def test_the_pipeline_holds_a_batch_while_the_disk_refuses(tmp_path, rclient, monkeypatch, caplog):
+    state = JobState(rclient)
+    batch = [payload(i) for i in range(2)]
+    register(state, batch)
+    s = stage(tmp_path, state, "a")
+    monkeypatch.setattr(s.writer, "append", refusing(s.writer.append, 1))
+    pipeline = Pipeline(s, threading.Event())
+    pipeline.submit(Batch(batch, messages=["m1", "m2"]))
+    assert pipeline.finished(timeout=0.5) == []  # refused: held, nothing to ack
     assert "No space left on device" in caplog.text and "not acknowledging 2 messages" in caplog.text
-    assert consumer._flush() is True
-    assert [m.acked for m in messages] == [1, 1] and consumer.buffer == [] and consumer.written == 2
+    done = pipeline.finished(timeout=10)  # tried again after 1 s
+    assert [(b.messages, b.written) for b in done] == [(["m1", "m2"], 2)] and pipeline.in_flight == 0
+    pipeline.close()
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in batch)
 
 
-def test_embed_consumer_stopping_lets_held_messages_go_unacked():
-    def process(payloads: list[dict]) -> int:
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    consumer = BatchConsumer(make_app(Settings()), process, batch_size=1, max_wait=0.1)
-    consumer.stopping.set()
-    message = FakeMessage()
-    consumer.buffer = [({"key": "a"}, message)]
-    assert consumer._flush() is False and consumer.buffer == [] and message.acked == 0
+def test_stopping_while_the_disk_refuses_lets_the_batch_go_unwritten(tmp_path, rclient, monkeypatch):
+    state = JobState(rclient)
+    batch = [payload(0)]
+    register(state, batch)
+    s = stage(tmp_path, state, "a")
+    monkeypatch.setattr(s.writer, "append", refusing(s.writer.append, 99, OSError(errno.EROFS, "read-only")))
+    stopping = threading.Event()
+    stopping.set()
+    pipeline = Pipeline(s, stopping)
+    pipeline.submit(Batch(batch, messages=["m"]))
+    pipeline.close(timeout=10)
+    assert pipeline.finished() == [] and [b.messages for b in pipeline.let_go()] == [["m"]]
+    assert pipeline.in_flight == 0 and state.counts()["written"] == 0
 
 
 def test_a_claim_whose_answer_was_lost_keeps_its_records(tmp_path: Path, rclient, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 
@@ -15,7 +16,8 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--concurrency", "-c", type=int, default=None, help="chunks downloaded at once (threads)")
+@click.option("--concurrency", "-c", type=int, default=None,
+              help="downloads in flight (threads; default KOALA_DOWNLOAD_CONCURRENCY)")
 @click.option("--keep-originals", type=click.Path(file_okay=False), default=None,
               help="also save downloaded bytes as <md5>.<ext> here")
 @click.option("--name", "-n", default=None, help="unique node name (default download-<pid>@<host>)")
@@ -27,12 +29,16 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
         os.environ["KOALA_KEEP_ORIGINALS"] = os.path.abspath(keep_originals)
     from common.settings import get_settings
 
+    if concurrency:
+        os.environ["KOALA_DOWNLOAD_CONCURRENCY"] = str(concurrency)
     settings = get_settings()
     from workers.tasks import app
 
+    # the downloads of a chunk run at once on the stage's pool; two chunks per pool's worth of
+    # threads keep the pool busy while a chunk waits for its last image
+    chunks = max(2, math.ceil(2 * settings.download_concurrency / settings.chunk_size))
     app.worker_main([
-        "worker", "-Q", "download", "-P", "threads",
-        "-c", str(concurrency or settings.download_concurrency),
+        "worker", "-Q", "download", "-P", "threads", "-c", str(chunks),
         "-n", name or f"download-{os.getpid()}@{socket.gethostname()}",
         "-E", "-l", loglevel, "--without-gossip", "--without-mingle",
     ])

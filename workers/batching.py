@@ -1,6 +1,7 @@
-"""The embed queue's consumer: collects messages into batches (size or maximum wait), hands
-them to the embed stage, acks after it returns. A plain kombu consumer, not a Celery task,
-so that acks follow the durable write exactly and nothing is buffered unacked for long.
+"""The embed queue's consumer: collects messages into batches (size or maximum wait), hands them
+to the embed stage's pipeline, acks each message once its batch is written. A plain kombu
+consumer, not a Celery task, so that acks follow the durable write exactly and nothing is
+buffered unacked for long.
 It still shows in Flower: it sends Celery's worker and task events (a batch is one
 `koala.embed` task) and answers the control commands Flower asks workers (`inspect`)."""
 
@@ -13,7 +14,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
 
 import redis
 from celery import Celery
@@ -21,32 +21,34 @@ from kombu import Message, Queue
 from kombu.exceptions import OperationalError
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
+from common.messages import images_of
 from common.state import is_storage_error
+from workers.embed import Batch, EmbedStage
+from workers.pipeline import Pipeline, one_line
 
 log = logging.getLogger("koala.embed")
 
-Process = Callable[[list[dict]], int]
-
 
 class BatchConsumer:
-    """Consume the embed queue in batches until stopped (SIGTERM/SIGINT finish the batch)."""
+    """Consume the embed queue into batches for the pipeline until stopped (SIGTERM/SIGINT finish
+    the batches in flight); ack each message once its batch is written."""
 
-    def __init__(self, app: Celery, process: Process, *, batch_size: int, max_wait: float,
-                 on_idle: Callable[[], None] = lambda: None, hostname: str = "embed"):
+    def __init__(self, app: Celery, stage: EmbedStage, *, batch_size: int, max_wait: float,
+                 hostname: str = "embed", max_in_flight: int = 4):
         self.app = app
         self.hostname = hostname
         self.events: FlowerEvents | None = None
-        self.process = process
         self.batch_size = batch_size
         self.max_wait = max_wait
-        self.on_idle = on_idle
         self.stopping = threading.Event()
-        self.buffer: list[tuple[dict, Message]] = []
+        self.pipeline = Pipeline(stage, self.stopping, max_in_flight=max_in_flight)
+        self.buffer: list[tuple[list[dict], Message]] = []  # received, not yet submitted
+        self.buffered = 0  # images in the buffer
         self.written = 0
-        self.disk_delay = 0.0  # current backoff while the output disk refuses writes
+        self._first = 0.0  # when the buffer's first message came
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM and SIGINT: finish the current batch, then stop."""
+        """SIGTERM and SIGINT: finish the batches in flight, then stop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
 
@@ -55,17 +57,25 @@ class BatchConsumer:
         delay = 0.5
         broker_errors = (*self.app.connection().connection_errors, OperationalError, redis.ConnectionError,
                          redis.TimeoutError)
-        while not self.stopping.is_set():
-            try:
-                self._consume()
-                delay = 0.5
-            except broker_errors as e:
-                if is_storage_error(e):
-                    raise  # not the broker's: _flush and _idle deal with the disk
-                self.buffer.clear()  # unacked: the broker gives them back after the visibility timeout
-                log.warning("broker unreachable (%s); reconnecting in %.1fs", one_line(e), delay)
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 30)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self._consume()
+                    delay = 0.5
+                except broker_errors as e:
+                    if is_storage_error(e):
+                        raise  # not the broker's: the pipeline deals with the disk
+                    # unacked: the broker gives them back after the visibility timeout (already
+                    # written ones are then skipped), so batches in flight are not waited for
+                    self.buffer, self.buffered = [], 0
+                    log.warning("broker unreachable (%s); reconnecting in %.1fs", one_line(e), delay)
+                    self.stopping.wait(delay)
+                    delay = min(delay * 2, 30)
+        finally:
+            self.stopping.set()
+            self.pipeline.close(timeout=60)
+        if self.pipeline.error is not None:
+            raise self.pipeline.error
 
     def _consume(self) -> None:
         with self.app.connection_for_read() as conn:
@@ -73,9 +83,12 @@ class BatchConsumer:
             queue = Queue(EMBED_QUEUE)
             self.events = FlowerEvents(self.app, conn, self.hostname)
             control = control_node(self.app, conn, self.hostname, self)
+            # Flow control is ours (we drain only while there is room); the prefetch limit only
+            # has to exceed what we hold: one-image messages of every batch in flight.
+            prefetch = self.batch_size * (self.pipeline.max_in_flight + 2)
             with conn.Consumer(queue, callbacks=[self._on_message], accept=["msgpack"],
-                               prefetch_count=self.batch_size, on_decode_error=self._on_decode_error):
-                log.info("consuming %s in batches of %d", EMBED_QUEUE, self.batch_size)
+                               prefetch_count=prefetch, on_decode_error=self._on_decode_error):
+                log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
                 try:
                     self._loop(conn)
                 finally:
@@ -83,92 +96,69 @@ class BatchConsumer:
                     self.events.close()
 
     def _loop(self, conn) -> None:
-        """Drain messages into the buffer; flush when full, due, or stopping."""
-        first = 0.0
+        """Drain messages into the buffer, submit it when full or due, ack what the pipeline wrote;
+        return once stopping and nothing is held."""
         while True:
             stopping = self.stopping.is_set()
-            if not stopping and len(self.buffer) < self.batch_size:
+            self._ack(self.pipeline.finished())
+            if self.pipeline.error is not None:
+                return
+            if not stopping and self.buffered < self.batch_size and self.pipeline.has_room():
                 try:
-                    conn.drain_events(timeout=0.2)
+                    conn.drain_events(timeout=0.05 if self.pipeline.in_flight else 0.2)
                 except TimeoutError:
                     pass
-            if self.buffer and not first:
-                first = time.monotonic()
-            due = self.buffer and (len(self.buffer) >= self.batch_size or stopping
-                                   or time.monotonic() - first >= self.max_wait)
-            if due:
-                if self._flush():
-                    first = 0.0
-            else:
-                self._idle()
-            self.events.heartbeat(active=len(self.buffer))
+            elif not self.pipeline.has_room():
+                self._ack(self.pipeline.finished(timeout=0.05))
+            if self.buffer and self.pipeline.has_room() and (
+                    stopping or self.buffered >= self.batch_size
+                    or time.monotonic() - self._first >= self.max_wait):
+                self._submit()
+            self.events.heartbeat(active=self.buffered + self.pipeline.in_flight)
             if stopping and not self.buffer:
-                return
+                self._let_go()
+                if not self.pipeline.in_flight:
+                    return
 
     def _on_message(self, body: object, message: Message) -> None:
         try:
-            args, _kwargs, _embed = body  # Celery task protocol 2
-            payload = args[0]
-            payload["key"]  # noqa: B018 - a payload without a key is not ours
-        except (TypeError, ValueError, KeyError, IndexError):
-            log.error("dropping a malformed embed message: %.200r", body)
+            images = images_of(body)
+        except ValueError as e:
+            log.error("dropping a malformed embed message (%s): %.200r", e, body)
             message.ack()
             return
-        self.buffer.append((payload, message))
+        if not self.buffer:
+            self._first = time.monotonic()
+        self.buffer.append((images, message))
+        self.buffered += len(images)
 
     def _on_decode_error(self, message: Message, error: Exception) -> None:
         """Refused content (pickle, anything not msgpack) is dropped unexecuted."""
         log.error("refusing a message with content type %s: %s", message.content_type, error)
         message.ack()
 
-    def _flush(self) -> bool:
-        """Process the buffer and ack it; True when done. When the output disk refuses (full,
-        read-only), nothing is acked: the batch is kept and tried again after a backoff."""
-        batch = self.buffer
-        started = time.monotonic()
-        try:
-            written = self.process([payload for payload, _ in batch])
-        except OSError as e:
-            if not is_storage_error(e):
-                raise
-            self._disk_refused(e, len(batch))
-            return False
-        self.buffer = []
-        self.disk_delay = 0.0
-        for _, message in batch:
-            message.ack()
-        self.written += written
-        if self.events:
-            self.events.batch(len(batch), written, time.monotonic() - started)
-        return True
+    def _submit(self) -> None:
+        batch = Batch([image for images, _ in self.buffer for image in images],
+                      [message for _, message in self.buffer])
+        self.buffer, self.buffered = [], 0
+        self.pipeline.submit(batch)
 
-    def _idle(self) -> None:
-        """The idle hook (age rotation), its disk errors logged, not raised."""
-        try:
-            self.on_idle()
-            self.disk_delay = 0.0
-        except OSError as e:
-            if not is_storage_error(e):
-                raise
-            self._disk_refused(e, 0)
+    def _ack(self, batches: list[Batch]) -> None:
+        """Ack the messages of written batches (a failed ack only means a harmless re-delivery)."""
+        for batch in batches:
+            for message in batch.messages:
+                try:
+                    message.ack()
+                except Exception as e:  # the connection they came on is gone: they come back
+                    log.debug("cannot ack a message: %s", one_line(e))
+            self.written += batch.written
+            if self.events:
+                self.events.batch(len(batch.payloads), batch.written, time.monotonic() - batch.received)
 
-    def _disk_refused(self, error: OSError, held: int) -> None:
-        """Log why nothing is acked, then wait (doubling up to 30 s). Stopping: the held messages
-        are let go unacked; the broker gives them back."""
-        self.disk_delay = min(max(1.0, self.disk_delay * 2), 30.0)
-        if self.stopping.is_set():
-            log.warning("output disk refuses writes (%s); stopping with %d messages unacknowledged",
-                        one_line(error), held)
-            self.buffer = []
-            return
-        log.warning("output disk refuses writes (%s); not acknowledging %d messages, retrying in %.0fs",
-                    one_line(error), held, self.disk_delay)
-        self.stopping.wait(self.disk_delay)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one short line for the log."""
-    return f"{type(error).__name__}: {error}".splitlines()[0][:200]
+    def _let_go(self) -> None:
+        """Batches the disk refused while stopping: their messages stay unacked."""
+        for batch in self.pipeline.let_go():
+            log.info("leaving %d messages unacknowledged", len(batch.messages))
 
 
 class FlowerEvents:

@@ -1,7 +1,7 @@
 """The download stage: fetch (or take the submitted bytes), decode, resize, hand on or fail.
 
 Nothing here knows about Celery: `DownloadStage.run` gets the chunk's items and a `publish`
-function for the images, so the fleet and `koala download` share this code path.
+function for a list of images (one `embed` message), so the fleet and `koala download` share this code path.
 """
 
 from __future__ import annotations
@@ -10,27 +10,24 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from common import images
 from common.celery_app import EMBED_QUEUE
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
+from common.messages import EmbedImage, embed_image
 from common.settings import Settings
 from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now, room_for
 
 log = logging.getLogger("koala.download")
 
-Publish = Callable[[dict], None]
-
-
-def embed_message(item: dict, pixels: bytes) -> dict:
-    """What the embed stage receives for one image."""
-    name = item.get("p") or item["k"]
-    return {"key": item["k"], "name": name, "source": item.get("u") or item.get("p"),
-            "pixels": pixels}
+Publish = Callable[[list[EmbedImage]], None]
+GROUP_WAIT = 2.0  # seconds the images of a chunk wait for its slowest download before going on without it
 
 
 class DownloadStage:
-    """Per-process download state: settings, pooled HTTP session, job state."""
+    """Per-process download state: settings, pooled HTTP session, job state, and the threads that
+    download (`download_concurrency` images in flight, shared by the chunks in progress)."""
 
     def __init__(self, settings: Settings, state: JobState, node: str):
         self.settings = settings
@@ -39,33 +36,48 @@ class DownloadStage:
         self.policy = policy_from_settings(settings)
         self.session = make_session(self.policy, pool_maxsize=settings.per_host_connections)
         self.size = (settings.image_size, settings.image_size)
+        self.pool = ThreadPoolExecutor(settings.download_concurrency, "fetch")
         self._room = 0  # images we may still publish before looking at the queue again
         self._room_lock = threading.Lock()
 
     def run(self, items: list[dict], publish: Publish) -> None:
-        """Process one chunk: every pending item is published or failed, exactly once."""
-        for item, current in zip(items, self.state.states([i["k"] for i in items]), strict=True):
-            if current in (WRITTEN, FAILED):
-                continue  # already final: a re-delivered or re-submitted message
-            self.process(item, publish)
+        """Process one chunk: its pending items downloaded at once, every one published or failed,
+        exactly once; the images go out as one message (stragglers later, in their own)."""
+        states = self.state.states([i["k"] for i in items])
+        pending = [i for i, current in zip(items, states, strict=True) if current not in (WRITTEN, FAILED)]
+        futures = {self.pool.submit(self.process, item): item for item in pending}
+        ready: list[EmbedImage] = []
+        first_ready = 0.0
+        while futures:
+            timeout = None if not ready else max(0.0, first_ready + GROUP_WAIT - time.monotonic())
+            done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = futures.pop(future)
+                if (pixels := future.result()) is not None:
+                    first_ready = first_ready if ready else time.monotonic()
+                    ready.append(embed_image(item, pixels))
+            if ready and (not futures or time.monotonic() - first_ready >= GROUP_WAIT):
+                self.hand_on(ready, publish)
+                ready = []
 
-    def process(self, item: dict, publish: Publish) -> None:
-        """Download, decode and resize one item; publish the image or record the failure."""
+    def hand_on(self, ready: list[EmbedImage], publish: Publish) -> None:
+        """Publish images as one message once the embed queue has room, then count them downloaded."""
+        self.wait_for_room(len(ready))
+        publish(ready)
+        self.state.mark_downloaded_many([image["key"] for image in ready])
+
+    def process(self, item: dict) -> bytes | None:
+        """Download, decode and resize one item: its payload, or None once its failure is recorded."""
         try:
-            pixels = self.load(item)
+            return self.load(item)
         except (FetchError, images.ImageError) as e:
             self.fail(item, e.reason, e.detail)
-            return
         except OSError as e:
             self.fail(item, "io_error", f"{type(e).__name__}: {e}")
-            return
         except Exception as e:  # a bug must still leave the item accounted for
             log.exception("unexpected error on %s", item.get("u") or item.get("p"))
             self.fail(item, "internal_error", f"{type(e).__name__}: {e}")
-            return
-        self.wait_for_room()
-        publish(embed_message(item, pixels))
-        self.state.mark_downloaded(item["k"])
+        return None
 
     def load(self, item: dict) -> bytes:
         """The lossless 299x299 RGB payload of an item (a URL to fetch, or submitted bytes)."""
@@ -89,11 +101,15 @@ class DownloadStage:
             except OSError as e:
                 log.warning("cannot append to the failure log in %s: %s", self.settings.output_dir, e)
 
-    def wait_for_room(self) -> None:
-        """Hold back while the embed queue is at its high-water mark."""
+    def wait_for_room(self, n: int) -> None:
+        """Hold back while the embed queue is at its high-water mark (counted in images)."""
         with self._room_lock:  # one thread looks at the queue; the others wait for its answer
             while self._room <= 0:
-                self._room = room_for(self.settings.embed_queue_limit, self.state.r.llen(EMBED_QUEUE))
+                self._room = room_for(self.settings.embed_queue_limit, self.queued_images())
                 if self._room <= 0:
                     time.sleep(0.5)
-            self._room -= 1
+            self._room -= n
+
+    def queued_images(self) -> int:
+        """Images waiting in the embed queue, estimated as messages × chunk size."""
+        return self.state.r.llen(EMBED_QUEUE) * self.settings.chunk_size

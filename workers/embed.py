@@ -15,8 +15,10 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from common.state import (
     JobState,
     append_failure_log,
     call_retrying,
+    is_storage_error,
     now,
     retry_on_broker,
     retry_on_disk,
@@ -38,6 +41,8 @@ from common.state import (
 log = logging.getLogger("koala.embed")
 
 Embed = Callable[[np.ndarray], np.ndarray]
+# uint8 [B, 299, 299, 3] -> (logits [B, 1001], l [B, 299, 299], ab [B, 299, 299, 2]) in one device call
+EmbedLab = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def shard_token(path: Path) -> bytes:
@@ -63,41 +68,85 @@ class NodeLock:
         os.close(self.fd)
 
 
+@dataclass
+class Batch:
+    """The images of one or more `embed` messages on their way through the stage."""
+
+    payloads: list[dict]
+    messages: list = field(default_factory=list)  # the consumer's, acked once the batch is done
+    todo: list[dict] = field(default_factory=list)  # pending, deduplicated, decodable images
+    pixels: np.ndarray | None = None
+    labs: list[Future] = field(default_factory=list)  # CPU Lab, when not computed with the model
+    logits: np.ndarray | None = None
+    l_channels: np.ndarray | list | None = None
+    ab_channels: np.ndarray | list | None = None
+    written: int = 0
+    received: float = field(default_factory=time.monotonic)
+
+
 class EmbedStage:
-    """Embeds batches and writes them exactly once into rotating shards."""
+    """Embeds batches and writes them exactly once into rotating shards, in three steps that a
+    pipeline may run on different threads: `prepare` (state, decode, CPU Lab), `infer` (the
+    model, and Lab when `embed_lab` computes it on the device), `write` (append + fsync, claim)."""
 
     def __init__(self, settings: Settings, state: JobState, node: str, embed: Embed,
-                 writer: records.ShardWriter):
+                 writer: records.ShardWriter, embed_lab: EmbedLab | None = None):
         self.settings = settings
         self.state = state
         self.node = node
         self.embed = embed
+        self.embed_lab = embed_lab if settings.lab_size == lab.DEFAULT_SIZE else None
         self.writer = writer
-        self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
+        self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "lab")
 
     def process(self, payloads: list[dict]) -> int:
         """Write the records of a batch; returns how many were written. Every payload is done
         (written, failed, or already final) when this returns; it raises only on I/O or Redis errors."""
-        states = self.state.states([p["key"] for p in payloads])
-        todo = [p for p, s in zip(payloads, states, strict=True) if s in (SUBMITTED, DOWNLOADED)]
-        todo = self._dedupe(todo)
-        pixels = [self._pixels(p) for p in todo]
-        todo = [p for p, px in zip(todo, pixels, strict=True) if px is not None]
-        pixels = [px for px in pixels if px is not None]
-        if not todo:
-            return 0
-        labs = [self.lab_pool.submit(lab.lab_channels, px, self.settings.lab_size) for px in pixels]
-        logits = self.embed(np.stack(pixels))
-        serialized = [self._record(p, f.result(), emb) for p, f, emb in zip(todo, labs, logits, strict=True)]
-        return self._write(todo, serialized)
+        batch = Batch(payloads)
+        self.prepare(batch)
+        self.infer(batch)
+        self.write([batch])
+        return batch.written
 
-    @staticmethod
-    def _dedupe(payloads: list[dict]) -> list[dict]:
-        """One payload per key (a re-sent image can sit twice in one batch)."""
-        seen: dict[str, dict] = {}
-        for p in payloads:
-            seen.setdefault(p["key"], p)
-        return list(seen.values())
+    def prepare(self, batch: Batch) -> None:
+        """Keep the images still pending (once each), decode them, start their CPU Lab."""
+        states = self.state.states([p["key"] for p in batch.payloads])
+        pending = [p for p, s in zip(batch.payloads, states, strict=True) if s in (SUBMITTED, DOWNLOADED)]
+        todo = dedupe(pending)
+        pixels = [self._pixels(p) for p in todo]
+        batch.todo = [p for p, px in zip(todo, pixels, strict=True) if px is not None]
+        if not batch.todo:
+            return
+        batch.pixels = np.stack([px for px in pixels if px is not None])
+        if self.embed_lab is None:
+            size = self.settings.lab_size
+            batch.labs = [self.lab_pool.submit(lab.lab_channels, px, size) for px in batch.pixels]
+
+    def infer(self, batch: Batch) -> None:
+        """The embeddings (and Lab channels) of a prepared batch."""
+        if batch.pixels is None:
+            return
+        if self.embed_lab is not None:
+            batch.logits, batch.l_channels, batch.ab_channels = self.embed_lab(batch.pixels)
+        else:
+            batch.logits = self.embed(batch.pixels)
+            channels = [f.result() for f in batch.labs]
+            batch.l_channels, batch.ab_channels = [c[0] for c in channels], [c[1] for c in channels]
+            batch.labs = []
+        batch.pixels = None  # not needed any more: free it before the write
+
+    def write(self, batches: list[Batch]) -> None:
+        """Write the records of inferred batches with one append (one fsync) and one claim; sets
+        each batch's `written`. Records another shard claimed first are left out."""
+        todo = [b for b in batches if b.todo and b.logits is not None]
+        serialized = [self._record(p, b.l_channels[i], b.ab_channels[i], b.logits[i])  # type: ignore[index]
+                      for b in todo for i, p in enumerate(b.todo)]
+        if not serialized:
+            return
+        claimed = self._write([p for b in todo for p in b.todo], serialized)
+        for b in todo:
+            b.written, claimed = sum(claimed[:len(b.todo)]), claimed[len(b.todo):]
+            b.logits = b.l_channels = b.ab_channels = None
 
     def _pixels(self, payload: dict) -> np.ndarray | None:
         """The image of a payload, or None after recording why it is unusable."""
@@ -107,14 +156,14 @@ class EmbedStage:
             self.fail(payload, "internal_error", f"unreadable image payload: {e}")
             return None
 
-    def _record(self, payload: dict, lab_ab: tuple[np.ndarray, np.ndarray], embedding: np.ndarray) -> bytes:
-        l_channel, ab = lab_ab
+    def _record(self, payload: dict, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray) -> bytes:
         return records.serialize_example(
             name=str(payload["name"]).encode(), key=payload["key"].encode(),
             source=str(payload.get("source") or "").encode(), l=l_channel, ab=ab, embedding=embedding)
 
-    def _write(self, payloads: list[dict], serialized: list[bytes]) -> int:
-        """Append + fsync, claim in Redis; records another shard claimed first are left out."""
+    def _write(self, payloads: list[dict], serialized: list[bytes]) -> list[bool]:
+        """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
+        others are left out of the shard)."""
         path, start, _ = self.writer.append(serialized)
         try:
             claimed = self._claim([p["key"] for p in payloads], shard_token(path))
@@ -125,8 +174,17 @@ class EmbedStage:
         if not all(claimed):
             log.info("leaving out %d records already written elsewhere", claimed.count(False))
             self.writer.discard(start, claimed)
-        self.writer.maybe_rotate()
-        return sum(claimed)
+        return claimed
+
+    def rotate(self) -> None:
+        """Finalize the open shard when full or old; a shard the disk refuses to publish is logged
+        and published by a later call."""
+        try:
+            self.writer.maybe_rotate()
+        except OSError as e:
+            if not is_storage_error(e):
+                raise
+            log.warning("cannot publish a shard yet (%s); trying again later", e)
 
     def _claim(self, keys: list[str], token: bytes) -> list[bool]:
         """Claim the items for the shard `token`, waiting for a lost Redis; per item, whether this
@@ -153,6 +211,14 @@ class EmbedStage:
         """Finalize the open shard."""
         self.writer.close()
         self.lab_pool.shutdown()
+
+
+def dedupe(payloads: list[dict]) -> list[dict]:
+    """One payload per key (a re-sent image can sit twice in one batch)."""
+    seen: dict[str, dict] = {}
+    for p in payloads:
+        seen.setdefault(p["key"], p)
+    return list(seen.values())
 
 
 def recover(out_dir: Path, node: str, state: JobState, compression: str) -> dict[str, int]:
@@ -185,16 +251,39 @@ def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:
     return keep
 
 
+class NullModel:
+    """Benchmark only (KOALA_NULL_MODEL=1): a forward pass that costs nothing and returns zeros, so
+    that a benchmark sees the ceiling of everything else. Its records are useless for training."""
+
+    device = "nothing (null model)"
+
+    def embed(self, rgb: np.ndarray) -> np.ndarray:
+        return np.zeros((len(rgb), records.EMBEDDING_SIZE), np.float32)
+
+
+def load_model(settings: Settings) -> tuple[Embed, EmbedLab | None, str]:
+    """(embed, embed_lab or None when Lab runs on the CPU, device) of the settings' model."""
+    if settings.null_model:
+        log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
+        return NullModel().embed, None, NullModel.device
+    if not settings.checkpoint:
+        raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
+    from common.model import Embedder
+
+    embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,
+                        mixed_precision=settings.mixed_precision, xla=settings.xla)
+    return embedder.embed, None, embedder.device
+
+
 def run_embed_worker(node: str) -> None:
     """Recover this node's leftovers, then consume the embed queue until SIGTERM/SIGINT."""
     from common.celery_app import make_app
-    from common.model import Embedder
     from common.settings import get_settings
     from common.state import connect
     from workers.batching import BatchConsumer
 
     settings = get_settings()
-    if not settings.checkpoint:
+    if not settings.checkpoint and not settings.null_model:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     out = settings.output_dir
     state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
@@ -203,14 +292,13 @@ def run_embed_worker(node: str) -> None:
         done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)
         if done["shards"]:
             log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
-        embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,
-                            mixed_precision=settings.mixed_precision, xla=settings.xla)
-        log.info("model ready on %s", embedder.device)
+        embed, embed_lab, device = load_model(settings)
+        log.info("model ready on %s", device)
         writer = records.ShardWriter(out, node, examples_per_shard=settings.examples_per_shard,
                                      max_age=settings.shard_max_age, compression=settings.compression)
-        stage = EmbedStage(settings, state, node, embedder.embed, writer)
-        consumer = BatchConsumer(make_app(settings), stage.process, batch_size=settings.batch_size,
-                                 max_wait=settings.batch_wait, on_idle=writer.maybe_rotate, hostname=node)
+        stage = EmbedStage(settings, state, node, embed, writer, embed_lab)
+        consumer = BatchConsumer(make_app(settings), stage, batch_size=settings.batch_size,
+                                 max_wait=settings.batch_wait, hostname=node)
         consumer.install_signal_handlers()
         try:
             consumer.run()

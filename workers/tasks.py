@@ -6,6 +6,7 @@ import logging
 from functools import cache
 
 from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
+from common.messages import EmbedImage
 from common.settings import get_settings
 from common.state import JobState, connect, retry_on_broker
 from workers.download import DownloadStage
@@ -25,9 +26,9 @@ def download_stage(node: str) -> DownloadStage:
 
 
 @retry_on_broker
-def publish_embed(message: dict) -> None:
-    """Send one image to the embed queue."""
-    app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE, argsrepr=f"({message['name']!r})",
+def publish_embed(images: list[EmbedImage]) -> None:
+    """Send a chunk's images to the embed queue as one message."""
+    app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr=f"[{len(images)} images]",
                   kwargsrepr="{}")
 
 
