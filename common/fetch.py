@@ -5,6 +5,7 @@ line and headers included), and retries only where they help."""
 from __future__ import annotations
 
 import functools
+import io
 import socket
 import ssl
 import threading
@@ -302,8 +303,10 @@ def open_stream(url: str, policy: Policy) -> Iterator[BinaryIO]:
     """A URL list (or any large body) as a binary stream, with the same guards but no size cap."""
     with make_session(policy, pool_maxsize=1) as client:
         response = _open(url, client, replace(policy, deadline=float("inf")), time.monotonic())
-        with response:
-            yield response  # type: ignore[misc]
+        response.auto_close = False  # stays readable at the end, as BufferedReader needs
+        # readline: the buffered reader's is C; the response's own reads a byte per call
+        with io.BufferedReader(response, _READ) as stream:  # type: ignore[arg-type]
+            yield stream
 
 
 def policy_from_settings(settings: Settings) -> Policy:

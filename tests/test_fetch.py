@@ -123,6 +123,17 @@ def test_open_stream_reads_a_url_list(image_server: ImageServer, policy):
         assert stream.read() == b"line one\nline two\n"
 
 
+def test_open_stream_reads_lines_to_the_end(image_server: ImageServer, policy):
+    from common.sources import iter_items
+
+    lines = b"".join(b"n%05d http://example.com/%05d.jpg\n" % (i, i) for i in range(5000))
+    image_server.files["__list__"] = lines
+    with open_stream(f"{image_server.base}/list/x", policy) as stream:
+        items = list(iter_items(stream))
+        assert stream.readline() == b""
+    assert len(items) == 5000 and items[-1].url == "http://example.com/04999.jpg"
+
+
 def test_per_host_limit_bounds_downloads_in_flight(image_server: ImageServer):
     from concurrent.futures import ThreadPoolExecutor
 
