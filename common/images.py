@@ -1,7 +1,10 @@
 """Pure image functions: bytes -> 8-bit RGB -> fixed-size uint8 array, and the queue encoding.
 
-No Celery, Redis or TensorFlow here. Every failure to decode is an `ImageError` whose `reason`
-comes from the project's closed vocabulary: not_an_image, truncated, too_many_pixels.
+JPEG (RGB or grey) is decoded by simplejpeg (libjpeg-turbo) at 1/2, 1/4 or 1/8 scale and resized by
+cykooz.resizer's SIMD Lanczos-3; every other image, and any JPEG simplejpeg refuses, by Pillow.
+Without those wheels Pillow does it all. No Celery, Redis or TensorFlow here. Every failure to
+decode is an `ImageError` whose `reason` comes from the project's closed vocabulary: not_an_image,
+truncated, too_many_pixels.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from pathlib import Path
 import numpy as np
 import zstandard
 from PIL import Image
+
+try:
+    import simplejpeg
+except ImportError:  # no wheel for this platform: Pillow decodes every JPEG
+    simplejpeg = None
+try:
+    from cykooz_resizer import CropBox, FilterType, ImageData, PixelType, ResizeAlg, ResizeOptions, Resizer
+except ImportError:  # no wheel (Linux aarch64): Pillow resizes
+    Resizer = None
 
 # Our own max_pixels check (in decode) replaces Pillow's global one, which would otherwise warn
 # or refuse images that a larger max_pixels allows.
@@ -38,6 +50,25 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_SWAPPING = (5, 6, 7, 8)  # orientations that show a w x h file as h x w
+# Where a shown point (x, y) lies in the stored w x h image, per EXIF orientation.
+_STORED_POINT = {
+    1: lambda x, y, w, h: (x, y),
+    2: lambda x, y, w, h: (w - x, y),
+    3: lambda x, y, w, h: (w - x, h - y),
+    4: lambda x, y, w, h: (x, h - y),
+    5: lambda x, y, w, h: (y, x),
+    6: lambda x, y, w, h: (y, h - x),
+    7: lambda x, y, w, h: (w - y, h - x),
+    8: lambda x, y, w, h: (w - y, x),
+}
+# The same as array operations on stored pixels: flip rows, flip columns, then transpose.
+_SHOW = {1: (False, False, False), 2: (False, True, False), 3: (True, True, False),
+         4: (True, False, False), 5: (False, False, True), 6: (True, False, True),
+         7: (True, True, True), 8: (False, True, True)}
+Box = tuple[float, float, float, float]
+_RESIZER = threading.local()
+_LANCZOS3 = ResizeAlg.convolution(FilterType.lanczos3) if Resizer is not None else None
 # Pillow keeps only the high byte of 16-bit RGB(A) samples; decoding again with the other byte
 # order's rawmode yields the low bytes (same row stride, so PNG filters still line up).
 _SWAP16 = {
@@ -107,12 +138,25 @@ def _scaled_size(size: tuple[int, int], target: tuple[int, int], mode: str) -> t
     return w * scale, h * scale
 
 
-def _draft(img: Image.Image, target: tuple[int, int], mode: str) -> None:
-    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping at least twice the scaled size."""
-    swap = _orientation(img) in (5, 6, 7, 8)
-    shown = img.size[::-1] if swap else img.size
+def _need(stored: tuple[int, int], orientation: int, target: tuple[int, int], mode: str) -> tuple[int, int]:
+    """Twice the picture's scaled size, in the file's (stored) orientation."""
+    swap = orientation in _SWAPPING
+    shown = stored[::-1] if swap else stored
     need = tuple(math.ceil(2 * v) for v in _scaled_size(shown, target, mode))
-    img.draft("RGB", need[::-1] if swap else need)
+    return need[::-1] if swap else need
+
+
+def _dct_scale(stored: tuple[int, int], need: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 that keeps `need` pixels (Pillow's draft rule), else 1."""
+    fits = min(stored[0] // need[0], stored[1] // need[1])
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def _draft(img: Image.Image, target: tuple[int, int], mode: str, orientation: int) -> int:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale, keeping at least twice the scaled size; the scale."""
+    width = img.size[0]
+    drafted = img.draft("RGB", _need(img.size, orientation, target, mode))
+    return 1 if drafted is None else round(width / drafted[1][2])
 
 
 def _load(img: Image.Image) -> None:
@@ -184,27 +228,65 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_for=(W,H) allows JPEG draft decoding for that target."""
     _check_mode(mode)
     try:
-        return _decode(data, max_pixels, draft_for, mode)
+        data = bytes(data)
+        rgb, orientation, _, _ = _decode_stored(data, _open(data, max_pixels), max_pixels, draft_for, mode)
+    except (ImageError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise ImageError("not_an_image", f"{type(e).__name__}: {e}") from e
+    return rgb.transpose(_TRANSPOSE[orientation]) if orientation != 1 else rgb
+
+
+def _decode_stored(data: bytes, img: Image.Image, max_pixels: int, draft_for: tuple[int, int] | None,
+                   mode: str) -> tuple[Image.Image, int, int, tuple[int, int]]:
+    """Pillow decode of an opened image in the file's orientation: RGB, EXIF orientation, DCT scale
+    (1, 2, 4 or 8) and the original size."""
+    stored = img.size
+    jpeg = img.format in ("JPEG", "MPO")
+    orientation = _orientation(img) if jpeg else None
+    scale = _draft(img, draft_for, mode, orientation) if jpeg and draft_for is not None else 1
+    img = _full_depth(data, img, max_pixels)
+    _load(img)
+    if orientation is None:  # other formats may keep EXIF after the pixel data
+        orientation = _orientation(img)
+    return _to_rgb(img), orientation, scale, stored
+
+
+def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "contain",
+             max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes to uint8 [H, W, 3]: DCT-scaled decode (simplejpeg for JPEG, else Pillow), then Lanczos-3
+    from the exact source box, geometry from the original size. Raises ImageError."""
+    _check_mode(mode)
+    try:
+        return _load_rgb(bytes(data), size, mode, max_pixels)
     except (ImageError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
         raise ImageError("not_an_image", f"{type(e).__name__}: {e}") from e
 
 
-def _decode(data: bytes, max_pixels: int, draft_for: tuple[int, int] | None,
-            mode: str) -> Image.Image:
-    data = bytes(data)
-    img = _open(data, max_pixels)
-    if draft_for is not None and img.format in ("JPEG", "MPO"):
-        _draft(img, draft_for, mode)
-    orientation = _orientation(img) if img.format in ("JPEG", "MPO") else None
-    img = _full_depth(data, img, max_pixels)
-    _load(img)
-    if orientation is None:  # other formats may keep EXIF after the pixel data
+def _load_rgb(data: bytes, size: tuple[int, int], mode: str, max_pixels: int) -> np.ndarray:
+    img = _open(data, max_pixels)  # header only: format, size, EXIF; max_pixels checked before decoding
+    if simplejpeg is not None and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
         orientation = _orientation(img)
-    if orientation != 1:
-        img = img.transpose(_TRANSPOSE[orientation])
-    return _to_rgb(img)
+        scale = _dct_scale(img.size, _need(img.size, orientation, size, mode))
+        pixels = _simplejpeg(data, img.size, scale)
+        if pixels is not None:
+            return _fit(pixels, scale, img.size, orientation, size, mode)
+    rgb, orientation, scale, stored = _decode_stored(data, img, max_pixels, size, mode)
+    return _fit(rgb, scale, stored, orientation, size, mode)
+
+
+def _simplejpeg(data: bytes, stored: tuple[int, int], scale: int) -> np.ndarray | None:
+    """libjpeg-turbo's RGB decode at 1/scale; None where it refuses (corrupt data: Pillow then decides)."""
+    w, h = stored
+    shape = (-(-h // scale), -(-w // scale))
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale, min_height=shape[0],
+                                        min_width=shape[1])
+    except ValueError:
+        return None
+    return pixels if pixels.shape == (*shape, 3) else None
 
 
 def resize(img: Image.Image, size: tuple[int, int] = (299, 299),
@@ -213,16 +295,38 @@ def resize(img: Image.Image, size: tuple[int, int] = (299, 299),
     _check_mode(mode)
     if img.mode != "RGB":
         img = _to_rgb(img)
+    return _fit(img, 1, img.size, 1, size, mode)
+
+
+def _fit(picture: Image.Image | np.ndarray, scale: int, stored: tuple[int, int], orientation: int,
+         size: tuple[int, int], mode: str) -> np.ndarray:
+    """Resize a decoded picture (file orientation, 1/scale of `stored`) to uint8 [H, W, 3] by `mode`.
+
+    The geometry comes from the original size; the resize reads the exact box at the decoded scale
+    (a scaled decode rounds odd sizes up) and the small result is turned by the EXIF orientation."""
+    swap = orientation in _SWAPPING
+    box, inner, offset = _layout(stored[::-1] if swap else stored, size, mode)
+    x0, y0, x1, y1 = (v / scale for v in _stored_box(box, orientation, stored))
+    resized = _lanczos(picture, (x0, y0, x1, y1), inner[::-1] if swap else inner)
+    return _place(_show(resized, orientation), size, offset)
+
+
+def _layout(shown: tuple[int, int], size: tuple[int, int],
+            mode: str) -> tuple[Box, tuple[int, int], tuple[int, int]]:
+    """The source box (original pixels), the size it is resized to, and its offset on the canvas."""
+    (w, h), (tw, th) = shown, size
     if mode == "stretch":
-        out = img.resize(size, LANCZOS)
-    elif mode == "crop":
-        out = img.resize(size, LANCZOS, box=_crop_box(img.size, size))
+        return (0, 0, w, h), size, (0, 0)
+    if mode == "crop":
+        return _crop_box(shown, size), size, (0, 0)
+    if w / h > tw / th:
+        inner = (tw, max(1, round(h / w * tw)))
     else:
-        out = _pad(img, size)
-    return np.asarray(out.convert("RGB"), dtype=np.uint8)
+        inner = (max(1, round(w / h * th)), th)
+    return (0, 0, w, h), inner, (round((tw - inner[0]) * 0.5), round((th - inner[1]) * 0.5))
 
 
-def _crop_box(src: tuple[int, int], size: tuple[int, int]) -> tuple[float, float, float, float]:
+def _crop_box(src: tuple[int, int], size: tuple[int, int]) -> Box:
     """The centred source region with the target's aspect ratio (sub-pixel, as ImageOps.fit)."""
     (w, h), (tw, th) = src, size
     if w / h >= tw / th:
@@ -233,25 +337,49 @@ def _crop_box(src: tuple[int, int], size: tuple[int, int]) -> tuple[float, float
     return left, top, left + cw, top + ch
 
 
-def _pad(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Fit inside `size` keeping the aspect ratio (enlarging if smaller), centred on white."""
-    (w, h), (tw, th) = img.size, size
-    if w / h > tw / th:
-        inner = (tw, max(1, round(h / w * tw)))
-    else:
-        inner = (max(1, round(w / h * th)), th)
-    scaled = img.resize(inner, LANCZOS)
-    if inner == size:
-        return scaled
-    out = Image.new("RGB", size, WHITE)
-    out.paste(scaled, (round((tw - inner[0]) * 0.5), round((th - inner[1]) * 0.5)))
+def _stored_box(box: Box, orientation: int, stored: tuple[int, int]) -> Box:
+    """A box of the shown picture as a box of the stored (not yet oriented) image."""
+    (xa, ya), (xb, yb) = (_STORED_POINT[orientation](x, y, *stored) for x, y in (box[:2], box[2:]))
+    return min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)
+
+
+def _show(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels as shown: the flips, then the transposition, of EXIF `orientation`."""
+    rows, cols, swap = _SHOW[orientation]
+    arr = arr[::-1] if rows else arr
+    arr = arr[:, ::-1] if cols else arr
+    return arr.transpose(1, 0, 2) if swap else arr
+
+
+def _place(picture: np.ndarray, size: tuple[int, int], offset: tuple[int, int]) -> np.ndarray:
+    """A new uint8 [H, W, 3] canvas of `size`, white, with `picture` at `offset` (x, y)."""
+    (tw, th), (x, y), (h, w) = size, offset, picture.shape[:2]
+    out = np.empty((th, tw, 3), np.uint8) if (w, h) == size else np.full((th, tw, 3), 255, np.uint8)
+    out[y : y + h, x : x + w] = picture
     return out
 
 
-def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "contain",
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes to uint8 [H, W, 3]: decode (with JPEG draft) and resize. Raises ImageError."""
-    return resize(decode(data, max_pixels=max_pixels, draft_for=size, mode=mode), size, mode)
+def _lanczos(picture: Image.Image | np.ndarray, box: Box, size: tuple[int, int]) -> np.ndarray:
+    """Lanczos-3 resize of `box` of an RGB picture to `size`: a Pillow image with Pillow, an array
+    with cykooz.resizer's SIMD convolution (Pillow where that is not installed)."""
+    width, height = picture.size if isinstance(picture, Image.Image) else picture.shape[1::-1]
+    x0, y0, x1, y1 = max(box[0], 0.0), max(box[1], 0.0), min(box[2], width), min(box[3], height)
+    if isinstance(picture, np.ndarray):
+        if Resizer is not None:
+            return _simd_lanczos(picture, (x0, y0, x1, y1), size)
+        picture = Image.fromarray(picture, "RGB")
+    return np.asarray(picture.resize(size, LANCZOS, box=(x0, y0, x1, y1)))
+
+
+def _simd_lanczos(pixels: np.ndarray, box: Box, size: tuple[int, int]) -> np.ndarray:
+    if not hasattr(_RESIZER, "resizer"):  # one per thread: a Resizer keeps scratch buffers
+        _RESIZER.resizer = Resizer()
+    x0, y0, x1, y1 = box
+    options = ResizeOptions(resize_alg=_LANCZOS3, crop_box=CropBox(x0, y0, x1 - x0, y1 - y0))
+    src = ImageData(pixels.shape[1], pixels.shape[0], PixelType.U8x3, pixels.tobytes())
+    dst = ImageData(size[0], size[1], PixelType.U8x3)
+    _RESIZER.resizer.resize(src, dst, options)
+    return np.frombuffer(dst.get_buffer(), np.uint8).reshape(size[1], size[0], 3)
 
 
 # Queue payload: a tag, >HH (height, width), then the rows' "up" deltas (PNG's Up filter, mod 256)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common import images as img
 from tests import corpus
@@ -141,6 +141,210 @@ def test_draft_actually_reduces_large_jpeg():
     assert img.decode(GOOD["jpeg_large"]).size == (1600, 1200)
     assert img.decode(GOOD["jpeg_large"], draft_for=(299, 299)).size == (800, 600)
     assert img.decode(GOOD["jpeg_large"], draft_for=(64, 64)).size == (200, 150)
+
+
+# --- DCT-scaled JPEG decoding: exact box, geometry from the original size, fast path ---------
+# Backends of load_rgb: simplejpeg + cykooz.resizer (fast), simplejpeg + Pillow LANCZOS (where
+# cykooz.resizer has no wheel), Pillow throughout (where simplejpeg has none, and for what it refuses).
+
+BACKENDS = ("fast", "simplejpeg_pillow", "pillow")
+_INVERSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+            7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """load_rgb as it runs with both wheels, without cykooz.resizer, and without simplejpeg."""
+    if request.param != "pillow" and getattr(img, "simplejpeg", None) is None:
+        pytest.skip("simplejpeg is not installed")
+    if request.param == "fast" and getattr(img, "Resizer", None) is None:
+        pytest.skip("cykooz.resizer is not installed")
+    if request.param == "simplejpeg_pillow":
+        monkeypatch.setattr(img, "Resizer", None, raising=False)
+    if request.param == "pillow":
+        monkeypatch.setattr(img, "simplejpeg", None, raising=False)
+    return request.param
+
+
+def _jpeg(arr: np.ndarray, orientation: int = 1, quality: int = 95) -> bytes:
+    """A 4:4:4 JPEG whose picture, once EXIF `orientation` is applied, is `arr`."""
+    im, params = Image.fromarray(arr), {}
+    if orientation != 1:
+        im = im.transpose(_INVERSE[orientation])
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        params["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, subsampling=0, **params)
+    return buf.getvalue()
+
+
+def _layout(shown: tuple[int, int], size: tuple[int, int], mode: str):
+    """DESIGN's geometry from the original size: source box, picture size, offset on the canvas."""
+    (w, h), (tw, th) = shown, size
+    if mode == "stretch":
+        return (0, 0, w, h), size, (0, 0)
+    if mode == "crop":
+        cw, ch = (tw / th * h, h) if w / h >= tw / th else (w, w * th / tw)
+        return ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2), size, (0, 0)
+    inner = (tw, max(1, round(h / w * tw))) if w / h > tw / th else (max(1, round(w / h * th)), th)
+    return (0, 0, w, h), inner, (round((tw - inner[0]) / 2), round((th - inner[1]) / 2))
+
+
+@functools.cache
+def _float_reference(data: bytes, mode: str, size: tuple[int, int] = (299, 299)):
+    """Float Lanczos-3 of the full decode (EXIF applied) with the exact geometry: picture, offset."""
+    shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB"))
+    box, inner, offset = _layout(shown.size, size, mode)
+    rgb = np.asarray(shown, np.float32)
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
+        inner, Image.Resampling.LANCZOS, box=box)) for c in range(3)]
+    return np.clip(np.stack(channels, axis=-1), 0, 255), offset
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def _picture_psnr(out: np.ndarray, reference) -> float:
+    """PSNR over the picture's area (not the letterbox) against a float reference."""
+    picture, (x, y) = reference
+    h, w = picture.shape[:2]
+    assert out.shape[0] >= y + h and out.shape[1] >= x + w
+    return _psnr(out[y : y + h, x : x + w], picture)
+
+
+def _checker(w: int, h: int, cell: int = 60) -> np.ndarray:
+    """Sharp-edged coloured squares everywhere: any sub-pixel shift costs PSNR."""
+    y, x = np.mgrid[:h, :w]
+    c = ((x // cell + y // cell) % 2 * 200 + 30).astype(np.uint8)
+    return np.stack([c, c // 2 + 60, 255 - c], axis=-1)
+
+
+@functools.cache
+def _checker_jpeg(w: int, h: int, orientation: int) -> bytes:
+    return _jpeg(_checker(w, h, w // 10), orientation)
+
+
+SMALL = (64, 64)  # a small target reaches the 1/8 scale with small images
+# (width, height, mode, DCT scale load_rgb decodes at for SMALL)
+SCALED_CASES = [(301, 201, "contain", 2), (601, 401, "contain", 4), (1201, 801, "contain", 8),
+                (1201, 801, "crop", 4), (603, 1205, "crop", 4), (1201, 801, "stretch", 4)]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("w, h, mode, scale", SCALED_CASES)
+def test_scaled_decode_reads_the_exact_box(backend: str, w: int, h: int, mode: str, scale: int,
+                                           orientation: int):
+    # A scaled decode rounds an odd side up (1201 -> 151 at 1/8); resizing all of it shifted and
+    # stretched the picture by up to half an output pixel: 20-30 dB here, against 39+ without.
+    data = _checker_jpeg(w, h, orientation)
+    stored = Image.open(io.BytesIO(data)).size
+    assert img._dct_scale(stored, img._need(stored, orientation, SMALL, mode)) == scale
+    out = img.load_rgb(data, mode=mode, size=SMALL)
+    assert _picture_psnr(out, _float_reference(data, mode, SMALL)) >= 35
+
+
+@functools.cache
+def _edge_jpeg(w: int, h: int) -> bytes:
+    arr = np.full((h, w, 3), 255, np.uint8)
+    arr[:, w * 11 // 12 :] = (0, 40, 80)  # white | dark, near the right side
+    return _jpeg(arr)
+
+
+@pytest.mark.parametrize("w, h, size", [(1201, 801, (299, 299)), (1201, 801, SMALL), (2403, 1603, SMALL)])
+def test_scaled_decode_does_not_move_an_edge(backend: str, w: int, h: int, size: tuple[int, int]):
+    data = _edge_jpeg(w, h)
+    out = img.load_rgb(data, size=size)
+    picture, (x, y) = _float_reference(data, "contain", size)
+    rows = slice(picture.shape[0] // 2 - 5, picture.shape[0] // 2 + 5)
+    got = _crossing(out[y : y + picture.shape[0], x : x + picture.shape[1]][rows])
+    assert abs(got - _crossing(picture[rows])) < 0.05  # the old path was 0.2-0.5 px off
+
+
+def _crossing(rows: np.ndarray) -> float:
+    """Sub-pixel column where the mean row first falls below 128."""
+    row = rows.astype(np.float64).mean(axis=(0, 2))
+    i = int(np.argmax(row < 128))
+    return i - 1 + (row[i - 1] - 128) / (row[i - 1] - row[i])
+
+
+@functools.cache
+def _portrait_jpeg(orientation: int) -> bytes:
+    return _jpeg(corpus.photo(859, 1288, 41), orientation, quality=90)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_contain_geometry_comes_from_the_original_size(backend: str, orientation: int):
+    # 859x1288 fits as 199x299 (199.41); its 1/2-scale decode, 430x644, would give 200 (199.64).
+    out = img.load_rgb(_portrait_jpeg(orientation))
+    white = _white_cols(out)
+    assert (~white).sum() == 199
+    assert white[:50].all() and white[-50:].all() and not white[50:249].any()
+    assert not _white_rows(out).any()
+
+
+@pytest.mark.parametrize("mode", img.RESIZE_MODES)
+@pytest.mark.parametrize("name", ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "jpeg_gray",
+                                  "jpeg_progressive", "jpeg_large", "jpeg_exif_rotated"])
+def test_fast_path_agrees_with_pillow(monkeypatch: pytest.MonkeyPatch, name: str, mode: str):
+    calls = _count_fast_decodes(monkeypatch)
+    fast = img.load_rgb(GOOD[name], mode=mode)
+    assert calls == [True]  # simplejpeg decoded it
+    monkeypatch.setattr(img, "simplejpeg", None)
+    pillow = img.load_rgb(GOOD[name], mode=mode)
+    assert _psnr(fast, pillow) >= 40
+    if name == "jpeg_gray":
+        assert (fast[..., 0] == fast[..., 1]).all() and (fast[..., 1] == fast[..., 2]).all()
+
+
+def _count_fast_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records, for each simplejpeg decode load_rgb tries, whether it was used."""
+    if getattr(img, "simplejpeg", None) is None:
+        pytest.skip("simplejpeg is not installed")
+    calls: list[bool] = []
+    real = img._simplejpeg
+
+    def spy(*args):
+        pixels = real(*args)
+        calls.append(pixels is not None)
+        return pixels
+
+    monkeypatch.setattr(img, "_simplejpeg", spy)
+    return calls
+
+
+def test_cmyk_jpeg_goes_through_pillow(monkeypatch: pytest.MonkeyPatch):
+    calls = _count_fast_decodes(monkeypatch)
+    out = img.load_rgb(GOOD["jpeg_cmyk"])
+    assert calls == []  # simplejpeg's CMYK -> RGB ignores Adobe's inverted CMYK
+    diff = np.abs(out.astype(int) - corpus.reference_rgb(GOOD["jpeg_cmyk"]))
+    assert diff.mean() < 1.5
+
+
+def test_a_jpeg_simplejpeg_refuses_falls_back_to_pillow(monkeypatch: pytest.MonkeyPatch):
+    if getattr(img, "simplejpeg", None) is None:
+        pytest.skip("simplejpeg is not installed")
+    data = GOOD["jpeg_large"]
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9")
+
+    monkeypatch.setattr(img.simplejpeg, "decode_jpeg", refuse)
+    got = img.load_rgb(data)
+    monkeypatch.setattr(img, "simplejpeg", None)
+    np.testing.assert_array_equal(got, img.load_rgb(data))
+
+
+@pytest.mark.parametrize("mode", img.RESIZE_MODES)
+@pytest.mark.parametrize("w, h", [(1, 1), (2, 3), (3000, 5), (5, 3000), (17, 9), (4801, 3)])
+def test_extreme_sizes_on_every_backend(backend: str, w: int, h: int, mode: str):
+    data = _jpeg(corpus.photo(w, h, 42))
+    out = img.load_rgb(data, mode=mode, size=(64, 48))
+    assert out.shape == (48, 64, 3) and out.dtype == np.uint8
+    assert _picture_psnr(out, _float_reference(data, mode, (64, 48))) >= 35
 
 
 # --- modes and transparency ----------------------------------------------------------------
