@@ -1,6 +1,6 @@
 """All the benchmarks, one after the other, and a summary.
 
-Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only records,download,embed,device,scale]
+Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only records,download,embed,device,scale,resize]
 
 Each benchmark runs as its own subprocess (never two at once: they would share the CPU), writes its
 JSON into DIR (default bench/results/, smoke runs bench/results/smoke/), and prints its tables;
@@ -27,11 +27,12 @@ import click
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ("records", "download", "embed", "device", "scale")
+BENCHES = ("records", "download", "embed", "device", "scale", "resize")
 TITLES = {"records": "records (serializer, shard writing)", "download": "download (vs img2dataset)",
           "embed": "embed (bare model vs embed worker)",
           "device": "device (batch, mixed precision, XLA; share of the measured peak)",
-          "scale": "scale (Redis per URL, producer, memory)"}
+          "scale": "scale (Redis per URL, producer, memory)",
+          "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)"}
 
 
 # ---- the machine --------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("records", "download", "embed", "device", "scale")
-WITHOUT_MODEL = ("records", "download", "scale")
+SECTIONS = ("records", "download", "embed", "device", "scale", "resize")
+WITHOUT_MODEL = ("records", "download", "scale", "resize")
 
 
 def run_smoke(out: Path, only: tuple[str, ...]) -> tuple[str, dict]:
@@ -51,10 +51,17 @@ def check_download(out: Path) -> None:
     assert download["ceiling"]["ours"]["steps"]["encode_pixels"]["cpu_ms"] > 0
 
 
+def check_resize(out: Path) -> None:
+    paths = json.loads((out / "resize.json").read_text())["paths"]
+    assert {"pillow_full", "pillow_draft"} <= set(paths)
+    assert all(p["cpu_ms_median"] > 0 and p["psnr_min"] > 30 for p in paths.values())
+
+
 def test_bench_smoke_without_the_model(tmp_path: Path):
     run_smoke(tmp_path, WITHOUT_MODEL)
     check_download(tmp_path)
     check_scale(tmp_path)
+    check_resize(tmp_path)
 
 
 @pytest.mark.slow
@@ -70,3 +77,4 @@ def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path)
     assert all(r["img_s"] > 0 and 0 < r["share_of_peak"] for r in device["rows"])
     check_download(tmp_path)
     check_scale(tmp_path)
+    check_resize(tmp_path)
