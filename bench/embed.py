@@ -24,7 +24,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,11 +167,18 @@ def item_of(i: int) -> dict:
 
 
 def payloads_of(rgb: np.ndarray) -> list[dict]:
-    """The embed messages' payloads, exactly as download workers build them."""
+    """The embed messages' images, exactly as download workers build them (each distinct image
+    encoded once)."""
     from common.images import encode_pixels
-    from workers.download import embed_message
+    from common.messages import embed_image
 
-    return [embed_message(item_of(i), encode_pixels(img)) for i, img in enumerate(rgb)]
+    encoded: dict[bytes, bytes] = {}
+    out = []
+    for i, img in enumerate(rgb):
+        digest = hashlib.md5(img.tobytes()).digest()
+        pixels = encoded[digest] = encoded.get(digest) or encode_pixels(img)
+        out.append(embed_image(item_of(i), pixels))
+    return out
 
 
 def batches(x: np.ndarray, size: int) -> list[np.ndarray]:
@@ -217,20 +226,23 @@ def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> 
 
     state = JobState(client, prefix)
     keys = [p["key"] for p in payloads]
-    state.register(keys, state.new_run())
-    for k in keys:
-        state.mark_downloaded(k)
+    for i in range(0, len(keys), 1000):
+        state.register(keys[i:i + 1000], state.new_run())
+        state.mark_downloaded_many(keys[i:i + 1000])
 
 
-def fill_embed_queue(redis_url: str, payloads: list[dict]) -> None:
-    """One `koala.embed` message per payload, sent as workers.tasks.publish_embed sends it."""
+def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> None:
+    """One `koala.embed` message per `chunk` images, sent as workers.tasks.publish_embed sends a
+    download chunk's images."""
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.settings import Settings
 
     app = make_app(Settings(broker_url=redis_url))
     try:
-        for p in payloads:
-            app.send_task(EMBED_TASK, args=[p], queue=EMBED_QUEUE)
+        for i in range(0, len(payloads), chunk):
+            images = payloads[i:i + chunk]
+            app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr=f"[{len(images)} images]",
+                          kwargsrepr="{}")
     finally:
         app.close()
 
@@ -408,7 +420,7 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     writer = records.ShardWriter(out, "steps@bench", examples_per_shard=500)
     timers = Timers()
     stage = EmbedStage(settings, state, "steps@bench", timers.wrap("model", embedder.embed), writer)
-    stage._record = timers.wrap("record", stage._record)  # lab wait + serialize
+    stage.infer = timers.wrap("infer", stage.infer)  # model + lab wait
     stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
     timers.seconds.clear()
     written = 0
@@ -427,30 +439,47 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     stage.close()
     n = len(payloads) - batch_size
     seconds = {name: timers.total(name) for name, _ in STEPS if name != "lab wait"}
-    seconds["lab wait"] = timers.total("record") - timers.total("serialize")
+    seconds["lab wait"] = timers.total("infer") - timers.total("model")
     seconds["other"] = timers.total("process") - sum(seconds.values())
     return {"images": n, "written": written, "wall_s": round(wall, 2), "seconds": seconds,
             "lab_threads_s": timers.total("lab (threads)")}
 
 
+class NoStage:
+    """Stands in for EmbedStage to time the queue side alone: each step does nothing."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen: list[tuple[float, int]] = []  # (time, images) of each batch
+        self.consumer = None
+
+    def prepare(self, batch) -> None:
+        self.seen.append((time.perf_counter(), len(batch.payloads)))
+        if sum(k for _, k in self.seen) >= self.n:
+            self.consumer.stopping.set()
+
+    def infer(self, batch) -> None:
+        pass
+
+    def write(self, batches: list) -> None:
+        pass
+
+    def rotate(self) -> None:
+        pass
+
+
 def receive_ack(redis_url: str, payloads: list[dict], batch_size: int) -> dict:
-    """The worker's queue side alone: the real BatchConsumer draining the messages, no-op process."""
+    """The worker's queue side alone: the real BatchConsumer draining the messages, steps doing nothing."""
     from common.celery_app import make_app
     from common.settings import Settings
     from workers.batching import BatchConsumer
 
     fill_embed_queue(redis_url, payloads)
     app = make_app(Settings(broker_url=redis_url))
-    seen: list[tuple[float, int]] = []  # (time, messages) of each flush
-    consumer: BatchConsumer
-
-    def process(batch: list[dict]) -> int:
-        seen.append((time.perf_counter(), len(batch)))
-        if sum(k for _, k in seen) >= len(payloads):
-            consumer.stopping.set()
-        return 0
-
-    consumer = BatchConsumer(app, process, batch_size=batch_size, max_wait=0.2, hostname="receive@bench")
+    stage = NoStage(len(payloads))
+    consumer = stage.consumer = BatchConsumer(app, stage, batch_size=batch_size, max_wait=0.2,  # type: ignore
+                                              hostname="receive@bench")
+    seen = stage.seen
     guard = threading.Timer(120, consumer.stopping.set)  # never hang the benchmark
     guard.start()
     try:
@@ -606,15 +635,152 @@ def markdown(result: dict) -> str:
                         f"GPU: {result['gpu']}."])
 
 
+# ---- 4. the ceiling: the worker with a null model ------------------------------------------------
+
+def disk_write_mb_s(folder: Path, mb: int = 1024) -> float:
+    """MB/s of a sequential write of `mb` MB in 8 MB blocks ended by fdatasync (`dd ... conv=fdatasync`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".disk-rate.tmp"
+    block = np.random.default_rng(0).integers(0, 256, 8 << 20, np.uint8).tobytes()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(mb // 8):
+            os.write(fd, block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return mb / seconds
+
+
+def start_null_worker(redis_url: str, out: Path, batch_size: int, log_path: Path) -> subprocess.Popen:
+    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint, no TensorFlow)."""
+    from tests.servers import worker_env
+
+    env = worker_env(redis_url, out, KOALA_NULL_MODEL="1", KOALA_BATCH_SIZE=str(batch_size),
+                     KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500")
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "null@bench"], cwd=ROOT,
+                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path) -> dict:
+    """One ceiling measurement: the queue pre-filled, the worker started, first record to last."""
+    client = server.client()
+    client.flushall()
+    shutil.rmtree(out, ignore_errors=True)
+    disk = disk_write_mb_s(out)
+    register_downloaded(client, payloads)
+    fill_embed_queue(server.url, payloads)
+    n = len(payloads)
+    proc = start_null_worker(server.url, out, batch_size, log_path)
+    first = last = None
+    deadline = time.monotonic() + 60 + n / 20
+    try:
+        while True:
+            written, t = int(client.hget("koala:counts", "written") or 0), time.monotonic()
+            if written and first is None:
+                first = (t, written, cpu_seconds(proc.pid) or 0.0, busy_seconds())
+            if written >= n:
+                last = (t, written, cpu_seconds(proc.pid) or 0.0, busy_seconds())
+                break
+            if proc.poll() is not None or t > deadline:
+                raise RuntimeError(f"null worker wrote {written}/{n}:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+    images = last[1] - first[1]
+    seconds = last[0] - first[0]
+    counted = count_records(out)
+    record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, counted["records"]) / 1e6
+    shutil.rmtree(out, ignore_errors=True)
+    img_s = images / seconds
+    return {"images": n, "timed_images": images, "seconds": round(seconds, 3),
+            "images_per_s": round(img_s, 1),
+            "cpu_ms_per_image": round(1000 * (last[2] - first[2]) / images, 3),
+            "machine_busy_cores": round((last[3] - first[3]) / seconds, 2),
+            "disk_mb_per_s": round(disk, 1), "record_mb": round(record_mb, 4),
+            "records_mb_per_s": round(img_s * record_mb, 1),
+            "records_vs_disk": round(img_s * record_mb / disk, 3), **counted}
+
+
+def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path]) -> dict:
+    """The ceiling of the worker's own path on each output folder, rounds alternating, medians."""
+    from tests.servers import RedisServer
+
+    rgb = make_images(n)
+    payloads = payloads_of(rgb)
+    del rgb
+    result: dict = {"bench": "embed-null-model", "images": n, "batch_size": batch_size, "rounds": rounds,
+                    "load_average_before": os.getloadavg(), "outputs": {}}
+    with tempfile.TemporaryDirectory(prefix="koala-bench-null-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            runs: dict[str, list[dict]] = {name: [] for name in outs}
+            for r in range(rounds):
+                for name, out in outs.items():
+                    log(f"round {r + 1}/{rounds}: {name} ({out})")
+                    runs[name].append(null_round(server, payloads, out / "null-bench", batch_size,
+                                                 Path(tmp) / f"{name}-{r}.log"))
+                    log(f"  {runs[name][-1]['images_per_s']} images/s, "
+                        f"{runs[name][-1]['cpu_ms_per_image']} CPU-ms/image")
+        finally:
+            server.stop()
+    for name, rs in runs.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in
+               ("images_per_s", "cpu_ms_per_image", "disk_mb_per_s", "records_mb_per_s", "records_vs_disk",
+                "machine_busy_cores")}
+        ok = all(x["records"] == x["distinct"] == n and x["temp_shards"] == 0 for x in rs)
+        result["outputs"][name] = {"folder": str(outs[name]), "median": med, "runs": rs,
+                                   "every_image_once": ok}
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def null_markdown(result: dict) -> str:
+    rows = [[name, o["folder"], o["median"]["images_per_s"], o["median"]["cpu_ms_per_image"],
+             o["median"]["records_mb_per_s"], o["median"]["disk_mb_per_s"], o["median"]["records_vs_disk"],
+             o["median"]["machine_busy_cores"], "yes" if o["every_image_once"] else "**NO**"]
+            for name, o in result["outputs"].items()]
+    head = (f"### Embed worker ceiling (null model: {result['images']} images, batch {result['batch_size']}, "
+            f"medians of {result['rounds']} rounds; load before "
+            f"{', '.join(f'{x:.2f}' for x in result['load_average_before'])})")
+    return head + "\n\n" + md_table(
+        ["output", "folder", "images/s", "worker CPU-ms/image", "records MB/s", "disk MB/s (fdatasync)",
+         "records / disk", "machine busy cores", "each image once"], rows)
+
+
 @click.command()
-@click.option("--images", "n", type=int, default=None, help="images per measurement (default 96; smoke 4)")
-@click.option("--batch-size", type=int, default=None, help="images per model call (default 16; smoke 2)")
+@click.option("--images", "n", type=int, default=None,
+              help="images per measurement (default 96, null model 3000; smoke 4, null model 64)")
+@click.option("--batch-size", type=int, default=None,
+              help="images per model call (default 16, null model 128; smoke 2, null model 16)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="a tiny run (seconds) that only checks the path works")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
               help="where the generated checkpoint is kept")
-def main(n: int | None, batch_size: int | None, json_path: Path | None, smoke: bool, cache: Path) -> None:
-    """Bare model vs embed worker, and the share of each step."""
+@click.option("--null-model", is_flag=True,
+              help="the worker's ceiling: a real embed worker whose forward pass returns zeros at once")
+@click.option("--out", "outs", type=click.Path(file_okay=False, path_type=Path), multiple=True,
+              help="null model: output folder(s) (default: bench/results/tmp on local disk, and /dev/shm)")
+@click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
+def main(n: int | None, batch_size: int | None, json_path: Path | None, smoke: bool, cache: Path,
+         null_model: bool, outs: tuple[Path, ...], rounds: int) -> None:
+    """Bare model vs embed worker, and the share of each step; or the worker's ceiling (--null-model)."""
+    if null_model:
+        batch_size = batch_size or (16 if smoke else 128)
+        folders = ({p.name or str(p): p for p in outs}
+                   or {"local disk": RESULTS / "tmp", "tmpfs": Path("/dev/shm")})
+        result = null_ceiling(n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders)
+        path = json_path or default_json(NAME + "-null", smoke)
+        save_json(result, path)
+        text = null_markdown(result)
+        path.with_suffix(".md").write_text(text + "\n")
+        click.echo(text)
+        return
     batch_size = batch_size or (2 if smoke else 16)
     n = n or (2 * batch_size if smoke else 96)
     if n < 2 * batch_size:

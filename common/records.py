@@ -347,6 +347,23 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
+_IOV_MAX = 1020  # below Linux's 1024 iovecs per writev
+
+
+def _writev_all(fd: int, pieces: list[bytes]) -> None:
+    """Write the pieces in order with writev, without joining them (records are ~1 MB each)."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    i = 0
+    while i < len(views):
+        written = os.writev(fd, views[i:i + _IOV_MAX])
+        while written:  # skip what was written; a partly written piece keeps its rest
+            if written >= len(views[i]):
+                written -= len(views[i])
+                i += 1
+            else:
+                views[i], written = views[i][written:], 0
+
+
 def _write_final(src: Path, dst: Path, compression: str, level: int,
                  spans: list[tuple[int, int]] | None = None) -> None:
     """Copy src (or only its byte `spans`) into dst, as a gzip or zlib stream (what TFRecordDataset's
@@ -507,7 +524,7 @@ class ShardWriter:
         assert self._fd is not None and self.path is not None
         start = self.offset
         try:
-            _write_all(self._fd, b"".join(piece for r in records for piece in _frame_pieces(r)))
+            _writev_all(self._fd, [piece for r in records for piece in _frame_pieces(r)])
             os.fsync(self._fd)
         except BaseException:
             try:
