@@ -3,11 +3,14 @@
 The reference is scikit-image's `rgb2lab`; `lab_channels` computes the same in float32: a lookup
 table for the sRGB linearisation (inputs are uint8), the 3×3 product element-wise (no BLAS
 threads), per-thread work arrays (no page faults per call). Thread-safe. No TensorFlow here.
+`common.lab_tf` computes the same channels in TensorFlow, with the model.
 
 Measured on the 2-core dev machine, one image, best of 5 runs (ms per image):
                         299 (no resize)   224 (incl. ~1.2 ms LANCZOS resize)
   skimage (reference)        11.6                 6.0
   `lab_channels`              0.76                2.0
+numpy vectorises cbrt only on AVX-512 CPUs: on an AVX2-only machine the scalar cbrt was most of the cost
+and `lab_channels` at 299 took ~9 ms (python -m bench.device --lab-only compares it with the TF path).
 Largest difference from skimage over all 2^24 sRGB colours: 5.4e-7 in l, 9.9e-7 in ab.
 """
 

@@ -582,9 +582,9 @@ class Embedder:
         self._lut = tf.constant(scale_grey(grey_lut()))  # float32 network input of every RGB colour
         self.preprocess = tf.function(
             self._preprocess, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
-        self._embed = tf.function(
-            self._forward, input_signature=[tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)],
-            jit_compile=xla or None)
+        spec = [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)]
+        self._embed = tf.function(self._forward, input_signature=spec, jit_compile=xla or None)
+        self._embed_lab = tf.function(self._forward_lab, input_signature=spec, jit_compile=xla or None)
 
     def _preprocess(self, rgb: Any) -> Any:
         """TF side of `preprocess`: a lookup table built by numpy, so that every device gives the same bits.
@@ -603,6 +603,12 @@ class Embedder:
 
         return tf.cast(self.model(self._preprocess(rgb), training=False), tf.float32)
 
+    def _forward_lab(self, rgb: Any) -> tuple[Any, Any, Any]:
+        """`_forward` and the Lab channels of the same input, in one function (so on the model's device)."""
+        from common.lab_tf import lab_tf_padded
+
+        return (self._forward(rgb), *lab_tf_padded(rgb, self.batch_size))
+
     @property
     def device(self) -> str:
         """Where the model runs: "GPU" when TensorFlow sees one, else "CPU"."""
@@ -612,15 +618,43 @@ class Embedder:
 
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         """uint8 RGB [B, 299, 299, 3] -> float32 logits [B, 1001], `batch_size` images per model call."""
-        rgb = np.asarray(rgb)
-        if rgb.dtype != np.uint8 or rgb.ndim != 4 or rgb.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-            raise ValueError(f"expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3]: {rgb.dtype} {rgb.shape}")
-        out = [self._run(rgb[i:i + self.batch_size]) for i in range(0, len(rgb), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
+        out = self._batches(self._embed, _checked_images(rgb))
+        return out[0] if out else np.zeros((0, NUM_CLASSES), np.float32)
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
-        """One model call; under XLA a short batch is padded to batch_size (one compiled shape)."""
+    def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 RGB [B, 299, 299, 3] -> (logits [B, 1001], l [B, 299, 299], ab [B, 299, 299, 2]), float32.
+
+        One function per `batch_size` images runs the model and the Lab channels of `common.lab.lab_channels`
+        at 299 (`common.lab_tf`, within 1e-4 of skimage) on the same input, so on a GPU the Lab work is done
+        there. Only for Lab at 299: KOALA_LAB_SIZE=224 (Lab of a LANCZOS-resized image) takes `embed` and
+        `lab_channels` on the CPU.
+        """
+        out = self._batches(self._embed_lab, _checked_images(rgb))
+        if not out:
+            s = IMAGE_SIZE
+            return (np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, s, s), np.float32),
+                    np.zeros((0, s, s, 2), np.float32))
+        return out[0], out[1], out[2]
+
+    def _batches(self, fn: Any, rgb: np.ndarray) -> list[np.ndarray]:
+        """The outputs of `fn` over `batch_size` chunks of rgb, concatenated; [] for no images."""
+        parts = [self._run(fn, rgb[i:i + self.batch_size]) for i in range(0, len(rgb), self.batch_size)]
+        return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
+
+    def _run(self, fn: Any, batch: np.ndarray) -> list[np.ndarray]:
+        """One call of `fn` (every output a batch); under XLA a short batch is padded to batch_size (one
+        compiled shape)."""
+        import tensorflow as tf
+
         n = len(batch)
         if self.xla and n < self.batch_size:
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), np.uint8)])
-        return self._embed(batch).numpy()[:n]
+        return [t.numpy()[:n] for t in tf.nest.flatten(fn(batch))]
+
+
+def _checked_images(rgb: np.ndarray) -> np.ndarray:
+    """rgb as an array, if it is a uint8 [B, 299, 299, 3] batch; ValueError otherwise."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype != np.uint8 or rgb.ndim != 4 or rgb.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"expected uint8 [B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3]: {rgb.dtype} {rgb.shape}")
+    return rgb

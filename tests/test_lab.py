@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from skimage.color import lab2rgb, rgb2lab
 from common import lab
 
 TOL = 1e-5
+TF_TOL = 1e-4  # the contract for the TensorFlow path on any device (about 1e-6 measured on a CPU)
 
 
 def _solid(rgb: tuple[int, int, int], side: int = 299) -> np.ndarray:
@@ -32,7 +34,12 @@ def _edge_images() -> dict[str, np.ndarray]:
 
 def _reference(rgb: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """skimage's rgb2lab (float64) of the (resized) image, scaled as the records store it."""
-    lab_ref = rgb2lab(lab._resized(rgb, size))
+    return _skimage_scaled(lab._resized(rgb, size))
+
+
+def _skimage_scaled(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """skimage's rgb2lab (float64) of the image as it is, scaled as the records store it."""
+    lab_ref = rgb2lab(rgb)
     return lab_ref[..., 0] * 2 / 100 - 1, lab_ref[..., 1:] / 127
 
 
@@ -68,16 +75,55 @@ def test_black_and_white_extremes() -> None:
     np.testing.assert_allclose(ab_white, 0, atol=1e-4)  # skimage's white point is not exactly neutral
 
 
-def test_every_srgb_colour_matches_skimage() -> None:
-    """All 2^24 colours, as sixteen 1024×1024 images (no resize: size equals the side)."""
+def _every_colour() -> np.ndarray:
+    """All 2^24 colours as sixteen 1024×1024 uint8 RGB images (greys, primaries, the dark segment: all)."""
     colours = np.arange(1 << 24, dtype=np.uint32)
     rgb = np.stack([colours >> 16, colours >> 8, colours], axis=-1).astype(np.uint8)
-    rgb = rgb.reshape(16, 1024, 1024, 3)
-    for chunk in rgb:
+    return rgb.reshape(16, 1024, 1024, 3)
+
+
+def test_every_srgb_colour_matches_skimage_in_numpy_and_tensorflow() -> None:
+    """Both paths against skimage (no resize: size equals the side), and TensorFlow's against numpy's."""
+    lab_tf = _compiled_tf_lab()
+    for chunk in _every_colour():
         l_channel, ab = lab.lab_channels(chunk, 1024)
         ref_l, ref_ab = _reference(chunk, 1024)
         assert np.abs(l_channel - ref_l).max() <= TOL
         assert np.abs(ab - ref_ab).max() <= TOL
+        tf_l, tf_ab = (t.numpy()[0] for t in lab_tf(chunk[None]))
+        assert tf_l.dtype == np.float32 and tf_ab.dtype == np.float32
+        assert tf_l.shape == (1024, 1024) and tf_ab.shape == (1024, 1024, 2)
+        assert np.abs(tf_l - ref_l).max() <= TF_TOL and np.abs(tf_ab - ref_ab).max() <= TF_TOL
+        assert np.abs(tf_l - l_channel).max() <= TF_TOL and np.abs(tf_ab - ab).max() <= TF_TOL
+
+
+def _compiled_tf_lab() -> Any:
+    """`common.lab_tf.lab_tf_compiled()`, imported here: the other tests stay TensorFlow-free."""
+    from common.lab_tf import lab_tf_compiled
+
+    return lab_tf_compiled()
+
+
+def test_tensorflow_lab_op_by_op_compiled_and_padded_on_any_batch_shape() -> None:
+    from common.lab_tf import lab_tf, lab_tf_padded
+
+    rgb = np.stack([*_edge_images().values()])[:, :120, :200]  # non-square, every edge colour
+    expected = [_skimage_scaled(img) for img in rgb]
+    paths = (lab_tf(rgb), _compiled_tf_lab()(rgb), lab_tf_padded(rgb, 16), lab_tf_padded(rgb, 4))
+    for l_got, ab_got in paths:
+        assert l_got.shape == rgb.shape[:3] and ab_got.shape == (*rgb.shape[:3], 2)
+        for (l_exp, ab_exp), l_one, ab_one in zip(expected, l_got.numpy(), ab_got.numpy(), strict=True):
+            assert np.abs(l_one - l_exp).max() <= TF_TOL and np.abs(ab_one - ab_exp).max() <= TF_TOL
+    for l_none, ab_none in (_compiled_tf_lab()(rgb[:0]), lab_tf_padded(rgb[:0], 4)):
+        assert l_none.shape == (0, 120, 200) and ab_none.shape == (0, 120, 200, 2)
+
+
+def test_lab_on_the_device_by_default_with_a_gpu() -> None:
+    import tensorflow as tf
+
+    from common.lab_tf import TF_LAB_CHEAPER_ON_CPU, lab_on_device_default
+
+    assert lab_on_device_default() == (bool(tf.config.list_physical_devices("GPU")) or TF_LAB_CHEAPER_ON_CPU)
 
 
 def test_threads_get_their_own_work_arrays() -> None:

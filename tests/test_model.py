@@ -266,6 +266,22 @@ def test_embed_preprocesses_inside_and_batches(embedder):
         embedder.embed(rgb.astype(np.float32))
 
 
+def test_embed_lab_gives_the_logits_of_embed_and_the_lab_channels(embedder):
+    from common.lab import lab_channels
+
+    rgb = test_images(3)  # batch_size 2: two model calls, the second short
+    logits, l_channel, ab = embedder.embed_lab(rgb)
+    assert logits.shape == (3, 1001) and l_channel.shape == (3, 299, 299) and ab.shape == (3, 299, 299, 2)
+    assert logits.dtype == l_channel.dtype == ab.dtype == np.float32
+    np.testing.assert_allclose(logits, embedder.embed(rgb), rtol=1e-5, atol=1e-5)
+    for image, l_one, ab_one in zip(rgb, l_channel, ab, strict=True):
+        l_ref, ab_ref = lab_channels(image)
+        assert np.abs(l_one - l_ref).max() <= 1e-4 and np.abs(ab_one - ab_ref).max() <= 1e-4
+    assert [a.shape for a in embedder.embed_lab(rgb[:0])] == [(0, 1001), (0, 299, 299), (0, 299, 299, 2)]
+    with pytest.raises(ValueError):
+        embedder.embed_lab(rgb[:, :224, :224])
+
+
 def test_xla_and_mixed_precision_are_opt_in_and_close(fake_checkpoint: Path, embedder):
     rgb = test_images(3)
     exact = embedder.embed(rgb)
