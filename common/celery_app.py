@@ -61,6 +61,10 @@ def make_app(settings: Settings | None = None) -> Celery:
             # make it follow the visibility timeout so a killed worker's work comes back soon.
             "unacked_restore_interval": max(1, min(10, settings.visibility_timeout // 3)),
             "unacked_restore_throttle": 1,
+            # The restore scan holds a Redis lock; a worker killed inside it left the lock for
+            # kombu's default 300 s, blocking every restore. A scan takes milliseconds, and a
+            # message restored twice is harmless (every state transition is one-way).
+            "unacked_mutex_expire": 5,
         },
         worker_soft_shutdown_timeout=30.0,
     )

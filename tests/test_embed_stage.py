@@ -138,3 +138,14 @@ def test_split_marks_a_deterministic_idempotent_choice(tmp_path):
         (other / records.shard_name("node", n)).write_bytes(b"")
     assert sorted(p.name for p in records.split_validation(other, 0.2)) == val
     assert len(records.split_validation(tmp_path / "other", 0.01)) == 0  # at least one: already
+
+
+def test_a_chunk_with_images_already_written_elsewhere_writes_only_the_others(tmp_path, state):
+    chunk = [payload(i) for i in range(6)]
+    register(state, chunk)
+    state.mark_written_many([chunk[1]["key"], chunk[4]["key"]], b"zzzz")  # another worker's shard
+    s = stage(tmp_path, state, "a")
+    assert s.process(chunk) == 4
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for i, p in enumerate(chunk) if i not in (1, 4))
+    assert state.counts()["written"] == 6 and state.counts()["pending"] == 0

@@ -1,0 +1,138 @@
+"""Broker benchmark: how many images/s one Redis carries on the `embed` queue.
+
+Run: .venv/bin/python -m bench.broker [--images 8000] [--senders 2] [--rounds 3] [--json PATH] [--smoke]
+
+Senders (processes, publishing as download workers do: `send_task` of a chunk's images, or of one
+image per message as before chunks) and one consumer (the real `BatchConsumer`, its steps doing
+nothing: receive, decode the envelope, ack) on loopback; no model, no disk. Per format: images/s
+through the queue, and redis-server's own CPU-seconds per image, which bounds what one Redis
+(single-threaded) carries however many cores the senders and consumers have: 1 / that figure.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from bench.embed import NoStage, cpu_seconds, default_json, item_of, log, make_images, md_table, save_json
+
+NAME = "broker"
+
+
+def chunk_images(chunk: int) -> list[dict]:
+    """`chunk` distinct photo-like images as download workers publish them."""
+    from common.images import encode_pixels
+    from common.messages import embed_image
+
+    return [embed_image(item_of(i), encode_pixels(img)) for i, img in enumerate(make_images(chunk, chunk))]
+
+
+def send(redis_url: str, images: list[dict], messages: int, per_message: int) -> None:
+    """Publish `messages` messages of `per_message` images (a sender process)."""
+    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+    from common.settings import Settings
+
+    app = make_app(Settings(broker_url=redis_url))
+    for m in range(messages):
+        group = images[:per_message] if per_message > 1 else images[m % len(images)]
+        app.send_task(EMBED_TASK, args=[group], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
+    app.close()
+
+
+def one_round(server, images: list[dict], n: int, per_message: int, senders: int) -> dict:
+    """Senders and the consumer at once until n images went through; images/s and Redis CPU."""
+    from common.celery_app import make_app
+    from common.settings import Settings
+    from workers.batching import BatchConsumer
+
+    server.client().flushall()
+    messages = n // per_message // senders
+    total = messages * per_message * senders
+    stage = NoStage(total)
+    app = make_app(Settings(broker_url=server.url))
+    consumer = stage.consumer = BatchConsumer(app, stage, batch_size=128, max_wait=0.2,  # type: ignore
+                                              hostname="broker@bench")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=send, args=(server.url, images, messages, per_message))
+             for _ in range(senders)]
+    redis_cpu = cpu_seconds(server.proc.pid) or 0.0
+    for p in procs:
+        p.start()
+    guard = threading.Timer(600, consumer.stopping.set)  # never hang the benchmark
+    guard.start()
+    try:
+        consumer.run()
+    finally:
+        guard.cancel()
+        app.close()
+    for p in procs:
+        p.join()
+    received = sum(k for _, k in stage.seen)
+    redis_cpu = (cpu_seconds(server.proc.pid) or 0.0) - redis_cpu
+    # from the first batch to the last: the senders' start-up (a process each) left out
+    timed, seconds = received - stage.seen[0][1], stage.seen[-1][0] - stage.seen[0][0]
+    return {"images": received, "seconds": round(seconds, 3), "images_per_s": round(timed / seconds, 1),
+            "redis_cpu_ms_per_image": round(1000 * redis_cpu / received, 4),
+            "redis_bound_images_per_s": round(received / redis_cpu) if redis_cpu else None}
+
+
+def run(n: int, senders: int, rounds: int) -> dict:
+    from tests.servers import RedisServer
+
+    images = chunk_images(16)
+    payload_kb = sum(len(i["pixels"]) for i in images) / len(images) / 1000
+    formats = {"chunk (16 images per message)": 16, "one image per message (before)": 1}
+    runs: dict[str, list[dict]] = {name: [] for name in formats}
+    result: dict = {"bench": NAME, "images": n, "senders": senders, "rounds": rounds,
+                    "payload_kb_per_image": round(payload_kb, 1), "load_average_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory(prefix="koala-bench-broker-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            for r in range(rounds):
+                for name, per_message in formats.items():
+                    runs[name].append(one_round(server, images, n, per_message, senders))
+                    log(f"round {r + 1}/{rounds} {name}: {runs[name][-1]}")
+        finally:
+            server.stop()
+    keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
+    result["formats"] = {name: {"median": {k: statistics.median(x[k] for x in rs) for k in keys}, "runs": rs}
+                         for name, rs in runs.items()}
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
+def markdown(result: dict) -> str:
+    rows = [[name, f["median"]["images_per_s"], f["median"]["redis_cpu_ms_per_image"],
+             f["median"]["redis_bound_images_per_s"]] for name, f in result["formats"].items()]
+    head = (f"### Broker: the `embed` queue on one Redis ({result['images']} images of "
+            f"{result['payload_kb_per_image']} kB, {result['senders']} senders + 1 consumer on this machine, "
+            f"medians of {result['rounds']} rounds)")
+    return head + "\n\n" + md_table(
+        ["message format", "images/s through the queue", "redis-server CPU-ms/image",
+         "one Redis core's bound (images/s)"], rows)
+
+
+@click.command()
+@click.option("--images", "n", type=int, default=None, help="images per round (default 8000; smoke 320)")
+@click.option("--senders", type=int, default=2, show_default=True, help="sender processes")
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")
+def main(n: int | None, senders: int, rounds: int, json_path: Path | None, smoke: bool) -> None:
+    """Images/s one Redis carries on the embed queue, chunk messages vs one image per message."""
+    result = run(n or (320 if smoke else 8000), senders, 1 if smoke else rounds)
+    path = json_path or default_json(NAME, smoke)
+    save_json(result, path)
+    text = markdown(result)
+    path.with_suffix(".md").write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

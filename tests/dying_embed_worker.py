@@ -1,0 +1,40 @@
+"""`python -m tests.dying_embed_worker POINT NAME`: a real null-model embed worker that SIGKILLs itself
+at POINT of its second batch: after `prepared`, `inferred`, `appended` (records fsynced, not claimed)
+or `claimed` (claimed, not acked). Test code only: the worker itself has no such hook."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from common import records
+from workers import embed
+
+
+def die_after(owner: object, attr: str, calls: int) -> None:
+    """Replace owner.attr by a wrapper that kills this process after its `calls`-th return."""
+    original = getattr(owner, attr)
+    seen = [0]
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        seen[0] += 1
+        if seen[0] == calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, attr, wrapper)
+
+
+POINTS = {
+    "prepared": (embed.EmbedStage, "prepare"),
+    "inferred": (embed.EmbedStage, "infer"),
+    "appended": (records.ShardWriter, "append"),
+    "claimed": (embed.EmbedStage, "write"),
+}
+
+if __name__ == "__main__":
+    point, name = sys.argv[1], sys.argv[2]
+    die_after(*POINTS[point], calls=2)
+    embed.run_embed_worker(name)

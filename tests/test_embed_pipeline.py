@@ -1,0 +1,91 @@
+"""The pipelined embed worker as a real process (null model: no TensorFlow, so it is fast): chunk
+and one-image messages, exactly once when killed between any two steps, the null-model switch."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import records
+from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.settings import Settings
+from common.state import JobState
+from tests.conftest import ROOT, Workers, wait_for
+from tests.servers import worker_env
+from tests.test_embed_stage import payload
+
+N = 48
+
+
+def queue(redis_url: str, state: JobState, images: list[dict], per_message: int) -> None:
+    """Register the images as downloaded and queue them as download workers do (per_message=0: the
+    one-image format of before chunks)."""
+    keys = [p["key"] for p in images]
+    state.register(keys, state.new_run())
+    state.mark_downloaded_many(keys)
+    app = make_app(Settings(broker_url=redis_url))
+    step = per_message or 1
+    for i in range(0, len(images), step):
+        args = [images[i:i + step]] if per_message else [images[i]]
+        app.send_task(EMBED_TASK, args=args, queue=EMBED_QUEUE)
+    app.close()
+
+
+def keys_in_shards(out: Path) -> list[str]:
+    return sorted(records.example_key(data).decode() for shard in out.glob(records.SHARD_GLOB)
+                  for _, _, data in records.iter_examples(shard))
+
+
+def null_env(**extra: str) -> dict[str, str]:
+    return {"KOALA_NULL_MODEL": "1", "KOALA_BATCH_SIZE": "16", "KOALA_BATCH_WAIT": "0.2",
+            "KOALA_VISIBILITY_TIMEOUT": "3", "KOALA_EXAMPLES_PER_SHARD": "20", **extra}
+
+
+def finish(workers: Workers, state: JobState, n: int) -> None:
+    """A healthy null-model worker (node embed<i>@test) writes what is left, then stops cleanly."""
+    proc = workers.start("embed", **null_env())
+    wait_for(lambda: state.counts()["written"] == n, 90, f"{n} records", workers.logs)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, workers.logs()
+
+
+def test_chunk_and_one_image_messages_both_become_records_once(workers, redis_url, rclient):
+    state = JobState(rclient)
+    images = [payload(i) for i in range(N)]
+    queue(redis_url, state, images[:32], per_message=8)
+    queue(redis_url, state, images[32:], per_message=0)
+    queue(redis_url, state, images[:8], per_message=8)  # a re-sent chunk: already written or in flight
+    finish(workers, state, N)
+    assert keys_in_shards(workers.out_dir) == sorted(p["key"] for p in images)
+    assert state.counts()["pending"] == 0 and rclient.llen(EMBED_QUEUE) == 0 and not rclient.hlen("unacked")
+
+
+@pytest.mark.parametrize("point", ["prepared", "inferred", "appended", "claimed"])
+def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, rclient, tmp_path):
+    state = JobState(rclient)
+    images = [payload(i) for i in range(N)]
+    queue(redis_url, state, images, per_message=8)
+    log = open(tmp_path / "dying.log", "wb")  # noqa: SIM115 - closed below
+    dying = subprocess.run([sys.executable, "-m", "tests.dying_embed_worker", point, "embed0@test"], cwd=ROOT,
+                           env=worker_env(redis_url, workers.out_dir, **null_env()), stdout=log,
+                           stderr=subprocess.STDOUT, timeout=120)
+    log.close()
+    assert dying.returncode == -signal.SIGKILL, (tmp_path / "dying.log").read_text()
+    assert state.counts()["written"] < N
+    # the same node again (embed0@test): it recovers the temp shard, then takes the messages back
+    finish(workers, state, N)
+    assert keys_in_shards(workers.out_dir) == sorted(p["key"] for p in images)
+    assert not list(workers.out_dir.glob(".*.tmp")) and state.counts()["pending"] == 0
+
+
+@pytest.mark.parametrize("value", [None, "0"])
+def test_the_null_model_needs_its_variable(value, redis_url, tmp_path):
+    env = worker_env(redis_url, tmp_path, **({"KOALA_NULL_MODEL": value} if value else {}))
+    result = subprocess.run([sys.executable, "-m", "workers", "embed", "-n", "e@test"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "no checkpoint" in result.stderr
+    assert "null model" not in result.stderr.lower()
