@@ -1,20 +1,33 @@
-"""Embed options on this machine's device: batch size, mixed precision, XLA; and the share of the
-device's peak that the model's FLOPs reach.
+"""Embed options on this machine's device: batch size, mixed precision, XLA; the share of the
+device's peak that the model's FLOPs reach; and where the Lab channels are cheaper.
 
 Run: .venv/bin/python -m bench.device [--batches 16,64,128] [--json bench/results/device.json] [--smoke]
+     .venv/bin/python -m bench.device --lab-only [--lab-reps 5]   (the Lab comparison alone)
 
 The peak is not a data-sheet figure: it is the best rate of large matrix products measured in the
 same run (float32, and float16 for the mixed-precision rows), so the fraction is a ratio of two
 numbers measured side by side. FLOPs per image come from TensorFlow's profiler on the model's graph
 (2 per multiply-add). Without a GPU the default grid is float32 without XLA at batch 16 (mixed
 precision on a CPU only emulates float16); `--grid full` runs every combination anywhere.
+
+Lab: at the first batch size, in float32, repetitions interleaved (same load for all three): the model
+call alone (`Embedder.embed`); the same call while the numpy `lab_channels` of the batch run in a pool
+of up to 4 threads, as the embed worker runs them; `Embedder.embed_lab` (the TF Lab inside the model's
+function); and each Lab path alone. Wall and process CPU time. The extra time per image over the
+model alone (median of differences paired by repetition) is often within the model call's variation
+on a shared machine; the CPU work of each Lab path alone is what `common.lab_tf.lab_on_device_default`
+was decided on for a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import statistics
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -74,6 +87,57 @@ def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: 
             "device": embedder.device}
 
 
+def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all its threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> dict:
+    """Extra time per image that the Lab channels add to a model call: numpy in a thread pool beside it,
+    or TensorFlow inside it (medians of `reps` interleaved repetitions, wall and CPU)."""
+    from common.lab import lab_channels
+    from common.lab_tf import lab_tf_compiled
+    from common.model import Embedder
+
+    embedder = Embedder(checkpoint, batch_size=batch)
+    images = rgb[:batch]
+    pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))  # as the embed worker's Lab pool
+
+    def model_and_numpy_lab() -> None:
+        labs = [pool.submit(lab_channels, image) for image in images]
+        embedder.embed(images)
+        for job in labs:
+            job.result()
+
+    calls = {"model": lambda: embedder.embed(images), "model_numpy_lab": model_and_numpy_lab,
+             "model_tf_lab": lambda: embedder.embed_lab(images),
+             "numpy_lab_alone": lambda: [lab_channels(image) for image in images],
+             "tf_lab_alone": lambda: [t.numpy() for t in lab_tf_compiled()(images)]}
+    for call in calls.values():
+        call()  # warm-up: tracing, compiling, per-thread work arrays
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            times[name].append(_seconds(call))
+    pool.shutdown()
+    result: dict = {"batch": batch, "reps": reps, "device": embedder.device}
+    for i, kind in enumerate(("wall", "cpu")):
+        per_image = {name: [1000 * t[i] / batch for t in ts] for name, ts in times.items()}
+        result[kind] = {name: round(statistics.median(v), 2) for name, v in per_image.items()}
+        for path in ("numpy", "tf"):  # paired with the model-alone call of the same repetition
+            with_lab, alone = per_image[f"model_{path}_lab"], per_image["model"]
+            diffs = sorted(w - m for w, m in zip(with_lab, alone, strict=True))
+            result[kind][f"{path}_extra"] = round(statistics.median(diffs), 2)
+            result[kind][f"{path}_extra_range"] = [round(diffs[0], 2), round(diffs[-1], 2)]
+    # Within a model call the Lab's few ms per image are often below the call's variation on a shared
+    # machine (see the ranges); the CPU work of each Lab path alone, measured in the same run, decides.
+    result["tf_cheaper"] = result["cpu"]["tf_lab_alone"] < result["cpu"]["numpy_lab_alone"]
+    result["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    return result
+
+
 def grid(kind: str, on_gpu: bool, batches: list[int]) -> list[tuple[int, bool, bool]]:
     """(batch, mixed precision, XLA) combinations to measure."""
     if kind == "full" or (kind == "auto" and on_gpu):
@@ -81,8 +145,9 @@ def grid(kind: str, on_gpu: bool, batches: list[int]) -> list[tuple[int, bool, b
     return [(batches[0], False, False)]
 
 
-def run(batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, cache: Path) -> dict:
-    """Measure the grid, the model's FLOPs and the device's matmul peak."""
+def run(batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, cache: Path,
+        lab_reps: int) -> dict:
+    """Measure the grid, the model's FLOPs, the device's matmul peak and the Lab comparison."""
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
@@ -101,10 +166,29 @@ def run(batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds:
         row["model_tflops"] = round(row["img_s"] * gflops / 1000, 3)
         row["share_of_peak"] = round(row["model_tflops"] / peak["float16" if mixed else "float32"], 3)
         rows.append(row)
+    log(f"Lab: numpy beside the model vs TF inside it, batch {batches[0]}, {lab_reps} repetitions")
     return {"bench": NAME, "device": "GPU" if on_gpu else "CPU",
             "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "model_gflops_per_image": round(gflops, 2), "matmul_n": matmul_n, "peak_tflops": peak,
-            "rows": rows, "best": max(rows, key=lambda r: r["img_s"])}
+            "rows": rows, "best": max(rows, key=lambda r: r["img_s"]),
+            "lab": lab_comparison(checkpoint, rgb, batches[0], lab_reps)}
+
+
+def lab_markdown(lab: dict) -> str:
+    """The table of a Lab comparison."""
+    head = (f"### Lab channels on the {lab['device']}: numpy beside the model or TensorFlow inside it "
+            f"(batch {lab['batch']}, medians of {lab['reps']}, ms per image)")
+    names = ["model", "model_numpy_lab", "model_tf_lab", "numpy_extra", "tf_extra", "numpy_lab_alone",
+             "tf_lab_alone"]
+    rows = [[kind, *(lab[kind][n] for n in names)] for kind in ("wall", "cpu")]
+    table = md_table(["ms per image", "model alone", "model + numpy Lab (≤4 threads)",
+                      "model + TF Lab (`embed_lab`)", "numpy extra", "TF extra", "numpy Lab alone",
+                      "TF Lab alone"], rows)
+    cpu = lab["cpu"]
+    last = (f"Extra CPU ms per image, range over the repetitions: numpy {cpu['numpy_extra_range']}, TF "
+            f"{cpu['tf_extra_range']}. Lab alone, CPU work: {'TF' if lab['tf_cheaper'] else 'numpy'} is "
+            f"cheaper (load average after: {', '.join(map(str, lab['load_average']))}).")
+    return "\n\n".join([head, table, last])
 
 
 def markdown(result: dict) -> str:
@@ -120,7 +204,7 @@ def markdown(result: dict) -> str:
     best = result["best"]
     last = (f"Best: {best['img_s']} images/s (batch {best['batch']}, mixed precision "
             f"{best['mixed_precision']}, XLA {best['xla']}).")
-    return "\n\n".join([head, table, last])
+    return "\n\n".join([head, table, last, lab_markdown(result["lab"])])
 
 
 @click.command()
@@ -133,17 +217,27 @@ def markdown(result: dict) -> str:
 @click.option("--smoke", is_flag=True, help="batch 2, 4 images, a small matmul: checks the path works")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
               help="where the generated checkpoint is kept")
-def main(batches: str, kind: str, images: int, json_path: Path | None, smoke: bool, cache: Path) -> None:
-    """Embed images/s per option on this device, and the share of the measured peak."""
+@click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
+@click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
+def main(batches: str, kind: str, images: int, json_path: Path | None, smoke: bool, cache: Path,
+         lab_reps: int, lab_only: bool) -> None:
+    """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
     quiet_tensorflow()
     sizes = [int(b) for b in batches.split(",") if b.strip()]
     if smoke:
-        sizes, images, kind = [2], 4, "single"
+        sizes, images, kind, lab_reps = [2], 4, "single", 1
+    if lab_only:
+        lab = lab_comparison(ensure_checkpoint(cache), make_images(sizes[0]), sizes[0], lab_reps)
+        path = json_path or default_json(NAME + "_lab", smoke)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(lab, indent=2) + "\n")
+        click.echo(lab_markdown(lab))
+        return
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     matmul_n = 8192 if on_gpu else (512 if smoke else 2048)
-    result = run(sizes, kind, images, matmul_n, 1.0 if smoke else 5.0, cache)
+    result = run(sizes, kind, images, matmul_n, 1.0 if smoke else 5.0, cache, lab_reps)
     result["smoke"] = smoke
     path = json_path or default_json(NAME, smoke)
     path.parent.mkdir(parents=True, exist_ok=True)
