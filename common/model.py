@@ -565,6 +565,17 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "koala"
 
 
+GPU_BATCH_SIZE = 128
+CPU_BATCH_SIZE = 16
+
+
+def default_batch_size() -> int:
+    """Images per model call when none is set: large on a GPU (it needs them to be busy), small on a CPU."""
+    import tensorflow as tf
+
+    return GPU_BATCH_SIZE if tf.config.list_physical_devices("GPU") else CPU_BATCH_SIZE
+
+
 class Embedder:
     """uint8 RGB 299x299 images -> float32 Inception-ResNet-v2 logits of their greyscale version."""
 

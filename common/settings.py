@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     keep_originals: Path | None = Field(None, description="directory where download workers also save the downloaded bytes as <md5>.<ext>")
 
     # Embed stage
-    batch_size: int = Field(16, description="images per model call in an embed worker")
+    batch_size: int | None = Field(None, description="images per model call in an embed worker (default 128 on a GPU, 16 on a CPU)")
+    lab_on_device: bool | None = Field(None, description="1 computes the Lab channels in the model's TensorFlow function (on its device), 0 with numpy in threads; default: 1 on a GPU, on a CPU whichever measured cheaper (common/lab_tf.py)")
     batch_wait: float = Field(2.0, description="seconds an embed worker waits to fill a batch before running a partial one")
     mixed_precision: bool = Field(False, description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)")
     xla: bool = Field(False, description="1 compiles the model with XLA")
@@ -64,8 +65,8 @@ class Settings(BaseSettings):
     @field_validator("chunk_size", "download_queue_limit", "embed_queue_limit", "download_concurrency",
                      "per_host_connections", "max_bytes", "max_pixels", "examples_per_shard", "batch_size")
     @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
 

@@ -448,9 +448,9 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
     files = [identify(p, src) for p in iter_image_files(src, exclude=out)]
     if not files:
         raise click.ClickException(f"no image files under {src}")
-    from common.model import Embedder
+    from common.model import Embedder, default_batch_size
 
-    batch_size = batch_size or settings.batch_size
+    batch_size = batch_size or settings.batch_size or default_batch_size()
     embedder = Embedder(checkpoint, settings.cache_dir, batch_size=batch_size,
                         mixed_precision=settings.mixed_precision, xla=settings.xla)
     failures = FailureLog(out)

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from common.model import GPU_BATCH_SIZE
 from common.settings import Settings
 from tests.conftest import wait_for
 from tests.servers import RedisServer, free_port, worker_env
@@ -376,7 +377,7 @@ def test_gpu_override_reserves_an_nvidia_gpu_and_builds_the_gpu_image() -> None:
     merged = services(WITH_GPU)["embed-worker"]
     assert (ROOT / merged["build"]["context"] / merged["build"]["dockerfile"]) == ROOT / "Dockerfile.gpu"
     assert merged["image"] != services(BASE)["embed-worker"]["image"]
-    assert int(option_value(merged["command"], "--batch-size")) > Settings.model_fields["batch_size"].default
+    assert int(option_value(merged["command"], "--batch-size")) == GPU_BATCH_SIZE
     assert set(load(GPU)["services"]) == {"embed-worker"}
 
 

@@ -41,13 +41,15 @@ def keys_in_shards(out: Path) -> list[str]:
 
 
 def null_env(**extra: str) -> dict[str, str]:
+    """A null-model worker; Lab with numpy (no TensorFlow to import) unless asked."""
     return {"KOALA_NULL_MODEL": "1", "KOALA_BATCH_SIZE": "16", "KOALA_BATCH_WAIT": "0.2",
-            "KOALA_VISIBILITY_TIMEOUT": "3", "KOALA_EXAMPLES_PER_SHARD": "20", **extra}
+            "KOALA_VISIBILITY_TIMEOUT": "3", "KOALA_EXAMPLES_PER_SHARD": "20", "KOALA_LAB_ON_DEVICE": "0",
+            **extra}
 
 
-def finish(workers: Workers, state: JobState, n: int) -> None:
+def finish(workers: Workers, state: JobState, n: int, **env: str) -> None:
     """A healthy null-model worker (node embed<i>@test) writes what is left, then stops cleanly."""
-    proc = workers.start("embed", **null_env())
+    proc = workers.start("embed", **null_env(**env))
     wait_for(lambda: state.counts()["written"] == n, 90, f"{n} records", workers.logs)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, workers.logs()
@@ -59,7 +61,7 @@ def test_chunk_and_one_image_messages_both_become_records_once(workers, redis_ur
     queue(redis_url, state, images[:32], per_message=8)
     queue(redis_url, state, images[32:], per_message=0)
     queue(redis_url, state, images[:8], per_message=8)  # a re-sent chunk: already written or in flight
-    finish(workers, state, N)
+    finish(workers, state, N, KOALA_LAB_ON_DEVICE="1")  # the TensorFlow Lab, as on a GPU
     assert keys_in_shards(workers.out_dir) == sorted(p["key"] for p in images)
     assert state.counts()["pending"] == 0 and rclient.llen(EMBED_QUEUE) == 0 and not rclient.hlen("unacked")
 

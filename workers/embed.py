@@ -251,28 +251,57 @@ def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:
     return keep
 
 
+@dataclass
+class Model:
+    """What the embed stage runs: logits alone, or logits and Lab in one device call."""
+
+    embed: Embed
+    embed_lab: EmbedLab | None  # None: Lab with numpy in the stage's threads
+    device: str
+    batch_size: int
+
+
 class NullModel:
     """Benchmark only (KOALA_NULL_MODEL=1): a forward pass that costs nothing and returns zeros, so
-    that a benchmark sees the ceiling of everything else. Its records are useless for training."""
+    that a benchmark sees the ceiling of everything else (Lab still runs where it would). Its
+    records are useless for training."""
 
-    device = "nothing (null model)"
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
 
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         return np.zeros((len(rgb), records.EMBEDDING_SIZE), np.float32)
 
+    def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Zeros and the TensorFlow Lab channels, as `Embedder.embed_lab` gives them."""
+        import tensorflow as tf
 
-def load_model(settings: Settings) -> tuple[Embed, EmbedLab | None, str]:
-    """(embed, embed_lab or None when Lab runs on the CPU, device) of the settings' model."""
+        from common.lab_tf import lab_tf_padded
+
+        parts = [lab_tf_padded(tf.constant(rgb[i:i + self.batch_size]), self.batch_size)
+                 for i in range(0, len(rgb), self.batch_size)]
+        return (self.embed(rgb), np.concatenate([p[0].numpy() for p in parts]),
+                np.concatenate([p[1].numpy() for p in parts]))
+
+
+def load_model(settings: Settings) -> Model:
+    """The settings' model, Lab on its device or not, and its batch size."""
+    from common.lab_tf import lab_on_device_default
+    from common.model import default_batch_size
+
+    batch_size = settings.batch_size or default_batch_size()
+    on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
     if settings.null_model:
         log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
-        return NullModel().embed, None, NullModel.device
+        null = NullModel(batch_size)
+        return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
     if not settings.checkpoint:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     from common.model import Embedder
 
-    embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=settings.batch_size,
+    embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=batch_size,
                         mixed_precision=settings.mixed_precision, xla=settings.xla)
-    return embedder.embed, None, embedder.device
+    return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
 
 
 def run_embed_worker(node: str) -> None:
@@ -292,12 +321,13 @@ def run_embed_worker(node: str) -> None:
         done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)
         if done["shards"]:
             log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
-        embed, embed_lab, device = load_model(settings)
-        log.info("model ready on %s", device)
+        model = load_model(settings)
+        log.info("model ready on %s, batches of %d, Lab %s", model.device, model.batch_size,
+                 "with the model" if model.embed_lab else "with numpy")
         writer = records.ShardWriter(out, node, examples_per_shard=settings.examples_per_shard,
                                      max_age=settings.shard_max_age, compression=settings.compression)
-        stage = EmbedStage(settings, state, node, embed, writer, embed_lab)
-        consumer = BatchConsumer(make_app(settings), stage, batch_size=settings.batch_size,
+        stage = EmbedStage(settings, state, node, model.embed, writer, model.embed_lab)
+        consumer = BatchConsumer(make_app(settings), stage, batch_size=model.batch_size,
                                  max_wait=settings.batch_wait, hostname=node)
         consumer.install_signal_handlers()
         try:
