@@ -50,8 +50,10 @@ def null_env(**extra: str) -> dict[str, str]:
 def finish(workers: Workers, state: JobState, n: int, **env: str) -> None:
     """A healthy null-model worker (node embed<i>@test) writes what is left, then stops cleanly."""
     proc = workers.start("embed", **null_env(**env))
-    wait_for(lambda: state.counts()["written"] == n and not state.r.llen(EMBED_QUEUE) and not state.r.hlen("unacked"),
-             90, f"{n} records and every message acked", workers.logs)
+    def done() -> bool:
+        return state.counts()["written"] == n and not state.r.llen(EMBED_QUEUE) and not state.r.hlen("unacked")
+
+    wait_for(done, 90, f"{n} records and every message acked", workers.logs)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, workers.logs()
 
