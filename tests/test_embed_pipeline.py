@@ -50,8 +50,10 @@ def null_env(**extra: str) -> dict[str, str]:
 def finish(workers: Workers, state: JobState, n: int, **env: str) -> None:
     """A healthy null-model worker (node embed<i>@test) writes what is left, then stops cleanly."""
     proc = workers.start("embed", **null_env(**env))
+
     def done() -> bool:
-        return state.counts()["written"] == n and not state.r.llen(EMBED_QUEUE) and not state.r.hlen("unacked")
+        queued = state.r.llen(EMBED_QUEUE) + state.r.hlen("unacked")
+        return state.counts()["written"] == n and not queued
 
     wait_for(done, 90, f"{n} records and every message acked", workers.logs)
     proc.send_signal(signal.SIGTERM)
