@@ -655,18 +655,26 @@ def disk_write_mb_s(folder: Path, mb: int = 1024) -> float:
     return mb / seconds
 
 
-def start_null_worker(redis_url: str, out: Path, batch_size: int, log_path: Path) -> subprocess.Popen:
-    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint, no TensorFlow)."""
+LAB_VARIANTS = {  # how the null-model worker computes Lab
+    "Lab on this CPU": {},
+    "Lab off the CPU": {"KOALA_NULL_LAB": "1"},  # zeros: what a GPU worker's CPU does
+}
+
+
+def start_null_worker(redis_url: str, out: Path, batch_size: int, log_path: Path,
+                      extra: dict[str, str]) -> subprocess.Popen:
+    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint)."""
     from tests.servers import worker_env
 
     env = worker_env(redis_url, out, KOALA_NULL_MODEL="1", KOALA_BATCH_SIZE=str(batch_size),
-                     KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500")
+                     KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", **extra)
     with open(log_path, "wb") as log_file:
         return subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "null@bench"], cwd=ROOT,
                                 env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
-def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path) -> dict:
+def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path,
+               extra: dict[str, str]) -> dict:
     """One ceiling measurement: the queue pre-filled, the worker started, first record to last."""
     client = server.client()
     client.flushall()
@@ -675,7 +683,7 @@ def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_pat
     register_downloaded(client, payloads)
     fill_embed_queue(server.url, payloads)
     n = len(payloads)
-    proc = start_null_worker(server.url, out, batch_size, log_path)
+    proc = start_null_worker(server.url, out, batch_size, log_path, extra)
     first = last = None
     deadline = time.monotonic() + 60 + n / 20
     try:
@@ -719,23 +727,22 @@ def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path]) ->
     with tempfile.TemporaryDirectory(prefix="koala-bench-null-") as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
-            runs: dict[str, list[dict]] = {name: [] for name in outs}
+            runs: dict[tuple[str, str], list[dict]] = {(o, v): [] for o in outs for v in LAB_VARIANTS}
             for r in range(rounds):
-                for name, out in outs.items():
-                    log(f"round {r + 1}/{rounds}: {name} ({out})")
-                    runs[name].append(null_round(server, payloads, out / "null-bench", batch_size,
-                                                 Path(tmp) / f"{name}-{r}.log"))
-                    log(f"  {runs[name][-1]['images_per_s']} images/s, "
-                        f"{runs[name][-1]['cpu_ms_per_image']} CPU-ms/image")
+                for (name, variant), rs in runs.items():
+                    log(f"round {r + 1}/{rounds}: {name} ({outs[name]}), {variant}")
+                    rs.append(null_round(server, payloads, outs[name] / "null-bench", batch_size,
+                                         Path(tmp) / f"{name}-{r}.log", LAB_VARIANTS[variant]))
+                    log(f"  {rs[-1]['images_per_s']} images/s, {rs[-1]['cpu_ms_per_image']} CPU-ms/image")
         finally:
             server.stop()
-    for name, rs in runs.items():
-        med = {k: statistics.median(x[k] for x in rs) for k in
-               ("images_per_s", "cpu_ms_per_image", "disk_mb_per_s", "records_mb_per_s", "records_vs_disk",
-                "machine_busy_cores")}
+    keys = ("images_per_s", "cpu_ms_per_image", "disk_mb_per_s", "records_mb_per_s", "records_vs_disk",
+            "machine_busy_cores")
+    for (name, variant), rs in runs.items():
         ok = all(x["records"] == x["distinct"] == n and x["temp_shards"] == 0 for x in rs)
-        result["outputs"][name] = {"folder": str(outs[name]), "median": med, "runs": rs,
-                                   "every_image_once": ok}
+        result["outputs"][f"{name}, {variant}"] = {
+            "folder": str(outs[name]), "median": {k: statistics.median(x[k] for x in rs) for k in keys},
+            "runs": rs, "every_image_once": ok}
     result["load_average_after"] = os.getloadavg()
     return result
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import orjson
+import pybase64
 from celery import Celery
 from kombu import Queue
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from common.settings import Settings, get_settings
 
@@ -28,6 +32,31 @@ class BrokerLossInOneLine(logging.Filter):
 
 
 logging.getLogger("celery.worker.consumer.consumer").addFilter(BrokerLossInOneLine())
+
+
+class FastBase64:
+    """kombu's base64 body codec, the same bytes through SIMD pybase64 (the stdlib's took ~1 ms per
+    image on each side: a chunk message's body is megabytes)."""
+
+    def encode(self, s: str | bytes) -> str:
+        return pybase64.b64encode(s.encode() if isinstance(s, str) else s).decode("ascii")
+
+    def decode(self, s: str | bytes) -> bytes:
+        return pybase64.b64decode(s)
+
+
+def _envelope_dumps(obj: object, _kombu_dumps=kombu_redis.dumps) -> bytes | str:
+    """kombu's Redis envelope (written at publish, and again into `unacked` at delivery) as JSON by
+    orjson: the stdlib encoder scanned each megabyte body string at ~200 MB/s. Anything orjson
+    refuses goes to kombu's own encoder."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return _kombu_dumps(obj)
+
+
+virtual.Channel.codecs["base64"] = FastBase64()
+kombu_redis.dumps = _envelope_dumps
 
 
 def make_app(settings: Settings | None = None) -> Celery:

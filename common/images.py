@@ -429,8 +429,20 @@ def decode_pixels(data: bytes) -> np.ndarray:
     raw = _unzstd(body, expected) if tag == _TAG_UP_ZSTD else _unzlib(body, expected)
     if len(raw) != expected:
         raise ValueError(f"corrupt pixel payload: {len(raw)} bytes for {h}x{w}x3")
-    delta = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
-    return np.cumsum(delta, axis=0, dtype=np.uint8)
+    return undo_up_filter(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
+
+
+def undo_up_filter(delta: np.ndarray) -> np.ndarray:
+    """Rows' running sum mod 256 (the inverse of the Up filter), as a new array.
+
+    In log2(rows) whole-array steps: numpy's cumsum along rows runs ~6x slower (no SIMD there).
+    """
+    out = delta.copy()
+    step = 1
+    while step < len(out):
+        out[step:] += out[:-step]  # numpy buffers the overlap: each step adds the previous step's rows
+        step *= 2
+    return out
 
 
 def _unzstd(body: bytes, expected: int) -> bytes:

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(False, description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)")
     xla: bool = Field(False, description="1 compiles the model with XLA")
     null_model: bool = Field(False, description="benchmark only: 1 replaces the model's forward pass by zeros (records useless for training); never in a real run")
+    null_lab: bool = Field(False, description="benchmark only, with KOALA_NULL_MODEL=1: the Lab channels are zeros too, standing in for a GPU that computes them with the model")
     cache_dir: Path = Field(Path.home() / ".cache" / "koala", description="where a downloaded or extracted checkpoint is kept")
 
     # Images and records

@@ -96,3 +96,20 @@ def test_the_null_model_needs_its_variable(value, redis_url, tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "no checkpoint" in result.stderr
     assert "null model" not in result.stderr.lower()
+
+
+def test_the_fast_wire_codecs_write_what_kombu_writes():
+    import base64
+    import datetime as dt
+    import json
+
+    from common.celery_app import FastBase64, _envelope_dumps
+
+    body = bytes(range(256)) * 100
+    assert FastBase64().encode(body) == base64.b64encode(body).decode()
+    assert FastBase64().decode(base64.b64encode(body).decode()) == body
+    envelope = [{"body": "eyJh", "headers": {"task": "koala.embed", "eta": None, "retries": 0},
+                 "properties": {"priority": 0, "delivery_info": {"exchange": ""}}}, "", "embed"]
+    assert json.loads(_envelope_dumps(envelope)) == envelope
+    with_date = {"eta": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "n": 1 << 70}  # orjson refuses the int
+    assert "2026-01-01" in str(_envelope_dumps(with_date))

@@ -272,6 +272,11 @@ class NullModel:
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         return np.zeros((len(rgb), records.EMBEDDING_SIZE), np.float32)
 
+    def zeros_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Zeros for the logits and the Lab channels (KOALA_NULL_LAB: a device's work, not the CPU's)."""
+        n, h, w, _ = rgb.shape
+        return self.embed(rgb), np.zeros((n, h, w), np.float32), np.zeros((n, h, w, 2), np.float32)
+
     def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Zeros and the TensorFlow Lab channels, as `Embedder.embed_lab` gives them."""
         import tensorflow as tf
@@ -294,7 +299,12 @@ def load_model(settings: Settings) -> Model:
     if settings.null_model:
         log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
         null = NullModel(batch_size)
+        if settings.null_lab:
+            log.warning("KOALA_NULL_LAB=1: the Lab channels are zeros too (benchmark only)")
+            return Model(null.embed, null.zeros_lab, "nothing (null model, null Lab)", batch_size)
         return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
+    if settings.null_lab:
+        raise RuntimeError("KOALA_NULL_LAB=1 is for benchmarks, with KOALA_NULL_MODEL=1 only")
     if not settings.checkpoint:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     from common.model import Embedder
