@@ -233,16 +233,15 @@ def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> 
 
 def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> None:
     """One `koala.embed` message per `chunk` images, sent as workers.tasks.publish_embed sends a
-    download chunk's images."""
+    download chunk's images (chunk=0: one image per message in the format before chunks)."""
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.settings import Settings
 
     app = make_app(Settings(broker_url=redis_url))
     try:
-        for i in range(0, len(payloads), chunk):
-            images = payloads[i:i + chunk]
-            app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr=f"[{len(images)} images]",
-                          kwargsrepr="{}")
+        for i in range(0, len(payloads), chunk or 1):
+            images = payloads[i:i + chunk] if chunk else payloads[i]  # 0: one bare image, as before chunks
+            app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
     finally:
         app.close()
 
@@ -661,16 +660,35 @@ LAB_VARIANTS = {  # how the null-model worker computes Lab
 }
 
 
+BEFORE = "before"  # the variant that runs an earlier commit's worker (--before)
+
+
 def start_null_worker(redis_url: str, out: Path, batch_size: int, log_path: Path,
                       extra: dict[str, str]) -> subprocess.Popen:
-    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint)."""
+    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint); with extra[BEFORE] = a
+    worktree, that commit's worker through bench/null_before.py."""
     from tests.servers import worker_env
 
+    extra = dict(extra)
+    worktree = extra.pop(BEFORE, None)
     env = worker_env(redis_url, out, KOALA_NULL_MODEL="1", KOALA_BATCH_SIZE=str(batch_size),
                      KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", **extra)
+    command = [sys.executable, "-m", "workers", "embed", "-n", "null@bench"]
+    if worktree:
+        env.update(PYTHONPATH=worktree, KOALA_CHECKPOINT="unused")
+        command = [sys.executable, str(ROOT / "bench" / "null_before.py"), "embed", "-n", "null@bench"]
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "null@bench"], cwd=ROOT,
-                                env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=worktree or ROOT, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT)
+
+
+def before_worktree(ref: str) -> Path:
+    """A detached worktree of `ref` (made once) whose embed worker --before measures."""
+    path = RESULTS / f"worktree-{ref}"
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True,
+                       capture_output=True)
+    return path
 
 
 def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path,
@@ -681,7 +699,7 @@ def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_pat
     shutil.rmtree(out, ignore_errors=True)
     disk = disk_write_mb_s(out)
     register_downloaded(client, payloads)
-    fill_embed_queue(server.url, payloads)
+    fill_embed_queue(server.url, payloads, 0 if BEFORE in extra else 16)
     n = len(payloads)
     proc = start_null_worker(server.url, out, batch_size, log_path, extra)
     first = last = None
@@ -715,9 +733,14 @@ def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_pat
             "records_vs_disk": round(img_s * record_mb / disk, 3), **counted}
 
 
-def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path]) -> dict:
+def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], before: str | None) -> dict:
     """The ceiling of the worker's own path on each output folder, rounds alternating, medians."""
     from tests.servers import RedisServer
+
+    variants = dict(LAB_VARIANTS)
+    if before:
+        variants[f"{BEFORE} ({before}, one image per message, Lab on this CPU)"] = {
+            BEFORE: str(before_worktree(before))}
 
     rgb = make_images(n)
     payloads = payloads_of(rgb)
@@ -727,12 +750,12 @@ def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path]) ->
     with tempfile.TemporaryDirectory(prefix="koala-bench-null-") as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
-            runs: dict[tuple[str, str], list[dict]] = {(o, v): [] for o in outs for v in LAB_VARIANTS}
+            runs: dict[tuple[str, str], list[dict]] = {(o, v): [] for o in outs for v in variants}
             for r in range(rounds):
                 for (name, variant), rs in runs.items():
                     log(f"round {r + 1}/{rounds}: {name} ({outs[name]}), {variant}")
                     rs.append(null_round(server, payloads, outs[name] / "null-bench", batch_size,
-                                         Path(tmp) / f"{name}-{r}.log", LAB_VARIANTS[variant]))
+                                         Path(tmp) / f"{name}-{r}.log", variants[variant]))
                     log(f"  {rs[-1]['images_per_s']} images/s, {rs[-1]['cpu_ms_per_image']} CPU-ms/image")
         finally:
             server.stop()
@@ -774,14 +797,17 @@ def null_markdown(result: dict) -> str:
 @click.option("--out", "outs", type=click.Path(file_okay=False, path_type=Path), multiple=True,
               help="null model: output folder(s) (default: bench/results/tmp on local disk, and /dev/shm)")
 @click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
+@click.option("--before", default=None,
+              help="null model: also an earlier commit's worker (its model replaced by zeros), e.g. 4b72f66")
 def main(n: int | None, batch_size: int | None, json_path: Path | None, smoke: bool, cache: Path,
-         null_model: bool, outs: tuple[Path, ...], rounds: int) -> None:
+         null_model: bool, outs: tuple[Path, ...], rounds: int, before: str | None) -> None:
     """Bare model vs embed worker, and the share of each step; or the worker's ceiling (--null-model)."""
     if null_model:
         batch_size = batch_size or (16 if smoke else 128)
         folders = ({p.name or str(p): p for p in outs}
                    or {"local disk": RESULTS / "tmp", "tmpfs": Path("/dev/shm")})
-        result = null_ceiling(n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders)
+        result = null_ceiling(n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders,
+                              before)
         path = json_path or default_json(NAME + "-null", smoke)
         save_json(result, path)
         text = null_markdown(result)
