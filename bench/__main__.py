@@ -27,12 +27,18 @@ import click
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHES = ("records", "download", "embed", "device", "scale", "resize")
+BENCHES = ("records", "download", "download-mix", "embed", "ceiling", "broker", "device", "scale", "resize")
+# benchmarks that are another module run with options: name -> (module, options, options of its smoke)
+VARIANTS = {"download-mix": ("download", ["--scenario", "mix"], ["--scenario", "mix"]),
+            "ceiling": ("embed", ["--null-model", "--before", "4b72f66"], ["--null-model"])}
 TITLES = {"records": "records (serializer, shard writing)", "download": "download (vs img2dataset)",
           "embed": "embed (bare model vs embed worker)",
           "device": "device (batch, mixed precision, XLA; share of the measured peak)",
           "scale": "scale (Redis per URL, producer, memory)",
-          "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)"}
+          "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)",
+          "download-mix": "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
+          "ceiling": "embed worker ceiling (null model) on local disk and tmpfs, vs the worker before",
+          "broker": "broker (images/s one Redis carries on the embed queue)"}
 
 
 # ---- the machine --------------------------------------------------------------------------------
@@ -132,9 +138,9 @@ def options_of(module: str) -> str:
 
 def command_for(name: str, smoke: bool, json_path: Path) -> tuple[list[str], str]:
     """The command line of a benchmark, and a note on how its smoke was made tiny."""
-    module = f"bench.{name}"
-    help_text = options_of(module)
-    args = [sys.executable, "-m", module]
+    module, extra, smoke_extra = VARIANTS.get(name, (name, [], []))
+    help_text = options_of(f"bench.{module}")
+    args = [sys.executable, "-m", f"bench.{module}", *(smoke_extra if smoke else extra)]
     if "--json" in help_text:
         args += ["--json", str(json_path)]
     note = ""

@@ -692,12 +692,12 @@ def before_worktree(ref: str) -> Path:
 
 
 def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path,
-               extra: dict[str, str]) -> dict:
+               extra: dict[str, str], disk_mb: int = 1024) -> dict:
     """One ceiling measurement: the queue pre-filled, the worker started, first record to last."""
     client = server.client()
     client.flushall()
     shutil.rmtree(out, ignore_errors=True)
-    disk = disk_write_mb_s(out)
+    disk = disk_write_mb_s(out, disk_mb)
     register_downloaded(client, payloads)
     fill_embed_queue(server.url, payloads, 0 if BEFORE in extra else 16)
     n = len(payloads)
@@ -755,7 +755,8 @@ def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], be
                 for (name, variant), rs in runs.items():
                     log(f"round {r + 1}/{rounds}: {name} ({outs[name]}), {variant}")
                     rs.append(null_round(server, payloads, outs[name] / "null-bench", batch_size,
-                                         Path(tmp) / f"{name}-{r}.log", variants[variant]))
+                                         Path(tmp) / f"{name}-{r}.log", variants[variant],
+                                         1024 if n >= 1000 else 64))
                     log(f"  {rs[-1]['images_per_s']} images/s, {rs[-1]['cpu_ms_per_image']} CPU-ms/image")
         finally:
             server.stop()

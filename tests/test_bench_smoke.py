@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("records", "download", "embed", "device", "scale", "resize")
-WITHOUT_MODEL = ("records", "download", "scale", "resize")
+SECTIONS = ("records", "download", "download-mix", "embed", "ceiling", "broker", "device", "scale", "resize")
+WITHOUT_MODEL = ("records", "download", "ceiling", "broker", "scale", "resize")
 
 
 def run_smoke(out: Path, only: tuple[str, ...]) -> tuple[str, dict]:
@@ -57,11 +57,26 @@ def check_resize(out: Path) -> None:
     assert all(p["cpu_ms_median"] > 0 and p["psnr_min"] > 30 for p in paths.values())
 
 
+def check_ceiling(out: Path) -> None:
+    outputs = json.loads((out / "ceiling.json").read_text())["outputs"]
+    assert len(outputs) >= 4 and all(o["every_image_once"] and o["median"]["images_per_s"] > 0
+                                     for o in outputs.values())
+
+
+def check_broker(out: Path) -> None:
+    formats = json.loads((out / "broker.json").read_text())["formats"]
+    assert len(formats) == 2 and all(f["median"]["images_per_s"] > 0 for f in formats.values())
+
+
 def test_bench_smoke_without_the_model(tmp_path: Path):
     run_smoke(tmp_path, WITHOUT_MODEL)
     check_download(tmp_path)
     check_scale(tmp_path)
     check_resize(tmp_path)
+    check_ceiling(tmp_path)
+    check_broker(tmp_path)
+    check_ceiling(tmp_path)
+    check_broker(tmp_path)
 
 
 @pytest.mark.slow
@@ -78,3 +93,5 @@ def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path)
     check_download(tmp_path)
     check_scale(tmp_path)
     check_resize(tmp_path)
+    check_ceiling(tmp_path)
+    check_broker(tmp_path)

@@ -292,16 +292,17 @@ class NullModel:
 def load_model(settings: Settings) -> Model:
     """The settings' model, Lab on its device or not, and its batch size."""
     from common.lab_tf import lab_on_device_default
-    from common.model import default_batch_size
+    from common.model import CPU_BATCH_SIZE, default_batch_size
 
+    if settings.null_model and settings.null_lab:  # no TensorFlow at all
+        log.warning("KOALA_NULL_MODEL=1, KOALA_NULL_LAB=1: zeros for the logits and Lab (benchmark only)")
+        null = NullModel(settings.batch_size or CPU_BATCH_SIZE)
+        return Model(null.embed, null.zeros_lab, "nothing (null model, null Lab)", null.batch_size)
     batch_size = settings.batch_size or default_batch_size()
     on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
     if settings.null_model:
         log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
         null = NullModel(batch_size)
-        if settings.null_lab:
-            log.warning("KOALA_NULL_LAB=1: the Lab channels are zeros too (benchmark only)")
-            return Model(null.embed, null.zeros_lab, "nothing (null model, null Lab)", batch_size)
         return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
     if settings.null_lab:
         raise RuntimeError("KOALA_NULL_LAB=1 is for benchmarks, with KOALA_NULL_MODEL=1 only")
