@@ -152,8 +152,6 @@ def command_for(name: str, smoke: bool, json_path: Path) -> tuple[list[str], str
             note = "smoke: --n 20"
         else:
             note = "no smoke option: full run"
-    elif name == "download":
-        args += ["--variant", "before"]  # what the last change to the publish path bought
     return args, note
 
 

@@ -18,7 +18,7 @@ What runs, all on 127.0.0.1:
   JPEGs (cached under bench/results/cache/), sleeping `--latency` seconds before each answer;
 - img2dataset, installed by this script into its own venv (bench/results/img2dataset-venv; its pins
   never touch ours), as a subprocess: `--processes_count` = our worker count, `--thread_count` T;
-- ours: a redis-server, `--workers` download workers (`python -m workers download -c 32`), the
+- ours: a redis-server, `--workers` download workers (`python -m workers download -c 64`), the
   producer (`python -m producer submit`), and a counting sink draining the `embed` queue (it
   stands for the embed workers, which are not measured here).
 The two tools alternate, `--rounds` times each. Per run: images/s, CPU-seconds per image (all
@@ -1160,7 +1160,8 @@ def markdown(result: dict) -> str:
 @click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
 @click.option("--workers", type=int, default=2, show_default=True,
               help="our download workers = img2dataset processes")
-@click.option("--concurrency", type=int, default=32, show_default=True, help="threads per worker of ours")
+@click.option("--concurrency", type=int, default=64, show_default=True,
+              help="downloads in flight per worker of ours (its fetch threads; img2dataset: --threads)")
 @click.option("--threads", default="64", show_default=True, help="img2dataset --thread_count (e.g. 16,64)")
 @click.option("--ceiling-sample", type=int, default=100, show_default=True,
               help="corpus images for the single-thread costs (0: skip)")
