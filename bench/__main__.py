@@ -169,7 +169,7 @@ def reuse_one(name: str, out: Path) -> dict:
 
 def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
     """Run one benchmark; its section of the summary."""
-    if importlib.util.find_spec(f"bench.{name}") is None:
+    if importlib.util.find_spec(f"bench.{VARIANTS.get(name, (name,))[0]}") is None:
         return {"name": name, "status": "skipped", "note": f"bench/{name}.py does not exist (yet)"}
     json_path = out / f"{name}.json"
     json_path.unlink(missing_ok=True)

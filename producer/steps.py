@@ -364,9 +364,11 @@ class LabBatcher:
     """Files -> the fleet's pixels -> embedding + Lab -> records in rotating shards."""
 
     def __init__(self, settings: Settings, embed: Callable[[np.ndarray], np.ndarray], mode: str,
-                 lab_size: int, writer: records.ShardWriter, failures: FailureLog):
+                 lab_size: int, writer: records.ShardWriter, failures: FailureLog,
+                 embed_lab: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
         self.settings = settings
         self.embed = embed
+        self.embed_lab = embed_lab  # the model and Lab in one call, as the fleet's embed stage runs them
         self.mode = mode
         self.lab_size = lab_size
         self.writer = writer
@@ -391,10 +393,16 @@ class LabBatcher:
         kept = [(img, px) for img, px in zip(batch, pixels, strict=True) if px is not None]
         if not kept:
             return
-        labs = [pool.submit(lab.lab_channels, px, self.lab_size) for _, px in kept]
-        logits = self.embed(np.stack([px for _, px in kept]))
-        serialized = [self.record(img, *f.result(), emb)
-                      for (img, _), f, emb in zip(kept, labs, logits, strict=True)]
+        rgb = np.stack([px for _, px in kept])
+        if self.embed_lab is not None and self.lab_size == lab.DEFAULT_SIZE:
+            logits, l_channels, ab_channels = self.embed_lab(rgb)
+            serialized = [self.record(img, *channels, emb) for (img, _), *channels, emb
+                          in zip(kept, l_channels, ab_channels, logits, strict=True)]
+        else:
+            labs = [pool.submit(lab.lab_channels, px, self.lab_size) for _, px in kept]
+            logits = self.embed(rgb)
+            serialized = [self.record(img, *f.result(), emb)
+                          for (img, _), f, emb in zip(kept, labs, logits, strict=True)]
         append_exact(self.writer, serialized)
         self.written += len(serialized)
 
@@ -448,6 +456,7 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
     files = [identify(p, src) for p in iter_image_files(src, exclude=out)]
     if not files:
         raise click.ClickException(f"no image files under {src}")
+    from common.lab_tf import lab_on_device_default
     from common.model import Embedder, default_batch_size
 
     batch_size = batch_size or settings.batch_size or default_batch_size()
@@ -457,8 +466,10 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
     per_shard = examples_per_shard or settings.examples_per_shard
     writer = records.ShardWriter(out, NODE, examples_per_shard=per_shard, max_age=math.inf,
                                  compression=settings.compression)
+    on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
     batcher = LabBatcher(settings, embedder.embed, mode or settings.resize_mode,
-                         int(lab_size or settings.lab_size), writer, failures)
+                         int(lab_size or settings.lab_size), writer, failures,
+                         embedder.embed_lab if on_device else None)
     try:
         with writer, tqdm(total=len(files), desc="lab-batch", unit=" img") as bar:
             batcher.run(files, batch_size, bar)

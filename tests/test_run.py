@@ -21,8 +21,9 @@ GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
 
 
 def run_env(tmp_path: Path) -> dict[str, str]:
+    # one image per message and batches of 2: an interrupted run stops between batches
     env = worker_env("unused", tmp_path, KOALA_EXAMPLES_PER_SHARD="3", KOALA_BATCH_SIZE="2",
-                     KOALA_BATCH_WAIT="0.5", KOALA_CACHE_DIR=str(tmp_path / "cache"))
+                     KOALA_CHUNK_SIZE="1", KOALA_BATCH_WAIT="0.5", KOALA_CACHE_DIR=str(tmp_path / "cache"))
     del env["KOALA_BROKER_URL"]  # no broker configured: koala run starts its own
     return env
 

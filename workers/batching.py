@@ -110,12 +110,11 @@ class BatchConsumer:
                     pass
             elif not self.pipeline.has_room():
                 self._ack(self.pipeline.finished(timeout=0.05))
-            if self.buffer and self.pipeline.has_room() and (
-                    stopping or self.buffered >= self.batch_size
-                    or time.monotonic() - self._first >= self.max_wait):
+            if not stopping and self.buffer and self.pipeline.has_room() and (
+                    self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait):
                 self._submit()
             self.events.heartbeat(active=self.buffered + self.pipeline.in_flight)
-            if stopping and not self.buffer:
+            if stopping:
                 self._let_go()
                 if not self.pipeline.in_flight:
                     return
@@ -156,9 +155,12 @@ class BatchConsumer:
                 self.events.batch(len(batch.payloads), batch.written, time.monotonic() - batch.received)
 
     def _let_go(self) -> None:
-        """Batches the disk refused while stopping: their messages stay unacked."""
-        for batch in self.pipeline.let_go():
-            log.info("leaving %d messages unacknowledged", len(batch.messages))
+        """Stopping: what was received but not started stays unacked; kombu puts it back on the queue
+        when the connection closes."""
+        held = len(self.buffer) + sum(len(b.messages) for b in self.pipeline.let_go())
+        self.buffer, self.buffered = [], 0
+        if held:
+            log.info("stopping: %d messages left unacknowledged for other workers", held)
 
 
 class FlowerEvents:

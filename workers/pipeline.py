@@ -5,8 +5,10 @@ the next one is being decoded and the previous one written.
 
 Bounded: at most `max_in_flight` batches between `submit` and `done`. The writer groups the batches
 waiting for it into one append (one fsync) and one claim. Batches come out of `done` in order,
-written; the caller acks their messages then. A step that raises stops the pipeline: `error` holds
-the exception and nothing more is written (the caller stops; unacked messages come back).
+written; the caller acks their messages then. Once `stopping` is set, batches not yet started by a
+step come out of `abandoned` instead: the caller leaves their messages unacked (kombu gives them
+back when the connection closes). A step that raises stops the pipeline: `error` holds the
+exception and nothing more is written (the caller stops; unacked messages come back).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ class Pipeline:
         self.idle_every = idle_every
         self.error: BaseException | None = None
         self.done: queue.Queue[Batch] = queue.Queue()
-        self.abandoned: queue.Queue[Batch] = queue.Queue()  # not written (disk refused while stopping)
+        self.abandoned: queue.Queue[Batch] = queue.Queue()  # let go unwritten while stopping
         self._in_flight = 0
         self._lock = threading.Lock()
         self._to_prepare: queue.Queue = queue.Queue()
@@ -98,12 +100,16 @@ class Pipeline:
             t.join(timeout)
 
     def _step(self, fn: Callable[[Batch], None], inbox: queue.Queue, outbox: queue.Queue) -> None:
-        """Run `fn` on each batch of `inbox` and pass it on; after an error, pass nothing on."""
+        """Run `fn` on each batch of `inbox` and pass it on; after an error, pass nothing on. Once
+        stopping, batches not started are let go unwritten (a stop waits for one model call at most)."""
         while True:
             batch = inbox.get()
             if batch is _STOP or self.error is not None:
                 outbox.put(_STOP)
                 return
+            if self.stopping.is_set():
+                self.abandoned.put(batch)
+                continue
             try:
                 fn(batch)
             except BaseException as e:
