@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHES = ("records", "download", "download-mix", "embed", "ceiling", "broker", "device", "scale", "resize")
 # benchmarks that are another module run with options: name -> (module, options, options of its smoke)
-VARIANTS = {"download-mix": ("download", ["--scenario", "mix"], ["--scenario", "mix"]),
+VARIANTS = {"download-mix": ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
             "ceiling": ("embed", ["--null-model", "--before", "4b72f66"], ["--null-model"])}
 TITLES = {"records": "records (serializer, shard writing)", "download": "download (vs img2dataset)",
           "embed": "embed (bare model vs embed worker)",
