@@ -150,7 +150,7 @@ def corpus_stats(paths: list[Path]) -> dict:
 # --- the image server (its own process) -------------------------------------------------------
 
 
-def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0) -> None:
+def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host: str = "127.0.0.1") -> None:
     """Serve /img/<i>.jpg from memory, sleeping `latency` s first (`?nolatency` skips it); for the
     mix also /html/... (a parked-domain page), /slow/<i>.jpg (the image dribbled over `slow_s` s)
     and a second port that never accepts (its backlog is full: connects hang until they time out)."""
@@ -194,11 +194,11 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0) -> No
         daemon_threads = True
         request_queue_size = 1024  # many clients connect at once; the default 5 drops SYNs
 
-    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd = Server((host, 0), Handler)
     hang = socket.socket()
-    hang.bind(("127.0.0.1", 0))
+    hang.bind((host, 0))
     hang.listen(0)
-    filler = socket.create_connection(hang.getsockname())  # fills the backlog: later SYNs are dropped
+    filler = socket.create_connection(("127.0.0.1", hang.getsockname()[1]))  # fills the backlog: SYNs dropped
     conn.send((httpd.server_address[1], hang.getsockname()[1]))
     signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
     try:
@@ -210,10 +210,11 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0) -> No
 class CorpusServer:
     """The image server process; `base` is its URL, `hang_port` the port that never accepts."""
 
-    def __init__(self, n: int, latency: float, slow_s: float = 3.0):
+    def __init__(self, n: int, latency: float, slow_s: float = 3.0, any_address: bool = False):
         parent, child = multiprocessing.get_context("fork").Pipe()
+        host = "0.0.0.0" if any_address else "127.0.0.1"  # any: only inside the loopback-only namespace
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(str(corpus_dir()), n, latency, child, slow_s), daemon=True)
+            target=_serve, args=(str(corpus_dir()), n, latency, child, slow_s, host), daemon=True)
         self.proc.start()
         if not parent.poll(120):
             raise RuntimeError("the image server did not start")
@@ -257,10 +258,13 @@ class Mix:
 
     @staticmethod
     def url(kind: str, i: int, server: CorpusServer) -> str:
-        return {"good": f"{server.base}/img/{i:05d}.jpg", "slow": f"{server.base}/slow/{i:05d}.jpg",
+        # a slow or dead server is a host of its own (an address of 127.0.0.0/8), as on the web: it
+        # must not use up the per-host slots of the host that serves the good images
+        own_host = f"127.{1 + i // 62500}.{i // 250 % 250 + 1}.{i % 250 + 1}"
+        return {"good": f"{server.base}/img/{i:05d}.jpg", "slow": f"http://{own_host}:{server.port}/slow/{i:05d}.jpg",
                 "http404": f"{server.base}/img/gone-{i:05d}.jpg", "html": f"{server.base}/html/{i:05d}",
                 "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
-                "hang": f"http://127.0.0.1:{server.hang_port}/img/{i:05d}.jpg"}[kind]
+                "hang": f"http://{own_host}:{server.hang_port}/img/{i:05d}.jpg"}[kind]
 
     def our_env(self) -> dict[str, str]:
         return {"KOALA_CONNECT_TIMEOUT": f"{self.timeout:g}", "KOALA_READ_TIMEOUT": f"{self.timeout:g}",
@@ -1222,7 +1226,7 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
         result["img2dataset_version" if bindir else "img2dataset_error"] = info
         if bindir is None:
             log(info)
-    server = CorpusServer(images, latency, slow_seconds)
+    server = CorpusServer(images, latency, slow_seconds, any_address=mix is not None)
     url_list = RESULTS / "tmp" / f"urls-{scenario}-{images}.txt"
     urls = server.urls(images)
     expected = images
