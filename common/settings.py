@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     embed_queue_limit: int = Field(1_000, description="images queued for embedding before download workers hold back")
 
     # Download stage
-    download_concurrency: int = Field(64, description="downloads in flight per download worker (threads); the worker takes 4 × this / chunk_size chunks at once")
+    download_concurrency: int = Field(64, description="downloads in flight per download worker (threads); the worker takes 8 × this / chunk_size chunks at once")
     per_host_connections: int = Field(8, description="downloads in flight to one host per download worker")
     connect_timeout: float = Field(10.0, description="seconds to connect")
     read_timeout: float = Field(20.0, description="seconds to wait for each read")

@@ -52,9 +52,10 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     settings = get_settings()
     from workers.tasks import app
 
-    # the downloads of a chunk run at once on the stage's pool; four chunks per pool's worth of
-    # threads keep the pool busy while some chunks wait for a last, slow image
-    chunks = max(4, math.ceil(4 * settings.download_concurrency / settings.chunk_size))
+    # the downloads of a chunk run at once on the stage's pool; a chunk holds its slot until its
+    # slowest URL ends (a dead host: connect timeout x attempts), so eight chunks per pool's worth
+    # of threads keep the pool busy while many chunks wait for one last URL
+    chunks = max(8, math.ceil(8 * settings.download_concurrency / settings.chunk_size))
     app.worker_main([
         "worker", "-Q", "download", "-P", "threads", "-c", str(chunks),
         "-n", name or f"download-{os.getpid()}@{socket.gethostname()}",
