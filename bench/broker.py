@@ -15,12 +15,11 @@ import multiprocessing
 import os
 import statistics
 import tempfile
-import threading
 from pathlib import Path
 
 import click
 
-from bench.embed import NoStage, cpu_seconds, default_json, item_of, log, make_images, md_table, save_json
+from bench.embed import cpu_seconds, default_json, drain, item_of, log, make_images, md_table, save_json
 
 NAME = "broker"
 
@@ -47,36 +46,20 @@ def send(redis_url: str, images: list[dict], messages: int, per_message: int) ->
 
 def one_round(server, images: list[dict], n: int, per_message: int, senders: int) -> dict:
     """Senders and the consumer at once until n images went through; images/s and Redis CPU."""
-    from common.celery_app import make_app
-    from common.settings import Settings
-    from workers.batching import BatchConsumer
-
     server.client().flushall()
     messages = n // per_message // senders
     total = messages * per_message * senders
-    stage = NoStage(total)
-    app = make_app(Settings(broker_url=server.url))
-    consumer = stage.consumer = BatchConsumer(app, stage, batch_size=128, max_wait=0.2,  # type: ignore
-                                              hostname="broker@bench")
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=send, args=(server.url, images, messages, per_message))
              for _ in range(senders)]
     redis_cpu = cpu_seconds(server.proc.pid) or 0.0
-    for p in procs:
-        p.start()
-    guard = threading.Timer(600, consumer.stopping.set)  # never hang the benchmark
-    guard.start()
-    try:
-        consumer.run()
-    finally:
-        guard.cancel()
-        app.close()
+    seen = drain(server.url, total, 128, "broker@bench", 600, start=lambda: [p.start() for p in procs])
     for p in procs:
         p.join()
-    received = sum(k for _, k in stage.seen)
+    received = sum(k for _, k in seen)
     redis_cpu = (cpu_seconds(server.proc.pid) or 0.0) - redis_cpu
     # from the first batch to the last: the senders' start-up (a process each) left out
-    timed, seconds = received - stage.seen[0][1], stage.seen[-1][0] - stage.seen[0][0]
+    timed, seconds = received - seen[0][1], seen[-1][0] - seen[0][0]
     return {"images": received, "seconds": round(seconds, 3), "images_per_s": round(timed / seconds, 1),
             "redis_cpu_ms_per_image": round(1000 * redis_cpu / received, 4),
             "redis_bound_images_per_s": round(received / redis_cpu) if redis_cpu else None}

@@ -467,25 +467,33 @@ class NoStage:
         pass
 
 
-def receive_ack(redis_url: str, payloads: list[dict], batch_size: int) -> dict:
-    """The worker's queue side alone: the real BatchConsumer draining the messages, steps doing nothing."""
+def drain(redis_url: str, n: int, batch_size: int, hostname: str, timeout: float,
+          start: Callable[[], None] = lambda: None) -> list[tuple[float, int]]:
+    """The real BatchConsumer, its steps doing nothing, until n images came through (`start` runs
+    just before it consumes); (time, images) of each batch."""
     from common.celery_app import make_app
     from common.settings import Settings
     from workers.batching import BatchConsumer
 
-    fill_embed_queue(redis_url, payloads)
     app = make_app(Settings(broker_url=redis_url))
-    stage = NoStage(len(payloads))
+    stage = NoStage(n)
     consumer = stage.consumer = BatchConsumer(app, stage, batch_size=batch_size, max_wait=0.2,  # type: ignore
-                                              hostname="receive@bench")
-    seen = stage.seen
-    guard = threading.Timer(120, consumer.stopping.set)  # never hang the benchmark
+                                              hostname=hostname)
+    start()
+    guard = threading.Timer(timeout, consumer.stopping.set)  # never hang the benchmark
     guard.start()
     try:
         consumer.run()
     finally:
         guard.cancel()
         app.close()
+    return stage.seen
+
+
+def receive_ack(redis_url: str, payloads: list[dict], batch_size: int) -> dict:
+    """The worker's queue side alone: the real BatchConsumer draining the messages, steps doing nothing."""
+    fill_embed_queue(redis_url, payloads)
+    seen = drain(redis_url, len(payloads), batch_size, "receive@bench", 120)
     # from the first flush to the last: the messages of every batch but the first (no connection set-up)
     return {"images": sum(k for _, k in seen[1:]), "seconds": seen[-1][0] - seen[0][0]}
 
