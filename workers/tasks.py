@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+from celery.signals import worker_ready
+
 from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
 from common.messages import EmbedImage
 from common.settings import get_settings
@@ -22,7 +24,15 @@ def download_stage(node: str) -> DownloadStage:
     """The download stage of this process (one HTTP session, one Redis client)."""
     settings = get_settings()
     state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
-    return DownloadStage(settings, state, node)
+    stage = DownloadStage(settings, state, node)
+    log.info("%s: download stage ready, %d downloads in flight", node, settings.download_concurrency)
+    return stage
+
+
+@worker_ready.connect
+def _start_download_stage(sender, **_kwargs) -> None:
+    """Build the stage (TLS roots, pools) when the worker starts, not inside the first job."""
+    download_stage(sender.hostname)
 
 
 @retry_on_broker
