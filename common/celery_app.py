@@ -13,6 +13,8 @@ from kombu.transport import virtual
 
 from common.settings import Settings, get_settings
 
+log = logging.getLogger("koala.broker")
+
 DOWNLOAD_QUEUE = "download"
 EMBED_QUEUE = "embed"
 DOWNLOAD_TASK = "koala.download"
@@ -42,7 +44,12 @@ class FastBase64:
         return pybase64.b64encode(s.encode() if isinstance(s, str) else s).decode("ascii")
 
     def decode(self, s: str | bytes) -> bytes:
-        return pybase64.b64decode(s)
+        """The body; empty where it is not base64 (the consumer then refuses it as undecodable)."""
+        try:
+            return pybase64.b64decode(s)
+        except ValueError as e:
+            log.error("a message body is not base64 (%s): %.100r", e, s)
+            return b""
 
 
 def _envelope_dumps(obj: object, _kombu_dumps=kombu_redis.dumps) -> bytes | str:
@@ -55,8 +62,44 @@ def _envelope_dumps(obj: object, _kombu_dumps=kombu_redis.dumps) -> bytes | str:
         return _kombu_dumps(obj)
 
 
+class _NotJSON(str):
+    """What the Redis transport read where it expected a JSON envelope (kept to be logged)."""
+
+
+def _envelope_loads(s: str | bytes, _kombu_loads=kombu_redis.loads) -> object:
+    """kombu's parse of a queue entry; text that is not JSON comes back as `_NotJSON` for
+    `_deliver_envelopes` to drop (kombu raised there, which stopped the worker)."""
+    try:
+        return _kombu_loads(s)
+    except ValueError:
+        return _NotJSON(s if isinstance(s, str) else s.decode("utf-8", "replace"))
+
+
+def is_envelope(message: object) -> bool:
+    """Whether a queue entry has what kombu reads from a message before any handler sees it."""
+    if not isinstance(message, dict) or not isinstance(props := message.get("properties"), dict):
+        return False
+    info, body = props.get("delivery_info"), message.get("body")
+    return (isinstance(props.get("delivery_tag"), str) and isinstance(info, dict)
+            and {"exchange", "routing_key"} <= info.keys() and isinstance(body, str | None))
+
+
+def _deliver_envelopes(transport: virtual.Transport, message: object, queue: str,
+                       _deliver=virtual.Transport._deliver) -> None:
+    """Hand a queue entry to its consumer, or log and drop it when it is not a kombu message
+    (`LPUSH download 'not json'` stopped every worker that popped it)."""
+    if is_envelope(message):
+        _deliver(transport, message, queue)
+    else:
+        text = message if isinstance(message, str) else repr(message)
+        log.error("dropped an entry of queue %r that is not a kombu message (%d characters): %.200r",
+                  queue, len(text), text)
+
+
 virtual.Channel.codecs["base64"] = FastBase64()
 kombu_redis.dumps = _envelope_dumps
+kombu_redis.loads = _envelope_loads
+kombu_redis.Transport._deliver = _deliver_envelopes
 
 
 def make_app(settings: Settings | None = None) -> Celery:

@@ -113,3 +113,31 @@ def test_the_fast_wire_codecs_write_what_kombu_writes():
     assert json.loads(_envelope_dumps(envelope)) == envelope
     with_date = {"eta": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "n": 1 << 70}  # orjson refuses the int
     assert "2026-01-01" in str(_envelope_dumps(with_date))
+
+
+NOT_KOMBU = ["not json", '{"a": 1}', "42", '{"properties": {"delivery_tag": 1}}']
+
+
+def bad_base64_envelope(queue_name: str) -> str:
+    """A well-formed kombu envelope whose base64 body is not base64."""
+    import json
+
+    return json.dumps({"body": "!!!not base64", "content-encoding": "binary",
+                       "content-type": "application/x-msgpack", "headers": {},
+                       "properties": {"body_encoding": "base64", "delivery_tag": "bad-1", "priority": 0,
+                                      "delivery_info": {"exchange": queue_name, "routing_key": queue_name}}})
+
+
+def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(workers, redis_url, rclient):
+    state = JobState(rclient)
+    proc = workers.start("embed", **null_env())
+    wait_for(lambda: "consuming embed" in workers.logs(), 60, "the consumer", workers.logs)
+    for entry in [*NOT_KOMBU, bad_base64_envelope(EMBED_QUEUE)]:
+        rclient.lpush(EMBED_QUEUE, entry)
+    images = [payload(i) for i in range(8)]
+    queue(redis_url, state, images, per_message=4)
+    wait_for(lambda: state.counts()["written"] == 8, 60, "the real images written", workers.logs)
+    assert proc.poll() is None
+    logs = workers.logs()
+    assert logs.count("that is not a kombu message") == len(NOT_KOMBU), logs[-3000:]
+    assert "not base64" in logs and "Unrecoverable" not in logs
