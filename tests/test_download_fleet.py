@@ -261,6 +261,41 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: I
     assert counts["submitted"] == 24 and counts.get("failed", 0) == 0
 
 
+def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
+        image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
+    from tests.test_embed_pipeline import NOT_KOMBU, bad_base64_envelope
+
+    worker = workers.start("download", "-c", "2")
+    for entry in [*NOT_KOMBU, bad_base64_envelope("download")]:
+        rclient.lpush("download", entry)
+    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
+             "the entries to be taken and dropped", workers.logs)
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/img/png_rgb\n")
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
+    assert worker.poll() is None
+    logs = workers.logs()
+    assert logs.count("that is not a kombu message") == len(NOT_KOMBU), logs[-3000:]
+    assert "not base64" in logs and "Unrecoverable" not in logs
+
+
+def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
+        image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
+    # a 2 s visibility timeout and a chunk that takes 8 s: the lease is renewed, never re-delivered
+    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="2", KOALA_READ_TIMEOUT="20",
+                  KOALA_DOWNLOAD_DEADLINE="40")
+    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="2")
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/slow/8\n")
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "the slow image", workers.logs)
+    time.sleep(1)
+    received = [ln for ln in workers.logs().splitlines() if "koala.download[" in ln and "received" in ln]
+    assert len(received) == 1, workers.logs()[-3000:]
+    assert rclient.hget("koala:counts", "downloaded") == b"1"
+
+
 class Booby:
     """Unpickling this makes a directory: the proof that pickle was executed."""
 
