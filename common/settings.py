@@ -18,7 +18,7 @@ class Settings(BaseSettings):
     # Broker and job state
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker + job state); a password goes in the URL: redis://:PASSWORD@host:6379/0")
     state_prefix: str = Field("koala", description="prefix of every job-state key in Redis")
-    visibility_timeout: int = Field(3600, description="seconds before Redis re-delivers an unacknowledged message")
+    visibility_timeout: int = Field(60, description="seconds after which Redis re-delivers a message whose worker stopped renewing it (a killed worker's work returns this soon)")
     resend_after: float = Field(60.0, description="seconds without progress, with nothing queued or unacknowledged, after which `koala submit --wait` sends the still-pending items again (lost messages)")
     failures_kept: int = Field(100_000, description="failure details kept in Redis (the JSON Lines files keep all)")
 

@@ -21,6 +21,7 @@ from kombu import Message, Queue
 from kombu.exceptions import OperationalError
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
+from common.leases import keep_leases
 from common.messages import images_of
 from common.state import is_storage_error
 from workers.embed import Batch, EmbedStage
@@ -87,11 +88,13 @@ class BatchConsumer:
             # has to exceed what we hold: one-image messages of every batch in flight.
             prefetch = self.batch_size * (self.pipeline.max_in_flight + 2)
             with conn.Consumer(queue, callbacks=[self._on_message], accept=["msgpack"],
-                               prefetch_count=prefetch, on_decode_error=self._on_decode_error):
+                               prefetch_count=prefetch, on_decode_error=self._on_decode_error) as consumer:
                 log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
+                leases = keep_leases(self.app, consumer.channel)
                 try:
                     self._loop(conn)
                 finally:
+                    leases.stop()
                     control.cancel()
                     self.events.close()
 

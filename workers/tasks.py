@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+from celery import bootsteps
 from celery.signals import worker_ready
 
 from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
+from common.leases import LeaseKeeper, keep_leases
 from common.messages import EmbedImage
 from common.settings import get_settings
 from common.state import JobState, connect, retry_on_broker
@@ -18,6 +20,26 @@ app = make_app()
 # A task-sent event per image costs a publish and nobody needs it: the embed worker reports
 # its own task events, and the repr of an image message is never worth computing.
 app.conf.task_send_sent_event = False
+
+
+class RenewLeases(bootsteps.StartStopStep):
+    """Keep the download messages this worker holds from being re-delivered while it lives."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self.keeper: LeaseKeeper | None = None
+
+    def start(self, parent) -> None:
+        self.keeper = keep_leases(parent.app, parent.task_consumer.channel)
+
+    def stop(self, parent) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+
+
+app.steps["consumer"].add(RenewLeases)
 
 @cache
 def download_stage(node: str) -> DownloadStage:
