@@ -189,7 +189,10 @@ def _authority_problem(rest: str) -> str | None:
 
 
 def _ipv6_problem(host: str) -> str | None:
-    """An IPv6 literal (a zone such as '%25eth0' is accepted)."""
+    """An IPv6 literal without a zone: a zone ('%25eth0') only names a link-local interface, and
+    link-local addresses are always refused (see common.addresses)."""
+    if "%" in host:
+        return f"IPv6 zone ids are not supported ({host!r})"
     try:
         ipaddress.IPv6Address(host)
     except ValueError:

@@ -112,6 +112,7 @@ def test_host_resolving_to_metadata_is_blocked_even_with_private_allowed(monkeyp
     ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
     ("javascript:alert(1)", "bad_scheme"),
     ("http://[::1/x", "invalid_url"),
+    ("http://[fe80::1%25lo]/x", "invalid_url"),  # a zone id: was tried as a host name (dns_error)
 ])
 def test_bad_urls_fail_without_traffic(url, reason, session, policy):
     assert reason_of(url, session, policy) == reason
