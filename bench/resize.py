@@ -202,6 +202,15 @@ def measure(corpus: list[bytes], size: tuple[int, int], mode: str, repeat: int) 
                    "psnr_min": round(min(r["psnr"]), 2)} for name, r in rows.items()}
 
 
+def entropy_floor(corpus: list[bytes], repeat: int) -> float:
+    """Median CPU ms of a 1/8-scale decode (entropy decoding, almost no IDCT): what any exact
+    decode of these files costs at least."""
+    def eighth(data: bytes) -> np.ndarray:
+        return images.simplejpeg.decode_jpeg(data, min_factor=8, min_height=1, min_width=1)
+
+    return round(statistics.median(cost_ms(eighth, data, repeat)[0] for data in corpus), 3)
+
+
 def scales(corpus: list[bytes], size: tuple[int, int], mode: str) -> dict[str, int]:
     """How many images decode at 1/1, 1/2, 1/4, 1/8 (the rule both DCT-scaled paths use)."""
     counts: dict[str, int] = {}
@@ -230,6 +239,9 @@ def markdown(result: dict) -> str:
         fast = rows["fast"]["cpu_ms_median"]
         lines += ["", f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), "
                       f"{rows['pillow_draft']['cpu_ms_median'] / fast:.2f}x faster than pillow_draft."]
+    if "floor_ms" in result:
+        lines += [f"floor: the same JPEGs decoded at 1/8 scale (entropy decoding alone, nearly) cost "
+                  f"{result['floor_ms']} ms CPU median."]
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +265,8 @@ def main(n: int, repeat: int, mode: str, size: int, smoke: bool, json_path: Path
                          "repeat": repeat, "mode": mode, "size": list(target), "smoke": smoke},
               "load_average": load, "corpus": describe(corpus), "dct_scales": scales(corpus, target, mode)}
     result["paths"] = measure(corpus, target, mode, repeat)
+    if images.simplejpeg is not None:
+        result["floor_ms"] = entropy_floor(corpus, repeat)
     result["load_average_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     save_json(result, json_path or default_json(NAME, smoke))
     print(markdown(result))
