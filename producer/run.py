@@ -162,8 +162,9 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def count_items(source: str) -> int | None:
-    """How many items a local source holds (None for a URL: unknown before reading it)."""
-    from producer.submit import is_url, iter_folder, open_list
+    """How many items a local source holds (None for a URL, unknown before reading it, and for a
+    list that breaks part way: submitting it says so)."""
+    from producer.submit import READ_ERRORS, is_url, iter_folder, open_list
 
     if is_url(source):
         return None
@@ -173,9 +174,12 @@ def count_items(source: str) -> int | None:
     from common.sources import ParseCounts, iter_items
 
     counts = ParseCounts()
-    with open_list(source, get_settings()) as stream:
-        for _ in iter_items(stream, counts):
-            pass
+    try:
+        with open_list(source, get_settings()) as stream:
+            for _ in iter_items(stream, counts):
+                pass
+    except READ_ERRORS:
+        return None
     return counts.items
 
 
@@ -294,13 +298,18 @@ def _state(broker: str, settings):
 def _submit(source: str, state, settings, broker: str, tqdm) -> float:
     """Submit with a progress bar; returns the seconds it took."""
     from common.celery_app import make_app
-    from producer.submit import Submitter, submit_source
+    from producer.submit import ListBroken, SourceError, Submitter, submit_source
 
     started = time.time()
     app = make_app(settings.model_copy(update={"broker_url": broker}))
     with tqdm(desc="submitting", unit=" items", dynamic_ncols=True) as bar:
         submitter = Submitter(app, state, settings, node=f"run-{socket.gethostname()}", on_item=bar.update)
-        submit_source(source, submitter)
+        try:
+            submit_source(source, submitter)
+        except ListBroken as e:
+            raise RunError(e.message("run the same command again")) from None
+        except SourceError as e:
+            raise RunError(str(e)) from None
     return round(time.time() - started, 1)
 
 

@@ -12,19 +12,22 @@ import hashlib
 import os
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO
 
 import msgpack
 from celery import Celery
+from urllib3.exceptions import DecodeError, HTTPError
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetch import FetchError, open_stream, policy_from_settings
 from common.settings import Settings
-from common.sources import ParseCounts, iter_items, url_problem
+from common.sources import ParseCounts, UrlItem, iter_items, url_problem
 from common.state import (
     Failure,
     JobState,
@@ -81,12 +84,27 @@ def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator
             yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# what reading a list may raise part way: a corrupt or cut gzip, a body cut off or badly encoded
+CORRUPT_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, DecodeError)
+READ_ERRORS = (*CORRUPT_ERRORS, OSError, HTTPError, HTTPException)
+
+
 @contextmanager
 def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
-    """A binary stream of a URL list: local file (gzip by extension) or http(s) URL."""
+    """A binary stream of a URL list: local file (gzip by extension) or http(s) URL (gzip when
+    the body, once its Content-Encoding is undone, starts as gzip does)."""
     if is_url(source):
         with open_stream(source, policy_from_settings(settings)) as stream:
-            yield stream
+            try:
+                gzipped = stream.peek(len(GZIP_MAGIC))[:len(GZIP_MAGIC)] == GZIP_MAGIC
+            except READ_ERRORS as e:
+                raise ListBroken(0, e) from e
+            if not gzipped:
+                yield stream
+                return
+            with gzip.GzipFile(fileobj=stream) as unzipped:
+                yield unzipped  # type: ignore[misc]
     elif source.endswith(".gz"):
         with gzip.open(source, "rb") as f:
             yield f
@@ -126,17 +144,26 @@ class Submitter:
         self.state.drop_orphan(field)
 
     def submit_urls(self, stream: BinaryIO, skip: int = 0, count: int | None = None) -> None:
-        """Submit every item of a URL-list stream."""
+        """Submit every item of a URL-list stream. When the stream breaks part way, the items read
+        before the break are submitted, then ListBroken is raised."""
         counts = ParseCounts()
         chunk: list[dict] = []
-        for item in iter_items(stream, counts, skip=skip, count=count):
-            chunk.append({"k": item.key, "u": item.url})
-            if len(chunk) >= self.settings.chunk_size:
-                self._send_chunk(chunk)
-                chunk = []
-                self._add_rejected(counts)
+        read_before = self.report.read
+        broken: ListBroken | None = None
+        try:
+            for item in _until_broken(iter_items(stream, counts, skip=skip, count=count), counts):
+                chunk.append({"k": item.key, "u": item.url})
+                if len(chunk) >= self.settings.chunk_size:
+                    self._send_chunk(chunk)
+                    chunk = []
+                    self._add_rejected(counts)
+        except ListBroken as e:
+            broken = e
         self._send_chunk(chunk)
         self._add_rejected(counts)
+        if broken is not None:
+            broken.items = self.report.read - read_before
+            raise broken
 
     def submit_folder(self, root: Path, skip: int = 0, count: int | None = None) -> None:
         """Submit every file under root; the bytes travel in the message (no shared disk)."""
@@ -269,8 +296,46 @@ def submit_source(source: str, submitter: Submitter, skip: int = 0,
                 submitter.submit_urls(stream, skip, count)
         except FetchError as e:
             raise SourceError(f"cannot fetch the URL list {source}: {e.reason}: {e.detail}") from e
+        except ListBroken as e:
+            e.source = source
+            raise
     return submitter.report
 
 
 class SourceError(Exception):
     """The source itself can't be read (missing file, unreachable URL list)."""
+
+
+class ListBroken(SourceError):
+    """A URL list that could not be read to its end (corrupt or truncated gzip, a body cut off);
+    the items before the break were submitted."""
+
+    def __init__(self, lines: int, error: BaseException):
+        super().__init__()
+        self.lines = lines
+        self.error = error
+        self.items = 0
+        self.source = "the URL list"
+
+    def message(self, again: str = "submit it again") -> str:
+        """One line for the user; `again` says how to resume."""
+        corrupt = isinstance(self.error, CORRUPT_ERRORS)
+        what = "is corrupt" if corrupt else "could not be read to its end"
+        fix = "fix the file and " if corrupt else ""
+        items = "1 item" if self.items == 1 else f"{self.items} items"
+        why = (str(self.error) or type(self.error).__name__)[:200]
+        were = "was" if self.items == 1 else "were"
+        return (f"{self.source} {what} after line {self.lines} ({why}): the {items} before it "
+                f"{were} submitted; {fix}{again}, already-known items are skipped")
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+def _until_broken(items: Iterator[UrlItem], counts: ParseCounts) -> Iterator[UrlItem]:
+    """`items`, a read error of the underlying stream becoming ListBroken (lines read before it)."""
+    try:
+        yield from items
+    except READ_ERRORS as e:
+        lines = counts.items + counts.blank + counts.comments + counts.rejected
+        raise ListBroken(lines, e) from e

@@ -201,6 +201,12 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
                 self.dribble(float(rest or 0.2))
             elif head == "list":  # a URL list served over HTTP
                 self.send_body(files["__list__"], "text/plain")
+            elif head == "list-cut":  # a URL list whose body stops at half its Content-Length
+                self.send_response(200)
+                self.send_header("Content-Length", str(2 * len(files["__list__"])))
+                self.end_headers()
+                self.wfile.write(files["__list__"])
+                self.close_connection = True
             else:
                 self.send_body(b"not found", "text/plain", 404)
 

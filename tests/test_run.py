@@ -175,3 +175,27 @@ def test_run_says_in_one_line_why_it_cannot_start(image_server, tmp_path, fake_c
         {**env, "KOALA_BROKER_URL": "redis://127.0.0.1:9/0"})
     assert "no such file or folder" in run_fails(
         [str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o3")], env)
+
+
+def test_run_reports_a_corrupt_list_in_one_line_and_keeps_the_items_before_it(tmp_path, fake_checkpoint):
+    import gzip
+
+    urls = [f"http://127.0.0.1:9/{i}.jpg" for i in range(5)]
+    packed = bytearray(gzip.compress("".join(f"{u}\n" for u in urls).encode()))
+    packed[-8] ^= 0xFF  # the CRC-32 no longer matches
+    listing = tmp_path / "urls.txt.gz"
+    listing.write_bytes(bytes(packed))
+    env, out = run_env(tmp_path), tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "producer", "run", str(listing), "--out", str(out),
+                             "--checkpoint", str(fake_checkpoint), "--download-workers", "1"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert f"{listing} is corrupt after line 5 (CRC check failed" in errors[0]
+    assert "the 5 items before it were submitted; fix the file and run the same command again" in errors[0]
+    status = subprocess.run([sys.executable, "-m", "producer", "status", "--out", str(out), "--json",
+                             "--interval", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["submitted"] == 5

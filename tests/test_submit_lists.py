@@ -1,0 +1,131 @@
+"""`koala submit` of URL lists that break part way (corrupt or truncated gzip, a body cut off) and
+of URLs refused at submit time: one clear line, and the items before the break kept exactly once."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import redis
+
+from tests.conftest import ROOT
+from tests.servers import ImageServer, worker_env
+
+
+def koala(redis_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The real CLI in a subprocess with the test settings."""
+    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=worker_env(redis_url, tmp_path / "out"))
+
+
+def urls(n: int) -> list[str]:
+    """n distinct URLs (hex names, so gzip cannot shrink them to nothing)."""
+    return [f"http://127.0.0.1:9/{hashlib.sha1(str(i).encode()).hexdigest()}.jpg" for i in range(n)]
+
+
+def listing(lines: list[str]) -> bytes:
+    return "".join(f"n{i:05d}\t{u}\n" for i, u in enumerate(lines)).encode()
+
+
+def bad_crc(data: bytes) -> bytes:
+    """A gzip member whose CRC-32 trailer no longer matches its data."""
+    packed = bytearray(gzip.compress(data))
+    packed[-8] ^= 0xFF
+    return bytes(packed)
+
+
+def queued_urls(rclient: redis.Redis) -> list[str]:
+    """The URLs of every item in the download queue's messages, in order."""
+    out = []
+    for raw in reversed(rclient.lrange("download", 0, -1)):  # LPUSH: the oldest message is last
+        args, _, _ = msgpack.unpackb(base64.b64decode(json.loads(raw)["body"]), raw=False)
+        out += [item["u"] for item in args[0]]
+    return out
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command (no traceback)."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-3000:]
+    return errors[0]
+
+
+def submitted(rclient: redis.Redis) -> int:
+    return int(rclient.hget("koala:counts", "submitted") or 0)
+
+
+def test_gzip_list_with_a_bad_crc_is_reported_in_one_line(redis_url, rclient, tmp_path):
+    path = tmp_path / "list.gz"
+    path.write_bytes(bad_crc(listing(urls(10))))
+    line = error_line(koala(redis_url, tmp_path, "submit", str(path)))
+    assert f"{path} is corrupt after line 10 (CRC check failed" in line
+    assert "the 10 items before it were submitted; fix the file and submit it again" in line
+    assert submitted(rclient) == 10 and queued_urls(rclient) == urls(10)
+
+
+def test_truncated_gzip_list_keeps_the_items_before_the_cut_exactly_once(redis_url, rclient, tmp_path):
+    full = listing(urls(2000))
+    packed = gzip.compress(full)
+    path = tmp_path / "list.gz"
+    path.write_bytes(packed[:len(packed) // 2])
+    line = error_line(koala(redis_url, tmp_path, "submit", str(path)))
+    before = submitted(rclient)
+    assert 0 < before < 2000
+    assert f"is corrupt after line {before} (Compressed file ended" in line
+    assert f"the {before} items before it were submitted" in line
+    assert queued_urls(rclient) == urls(before)
+
+    path.write_bytes(packed)  # fixed: submitting again sends only the rest
+    again = koala(redis_url, tmp_path, "submit", str(path), "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    report = json.loads(again.stdout)
+    assert (report["new"], report["known"]) == (2000 - before, before)
+    assert submitted(rclient) == 2000 and queued_urls(rclient) == urls(2000)
+
+
+def test_gzip_list_over_http_is_read_and_its_corruption_reported(image_server: ImageServer, redis_url,
+                                                                 rclient, tmp_path):
+    image_server.files["__list__"] = gzip.compress(listing(urls(5)))
+    ok = koala(redis_url, tmp_path, "submit", f"{image_server.base}/list/urls.txt.gz", "--json")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert json.loads(ok.stdout)["new"] == 5
+
+    rclient.flushall()
+    image_server.files["__list__"] = bad_crc(listing(urls(7)))
+    source = f"{image_server.base}/list/urls.txt.gz"
+    line = error_line(koala(redis_url, tmp_path, "submit", source))
+    assert f"{source} is corrupt after line 7 (CRC check failed" in line
+    assert submitted(rclient) == 7 and queued_urls(rclient) == urls(7)
+
+
+def test_url_list_whose_body_is_cut_off_is_reported_in_one_line(image_server: ImageServer, redis_url,
+                                                                rclient, tmp_path):
+    image_server.files["__list__"] = listing(urls(3000))  # over the 64 KiB the reader reads at once
+    source = f"{image_server.base}/list-cut/urls.txt"
+    line = error_line(koala(redis_url, tmp_path, "submit", source))
+    before = submitted(rclient)
+    assert 0 < before < 3000
+    assert f"{source} could not be read to its end after line {before} (" in line
+    assert f"the {before} items before it were submitted; submit it again" in line
+    assert queued_urls(rclient) == urls(before)
+
+
+def test_ipv6_zone_id_fails_at_submit_as_invalid_url(redis_url, rclient, tmp_path):
+    path = tmp_path / "urls.txt"
+    zoned = "http://[fe80::1%25eth0]:8080/a.jpg"
+    path.write_text(f"{zoned}\nhttp://127.0.0.1:9/b.jpg\n")
+    result = koala(redis_url, tmp_path, "submit", str(path), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["failed_at_submit"] == 1
+    failures = json.loads(koala(redis_url, tmp_path, "failures", "--json").stdout)
+    assert [(f["url"], f["reason"]) for f in failures] == [(zoned, "invalid_url")]
+    assert "IPv6 zone ids are not supported" in failures[0]["detail"]
+    assert queued_urls(rclient) == ["http://127.0.0.1:9/b.jpg"]
