@@ -4,7 +4,8 @@ JPEG (RGB or grey) is decoded by simplejpeg (libjpeg-turbo) at 1/2, 1/4 or 1/8 s
 cykooz.resizer's SIMD Lanczos-3; every other image, and any JPEG simplejpeg refuses, by Pillow.
 Without those wheels Pillow does it all. No Celery, Redis or TensorFlow here. Every failure to
 decode is an `ImageError` whose `reason` comes from the project's closed vocabulary: not_an_image,
-truncated, too_many_pixels.
+truncated, too_many_pixels. Icon files (ICO, CUR, ICNS) are refused as not_an_image before any
+decoding.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ _SWAP16 = {
 _GREY_DEEP = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _LOAD_ERRORS = (OSError, EOFError, SyntaxError, zlib.error, struct.error)
+# Refused before Pillow sees them: ICO's Image.open decodes its largest frame, and an ICNS entry's
+# PNG may be any size whatever its type says, so neither can be size-checked before decoding (an
+# ICO saying 16x16 around a 20000x20000 PNG took 1.5 GB). CUR (BMP frames only, size-checked) goes
+# with them: icons are not pictures to learn colours from. Every other format's first frame is
+# sized by its own header before decoding (GIF widens the size to its first frame; later frames
+# of GIF, APNG, WebP, MPO, TIFF, DCX, FLI, PSD are never read; a JP2 whose header disagrees with
+# its codestream fails before decoding).
+_ICONS = ("ICO", "CUR", "ICNS")
+_ICON_MAGIC = {b"\0\0\1\0": "ICO", b"\0\0\2\0": "CUR"}
 
 
 class ImageError(Exception):
@@ -95,14 +105,35 @@ def _check_mode(mode: str) -> None:
 
 
 def _formats() -> list[str]:
-    """Every format Pillow opens except EPS, whose loading runs Ghostscript on untrusted bytes."""
+    """Every format Pillow opens except EPS, whose loading runs Ghostscript on untrusted bytes,
+    and the icon containers."""
     Image.init()
-    return [f for f in Image.OPEN if f != "EPS"]
+    return [f for f in Image.OPEN if f != "EPS" and f not in _ICONS]
+
+
+def _icon(data: bytes) -> str | None:
+    """"ICO", "CUR" or "ICNS" where `data` starts with that container's header, else None.
+
+    ICO and CUR need a directory of at least one entry pointing past itself: an uncompressed TGA
+    also starts 00 00 02 00, followed by zeros."""
+    if data[:4] == b"icns":
+        return "ICNS"
+    kind = _ICON_MAGIC.get(data[:4])
+    count = int.from_bytes(data[4:6], "little")
+    end = 6 + 16 * count
+    if kind is None or count == 0 or len(data) < end:
+        return None
+    offsets = (int.from_bytes(data[i + 12 : i + 16], "little") for i in range(6, end, 16))
+    return kind if all(end <= offset < len(data) for offset in offsets) else None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     if Image.MAX_IMAGE_PIXELS is not None:  # someone restored Pillow's limit: ours applies
         Image.MAX_IMAGE_PIXELS = None
+    icon = _icon(data)
+    if icon is not None:
+        raise ImageError("not_an_image", f"{icon} icon file refused: its frames are decoded before "
+                                         "their size can be checked, and icons are not photographs")
     try:
         img = Image.open(io.BytesIO(data), formats=_formats())
     except Image.UnidentifiedImageError:

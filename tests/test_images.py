@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from common import images as img
-from tests import corpus
+from tests import corpus, hostile
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 
@@ -483,6 +483,36 @@ def test_bomb_is_refused_before_decoding():
         img.load_rgb(BAD["bomb"][0])  # the default limit refuses 400 Mpixels too
     assert info.value.reason == "too_many_pixels"
     assert time.perf_counter() - start < 0.5
+
+
+def _bmp_icon(kind: int) -> bytes:
+    """A real 32x32 ICO (kind 1) or CUR (kind 2) with a BMP frame, as Pillow writes icons."""
+    buf = io.BytesIO()
+    Image.fromarray(corpus.photo(32, 32, 34)).save(buf, "ICO", sizes=[(32, 32)], bitmap_format="bmp")
+    return buf.getvalue()[:2] + struct.pack("<H", kind) + buf.getvalue()[4:]
+
+
+@pytest.mark.parametrize("name", ["ico_bomb", "icns_bomb", "favicon", "cursor"])
+def test_icon_containers_are_refused_before_decoding(name: str, tmp_path):
+    # ICO's Image.open decodes its frame, and an ICNS entry's PNG may be any size whatever its
+    # type says: 1.6 GB and 8 s for the ICO bomb before its size could be checked.
+    data = {"ico_bomb": lambda: hostile.ico(hostile.png(20_000, 20_000)),
+            "icns_bomb": lambda: hostile.icns(hostile.png(12_000, 12_000)),
+            "favicon": lambda: _bmp_icon(1), "cursor": lambda: _bmp_icon(2)}[name]()
+    got = hostile.decode_peak(data, tmp_path)
+    assert got["reason"] == "not_an_image", got
+    assert got["peak_mb"] < 20 and got["seconds"] < 1, got
+    with pytest.raises(img.ImageError, match="refused"):
+        img.decode(data)
+
+
+def test_cursors_are_refused_but_a_tga_that_starts_like_one_is_not():
+    with pytest.raises(img.ImageError, match="CUR"):
+        img.load_rgb(_bmp_icon(2))
+    buf = io.BytesIO()
+    Image.fromarray(corpus.photo(48, 32, 35)).save(buf, "TGA")
+    assert buf.getvalue()[:4] == b"\0\0\2\0"  # CUR's magic: a magic-only check would refuse it
+    np.testing.assert_array_equal(np.asarray(img.decode(buf.getvalue())), corpus.photo(48, 32, 35))
 
 
 def test_max_pixels_is_inclusive():
