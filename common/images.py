@@ -5,7 +5,7 @@ cykooz.resizer's SIMD Lanczos-3; every other image, and any JPEG simplejpeg refu
 Without those wheels Pillow does it all. No Celery, Redis or TensorFlow here. Every failure to
 decode is an `ImageError` whose `reason` comes from the project's closed vocabulary: not_an_image,
 truncated, too_many_pixels. Icon files (ICO, CUR, ICNS) are refused as not_an_image before any
-decoding.
+decoding. Pillow's peak memory is at most 8 bytes per source pixel plus a few MB (see _to_rgb).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ _LOAD_ERRORS = (OSError, EOFError, SyntaxError, zlib.error, struct.error)
 # its codestream fails before decoding).
 _ICONS = ("ICO", "CUR", "ICNS")
 _ICON_MAGIC = {b"\0\0\1\0": "ICO", b"\0\0\2\0": "CUR"}
+_STRIP_BYTES = 1 << 20  # converted a strip of rows at a time: temporaries stay near this size
 
 
 class ImageError(Exception):
@@ -199,8 +200,24 @@ def _load(img: Image.Image) -> None:
         raise ImageError("truncated", f"{type(e).__name__}: {e}") from e
 
 
+def _strips(size: tuple[int, int], bytes_per_pixel: int = 4) -> list[tuple[int, int, int, int]]:
+    """Boxes of whole rows covering `size`, each about _STRIP_BYTES at `bytes_per_pixel`."""
+    w, h = size
+    rows = max(1, _STRIP_BYTES // (bytes_per_pixel * w))
+    return [(0, top, w, min(top + rows, h)) for top in range(0, h, rows)]
+
+
+def _round16(high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """round((256 * high + low) / 257) for uint8 byte planes, without wide temporaries.
+
+    That is high + round((low - high) / 257): one up where low - high >= 129, one down where <= -129."""
+    diff = low.astype(np.int16) - high
+    return (high + (diff >= 129) - (diff <= -129)).astype(np.uint8)
+
+
 def _full_depth(data: bytes, img: Image.Image, max_pixels: int) -> Image.Image:
-    """For 16-bit RGB(A) images, replace Pillow's high-byte truncation by round(v / 257)."""
+    """For 16-bit RGB(A) images, replace Pillow's high-byte truncation by round(v / 257), in place,
+    a strip at a time: the high and low byte images (4 bytes a pixel each) are the peak."""
     tiles = img.tile
     if not tiles or any(t.codec_name not in ("zip", "raw") for t in tiles):
         return img
@@ -214,43 +231,66 @@ def _full_depth(data: bytes, img: Image.Image, max_pixels: int) -> Image.Image:
     ]
     _load(img)
     _load(low)
-    full = np.asarray(img).astype(np.uint32) * 256 + np.asarray(low)
-    out = Image.fromarray(((2 * full + 257) // 514).astype(np.uint8), img.mode)
-    out.info = dict(img.info)
-    if isinstance(out.info.get("transparency"), tuple):  # a 16-bit colour key
-        out.info["transparency"] = tuple((2 * v + 257) // 514 for v in out.info["transparency"])
-    return out
+    for box in _strips(img.size):
+        rounded = _round16(np.asarray(img.crop(box)), np.asarray(low.crop(box)))
+        img.paste(Image.fromarray(rounded), box[:2])
+    low.close()  # frees its pixels now
+    if isinstance(img.info.get("transparency"), tuple):  # a 16-bit colour key
+        img.info["transparency"] = tuple((2 * v + 257) // 514 for v in img.info["transparency"])
+    return img
 
 
-def _grey_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale one-channel deep samples to 0..255: 16-bit /257, floats in [0,1] x255, else min-max."""
-    if values.dtype.kind == "f":
-        v = np.nan_to_num(values.astype(np.float64))
-        lo, hi = float(v.min()), float(v.max())
+def _grey_values(values: np.ndarray) -> np.ndarray:
+    """Deep grey samples as float64 (NaN as 0) or int64."""
+    return np.nan_to_num(values.astype(np.float64)) if values.dtype.kind == "f" else values.astype(np.int64)
+
+
+def _grey_range(img: Image.Image) -> tuple[float, float]:
+    """The smallest and largest sample of a deep grey image, read a strip at a time."""
+    lo, hi = math.inf, -math.inf
+    for box in _strips(img.size, 8):
+        v = _grey_values(np.asarray(img.crop(box)))
+        lo, hi = min(lo, v.min().item()), max(hi, v.max().item())
+    return lo, hi
+
+
+def _grey_to_uint8(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Scale _grey_values to 0..255 by the whole image's range [lo, hi]: 16-bit /257, floats in
+    [0,1] x255, else min-max."""
+    if v.dtype.kind == "f":
         if lo >= 0 and hi <= 1:
             return np.floor(v * 255 + 0.5).astype(np.uint8)
         if lo >= 0 and hi <= 255:
             return np.floor(v + 0.5).astype(np.uint8)
-    else:
-        v = values.astype(np.int64)
-        lo, hi = int(v.min()), int(v.max())
-        if lo >= 0 and hi <= 65535:
-            return ((2 * v + 257) // 514).astype(np.uint8)  # round(v / 257), exact in integers
+    elif lo >= 0 and hi <= 65535:
+        return ((2 * v + 257) // 514).astype(np.uint8)  # round(v / 257), exact in integers
     if hi == lo:
         return np.full(v.shape, min(max(lo, 0), 255), np.uint8)
     return np.floor((v - lo) * (255 / (hi - lo)) + 0.5).astype(np.uint8)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB: deep greys scaled, transparency composited on white."""
-    if img.mode in _GREY_DEEP:
-        return Image.fromarray(_grey_to_uint8(np.asarray(img)), "L").convert("RGB")
-    if img.mode in _ALPHA_MODES or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        out = Image.new("RGB", img.size, WHITE)
+    """Any Pillow mode to 8-bit RGB: deep greys scaled, transparency composited on white.
+
+    A strip of rows at a time, so the only full-size copy is the output (4 bytes a pixel)."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    grey = _grey_range(img) if img.mode in _GREY_DEEP else None
+    out = Image.new("RGB", img.size)
+    for box in _strips(img.size, 8 if grey else 4):
+        out.paste(_strip_to_rgb(img.crop(box), grey), box[:2])
+    return out
+
+
+def _strip_to_rgb(strip: Image.Image, grey: tuple[float, float] | None) -> Image.Image:
+    if grey is not None:
+        return Image.fromarray(_grey_to_uint8(_grey_values(np.asarray(strip)), *grey)).convert("RGB")
+    if strip.mode in _ALPHA_MODES or "transparency" in strip.info:
+        rgba = strip.convert("RGBA")
+        out = Image.new("RGB", strip.size, WHITE)
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return strip.convert("RGB")
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -280,7 +320,10 @@ def _decode_stored(data: bytes, img: Image.Image, max_pixels: int, draft_for: tu
     _load(img)
     if orientation is None:  # other formats may keep EXIF after the pixel data
         orientation = _orientation(img)
-    return _to_rgb(img), orientation, scale, stored
+    rgb = _to_rgb(img)
+    if rgb is not img:
+        img.close()  # frees the decoded pixels before resizing
+    return rgb, orientation, scale, stored
 
 
 def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "contain",

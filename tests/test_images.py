@@ -515,6 +515,35 @@ def test_cursors_are_refused_but_a_tga_that_starts_like_one_is_not():
     np.testing.assert_array_equal(np.asarray(img.decode(buf.getvalue())), corpus.photo(48, 32, 35))
 
 
+# Peak memory of load_rgb, in bytes per source pixel, beyond a fixed allowance: the decoded image
+# (4 bytes a pixel in Pillow, whatever its mode) and one 8-bit RGB copy; 16-bit RGB(A) holds its
+# high and low bytes at once instead.
+BYTES_PER_PIXEL = 8
+FIXED_MB = 24
+
+
+@pytest.mark.parametrize("side", [3000, pytest.param(9000, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("depth", [8, 16])
+def test_decode_memory_is_bounded_per_source_pixel(side: int, depth: int, tmp_path):
+    got = hostile.decode_peak(hostile.png(side, side, "RGBA", depth), tmp_path)
+    assert got["reason"] is None, got
+    assert got["peak_mb"] <= side * side * BYTES_PER_PIXEL / 2**20 + FIXED_MB, got
+
+
+def test_16bit_rounding_is_exact_for_every_value():
+    high, low = (a.astype(np.uint8) for a in np.divmod(np.arange(65536), 256))
+    expected = (2 * np.arange(65536) + 257) // 514  # round(v / 257)
+    np.testing.assert_array_equal(img._round16(high, low), expected)
+
+
+def test_16bit_image_taller_than_a_strip_is_rounded_everywhere(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(img, "_STRIP_BYTES", 1000)  # a few rows per strip
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    arr = np.stack([values, values[::-1], values.T, np.full_like(values, 65535)], axis=-1)
+    out = np.asarray(img.decode(corpus.png16(arr))).astype(int)
+    np.testing.assert_array_equal(out, (2 * arr[..., :3].astype(int) + 257) // 514)
+
+
 def test_max_pixels_is_inclusive():
     data = GOOD["jpeg_small"]  # 200x200
     assert img.load_rgb(data, max_pixels=40_000).shape == (299, 299, 3)
