@@ -106,11 +106,16 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def dribble(self, gap: float) -> None:
-            """Each byte arrives well within any read timeout; the whole head takes minutes."""
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nX-Pad: " + b"x" * 600 + b"\r\n\r\n"
+        def dribble(self, gap: float, status_at_once: bool = False) -> None:
+            """Each byte arrives well within any read timeout; the whole head takes minutes
+            (`status_at_once`: the status line comes whole, only the headers dribble)."""
+            status = b"HTTP/1.1 200 OK\r\n"
+            head = status + b"Content-Type: image/jpeg\r\nX-Pad: " + b"x" * 600 + b"\r\n\r\n"
             self.close_connection = True
             try:
+                if status_at_once:
+                    self.wfile.write(status)
+                    head = head[len(status):]
                 for byte in head:
                     self.wfile.write(bytes([byte]))
                     time.sleep(gap)
@@ -199,6 +204,15 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
                 self.redirect(f"/img/{rest}", 301)
             elif head == "dribble-headers":  # status line and headers one byte per `rest` seconds
                 self.dribble(float(rest or 0.2))
+            elif head == "dribble-after-status":  # the status line at once, then headers dribbled
+                self.dribble(float(rest or 0.2), status_at_once=True)
+            elif head == "slow-hops":  # /slow-hops/<gap>/<n>: wait <gap> s, redirect to hop n-1
+                gap, hops = float(parts[1]), int(parts[2])
+                time.sleep(gap)
+                if hops > 0:
+                    self.redirect(f"/slow-hops/{parts[1]}/{hops - 1}")
+                else:
+                    self.send_body(files["jpeg_rgb"])
             elif head == "list":  # a URL list served over HTTP
                 self.send_body(files["__list__"], "text/plain")
             elif head == "list-cut":  # a URL list whose body stops at half its Content-Length

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 
@@ -162,6 +163,91 @@ def test_headers_dribbled_a_byte_at_a_time_end_at_the_deadline(image_server: Ima
         started = time.monotonic()
         assert reason_of(f"{image_server.base}/dribble-headers/0.2", s, short) == "timeout"
     assert time.monotonic() - started < 3.5
+
+
+# Each read comes within the 1 s read timeout (and the connect timeout is longer than the
+# deadline): only the 1.5 s deadline can end these; retries must not start past it.
+SHORT = Policy(allow_private=True, connect_timeout=5, read_timeout=1, deadline=1.5, retries=3, backoff=0.1)
+
+
+def timed_reason(url: str, policy: Policy = SHORT) -> tuple[str, float]:
+    with make_session(policy) as s:
+        started = time.monotonic()
+        reason = reason_of(url, s, policy)
+        return reason, time.monotonic() - started
+
+
+def test_headers_dribbled_after_a_prompt_status_line_end_at_the_deadline(image_server: ImageServer):
+    reason, took = timed_reason(f"{image_server.base}/dribble-after-status/0.2")
+    assert reason == "timeout" and took < SHORT.deadline + 1
+
+
+def test_a_redirect_chain_of_slow_hops_ends_at_the_deadline(image_server: ImageServer):
+    reason, took = timed_reason(f"{image_server.base}/slow-hops/0.6/5")  # 3.6 s in all
+    assert reason == "timeout" and took < SHORT.deadline + 1
+
+
+@pytest.fixture
+def full_backlog() -> Iterator[int]:
+    """The port of a listening socket whose backlog is full: a new connect hangs (SYNs dropped)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(8):  # until one hangs: the backlog is full
+                filler = socket.socket()
+                fillers.append(filler)
+                filler.settimeout(0.2)
+                try:
+                    filler.connect(("127.0.0.1", port))
+                except TimeoutError:
+                    break
+            else:
+                pytest.skip("this kernel accepts connections beyond the backlog")
+            yield port
+        finally:
+            for filler in fillers:
+                filler.close()
+
+
+def test_a_connect_that_hangs_ends_at_the_deadline(full_backlog: int):
+    reason, took = timed_reason(f"http://127.0.0.1:{full_backlog}/x.jpg")
+    assert reason == "timeout" and took < SHORT.deadline + 1
+
+
+@pytest.fixture
+def dribbling_tls_server() -> Iterator[int]:
+    """A TCP server that answers a TLS ClientHello with a record header, then a byte per 0.2 s."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                conn.recv(4096)
+                for byte in b"\x16\x03\x03\x40\x00" + b"\x02" * 200:
+                    if stop.wait(0.2):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    listener.close()
+    thread.join(5)
+
+
+def test_a_dribbled_tls_handshake_ends_at_the_deadline(dribbling_tls_server: int):
+    reason, took = timed_reason(f"https://127.0.0.1:{dribbling_tls_server}/x.jpg")
+    assert reason == "timeout" and took < SHORT.deadline + 1
 
 
 def test_connections_are_kept_alive_across_downloads_and_small_errors(images):
