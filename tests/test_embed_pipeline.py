@@ -141,3 +141,15 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(wo
     logs = workers.logs()
     assert logs.count("that is not a kombu message") == len(NOT_KOMBU), logs[-3000:]
     assert "not base64" in logs and "Unrecoverable" not in logs
+
+
+def test_the_embed_worker_answers_flowers_event_commands(workers, redis_url, rclient):
+    workers.start("embed", **null_env())
+    wait_for(lambda: "consuming embed" in workers.logs(), 60, "the consumer", workers.logs)
+    app = make_app(Settings(broker_url=redis_url))
+    node = f"embed{len(workers.procs) - 1}@test"
+    assert app.control.enable_events(destination=[node], reply=True, timeout=10) == [
+        {node: {"ok": "task events enabled"}}]
+    assert app.control.disable_events(destination=[node], reply=True, timeout=10)[0][node]["ok"]
+    app.close()
+    assert "pidbox command error" not in workers.logs()

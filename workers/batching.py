@@ -220,6 +220,9 @@ def control_node(app: Celery, conn, hostname: str, consumer: BatchConsumer):
         "scheduled": lambda state, **_: [],
         "revoked": lambda state, **_: [],
         "conf": lambda state, **_: {},
+        # Flower asks every worker to turn task events on, every few seconds; ours always send them
+        "enable_events": lambda state, **_: {"ok": "task events enabled"},
+        "disable_events": lambda state, **_: {"ok": "task events stay enabled (Flower's view of batches)"},
     }
     node = app.control.mailbox(conn).Node(hostname, handlers=handlers, channel=conn.channel())
     return node.listen()
