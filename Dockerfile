@@ -1,6 +1,6 @@
 # The Koala fleet on the CPU: one image for the producer (`koala submit ...`), the download workers
 # (`koala worker download`), the embed worker (`koala worker embed`) and Flower (`celery ... flower`).
-#   docker compose build          (or: docker build -t koala-fleet .)
+#   docker compose build          (or: docker build -t koala-fleet .); no .env needed for it
 # Dockerfile.gpu builds the embed worker on a CUDA TensorFlow image (docker-compose.gpu.yml).
 FROM python:3.11-slim
 
@@ -27,7 +27,11 @@ RUN pip install --no-cache-dir /src && rm -rf /src
 # image may already use those IDs.
 ARG APP_UID=10001
 ARG APP_GID=10001
-RUN groupadd --non-unique --gid "${APP_GID}" koala \
+RUN if [ "${APP_UID}" = 0 ] || [ "${APP_GID}" = 0 ]; then \
+        echo "APP_UID/APP_GID 0 would run the fleet as root: keep 10001 and chown -R 10001:10001 ./data" >&2; \
+        exit 1; \
+    fi \
+    && groupadd --non-unique --gid "${APP_GID}" koala \
     && useradd --non-unique --uid "${APP_UID}" --gid koala --create-home --home-dir /home/koala \
        --shell /usr/sbin/nologin koala \
     && mkdir -p /app /data/tfrecords /data/cache /data/original \

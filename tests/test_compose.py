@@ -62,13 +62,21 @@ def services(config: dict) -> dict[str, dict]:
     return config["services"]
 
 
+KOALA_IMAGE = BASE["x-koala-service"]["image"]
+KOALA_SERVICES = {"flower", "download-worker", "embed-worker", "producer"}
+
+
 def koala_image(service: dict) -> bool:
-    """Built from this project's Dockerfiles (entrypoint `koala` unless overridden)."""
-    return "build" in service
+    """This project's image (built by one service, named by the others; entrypoint `koala`)."""
+    return "build" in service or service.get("image") == KOALA_IMAGE
 
 
 def entrypoint(service: dict) -> list[str]:
-    return service.get("entrypoint", ["koala"])
+    """The program a service runs: its entrypoint, or what its `sh -c` guard finally execs."""
+    found = service.get("entrypoint", ["koala"])
+    if found[:2] == ["sh", "-c"]:
+        return [re.findall(r"exec (\S+) \"\$\$@\"", found[2])[-1]]
+    return found
 
 
 def koala_commands() -> list[tuple[str, list[str]]]:
@@ -159,10 +167,49 @@ def test_koala_commands_are_real_entry_points(where: str, args: list[str]) -> No
 
 
 def test_every_service_of_the_koala_image_runs_koala_or_flower() -> None:
-    for name, service in services(WITH_GPU).items():
-        if koala_image(service):
+    for where, config in CONFIGS.items():
+        koala = {name for name, service in services(config).items() if koala_image(service)}
+        assert koala == KOALA_SERVICES, where
+        for name in koala:
+            service = services(config)[name]
             assert entrypoint(service) in (["koala"], ["celery"]), name
             assert isinstance(service["command"], list), f"{name}: exec form, no shell"
+
+
+def test_the_image_is_built_once_and_named_per_project() -> None:
+    # compose builds every service that has `build:`: one builder, the others name its image
+    builders = [name for name, service in services(BASE).items() if "build" in service]
+    assert builders == ["download-worker"]
+    assert KOALA_IMAGE.startswith("${COMPOSE_PROJECT_NAME}") and "name" not in BASE
+    assert services(load(GPU))["embed-worker"]["image"].startswith("${COMPOSE_PROJECT_NAME}")
+
+
+def test_no_variable_is_required_at_interpolation() -> None:
+    # `${VAR:?}` fails every compose command, `docker compose build` included, before .env exists;
+    # the services that need a secret refuse to start instead (tested below)
+    for path in (COMPOSE, GPU):
+        assert ":?" not in path.read_text(), path.name
+
+
+@pytest.mark.parametrize(("service", "variables", "program"), [
+    ("redis", {"REDIS_PASSWORD": "s3cret"}, "docker-entrypoint.sh"),
+    ("flower", {"FLOWER_USER": "koala", "FLOWER_PASSWORD": "s3cret"}, "celery"),
+])
+def test_services_refuse_to_start_without_their_secrets(service: str, variables: dict[str, str], program: str,
+                                                        tmp_path: Path) -> None:
+    guard = services(BASE)[service]["entrypoint"]
+    script = guard[2].replace("$$", "$")
+    stub = tmp_path / program  # stands for the real program: prints its arguments
+    stub.write_text("#!/bin/sh\necho started \"$@\"\n")
+    stub.chmod(0o755)
+    path = f"{tmp_path}:{os.environ['PATH']}"
+    for missing in variables:
+        env = {"PATH": path, **variables, missing: ""}
+        out = subprocess.run([*guard[:2], script, *guard[3:], "x"], env=env, capture_output=True, text=True)
+        assert out.returncode != 0 and missing in out.stderr and ".env" in out.stderr
+    out = subprocess.run([*guard[:2], script, *guard[3:], "x"], env={"PATH": path, **variables},
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "started x\n", out.stderr
 
 
 def flower_service() -> dict:
@@ -213,10 +260,11 @@ def test_the_shared_environment_holds_valid_settings() -> None:
     assert env and all(k in SETTINGS for k in env), sorted(set(env) - SETTINGS)
     values = {k.removeprefix("KOALA_").lower(): v for k, v in env.items()}
     settings = Settings(_env_file=None, **values)
-    assert settings.broker_url.startswith("redis://:${REDIS_PASSWORD}@redis:6379/")
+    assert settings.broker_url.startswith("redis://:${REDIS_PASSWORD:-}@redis:6379/")
     for name, service in services(WITH_GPU).items():
-        if koala_image(service):
-            assert service["environment"] == env, f"{name} does not get x-koala-env"
+        if koala_image(service):  # Flower also gets its credentials, for its start-up guard
+            extra = {"FLOWER_USER", "FLOWER_PASSWORD"} if name == "flower" else set()
+            assert {k: v for k, v in service["environment"].items() if k not in extra} == env, name
 
 
 def test_dockerfiles_set_the_same_folders_as_compose() -> None:
@@ -230,7 +278,7 @@ def test_dockerfiles_set_the_same_folders_as_compose() -> None:
 def test_every_interpolated_variable_is_in_env_example() -> None:
     defined = env_example()
     for path in (COMPOSE, GPU):
-        missing = interpolated(path.read_text()) - set(defined)
+        missing = interpolated(path.read_text()) - set(defined) - {"COMPOSE_PROJECT_NAME"}  # compose's own
         assert not missing, f"{path.name} uses {sorted(missing)}, not in .env.example"
 
 
@@ -311,7 +359,8 @@ def test_redis_is_persistent_compact_and_password_protected() -> None:
     for setting in ("--appendonly yes", "--appendfsync everysec", "--hash-max-listpack-entries 1024"):
         assert setting in command
     assert re.search(r"--requirepass \$\{REDIS_PASSWORD[:?}]", command)
-    assert redis["env_file"] in (".env", [".env"])
+    # only its password: Flower's credentials (the rest of .env) are none of its business
+    assert "env_file" not in redis and set(redis["environment"]) == {"REDIS_PASSWORD"}
     assert "redis-data:/data" in redis["volumes"]
     assert "$$REDIS_PASSWORD" in " ".join(healthcheck(redis))
 
