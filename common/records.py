@@ -620,6 +620,11 @@ class ShardWriter:
 VAL_PREFIX = "val_"
 
 
+def finished_shards(out_dir: Path) -> list[Path]:
+    """Finalized training and validation shards in out_dir, sorted by name (none when it is missing)."""
+    return sorted([*out_dir.glob(SHARD_GLOB), *out_dir.glob(VAL_PREFIX + SHARD_GLOB)])
+
+
 def split_validation(out_dir: Path, fraction: float) -> list[Path]:
     """Rename a deterministic choice of finalized shards to `val_<name>` so that about `fraction`
     of them (at least one) are validation shards; shards already renamed count, so running it

@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import redis
 import tenacity
 from kombu.exceptions import OperationalError
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 # Item states. Pending states (s, d) carry a 2-byte submission-run tag after the letter, so a
 # new run can tell items it registered itself from items an earlier (maybe killed) run left.
@@ -213,6 +216,11 @@ class JobState:
         self._register = client.register_script(_REGISTER % {"alive": PRODUCER_ALIVE_S})
         self._transition = client.register_script(_TRANSITION)
         self._unfail = client.register_script(_UNFAIL % {"alive": PRODUCER_ALIVE_S})
+
+    @classmethod
+    def from_settings(cls, settings: Settings, broker: str | None = None) -> JobState:
+        """The job state in the settings' Redis (or in `broker`, a Redis URL, when given)."""
+        return cls(connect(broker or settings.broker_url), settings.state_prefix, settings.failures_kept)
 
     def _slot(self, key: str) -> tuple[str, bytes]:
         """The bucket and field of an item key (md5 hex)."""

@@ -14,17 +14,16 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE, make_app
+from common.celery_app import make_app
 from common.settings import Settings, get_settings
-from common.state import REASONS, JobState, connect, retry_on_broker
+from common.state import REASONS, JobState, retry_on_broker
+from producer.progress import Stall, snapshot, watch, with_rates
 from producer.steps import register as register_steps
-
-SHARD_GLOB = "*lab_images_*.tfrecord*"  # training and val_ shards; temps start with a dot
 
 
 def job_state(settings: Settings, broker: str | None = None) -> JobState:
     """The job state in the configured Redis; exits with one clear line when it is unreachable."""
-    state = JobState(connect(broker or settings.broker_url), settings.state_prefix, settings.failures_kept)
+    state = JobState.from_settings(settings, broker)
     try:
         state.r.ping()
     except Exception as e:  # redis raises several kinds; the user needs one line
@@ -39,23 +38,6 @@ def _safe_url(url: str) -> str:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
-
-
-def snapshot(state: JobState, out_dir: Path) -> dict:
-    """Everything `koala status --json` reports, read once."""
-    counts = state.counts()
-    shards = [p for p in out_dir.glob(SHARD_GLOB) if not p.name.startswith(".")] if out_dir.is_dir() else []
-    return {**counts, "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
-            "shards": len(shards), "failures_by_reason": state.failures_by_reason(),
-            "time": time.time()}
-
-
-def with_rates(before: dict, after: dict) -> dict:
-    """Add per-second rates of the stages between two snapshots."""
-    dt = max(after["time"] - before["time"], 1e-6)
-    rates = {k: round((after[k] - before[k]) / dt, 2)
-             for k in ("submitted", "downloaded", "written", "failed")}
-    return {**after, "rates": rates}
 
 
 @contextmanager
@@ -130,57 +112,20 @@ def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pendin
             click.echo(f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
                        f"{again.report.requeued + again.report.recovered} pending items again", err=True)
 
-        wait_until_done(state, settings.output_dir, resend=resend, resend_after=settings.resend_after)
+        watch(state, settings.output_dir, on_tick=resend_when_stalled(resend, settings.resend_after))
 
 
-def wait_until_done(state: JobState, out_dir: Path, poll: float = 1.0, *,
-                    resend: Callable[[], None] | None = None, resend_after: float = 60.0) -> dict:
-    """Show a bar per stage until pending is 0 (waiting out a lost Redis); returns the last snapshot.
-    `resend` is called when items stay pending with nothing queued or unacknowledged for
-    `resend_after` seconds: their messages were lost (a crash between a broker's pop and its
-    unacked record, a Redis that lost its queues)."""
-    first = retry_on_broker(snapshot)(state, out_dir)
-    bars = {name: tqdm(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i,
-                       dynamic_ncols=True, leave=True)
-            for i, name in enumerate(("downloaded", "written", "failed"))}
-    stall = Stall(resend_after)
-    try:
-        while True:
-            now = retry_on_broker(snapshot)(state, out_dir)
-            for name, bar in bars.items():
-                bar.total = now["submitted"]
-                bar.n = now[name]
-                bar.set_postfix(queue_download=now["queues"][DOWNLOAD_QUEUE],
-                                queue_embed=now["queues"][EMBED_QUEUE], refresh=False)
-                bar.refresh()
-            if now["pending"] <= 0:
-                return now
-            if resend and stall.stalled(now):
-                retry_on_broker(resend)()
-            time.sleep(poll)
-    finally:
-        for bar in bars.values():
-            bar.close()
+def resend_when_stalled(resend: Callable[[], None], after: float) -> Callable[[dict], None]:
+    """A `watch` hook that calls `resend` when items stay pending with nothing queued or
+    unacknowledged for `after` seconds: their messages were lost (a crash between a broker's pop
+    and its unacked record, a Redis that lost its queues)."""
+    stall = Stall(after)
 
+    def check(snap: dict) -> None:
+        if stall.stalled(snap):
+            retry_on_broker(resend)()
 
-class Stall:
-    """Tells when a job has pending items, no message anywhere, and no progress for a while."""
-
-    def __init__(self, after: float):
-        self.after = after
-        self.progress: tuple | None = None
-        self.since = time.monotonic()
-
-    def stalled(self, snap: dict) -> bool:
-        """True once per `after` seconds of no progress with empty queues and nothing unacked."""
-        progress = tuple(snap[k] for k in ("submitted", "downloaded", "written", "failed"))
-        if progress != self.progress or any(snap["queues"].values()):
-            self.progress, self.since = progress, time.monotonic()
-            return False
-        if time.monotonic() - self.since >= self.after:
-            self.since = time.monotonic()
-            return True
-        return False
+    return check
 
 
 @main.command()

@@ -197,7 +197,9 @@ def disk_warning(out_dir: Path, items: int | None, lab_size: int) -> str | None:
 
 def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: dict) -> dict:
     """What summary.json holds."""
-    shards = sorted(p for p in out_dir.glob("*lab_images_*.tfrecord*") if not p.name.startswith("."))
+    from common.records import finished_shards
+
+    shards = finished_shards(out_dir)
     return {
         "records": state_snapshot["written"],
         "failed": state_snapshot["failed"],
@@ -231,6 +233,7 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
 
     from common.model import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
+    from producer.progress import watch
     from producer.submit import is_url
 
     settings = get_settings()
@@ -266,7 +269,7 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
             echo("Flower: http://localhost:5555")
         times["submit"] = _submit(source, state, settings, broker, tqdm)
         t0 = time.time()
-        _watch(state, children, out_dir, tqdm, echo)
+        watch(state, out_dir, poll=0.5, on_tick=lambda _: _revive(children, echo))
         times["process_after_submit"] = round(time.time() - t0, 1)
     except KeyboardInterrupt:
         echo("interrupted: stopping cleanly; nothing is lost — run the same command again to resume")
@@ -285,9 +288,9 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
 
 
 def _state(broker: str, settings):
-    from common.state import JobState, connect
+    from common.state import JobState
 
-    state = JobState(connect(broker), settings.state_prefix, settings.failures_kept)
+    state = JobState.from_settings(settings, broker)
     try:
         state.r.ping()
     except redis.RedisError as e:
@@ -313,34 +316,15 @@ def _submit(source: str, state, settings, broker: str, tqdm) -> float:
     return round(time.time() - started, 1)
 
 
-def _watch(state, children: Children, out_dir: Path, tqdm, echo) -> None:
-    """Live bars per stage until nothing is pending; restarts workers that die."""
-    from producer.cli import DOWNLOAD_QUEUE, EMBED_QUEUE, snapshot
-
-    names = ("downloaded", "written", "failed")
-    bars = {n: tqdm(desc=f"{n:>10}", unit=" img", position=i, dynamic_ncols=True)
-            for i, n in enumerate(names)}
-    try:
-        while True:
-            snap = snapshot(state, out_dir)
-            for name, bar in bars.items():
-                bar.total = snap["submitted"]
-                bar.update(snap[name] - bar.n)
-                bar.set_postfix(queued=snap["queues"][DOWNLOAD_QUEUE] + snap["queues"][EMBED_QUEUE],
-                                refresh=False)
-            if snap["pending"] <= 0:
-                return
-            for name in children.revive():
-                echo(f"{name} exited; restarted it (log: {children.log_dir / name}.log)")
-            time.sleep(0.5)
-    finally:
-        for bar in bars.values():
-            bar.close()
+def _revive(children: Children, echo) -> None:
+    """Restart workers that died, saying so."""
+    for name in children.revive():
+        echo(f"{name} exited; restarted it (log: {children.log_dir / name}.log)")
 
 
 def _final_snapshot(broker: str, settings, out_dir: Path) -> dict | None:
     """The job's counts after the workers stopped (None when Redis is gone)."""
-    from producer.cli import snapshot
+    from producer.progress import snapshot
 
     try:
         return snapshot(_state(broker, settings), out_dir)

@@ -13,7 +13,7 @@ import redis
 from common import records
 from common.settings import Settings
 from common.state import JobState, is_storage_error
-from producer.cli import Stall
+from producer.progress import Stall
 from producer.submit import Submitter
 from tests.test_embed_stage import names_in, payload, register, stage
 from workers.embed import Batch
@@ -154,7 +154,7 @@ def snap(written: int, queued: int = 0) -> dict:
 
 def test_stall_needs_no_progress_and_nothing_queued_for_the_whole_wait(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("producer.cli.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("producer.progress.time.monotonic", lambda: clock[0])
     stall = Stall(10)
     assert not stall.stalled(snap(1))
     clock[0] = 9

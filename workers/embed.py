@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -315,18 +316,31 @@ def load_model(settings: Settings) -> Model:
     return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
 
 
+def check_permissions(out: Path) -> None:
+    """Refuse to start where this user may not write (a wrong owner does not pass with time, unlike a
+    full or read-only disk, which the worker waits out)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except PermissionError as e:
+        raise RuntimeError(f"cannot write in {out} as uid {os.getuid()} gid {os.getgid()} ({e.strerror}): "
+                           "give the folder to this user (with docker compose: chown -R "
+                           "APP_UID:APP_GID ./data, the values of .env)") from e
+
+
 def run_embed_worker(node: str) -> None:
     """Recover this node's leftovers, then consume the embed queue until SIGTERM/SIGINT."""
     from common.celery_app import make_app
     from common.settings import get_settings
-    from common.state import connect
     from workers.batching import BatchConsumer
 
     settings = get_settings()
     if not settings.checkpoint and not settings.null_model:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     out = settings.output_dir
-    state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
+    state = JobState.from_settings(settings)
+    check_permissions(out)
     lock = retry_on_disk(NodeLock)(out, node)
     try:
         done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)

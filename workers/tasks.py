@@ -12,7 +12,7 @@ from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
 from common.leases import LeaseKeeper, keep_leases
 from common.messages import EmbedImage
 from common.settings import get_settings
-from common.state import JobState, connect, retry_on_broker
+from common.state import JobState, retry_on_broker
 from workers.download import DownloadStage
 
 log = logging.getLogger("koala.worker")
@@ -45,7 +45,7 @@ app.steps["consumer"].add(RenewLeases)
 def download_stage(node: str) -> DownloadStage:
     """The download stage of this process (one HTTP session, one Redis client)."""
     settings = get_settings()
-    state = JobState(connect(settings.broker_url), settings.state_prefix, settings.failures_kept)
+    state = JobState.from_settings(settings)
     stage = DownloadStage(settings, state, node)
     log.info("%s: download stage ready, %d downloads in flight", node, settings.download_concurrency)
     return stage

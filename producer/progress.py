@@ -1,0 +1,85 @@
+"""The job's progress: one snapshot of counts, queues and shards, and the live bars of
+`koala submit --wait` and `koala run`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE
+from common.records import finished_shards
+from common.state import JobState, retry_on_broker
+
+STAGES = ("downloaded", "written", "failed")
+
+
+def snapshot(state: JobState, out_dir: Path) -> dict:
+    """Everything `koala status --json` reports, read once."""
+    counts = state.counts()
+    return {**counts, "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
+            "shards": len(finished_shards(out_dir)), "failures_by_reason": state.failures_by_reason(),
+            "time": time.time()}
+
+
+def with_rates(before: dict, after: dict) -> dict:
+    """Add per-second rates of the stages between two snapshots."""
+    dt = max(after["time"] - before["time"], 1e-6)
+    rates = {k: round((after[k] - before[k]) / dt, 2)
+             for k in ("submitted", "downloaded", "written", "failed")}
+    return {**after, "rates": rates}
+
+
+def watch(state: JobState, out_dir: Path, *, poll: float = 1.0,
+          on_tick: Callable[[dict], None] | None = None) -> dict:
+    """Show a bar per stage until nothing is pending (waiting out a lost Redis); returns the last
+    snapshot. `on_tick(snapshot)` runs after each look that still finds items pending."""
+    read = retry_on_broker(snapshot)
+    first = read(state, out_dir)
+    bars = {name: tqdm(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i,
+                       dynamic_ncols=True, leave=True)
+            for i, name in enumerate(STAGES)}
+    try:
+        while True:
+            now = read(state, out_dir)
+            _show(bars, now)
+            if now["pending"] <= 0:
+                return now
+            if on_tick:
+                on_tick(now)
+            time.sleep(poll)
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _show(bars: dict[str, tqdm], snap: dict) -> None:
+    """Move each stage's bar to the snapshot's counts, queue depths beside it."""
+    for name, bar in bars.items():
+        bar.total = snap["submitted"]
+        bar.n = snap[name]
+        bar.set_postfix(queue_download=snap["queues"][DOWNLOAD_QUEUE],
+                        queue_embed=snap["queues"][EMBED_QUEUE], refresh=False)
+        bar.refresh()
+
+
+class Stall:
+    """Tells when a job has pending items, no message anywhere, and no progress for a while."""
+
+    def __init__(self, after: float):
+        self.after = after
+        self.progress: tuple | None = None
+        self.since = time.monotonic()
+
+    def stalled(self, snap: dict) -> bool:
+        """True once per `after` seconds of no progress with empty queues and nothing unacked."""
+        progress = tuple(snap[k] for k in ("submitted", "downloaded", "written", "failed"))
+        if progress != self.progress or any(snap["queues"].values()):
+            self.progress, self.since = progress, time.monotonic()
+            return False
+        if time.monotonic() - self.since >= self.after:
+            self.since = time.monotonic()
+            return True
+        return False
