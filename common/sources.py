@@ -1,4 +1,5 @@
-"""URL-list lines to items (pure): `<id><TAB><url>` as in fall11_urls.txt, or one URL a line.
+"""Sources: URL-list lines to items (pure, `<id><TAB><url>` as in fall11_urls.txt or one URL a
+line), URL checks, and opening a source (a list file, .gz too, an http(s) URL of one, a folder).
 
 An item's URL is the last whitespace-separated token of a non-blank, non-comment line; its key is
 the md5 hex digest of that token's UTF-8 bytes. Lines without a URL token are rejected, never fatal.
@@ -6,21 +7,40 @@ the md5 hex digest of that token's UTF-8 bytes. Lines without a URL token are re
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import ipaddress
+import os
 import re
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO, Literal
+from http.client import HTTPException
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from urllib3.exceptions import DecodeError, HTTPError
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 __all__ = [
+    "CORRUPT_ERRORS",
     "MAX_LINE_BYTES",
     "MAX_URL_CHARS",
+    "READ_ERRORS",
     "Kind",
+    "ListBroken",
     "ParseCounts",
+    "SourceError",
     "UrlItem",
+    "file_key",
+    "is_url",
+    "iter_folder",
     "iter_items",
     "key_of",
+    "open_list",
     "parse_line",
     "url_problem",
 ]
@@ -227,3 +247,93 @@ def _host_problem(host: str) -> str | None:
         except ValueError:
             return f"invalid IPv4 address {host!r}"
     return None
+
+
+# ---- opening sources: URL lists (file, .gz, http(s) URL) and folders of images ------------------
+
+GZIP_MAGIC = b"\x1f\x8b"
+# what reading a list may raise part way: a corrupt or cut gzip, a body cut off or badly encoded
+CORRUPT_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, DecodeError)
+READ_ERRORS = (*CORRUPT_ERRORS, OSError, HTTPError, HTTPException)
+
+
+class SourceError(Exception):
+    """The source itself can't be read (missing file, unreachable URL list)."""
+
+
+class ListBroken(SourceError):
+    """A URL list that could not be read to its end (corrupt or truncated gzip, a body cut off);
+    the items before the break were submitted."""
+
+    def __init__(self, lines: int, error: BaseException):
+        super().__init__()
+        self.lines = lines
+        self.error = error
+        self.items = 0
+        self.source = "the URL list"
+
+    def message(self, again: str = "submit it again") -> str:
+        """One line for the user; `again` says how to resume."""
+        corrupt = isinstance(self.error, CORRUPT_ERRORS)
+        what = "is corrupt" if corrupt else "could not be read to its end"
+        fix = "fix the file and " if corrupt else ""
+        items = "1 item" if self.items == 1 else f"{self.items} items"
+        why = (str(self.error) or type(self.error).__name__)[:200]
+        were = "was" if self.items == 1 else "were"
+        return (f"{self.source} {what} after line {self.lines} ({why}): the {items} before it "
+                f"{were} submitted; {fix}{again}, already-known items are skipped")
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+def is_url(source: str) -> bool:
+    """True for an http(s) URL of a URL list."""
+    return source.lower().startswith(("http://", "https://"))
+
+
+def file_key(path: Path) -> str:
+    """Key of a local file: md5 of its absolute path (the record's name is the relative path)."""
+    return hashlib.md5(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[dict]:
+    """Items of every file under root, sorted, without their bytes (read when sent)."""
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            if count is not None and seen > skip + count:
+                return
+            path = Path(dirpath) / name
+            yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
+
+
+@contextmanager
+def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
+    """A binary stream of a URL list: local file (gzip by extension) or http(s) URL (gzip when
+    the body, once its Content-Encoding is undone, starts as gzip does)."""
+    if is_url(source):
+        from common.fetch import open_stream, policy_from_settings  # fetch imports url_problem from here
+
+        with open_stream(source, policy_from_settings(settings)) as stream:
+            try:
+                gzipped = stream.peek(len(GZIP_MAGIC))[:len(GZIP_MAGIC)] == GZIP_MAGIC
+            except READ_ERRORS as e:
+                raise ListBroken(0, e) from e
+            if not gzipped:
+                yield stream
+                return
+            with gzip.GzipFile(fileobj=stream) as unzipped:
+                yield unzipped  # type: ignore[misc]
+    elif source.endswith(".gz"):
+        with gzip.open(source, "rb") as f:
+            yield f
+    else:
+        with open(source, "rb") as f:
+            yield f

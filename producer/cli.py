@@ -82,7 +82,8 @@ def main(broker: str | None) -> None:
 def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pending: bool,
            as_json: bool) -> None:
     """Enqueue SOURCE: a URL-list file (.gz too), an http(s) URL of one, or a folder of images."""
-    from producer.submit import SourceError, Submitter, is_url, submit_source
+    from common.sources import SourceError, is_url
+    from producer.submit import Submitter, submit_source
 
     if not is_url(source) and not os.path.exists(source):
         raise click.ClickException(f"no such file or folder: {source}")

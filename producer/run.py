@@ -164,7 +164,7 @@ def check_output_dir(out_dir: Path) -> None:
 def count_items(source: str) -> int | None:
     """How many items a local source holds (None for a URL, unknown before reading it, and for a
     list that breaks part way: submitting it says so)."""
-    from producer.submit import READ_ERRORS, is_url, iter_folder, open_list
+    from common.sources import READ_ERRORS, is_url, iter_folder, open_list
 
     if is_url(source):
         return None
@@ -233,8 +233,8 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
 
     from common.model import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
+    from common.sources import is_url
     from producer.progress import watch
-    from producer.submit import is_url
 
     settings = get_settings()
     out_dir = out_dir.resolve()
@@ -301,7 +301,8 @@ def _state(broker: str, settings):
 def _submit(source: str, state, settings, broker: str, tqdm) -> float:
     """Submit with a progress bar; returns the seconds it took."""
     from common.celery_app import make_app
-    from producer.submit import ListBroken, SourceError, Submitter, submit_source
+    from common.sources import ListBroken, SourceError
+    from producer.submit import Submitter, submit_source
 
     started = time.time()
     app = make_app(settings.model_copy(update={"broker_url": broker}))

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from common import images, lab, records
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
 from common.settings import Settings, get_settings
-from common.sources import ParseCounts, UrlItem, iter_items
+from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
 from common.state import Failure, now
-from producer.submit import file_key, is_url, open_list
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -7,27 +7,32 @@ journal entry; the next `koala submit` (any source) sends the entry's still-pend
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import os
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO
 
 import msgpack
 from celery import Celery
-from urllib3.exceptions import DecodeError, HTTPError
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
-from common.fetch import FetchError, open_stream, policy_from_settings
+from common.fetch import FetchError
 from common.settings import Settings
-from common.sources import ParseCounts, UrlItem, iter_items, url_problem
+from common.sources import (
+    READ_ERRORS,
+    ListBroken,
+    ParseCounts,
+    SourceError,
+    UrlItem,
+    is_url,
+    iter_folder,
+    iter_items,
+    open_list,
+    url_problem,
+)
 from common.state import (
     Failure,
     JobState,
@@ -55,62 +60,6 @@ class SubmitReport:
     def as_dict(self) -> dict:
         """JSON form."""
         return dict(self.__dict__)
-
-
-def is_url(source: str) -> bool:
-    """True for an http(s) URL of a URL list."""
-    return source.lower().startswith(("http://", "https://"))
-
-
-def file_key(path: Path) -> str:
-    """Key of a local file: md5 of its absolute path (the record's name is the relative path)."""
-    return hashlib.md5(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[dict]:
-    """Items of every file under root, sorted, without their bytes (read when sent)."""
-    seen = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            seen += 1
-            if seen <= skip:
-                continue
-            if count is not None and seen > skip + count:
-                return
-            path = Path(dirpath) / name
-            yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
-
-
-GZIP_MAGIC = b"\x1f\x8b"
-# what reading a list may raise part way: a corrupt or cut gzip, a body cut off or badly encoded
-CORRUPT_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, DecodeError)
-READ_ERRORS = (*CORRUPT_ERRORS, OSError, HTTPError, HTTPException)
-
-
-@contextmanager
-def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
-    """A binary stream of a URL list: local file (gzip by extension) or http(s) URL (gzip when
-    the body, once its Content-Encoding is undone, starts as gzip does)."""
-    if is_url(source):
-        with open_stream(source, policy_from_settings(settings)) as stream:
-            try:
-                gzipped = stream.peek(len(GZIP_MAGIC))[:len(GZIP_MAGIC)] == GZIP_MAGIC
-            except READ_ERRORS as e:
-                raise ListBroken(0, e) from e
-            if not gzipped:
-                yield stream
-                return
-            with gzip.GzipFile(fileobj=stream) as unzipped:
-                yield unzipped  # type: ignore[misc]
-    elif source.endswith(".gz"):
-        with gzip.open(source, "rb") as f:
-            yield f
-    else:
-        with open(source, "rb") as f:
-            yield f
 
 
 class Submitter:
@@ -300,36 +249,6 @@ def submit_source(source: str, submitter: Submitter, skip: int = 0,
             e.source = source
             raise
     return submitter.report
-
-
-class SourceError(Exception):
-    """The source itself can't be read (missing file, unreachable URL list)."""
-
-
-class ListBroken(SourceError):
-    """A URL list that could not be read to its end (corrupt or truncated gzip, a body cut off);
-    the items before the break were submitted."""
-
-    def __init__(self, lines: int, error: BaseException):
-        super().__init__()
-        self.lines = lines
-        self.error = error
-        self.items = 0
-        self.source = "the URL list"
-
-    def message(self, again: str = "submit it again") -> str:
-        """One line for the user; `again` says how to resume."""
-        corrupt = isinstance(self.error, CORRUPT_ERRORS)
-        what = "is corrupt" if corrupt else "could not be read to its end"
-        fix = "fix the file and " if corrupt else ""
-        items = "1 item" if self.items == 1 else f"{self.items} items"
-        why = (str(self.error) or type(self.error).__name__)[:200]
-        were = "was" if self.items == 1 else "were"
-        return (f"{self.source} {what} after line {self.lines} ({why}): the {items} before it "
-                f"{were} submitted; {fix}{again}, already-known items are skipped")
-
-    def __str__(self) -> str:
-        return self.message()
 
 
 def _until_broken(items: Iterator[UrlItem], counts: ParseCounts) -> Iterator[UrlItem]:
