@@ -31,6 +31,7 @@ from urllib3.exceptions import (
 from urllib3.util.ssl_ import create_urllib3_context
 
 from common.addresses import classify, parse_networks
+from common.failures import ItemError
 from common.settings import Settings
 from common.sources import url_problem
 
@@ -40,13 +41,8 @@ _HEADERS = {"User-Agent": "", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": 
 _deadline = threading.local()  # .at: monotonic deadline of the download this thread runs
 
 
-class FetchError(Exception):
+class FetchError(ItemError):
     """A download that failed for good; `reason` is from the failure vocabulary."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 class TransientError(FetchError):

@@ -23,6 +23,8 @@ import numpy as np
 import zstandard
 from PIL import Image
 
+from common.failures import ItemError
+
 try:
     import simplejpeg
 except ImportError:  # no wheel for this platform: Pillow decodes every JPEG
@@ -91,13 +93,8 @@ _ICON_MAGIC = {b"\0\0\1\0": "ICO", b"\0\0\2\0": "CUR"}
 _STRIP_BYTES = 1 << 20  # converted a strip of rows at a time: temporaries stay near this size
 
 
-class ImageError(Exception):
+class ImageError(ItemError):
     """An image that cannot be used; `reason` is a failure-vocabulary word, `detail` says why."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def _check_mode(mode: str) -> None:

@@ -382,6 +382,14 @@ class JobState:
             last = batch[-1][0].decode()
         return out[:limit] if limit is not None else out
 
+    def ping(self) -> None:
+        """Raise a redis error when the server does not answer."""
+        self.r.ping()
+
+    def queue_length(self, queue: str) -> int:
+        """Messages waiting in one broker queue."""
+        return self.r.llen(queue)
+
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
         """Messages waiting in each broker queue (kombu keeps a Redis list per queue)."""
         pipe = self.r.pipeline(transaction=False)

@@ -25,7 +25,7 @@ def job_state(settings: Settings, broker: str | None = None) -> JobState:
     """The job state in the configured Redis; exits with one clear line when it is unreachable."""
     state = JobState.from_settings(settings, broker)
     try:
-        state.r.ping()
+        state.ping()
     except Exception as e:  # redis raises several kinds; the user needs one line
         raise click.ClickException(
             f"cannot reach Redis at {_safe_url(settings.broker_url)}: {e}") from None

@@ -292,7 +292,7 @@ def _state(broker: str, settings):
 
     state = JobState.from_settings(settings, broker)
     try:
-        state.r.ping()
+        state.ping()
     except redis.RedisError as e:
         raise RunError(f"cannot reach Redis at {broker.split('@')[-1]}: {e}") from None
     return state

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common import images, lab, records
+from common.failures import ItemError
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
 from common.settings import Settings, get_settings
 from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
@@ -223,7 +224,7 @@ class Downloader:
             images.decode(data, max_pixels=self.settings.max_pixels, draft_for=self.size,
                           mode=self.settings.resize_mode)  # the fleet's acceptance
             images.save_original(self.out_dir, key, data)
-        except (FetchError, images.ImageError) as e:
+        except ItemError as e:
             reason, detail = e.reason, e.detail
         except OSError as e:
             reason, detail = "io_error", f"{type(e).__name__}: {e}"

@@ -225,7 +225,7 @@ class Submitter:
         """Hold back while the download queue is at its high-water mark."""
         started = time.monotonic()
         while self._room <= 0:
-            self._room = room_for(self.settings.download_queue_limit, self.state.r.llen(DOWNLOAD_QUEUE))
+            self._room = room_for(self.settings.download_queue_limit, self.state.queue_length(DOWNLOAD_QUEUE))
             if self._room <= 0:
                 self.state.keep_alive(self.producer)
                 time.sleep(0.5)

@@ -15,7 +15,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from common import images
 from common.celery_app import EMBED_QUEUE
-from common.fetch import FetchError, fetch, make_session, policy_from_settings
+from common.failures import ItemError
+from common.fetch import fetch, make_session, policy_from_settings
 from common.messages import EmbedImage, embed_image
 from common.settings import Settings
 from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now, room_for
@@ -74,7 +75,7 @@ class DownloadStage:
         """Download, decode and resize one item: its payload, or None once its failure is recorded."""
         try:
             return self.load(item)
-        except (FetchError, images.ImageError) as e:
+        except ItemError as e:
             self.fail(item, e.reason, e.detail)
         except OSError as e:
             self.fail(item, "io_error", f"{type(e).__name__}: {e}")
@@ -117,4 +118,4 @@ class DownloadStage:
 
     def queued_images(self) -> int:
         """Images waiting in the embed queue, estimated as messages × chunk size."""
-        return self.state.r.llen(EMBED_QUEUE) * self.settings.chunk_size
+        return self.state.queue_length(EMBED_QUEUE) * self.settings.chunk_size
