@@ -9,7 +9,18 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Required, TypedDict
+
+
+class ChunkItem(TypedDict, total=False):
+    """One item of a download chunk: `k` its md5 key, and `u` its URL, or `p` its path in the folder
+    with `b` the file's bytes (`_path`, the local file, only in the producer until it reads it)."""
+
+    k: Required[str]
+    u: str
+    p: str
+    b: bytes
+    _path: str
 
 
 class EmbedImage(TypedDict):
@@ -21,13 +32,13 @@ class EmbedImage(TypedDict):
     pixels: bytes
 
 
-def embed_image(item: dict, pixels: bytes) -> EmbedImage:
+def embed_image(item: ChunkItem, pixels: bytes) -> EmbedImage:
     """What the embed stage receives for one downloaded item of a chunk."""
     source = item.get("u") or item.get("p") or ""
     return {"key": item["k"], "name": item.get("p") or item["k"], "source": source, "pixels": pixels}
 
 
-def images_of(body: object) -> list[dict]:
+def images_of(body: object) -> list[EmbedImage]:
     """The images of an `embed` message body (task protocol 2: [args, kwargs, embed]); ValueError
     when it is not one of ours. Both the chunk format and the older one-image format are read."""
     try:

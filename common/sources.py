@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from urllib3.exceptions import DecodeError, HTTPError
 
+from common.messages import ChunkItem
+
 if TYPE_CHECKING:
     from common.settings import Settings
 
@@ -297,7 +299,7 @@ def file_key(path: Path) -> str:
     return hashlib.md5(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[dict]:
+def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[ChunkItem]:
     """Items of every file under root, sorted, without their bytes (read when sent)."""
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):

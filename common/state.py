@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -132,6 +133,14 @@ return 1
 """
 
 
+class Registered(IntEnum):
+    """What `JobState.register` found for a key."""
+
+    NEW = 0
+    LEFT_PENDING = 1  # pending from an earlier run: sent again only when requeue was asked
+    KNOWN = 2  # nothing to do
+
+
 @dataclass(frozen=True)
 class Failure:
     """One failed item: its key, URL or path, a reason from REASONS and a readable detail."""
@@ -232,8 +241,8 @@ class JobState:
         return (n % 65536).to_bytes(2, "big")
 
     def register(self, keys: Sequence[str], run: bytes, *, requeue: bool = False,
-                 journal: tuple[str, str, bytes] | None = None) -> list[int]:
-        """Record submitted keys; per key 0 = new, 1 = left pending by an earlier run, 2 = skip.
+                 journal: tuple[str, str, bytes] | None = None) -> list[Registered]:
+        """Record submitted keys; per key what was found (new, left pending by an earlier run, known).
 
         `journal` = (producer id, entry id, chunk): kept until `unjournal` confirms the send.
         """
@@ -244,7 +253,7 @@ class JobState:
         args = [self.counts_key, run, int(requeue), self.journal_key,
                 f"{producer}:{entry}" if journal else "", chunk, self._alive_key(producer),
                 *[f for _, f in slots]]
-        return self._register(keys=[b for b, _ in slots], args=args)
+        return [Registered(v) for v in self._register(keys=[b for b, _ in slots], args=args)]
 
     def unfail(self, failures: Sequence[dict], run: bytes, journal: tuple[str, str, bytes]) -> list[bool]:
         """Failed -> submitted again (with the entries from `failures()`, which carry their stream

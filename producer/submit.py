@@ -20,6 +20,7 @@ from celery import Celery
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetch import FetchError
+from common.messages import ChunkItem
 from common.settings import Settings
 from common.sources import (
     READ_ERRORS,
@@ -36,6 +37,7 @@ from common.sources import (
 from common.state import (
     Failure,
     JobState,
+    Registered,
     append_failure_log,
     call_retrying,
     now,
@@ -96,7 +98,7 @@ class Submitter:
         """Submit every item of a URL-list stream. When the stream breaks part way, the items read
         before the break are submitted, then ListBroken is raised."""
         counts = ParseCounts()
-        chunk: list[dict] = []
+        chunk: list[ChunkItem] = []
         read_before = self.report.read
         broken: ListBroken | None = None
         try:
@@ -116,7 +118,7 @@ class Submitter:
 
     def submit_folder(self, root: Path, skip: int = 0, count: int | None = None) -> None:
         """Submit every file under root; the bytes travel in the message (no shared disk)."""
-        chunk: list[dict] = []
+        chunk: list[ChunkItem] = []
         size = 0
         limit = max(1, min(self.settings.chunk_size, 64))
         for item in iter_folder(root, skip, count):
@@ -138,7 +140,7 @@ class Submitter:
         items = [f for f in failures if f.get("url")]
         for i in range(0, len(items), self.settings.chunk_size):
             part = items[i:i + self.settings.chunk_size]
-            chunk = [{"k": f["key"], "u": f["url"]} for f in part]
+            chunk: list[ChunkItem] = [{"k": f["key"], "u": f["url"]} for f in part]
             self.sequence += 1
             entry = str(self.sequence)
             journal = (self.producer, entry, msgpack.packb(chunk, use_bin_type=True))
@@ -149,7 +151,7 @@ class Submitter:
             self.on_item(len(part))
         self.report.known += len(failures) - len(items)
 
-    def _send_chunk(self, chunk: list[dict]) -> None:
+    def _send_chunk(self, chunk: list[ChunkItem]) -> None:
         """Register and journal a chunk; send what is new (or requeued); fail bad ones."""
         if not chunk:
             return
@@ -160,10 +162,10 @@ class Submitter:
         verdicts = self._register([i["k"] for i in chunk], journal)
         outgoing = []
         for item, verdict in zip(chunk, verdicts, strict=True):
-            if verdict == 2:
+            if verdict == Registered.KNOWN:
                 self.report.known += 1
                 continue
-            if verdict == 0:
+            if verdict == Registered.NEW:
                 self.report.new += 1
             else:
                 self.report.requeued += 1
@@ -173,30 +175,31 @@ class Submitter:
         retry_on_broker(self.state.unjournal)(self.producer, entry)
         self.on_item(len(chunk))
 
-    def _register(self, keys: list[str], journal: tuple[str, str, bytes]) -> list[int]:
+    def _register(self, keys: list[str], journal: tuple[str, str, bytes]) -> list[Registered]:
         """`JobState.register`, waiting for a lost Redis. An attempt whose answer was lost may have
-        registered the keys: after a retry, keys pending in this run count as new (0)."""
+        registered the keys: after a retry, keys pending in this run count as new."""
         verdicts, retried = call_retrying(
             lambda: self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal))
         if retried:
             mine = retry_on_broker(self.state.pending_in_run)(keys, self.run_tag)
-            verdicts = [0 if v == 2 and m else v for v, m in zip(verdicts, mine, strict=True)]
+            verdicts = [Registered.NEW if v == Registered.KNOWN and m else v
+                        for v, m in zip(verdicts, mine, strict=True)]
         return verdicts
 
-    def _send(self, items: list[dict]) -> None:
+    def _send(self, items: list[ChunkItem]) -> None:
         """One download message, once the queue has room."""
         if items:
             self._wait_for_room()
             self.app.send_task(DOWNLOAD_TASK, args=[items], queue=DOWNLOAD_QUEUE)
 
-    def _failed_early(self, item: dict) -> bool:
+    def _failed_early(self, item: ChunkItem) -> bool:
         """Record the failure of an item that can't go to the workers; loads a file's bytes."""
         problem = self._problem(item)
         if problem:
             self._fail(item, *problem)
         return problem is not None
 
-    def _problem(self, item: dict) -> tuple[str, str] | None:
+    def _problem(self, item: ChunkItem) -> tuple[str, str] | None:
         """Why an item can't go to the workers (bad URL, unreadable or oversized file), or None."""
         if "u" in item:
             return url_problem(item["u"])
@@ -211,7 +214,7 @@ class Submitter:
             return "io_error", f"cannot read {path}: {e.strerror or e}"
         return None
 
-    def _fail(self, item: dict, reason: str, detail: str) -> None:
+    def _fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
                           path=item.get("p", ""), node=self.node, time=now())
         if retry_on_broker(self.state.mark_failed)(failure):

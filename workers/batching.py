@@ -22,7 +22,7 @@ from kombu.exceptions import OperationalError
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
 from common.leases import keep_leases
-from common.messages import images_of
+from common.messages import EmbedImage, images_of
 from common.state import is_storage_error
 from workers.embed import Batch, EmbedStage
 from workers.pipeline import Pipeline, one_line
@@ -43,7 +43,7 @@ class BatchConsumer:
         self.max_wait = max_wait
         self.stopping = threading.Event()
         self.pipeline = Pipeline(stage, self.stopping, max_in_flight=max_in_flight)
-        self.buffer: list[tuple[list[dict], Message]] = []  # received, not yet submitted
+        self.buffer: list[tuple[list[EmbedImage], Message]] = []  # received, not yet submitted
         self.buffered = 0  # images in the buffer
         self.written = 0
         self._first = 0.0  # when the buffer's first message came

@@ -17,7 +17,7 @@ from common import images
 from common.celery_app import EMBED_QUEUE
 from common.failures import ItemError
 from common.fetch import fetch, make_session, policy_from_settings
-from common.messages import EmbedImage, embed_image
+from common.messages import ChunkItem, EmbedImage, embed_image
 from common.settings import Settings
 from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now, room_for
 
@@ -45,7 +45,7 @@ class DownloadStage:
         # decoded pictures held in memory together (measured: ~7 % less CPU per image, lower RSS).
         self._cores = threading.BoundedSemaphore(len(os.sched_getaffinity(0)))
 
-    def run(self, items: list[dict], publish: Publish) -> None:
+    def run(self, items: list[ChunkItem], publish: Publish) -> None:
         """Process one chunk: its pending items downloaded at once, every one published or failed,
         exactly once; the images go out as one message (stragglers later, in their own)."""
         states = self.state.states([i["k"] for i in items])
@@ -71,7 +71,7 @@ class DownloadStage:
         publish(ready)
         self.state.mark_downloaded_many([image["key"] for image in ready])
 
-    def process(self, item: dict) -> bytes | None:
+    def process(self, item: ChunkItem) -> bytes | None:
         """Download, decode and resize one item: its payload, or None once its failure is recorded."""
         try:
             return self.load(item)
@@ -84,7 +84,7 @@ class DownloadStage:
             self.fail(item, "internal_error", f"{type(e).__name__}: {e}")
         return None
 
-    def load(self, item: dict) -> bytes:
+    def load(self, item: ChunkItem) -> bytes:
         """The lossless 299x299 RGB payload of an item (a URL to fetch, or submitted bytes)."""
         if "b" in item:
             data = item["b"]
@@ -97,7 +97,7 @@ class DownloadStage:
                                   max_pixels=self.settings.max_pixels)
             return images.encode_pixels(rgb)
 
-    def fail(self, item: dict, reason: str, detail: str) -> None:
+    def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""
         failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
                           path=item.get("p", ""), node=self.node, time=now())

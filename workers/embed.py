@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common import images, lab, records
+from common.messages import EmbedImage
 from common.settings import Settings
 from common.state import (
     DOWNLOADED,
@@ -73,9 +74,9 @@ class NodeLock:
 class Batch:
     """The images of one or more `embed` messages on their way through the stage."""
 
-    payloads: list[dict]
+    payloads: list[EmbedImage]
     messages: list = field(default_factory=list)  # the consumer's, acked once the batch is done
-    todo: list[dict] = field(default_factory=list)  # pending, deduplicated, decodable images
+    todo: list[EmbedImage] = field(default_factory=list)  # pending, deduplicated, decodable images
     pixels: np.ndarray | None = None
     labs: list[Future] = field(default_factory=list)  # CPU Lab, when not computed with the model
     logits: np.ndarray | None = None
@@ -100,7 +101,7 @@ class EmbedStage:
         self.writer = writer
         self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "lab")
 
-    def process(self, payloads: list[dict]) -> int:
+    def process(self, payloads: list[EmbedImage]) -> int:
         """Write the records of a batch; returns how many were written. Every payload is done
         (written, failed, or already final) when this returns; it raises only on I/O or Redis errors."""
         batch = Batch(payloads)
@@ -149,7 +150,7 @@ class EmbedStage:
             b.written, claimed = sum(claimed[:len(b.todo)]), claimed[len(b.todo):]
             b.logits = b.l_channels = b.ab_channels = None
 
-    def _pixels(self, payload: dict) -> np.ndarray | None:
+    def _pixels(self, payload: EmbedImage) -> np.ndarray | None:
         """The image of a payload, or None after recording why it is unusable."""
         try:
             return images.decode_pixels(payload["pixels"])
@@ -157,12 +158,13 @@ class EmbedStage:
             self.fail(payload, "internal_error", f"unreadable image payload: {e}")
             return None
 
-    def _record(self, payload: dict, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray) -> bytes:
+    def _record(self, payload: EmbedImage, l_channel: np.ndarray, ab: np.ndarray,
+                embedding: np.ndarray) -> bytes:
         return records.serialize_example(
             name=str(payload["name"]).encode(), key=payload["key"].encode(),
             source=str(payload.get("source") or "").encode(), l=l_channel, ab=ab, embedding=embedding)
 
-    def _write(self, payloads: list[dict], serialized: list[bytes]) -> list[bool]:
+    def _write(self, payloads: list[EmbedImage], serialized: list[bytes]) -> list[bool]:
         """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
         others are left out of the shard)."""
         path, start, _ = self.writer.append(serialized)
@@ -195,7 +197,7 @@ class EmbedStage:
             claimed = [owner == token for owner in retry_on_broker(self.state.written_to)(keys)]
         return claimed
 
-    def fail(self, payload: dict, reason: str, detail: str) -> None:
+    def fail(self, payload: EmbedImage, reason: str, detail: str) -> None:
         """Record an item that cannot become a record."""
         source = str(payload.get("source") or "")
         is_url = "://" in source
@@ -214,9 +216,9 @@ class EmbedStage:
         self.lab_pool.shutdown()
 
 
-def dedupe(payloads: list[dict]) -> list[dict]:
+def dedupe(payloads: list[EmbedImage]) -> list[EmbedImage]:
     """One payload per key (a re-sent image can sit twice in one batch)."""
-    seen: dict[str, dict] = {}
+    seen: dict[str, EmbedImage] = {}
     for p in payloads:
         seen.setdefault(p["key"], p)
     return list(seen.values())

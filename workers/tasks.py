@@ -10,7 +10,7 @@ from celery.signals import worker_ready
 
 from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
 from common.leases import LeaseKeeper, keep_leases
-from common.messages import EmbedImage
+from common.messages import ChunkItem, EmbedImage
 from common.settings import get_settings
 from common.state import JobState, retry_on_broker
 from workers.download import DownloadStage
@@ -65,7 +65,7 @@ def publish_embed(images: list[EmbedImage]) -> None:
 
 
 @app.task(name=DOWNLOAD_TASK, bind=True)
-def download(self, items: list[dict]) -> int:
+def download(self, items: list[ChunkItem]) -> int:
     """Download a chunk of items and pass the images on; returns how many it handled."""
     stage = download_stage(self.request.hostname or "download")
     retry_on_broker(stage.run)(items, publish_embed)
