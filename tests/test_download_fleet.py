@@ -283,9 +283,9 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
 def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
         image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
     # a 2 s visibility timeout and a chunk that takes 8 s: the lease is renewed, never re-delivered
-    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="2", KOALA_READ_TIMEOUT="20",
-                  KOALA_DOWNLOAD_DEADLINE="40")
-    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="2")
+    slow_ok = {"KOALA_VISIBILITY_TIMEOUT": "2", "KOALA_READ_TIMEOUT": "20", "KOALA_DOWNLOAD_DEADLINE": "40"}
+    workers.start("download", "-c", "2", **slow_ok)
+    workers.start("download", "-c", "2", **slow_ok)  # a second worker a re-delivery could go to
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{image_server.base}/slow/8\n")
     assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0

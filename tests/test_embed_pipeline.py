@@ -153,3 +153,33 @@ def test_the_embed_worker_answers_flowers_event_commands(workers, redis_url, rcl
     assert app.control.disable_events(destination=[node], reply=True, timeout=10)[0][node]["ok"]
     app.close()
     assert "pidbox command error" not in workers.logs()
+
+
+def test_an_output_folder_this_user_may_not_write_stops_the_worker_with_the_fix(tmp_path):
+    # root passes every permission check: the check runs in a child that became `nobody`
+    import os
+
+    from workers.embed import check_permissions
+
+    out = tmp_path / "tfrecords"
+    out.mkdir(mode=0o755)
+    os.chmod(tmp_path, 0o755)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            check_permissions(out)
+            message = "started"
+        except RuntimeError as e:
+            message = str(e)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        message = pipe.read()
+    os.waitpid(pid, 0)
+    assert message.startswith(f"cannot write in {out} as uid 65534") and "chown -R APP_UID:APP_GID" in message
+    check_permissions(out)  # the owner may
