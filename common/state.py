@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import redis
 import tenacity
 from kombu.exceptions import OperationalError
+from redis.typing import EncodableT
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -162,12 +163,22 @@ class Failure:
 
 log = logging.getLogger("koala.state")
 
+
+def _log_wait(message: str) -> Callable[[tenacity.RetryCallState], None]:
+    """A tenacity before_sleep hook logging `message` with the error and the coming wait."""
+
+    def before_sleep(s: tenacity.RetryCallState) -> None:
+        error = s.outcome.exception() if s.outcome is not None else None  # tenacity sets it first
+        log.warning(message, error, s.upcoming_sleep)
+
+    return before_sleep
+
+
 # A worker that loses Redis waits for it (with backoff, logged) instead of failing its work.
 retry_on_broker = tenacity.retry(
     retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError, OperationalError)),
     wait=tenacity.wait_exponential(multiplier=0.5, max=30),
-    before_sleep=lambda s: log.warning("Redis unreachable (%s); retrying in %.1fs",
-                                       s.outcome.exception(), s.next_action.sleep),
+    before_sleep=_log_wait("Redis unreachable (%s); retrying in %.1fs"),
     reraise=True,
 )
 
@@ -199,8 +210,7 @@ def is_storage_error(e: BaseException) -> bool:
 retry_on_disk = tenacity.retry(
     retry=tenacity.retry_if_exception(is_storage_error),
     wait=tenacity.wait_exponential(multiplier=0.5, max=30),
-    before_sleep=lambda s: log.warning("output disk refuses writes (%s); retrying in %.1fs",
-                                       s.outcome.exception(), s.next_action.sleep),
+    before_sleep=_log_wait("output disk refuses writes (%s); retrying in %.1fs"),
     reraise=True,
 )
 
@@ -250,9 +260,9 @@ class JobState:
             return []
         slots = [self._slot(k) for k in keys]
         producer, entry, chunk = journal or ("", "", b"")
-        args = [self.counts_key, run, int(requeue), self.journal_key,
-                f"{producer}:{entry}" if journal else "", chunk, self._alive_key(producer),
-                *[f for _, f in slots]]
+        args: list[EncodableT] = [
+            self.counts_key, run, int(requeue), self.journal_key, f"{producer}:{entry}" if journal else "",
+            chunk, self._alive_key(producer), *[f for _, f in slots]]
         return [Registered(v) for v in self._register(keys=[b for b, _ in slots], args=args)]
 
     def unfail(self, failures: Sequence[dict], run: bytes, journal: tuple[str, str, bytes]) -> list[bool]:
@@ -262,8 +272,8 @@ class JobState:
             return []
         slots = [self._slot(f["key"]) for f in failures]
         producer, entry, chunk = journal
-        args = [self.counts_key, self.reasons_key, self.failures_key, run, self.journal_key,
-                f"{producer}:{entry}", chunk, self._alive_key(producer)]
+        args: list[EncodableT] = [self.counts_key, self.reasons_key, self.failures_key, run,
+                                  self.journal_key, f"{producer}:{entry}", chunk, self._alive_key(producer)]
         for (_, field), f in zip(slots, failures, strict=True):
             args += [field, f["reason"], f["id"]]
         return [bool(x) for x in self._unfail(keys=[b for b, _ in slots], args=args)]
@@ -282,7 +292,7 @@ class JobState:
     def orphaned_chunks(self) -> list[tuple[str, bytes]]:
         """Journaled chunks of producers that died before confirming them sent."""
         out = []
-        for field, chunk in self.r.hgetall(self.journal_key).items():
+        for field, chunk in self._hgetall(self.journal_key).items():
             producer = field.decode().split(":", 1)[0]
             if not self.r.exists(self._alive_key(producer)):
                 out.append((field.decode(), chunk))
@@ -300,7 +310,7 @@ class JobState:
     def state(self, key: str) -> bytes | None:
         """The state letter of an item (s, d, w, f) or None when unknown."""
         bucket, field = self._slot(key)
-        v = self.r.hget(bucket, field)
+        v = cast("bytes | None", self.r.hget(bucket, field))  # bytes: the client does not decode
         return v[:1] if v else None
 
     def states(self, keys: Sequence[str]) -> list[bytes | None]:
@@ -309,13 +319,23 @@ class JobState:
 
     def pending_in_run(self, keys: Sequence[str], run: bytes) -> list[bool]:
         """Per key: still pending (submitted or downloaded) and tagged with submission run `run`."""
-        return [bool(v) and v[:1] in (SUBMITTED, DOWNLOADED) and v[1:] == run for v in self._values(keys)]
+        return [v is not None and v[:1] in (SUBMITTED, DOWNLOADED) and v[1:] == run
+                for v in self._values(keys)]
 
     def _values(self, keys: Sequence[str]) -> list[bytes | None]:
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             pipe.hget(*self._slot(key))
         return pipe.execute()
+
+    # The client is made without decode_responses, so Redis answers bytes (typed bytes | str).
+    def _hgetall(self, key: str) -> dict[bytes, bytes]:
+        return cast("dict[bytes, bytes]", self.r.hgetall(key))
+
+    def _xrange(self, first: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Up to 1000 failure entries from stream id `first` on."""
+        batch = self.r.xrange(self.failures_key, min=first, max="+", count=1000)
+        return cast("list[tuple[bytes, dict[bytes, bytes]]]", batch)
 
     def _move(self, key: str, target: bytes, sources: bytes, extra: Iterable = ()) -> bool:
         bucket, field = self._slot(key)
@@ -362,14 +382,14 @@ class JobState:
 
     def counts(self) -> dict[str, int]:
         """Counters of the job, with pending = submitted - written - failed."""
-        raw = self.r.hgetall(self.counts_key)
+        raw = self._hgetall(self.counts_key)
         counts = {name: int(raw.get(name.encode(), 0)) for name in COUNTERS}
         counts["pending"] = counts["submitted"] - counts["written"] - counts["failed"]
         return counts
 
     def failures_by_reason(self) -> dict[str, int]:
         """Failed items per reason."""
-        raw = sorted(self.r.hgetall(self.reasons_key).items())
+        raw = sorted(self._hgetall(self.reasons_key).items())
         return {k.decode(): int(v) for k, v in raw if int(v)}
 
     def failures(self, reason: str | None = None, limit: int | None = None) -> list[dict]:
@@ -377,13 +397,13 @@ class JobState:
         out: list[dict] = []
         last = "-"
         while limit is None or len(out) < limit:
-            batch = self.r.xrange(self.failures_key, min=last, max="+", count=1000)
+            batch = self._xrange(last)
             if last != "-":
                 batch = batch[1:]
             if not batch:
                 break
             for entry_id, fields in batch:
-                item = {k.decode(): v.decode() for k, v in fields.items()}
+                item: dict = {k.decode(): v.decode() for k, v in fields.items()}
                 item["time"] = float(item.get("time") or 0)
                 item["id"] = entry_id.decode()
                 if reason is None or item.get("reason") == reason:
