@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import zstandard
-from PIL import Image
+from PIL import Image, ImageFile
 
 from common.failures import ItemError
 
@@ -125,7 +125,7 @@ def _icon(data: bytes) -> str | None:
     return kind if all(end <= offset < len(data) for offset in offsets) else None
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
     if Image.MAX_IMAGE_PIXELS is not None:  # someone restored Pillow's limit: ours applies
         Image.MAX_IMAGE_PIXELS = None
     icon = _icon(data)
@@ -171,8 +171,9 @@ def _need(stored: tuple[int, int], orientation: int, target: tuple[int, int], mo
     """Twice the picture's scaled size, in the file's (stored) orientation."""
     swap = orientation in _SWAPPING
     shown = stored[::-1] if swap else stored
-    need = tuple(math.ceil(2 * v) for v in _scaled_size(shown, target, mode))
-    return need[::-1] if swap else need
+    w, h = _scaled_size(shown, target, mode)
+    need = (math.ceil(2 * w), math.ceil(2 * h))
+    return (need[1], need[0]) if swap else need
 
 
 def _dct_scale(stored: tuple[int, int], need: tuple[int, int]) -> int:
@@ -212,18 +213,19 @@ def _round16(high: np.ndarray, low: np.ndarray) -> np.ndarray:
     return (high + (diff >= 129) - (diff <= -129)).astype(np.uint8)
 
 
-def _full_depth(data: bytes, img: Image.Image, max_pixels: int) -> Image.Image:
+def _full_depth(data: bytes, img: ImageFile.ImageFile, max_pixels: int) -> ImageFile.ImageFile:
     """For 16-bit RGB(A) images, replace Pillow's high-byte truncation by round(v / 257), in place,
     a strip at a time: the high and low byte images (4 bytes a pixel each) are the peak."""
     tiles = img.tile
     if not tiles or any(t.codec_name not in ("zip", "raw") for t in tiles):
         return img
-    swapped = [_SWAP16.get(t.args if isinstance(t.args, str) else t.args[0]) for t in tiles]
+    # zip and raw tiles always carry args (Pillow types them optional)
+    swapped = [_SWAP16.get(t.args if isinstance(t.args, str) else t.args[0]) for t in tiles]  # type: ignore[index]
     if None in swapped:
         return img
     low = _open(data, max_pixels)
     low.tile = [
-        t._replace(args=raw if isinstance(t.args, str) else (raw, *t.args[1:]))
+        t._replace(args=raw if isinstance(t.args, str) else (raw, *t.args[1:]))  # type: ignore[index]
         for t, raw in zip(low.tile, swapped, strict=True)
     ]
     _load(img)
@@ -305,14 +307,16 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return rgb.transpose(_TRANSPOSE[orientation]) if orientation != 1 else rgb
 
 
-def _decode_stored(data: bytes, img: Image.Image, max_pixels: int, draft_for: tuple[int, int] | None,
+def _decode_stored(data: bytes, img: ImageFile.ImageFile, max_pixels: int, draft_for: tuple[int, int] | None,
                    mode: str) -> tuple[Image.Image, int, int, tuple[int, int]]:
     """Pillow decode of an opened image in the file's orientation: RGB, EXIF orientation, DCT scale
     (1, 2, 4 or 8) and the original size."""
     stored = img.size
     jpeg = img.format in ("JPEG", "MPO")
     orientation = _orientation(img) if jpeg else None
-    scale = _draft(img, draft_for, mode, orientation) if jpeg and draft_for is not None else 1
+    scale = 1
+    if orientation is not None and draft_for is not None:  # a JPEG (orientation read above)
+        scale = _draft(img, draft_for, mode, orientation)
     img = _full_depth(data, img, max_pixels)
     _load(img)
     if orientation is None:  # other formats may keep EXIF after the pixel data
@@ -400,6 +404,8 @@ def _layout(shown: tuple[int, int], size: tuple[int, int],
 def _crop_box(src: tuple[int, int], size: tuple[int, int]) -> Box:
     """The centred source region with the target's aspect ratio (sub-pixel, as ImageOps.fit)."""
     (w, h), (tw, th) = src, size
+    cw: float
+    ch: float
     if w / h >= tw / th:
         cw, ch = tw / th * h, h
     else:
