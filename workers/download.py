@@ -1,7 +1,8 @@
 """The download stage: fetch (or take the submitted bytes), decode, resize, hand on or fail.
 
 Nothing here knows about Celery: `DownloadStage.run` gets the chunk's items and a `publish`
-function for a list of images (one `embed` message), so the fleet and `koala download` share this code path.
+function for a list of images (one `embed` message). The standalone `koala download` step
+(producer/steps.py) calls the same fetch and image functions, not this class.
 """
 
 from __future__ import annotations
