@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from http.client import HTTPException
 from ipaddress import IPv4Network, IPv6Network
-from typing import BinaryIO
+from typing import cast
 from urllib.parse import urljoin, urlsplit
 
 from urllib3 import BaseHTTPResponse, PoolManager, Timeout
@@ -96,7 +96,8 @@ def resolve_checked(host: str, port: int, policy: Policy) -> list[tuple]:
     except (socket.gaierror, UnicodeError) as e:
         raise DnsFailure(f"cannot resolve {host}: {e}") from e
     for info in infos:
-        why = classify(info[4][0], allow_private=policy.allow_private, extra_blocked=policy.blocked)
+        ip = cast(str, info[4][0])  # an INET or INET6 sockaddr: (host, port, ...)
+        why = classify(ip, allow_private=policy.allow_private, extra_blocked=policy.blocked)
         if why:
             raise BlockedAddress(f"{host} resolves to a refused address: {why}")
     return infos
@@ -295,13 +296,14 @@ def _discard(response: BaseHTTPResponse) -> None:
 
 
 @contextmanager
-def open_stream(url: str, policy: Policy) -> Iterator[BinaryIO]:
+def open_stream(url: str, policy: Policy) -> Iterator[io.BufferedReader[BaseHTTPResponse]]:
     """A URL list (or any large body) as a binary stream, with the same guards but no size cap."""
     with make_session(policy, pool_maxsize=1) as client:
         response = _open(url, client, replace(policy, deadline=float("inf")), time.monotonic())
-        response.auto_close = False  # stays readable at the end, as BufferedReader needs
+        # stays readable at the end, as BufferedReader needs (an HTTPResponse, typed as its base)
+        response.auto_close = False  # type: ignore[attr-defined]
         # readline: the buffered reader's is C; the response's own reads a byte per call
-        with io.BufferedReader(response, _READ) as stream:  # type: ignore[arg-type]
+        with io.BufferedReader(response, _READ) as stream:
             yield stream
 
 

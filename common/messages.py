@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Required, TypedDict
+from typing import Any, Required, TypedDict, cast
 
 
 class ChunkItem(TypedDict, total=False):
@@ -42,7 +42,7 @@ def images_of(body: object) -> list[EmbedImage]:
     """The images of an `embed` message body (task protocol 2: [args, kwargs, embed]); ValueError
     when it is not one of ours. Both the chunk format and the older one-image format are read."""
     try:
-        args, _kwargs, _embed = body  # type: ignore[misc]
+        args, _kwargs, _embed = cast(Any, body)  # any shape: a wrong one raises, caught below
         payload = args[0]
     except (TypeError, ValueError, KeyError, IndexError) as e:
         raise ValueError(f"not an embed task body: {e}") from None

@@ -108,7 +108,7 @@ class _ZlibReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:  # type: ignore[override]
+    def readinto(self, b) -> int:
         while not self._buf:
             data = self._z.unconsumed_tail or (b"" if self._z.eof else self._raw.read(1 << 16))
             if not data:
@@ -130,7 +130,7 @@ def _open_read(path: Path) -> BinaryIO:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
     if name.endswith(".zlib"):
-        return io.BufferedReader(_ZlibReader(open(path, "rb")), 1 << 20)  # type: ignore[return-value]
+        return io.BufferedReader(_ZlibReader(open(path, "rb")), 1 << 20)
     return open(path, "rb", buffering=1 << 20)
 
 

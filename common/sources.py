@@ -332,10 +332,10 @@ def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
                 yield stream
                 return
             with gzip.GzipFile(fileobj=stream) as unzipped:
-                yield unzipped  # type: ignore[misc]
+                yield unzipped  # type: ignore[misc]  # a binary stream; typeshed's GzipFile is no BinaryIO
     elif source.endswith(".gz"):
         with gzip.open(source, "rb") as f:
-            yield f
+            yield f  # type: ignore[misc]  # as above
     else:
         with open(source, "rb") as f:
             yield f
