@@ -395,6 +395,15 @@ def wait_rusage(proc: subprocess.Popen, deadline: float, poll: Callable[[], None
         time.sleep(0.02)
 
 
+def _reaped(proc: subprocess.Popen, now: float) -> tuple[int, float, float] | None:
+    """(exit code, CPU seconds, `now`) of a child that has exited, without waiting; else None."""
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if not pid:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime, now
+
+
 def self_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -719,10 +728,7 @@ class Fleet:
                 continue
             now = time.perf_counter()
             if prod_usage is None:
-                pid, status, usage = os.wait4(producer[0].pid, os.WNOHANG)
-                if pid:
-                    producer[0].returncode = os.waitstatus_to_exitcode(status)
-                    prod_usage = (producer[0].returncode, usage.ru_utime + usage.ru_stime, now)
+                prod_usage = _reaped(producer[0], now)
             if now >= next_count:
                 failed = state.counts()["failed"]
                 next_count = now + 0.2
@@ -1126,6 +1132,16 @@ def markdown(result: dict) -> str:
                       f"{fixed['cpu_s']} CPU-s, {fixed['peak_rss_mb']} MB. "
                       "Our workers' start-up (not in our runs): "
                       f"{result['ours_startup']['wall_s']} s, {result['ours_startup']['cpu_s']} CPU-s."]
+    lines += _ratio_lines(result, summary)
+    if result.get("img2dataset_error"):
+        lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
+    lines += _ceiling_lines(result.get("ceiling", {}), cfg)
+    return "\n".join(lines) + "\n"
+
+
+def _ratio_lines(result: dict, summary: dict) -> list[str]:
+    """markdown's ours-vs-img2dataset ratios and variants."""
+    lines: list[str] = []
     if "ratio_images_per_s" in summary:
         lines += ["", f"**ours / {summary['ratio_vs']}: images/s x{summary['ratio_images_per_s']}, "
                       f"CPU-s per image x{summary['ratio_cpu_s_per_image']}** (medians; targets: "
@@ -1140,25 +1156,28 @@ def markdown(result: dict) -> str:
             lines.append(f"{name} {title}: images/s x{rat['ratio_images_per_s']}, steady "
                          f"x{rat.get('ratio_steady_images_per_s')}, CPU-s per image "
                          f"x{rat['ratio_cpu_s_per_image']}  ")
-    if result.get("img2dataset_error"):
-        lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
-    ceiling = result.get("ceiling", {})
-    if ceiling:
-        lines += ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images, this process, "
-                      "no network unless said):", "", "| step | CPU ms | wall ms |", "|---|---|---|"]
-        for name, c in ceiling.get("ours", {}).get("steps", {}).items():
-            lines.append(f"| ours: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
-        for name, c in ceiling.get("img2dataset", {}).items():
-            if isinstance(c, dict):
-                lines.append(f"| img2dataset: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
-        what = ceiling.get("ours", {}).get("what_if", {})
-        if what:
-            lines += ["", "Candidate changes to our steps (measured in this process only):", "",
-                      "| change | CPU ms | wall ms | notes |", "|---|---|---|---|"]
-            for name, c in what.items():
-                notes = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("cpu_ms", "wall_ms"))
-                lines.append(f"| {name} | {c['cpu_ms']} | {c['wall_ms']} | {notes} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
+    """markdown's single-thread step costs (none when not measured)."""
+    if not ceiling:
+        return []
+    lines = ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images, this process, "
+                 "no network unless said):", "", "| step | CPU ms | wall ms |", "|---|---|---|"]
+    for name, c in ceiling.get("ours", {}).get("steps", {}).items():
+        lines.append(f"| ours: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+    for name, c in ceiling.get("img2dataset", {}).items():
+        if isinstance(c, dict):
+            lines.append(f"| img2dataset: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
+    what = ceiling.get("ours", {}).get("what_if", {})
+    if what:
+        lines += ["", "Candidate changes to our steps (measured in this process only):", "",
+                  "| change | CPU ms | wall ms | notes |", "|---|---|---|---|"]
+        for name, c in what.items():
+            notes = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("cpu_ms", "wall_ms"))
+            lines.append(f"| {name} | {c['cpu_ms']} | {c['wall_ms']} | {notes} |")
+    return lines
 
 
 @click.command()
@@ -1191,7 +1210,7 @@ def markdown(result: dict) -> str:
 @click.option("--no-img2dataset", is_flag=True, help="measure ours only")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="default bench/results/download[-mix][-smoke].json")
-def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,
+def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,  # noqa: C901 - the steps in order, branching on options
          ceiling_sample: int, quiet_wait: float, variants: tuple[str, ...], scenario: str, mix_text: str,
          mix_timeout: float, mix_retries: int, slow_seconds: float, smoke: bool, no_img2dataset: bool,
          json_path: str | None) -> None:
@@ -1223,12 +1242,7 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
                     "corpus": corpus_stats(paths), "runs": []}
     if mix:
         result["network"] = check_private_network()
-    bindir = None
-    if not no_img2dataset:
-        bindir, info = ensure_img2dataset()
-        result["img2dataset_version" if bindir else "img2dataset_error"] = info
-        if bindir is None:
-            log(info)
+    bindir = _find_img2dataset(result, no_img2dataset)
     server = CorpusServer(images, latency, slow_seconds, any_address=mix is not None)
     url_list = RESULTS / "tmp" / f"urls-{scenario}-{images}.txt"
     urls = server.urls(images)
@@ -1271,11 +1285,7 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
                 result["runs"].append({"round": round_no, "others_before_cores": before,
                                        "expected": expected, **r})
         if ceiling_sample:
-            sample = paths[:ceiling_sample]
-            fleets[0].reset()
-            result["ceiling"] = {"ours": our_ceiling(sample, urls[:len(sample)], fleets[0].redis.url)}
-            if bindir:
-                result["ceiling"]["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[:len(sample)])
+            result["ceiling"] = _ceilings(paths[:ceiling_sample], urls, fleets[0], bindir)
     finally:
         for fleet in fleets:
             fleet.stop()
@@ -1286,6 +1296,26 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
     table = markdown(result)
     json_out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def _find_img2dataset(result: dict, skip: bool) -> Path | None:
+    """img2dataset's bin folder (None when skipped or missing); its version or error goes into `result`."""
+    if skip:
+        return None
+    bindir, info = ensure_img2dataset()
+    result["img2dataset_version" if bindir else "img2dataset_error"] = info
+    if bindir is None:
+        log(info)
+    return bindir
+
+
+def _ceilings(sample: list[Path], urls: list[str], fleet: Fleet, bindir: Path | None) -> dict:
+    """Single-thread step costs on `sample` (corpus files and their URLs): ours, and img2dataset's."""
+    fleet.reset()
+    ceiling = {"ours": our_ceiling(sample, urls[:len(sample)], fleet.redis.url)}
+    if bindir:
+        ceiling["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[:len(sample)])
+    return ceiling
 
 
 def _one_url_list(urls: list[str]) -> Path:

@@ -255,7 +255,7 @@ class EmbedWorker:
         env = worker_env(redis_url, out, KOALA_CHECKPOINT=str(checkpoint), KOALA_BATCH_SIZE=str(batch_size),
                          KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", TF_CPP_MIN_LOG_LEVEL="2")
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")  # closed in stop()
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "embed@bench"],
                                      cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)

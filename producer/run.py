@@ -75,7 +75,7 @@ class EmbeddedRedis:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
                 "--hash-max-listpack-entries", "1024", "--protected-mode", "yes"]
-        log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 - lives as long as the server
+        log = open(self.dir / "redis.log", "ab")  # lives as long as the server
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port)
@@ -120,7 +120,7 @@ class Children:
 
     def start(self, name: str, argv: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+        log = open(self.log_dir / f"{name}.log", "ab")  # lives as long as the child
         proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=_die_with_parent)
         self.procs[name] = (argv, proc)

@@ -63,7 +63,7 @@ class FailureLog:
         self.resolved: set[str] = set()
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._file = open(self.path, "a", encoding="utf-8")  # closed by close()
 
     def _entries(self) -> list[dict]:
         """The parsed lines of the file (unparseable lines as {"line": text})."""

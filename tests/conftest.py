@@ -67,7 +67,7 @@ class Workers:
 
     def start(self, kind: str = "download", *args: str, **env: str) -> subprocess.Popen:
         name = f"{kind}{len(self.procs)}@test"
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        log = open(self.log_dir / f"{name}.log", "wb")  # closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers", kind, "-n", name, *args],
             cwd=ROOT, env=worker_env(self.redis_url, self.out_dir, **env),

@@ -81,7 +81,7 @@ class Behaviour:
             return self.hits[path]
 
 
-def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[int]):
+def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[int]):  # noqa: C901 - its do_GET
     """A request handler serving `files` under /img/<name> and the misbehaving routes."""
 
     class Handler(BaseHTTPRequestHandler):

@@ -76,7 +76,7 @@ def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, r
     state = JobState(rclient)
     images = [payload(i) for i in range(N)]
     queue(redis_url, state, images, per_message=8)
-    log = open(tmp_path / "dying.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "dying.log", "wb")  # closed below
     dying = subprocess.run([sys.executable, "-m", "tests.dying_embed_worker", point, "embed0@test"], cwd=ROOT,
                            env=worker_env(redis_url, workers.out_dir, **null_env()), stdout=log,
                            stderr=subprocess.STDOUT, timeout=120)

@@ -17,7 +17,7 @@ from tests.test_embed_fleet import embed_env, koala
 @pytest.fixture
 def flower(redis_url: str, tmp_path: Path):
     port = free_port()
-    log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
+    log = open(tmp_path / "flower.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "common.celery_app", "flower",
                              f"--port={port}", "--address=127.0.0.1", "--basic-auth=koala:secret"],
                             cwd=ROOT, env=worker_env(redis_url, tmp_path), stdout=log,

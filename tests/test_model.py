@@ -376,7 +376,7 @@ class ReleaseServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):  # http.server's name
                 server.requests.append(self.headers.get("Range"))
                 if self.path != "/models/release.tar.gz":
                     self.send_error(404)
