@@ -282,6 +282,7 @@ def test_embed_lab_gives_the_logits_of_embed_and_the_lab_channels(embedder):
         embedder.embed_lab(rgb[:, :224, :224])
 
 
+@pytest.mark.slow  # 43 s: builds the network twice more (XLA, float16); both are opt-in settings
 def test_xla_and_mixed_precision_are_opt_in_and_close(fake_checkpoint: Path, embedder):
     rgb = test_images(3)
     exact = embedder.embed(rgb)

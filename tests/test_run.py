@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from common.records import iter_examples
@@ -125,6 +126,7 @@ def read_all(out: Path) -> dict[str, dict]:
             for r in read_dataset(files)}
 
 
+@pytest.mark.slow  # 68 s; tests/test_steps.py checks the steps' records against the fleet's functions
 def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path, fake_checkpoint):
     import numpy as np
 
