@@ -109,6 +109,16 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.2)
 
 
+def reached(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll until predicate() is true or `timeout` passes; whether it became true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.fixture(scope="session")
 def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0), written once (~230 MB)."""
