@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from common.celery_app import make_app
 from common.settings import Settings, get_settings
-from common.state import REASONS, JobState, retry_on_broker
-from producer.progress import Stall, snapshot, watch, with_rates
+from common.state import REASONS, JobState
+from producer.progress import resend_when_stalled, snapshot, watch, with_rates
 from producer.steps import register as register_steps
 
 
@@ -113,19 +113,6 @@ def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pendin
                        f"{again.report.requeued + again.report.recovered} pending items again", err=True)
 
         watch(state, settings.output_dir, on_tick=resend_when_stalled(resend, settings.resend_after))
-
-
-def resend_when_stalled(resend: Callable[[], None], after: float) -> Callable[[dict], None]:
-    """A `watch` hook that calls `resend` when items stay pending with nothing queued or
-    unacknowledged for `after` seconds: their messages were lost (a crash between a broker's pop
-    and its unacked record, a Redis that lost its queues)."""
-    stall = Stall(after)
-
-    def check(snap: dict) -> None:
-        if stall.stalled(snap):
-            retry_on_broker(resend)()
-
-    return check
 
 
 @main.command()

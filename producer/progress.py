@@ -83,3 +83,16 @@ class Stall:
             self.since = time.monotonic()
             return True
         return False
+
+
+def resend_when_stalled(resend: Callable[[], None], after: float) -> Callable[[dict], None]:
+    """A `watch` hook that calls `resend` when items stay pending with nothing queued or
+    unacknowledged for `after` seconds: their messages were lost (a crash between a broker's pop
+    and its unacked record, a Redis that lost its queues)."""
+    stall = Stall(after)
+
+    def check(snap: dict) -> None:
+        if stall.stalled(snap):
+            retry_on_broker(resend)()
+
+    return check

@@ -234,7 +234,7 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
     from common.model import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
     from common.sources import is_url
-    from producer.progress import watch
+    from producer.progress import resend_when_stalled, watch
 
     settings = get_settings()
     out_dir = out_dir.resolve()
@@ -269,7 +269,14 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
             echo("Flower: http://localhost:5555")
         times["submit"] = _submit(source, state, settings, broker, tqdm)
         t0 = time.time()
-        watch(state, out_dir, poll=0.5, on_tick=lambda _: _revive(children, echo))
+        resend = resend_when_stalled(lambda: _resend(source, state, settings, broker, echo),
+                                     settings.resend_after)
+
+        def tick(snap: dict) -> None:
+            _revive(children, echo)
+            resend(snap)
+
+        watch(state, out_dir, poll=0.5, on_tick=tick)
         times["process_after_submit"] = round(time.time() - t0, 1)
     except KeyboardInterrupt:
         echo("interrupted: stopping cleanly; nothing is lost — run the same command again to resume")
@@ -315,6 +322,19 @@ def _submit(source: str, state, settings, broker: str, tqdm) -> float:
         except SourceError as e:
             raise RunError(str(e)) from None
     return round(time.time() - started, 1)
+
+
+def _resend(source: str, state, settings, broker: str, echo) -> None:
+    """Send again the items left pending with nothing queued (a message lost by a killed worker
+    between the broker's pop and its unacked record), as `submit --wait` does."""
+    from common.celery_app import make_app
+    from producer.submit import Submitter, submit_source
+
+    app = make_app(settings.model_copy(update={"broker_url": broker}))
+    again = Submitter(app, state, settings, node=f"run-{socket.gethostname()}", requeue=True)
+    submit_source(source, again)
+    echo(f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
+         f"{again.report.requeued + again.report.recovered} pending items again")
 
 
 def _revive(children: Children, echo) -> None:
