@@ -32,7 +32,14 @@ def run_env(tmp_path: Path) -> dict[str, str]:
 def koala_run(listing: Path, out: Path, checkpoint: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "producer", "run", str(listing), "--out", str(out),
                              "--checkpoint", str(checkpoint), "--download-workers", "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A run started from a background job inherits SIGINT ignored (POSIX shells do that to `&`
+    jobs), and Python then never turns it into KeyboardInterrupt: the interrupt test needs it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def record_names(out: Path) -> list[str]:
