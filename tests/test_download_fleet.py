@@ -265,6 +265,18 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: I
     assert counts["submitted"] == 24 and counts.get("failed", 0) == 0
 
 
+def assert_dropped_and_the_worker_goes_on(worker, image_server: ImageServer, workers: Workers, redis_url,
+                                          rclient, tmp_path) -> None:
+    """What was pushed into `download` is taken and dropped; then a real item still goes through."""
+    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
+             "the pushed entries to be taken and dropped", workers.logs)
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/img/png_rgb\n")
+    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
+    assert worker.poll() is None
+
+
 def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
         image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
     from tests.test_embed_pipeline import NOT_KOMBU, bad_base64_envelope
@@ -272,13 +284,7 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
     worker = workers.start("download", "-c", "2")
     for entry in [*NOT_KOMBU, bad_base64_envelope("download")]:
         rclient.lpush("download", entry)
-    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
-             "the entries to be taken and dropped", workers.logs)
-    listing = tmp_path / "urls.txt"
-    listing.write_text(f"{image_server.base}/img/png_rgb\n")
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
-    wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
-    assert worker.poll() is None
+    assert_dropped_and_the_worker_goes_on(worker, image_server, workers, redis_url, rclient, tmp_path)
     logs = workers.logs()
     assert logs.count("that is not a kombu message") == len(NOT_KOMBU), logs[-3000:]
     assert "not base64" in logs and "Unrecoverable" not in logs
@@ -326,13 +332,7 @@ def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer,
     marker = tmp_path / "pickle-was-executed"
     worker = workers.start("download", "-c", "2")
     push_pickle_message(redis_url, "koala.download", "download", marker)
-    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
-             "the message to be taken and dropped", workers.logs)
-    listing = tmp_path / "urls.txt"
-    listing.write_text(f"{image_server.base}/img/png_rgb\n")
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
-    wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
-    assert worker.poll() is None
+    assert_dropped_and_the_worker_goes_on(worker, image_server, workers, redis_url, rclient, tmp_path)
     assert not marker.exists()
     assert "pickle" in workers.logs().lower()
 
