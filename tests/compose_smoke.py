@@ -137,6 +137,11 @@ class Stack:
         found = {k: int(v) for k, v in zip(out[::2], out[1::2], strict=True)}
         return {k: found.get(k, 0) for k in ("submitted", "written", "failed")}
 
+    def ended(self) -> int:
+        """Items written or failed (one read of the counters)."""
+        counts = self.counts()
+        return counts["written"] + counts["failed"]
+
     def containers(self, service: str) -> list[str]:
         return self.compose("ps", "-q", service).stdout.split()
 
@@ -257,7 +262,7 @@ def run(work: Path, keep: bool) -> dict:
         subprocess.run(["docker", "kill", "-s", "KILL", stack.containers("embed-worker")[0]], check=True,
                        capture_output=True)
         stack.up()
-        wait_until(lambda: sum(stack.counts()[k] for k in ("written", "failed")) == 25, 600,
+        wait_until(lambda: stack.ended() == 25, 600,
                    "every item of the third list to end after `docker kill` and `up`")
         step("embed container killed (docker kill), brought back, its work done")
         # a crash (the OOM killer's SIGKILL): the restart policy brings it back by itself
@@ -267,7 +272,7 @@ def run(work: Path, keep: bool) -> dict:
         pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", embed], capture_output=True,
                              text=True, check=True).stdout.strip()
         os.kill(int(pid), signal.SIGKILL)
-        wait_until(lambda: sum(stack.counts()[k] for k in ("written", "failed")) == 33, 600,
+        wait_until(lambda: stack.ended() == 33, 600,
                    "every item of the fourth list to end after the crash")
         restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", embed],
                                   capture_output=True, text=True, check=True).stdout.strip()
