@@ -62,17 +62,13 @@ def _envelope_dumps(obj: object, _kombu_dumps=kombu_redis.dumps) -> bytes | str:
         return _kombu_dumps(obj)
 
 
-class _NotJSON(str):
-    """What the Redis transport read where it expected a JSON envelope (kept to be logged)."""
-
-
 def _envelope_loads(s: str | bytes, _kombu_loads=kombu_redis.loads) -> object:
-    """kombu's parse of a queue entry; text that is not JSON comes back as `_NotJSON` for
-    `_deliver_envelopes` to drop (kombu raised there, which stopped the worker)."""
+    """kombu's parse of a queue entry; text that is not JSON comes back as it is, for
+    `_deliver_envelopes` to log and drop (kombu raised there, which stopped the worker)."""
     try:
         return _kombu_loads(s)
     except ValueError:
-        return _NotJSON(s if isinstance(s, str) else s.decode("utf-8", "replace"))
+        return s if isinstance(s, str) else s.decode("utf-8", "replace")
 
 
 def is_envelope(message: object) -> bool:
