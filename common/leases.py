@@ -60,11 +60,14 @@ class LeaseKeeper(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        while not self.stopped.wait(self.every):
-            try:
-                self.renew()
-            except redis.RedisError as e:  # the broker is away: the next round tries again
-                log.warning("cannot renew message leases: %s", e)
+        try:
+            while not self.stopped.wait(self.every):
+                try:
+                    self.renew()
+                except redis.RedisError as e:  # the broker is away: the next round tries again
+                    log.warning("cannot renew message leases: %s", e)
+        finally:
+            self.client.close()  # one keeper per consumer connection: a reconnect starts another
 
     def renew(self) -> int:
         """Push the held messages' delivery times to now; how many were held."""
