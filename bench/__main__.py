@@ -29,19 +29,25 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCHES = ("records", "download", "download-mix", "embed", "ceiling", "broker", "device", "scale", "resize")
 # benchmarks that are another module run with options: name -> (module, options, options of its smoke)
-VARIANTS = {"download-mix": ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
-            "ceiling": ("embed", ["--null-model", "--before", "4b72f66"], ["--null-model"])}
-TITLES = {"records": "records (serializer, shard writing)", "download": "download (vs img2dataset)",
-          "embed": "embed (bare model vs embed worker)",
-          "device": "device (batch, mixed precision, XLA; share of the measured peak)",
-          "scale": "scale (Redis per URL, producer, memory)",
-          "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)",
-          "download-mix": "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
-          "ceiling": "embed worker ceiling (null model) on local disk and tmpfs, vs the worker before",
-          "broker": "broker (images/s one Redis carries on the embed queue)"}
+VARIANTS = {
+    "download-mix": ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
+    "ceiling": ("embed", ["--null-model", "--before", "4b72f66"], ["--null-model"]),
+}
+TITLES = {
+    "records": "records (serializer, shard writing)",
+    "download": "download (vs img2dataset)",
+    "embed": "embed (bare model vs embed worker)",
+    "device": "device (batch, mixed precision, XLA; share of the measured peak)",
+    "scale": "scale (Redis per URL, producer, memory)",
+    "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)",
+    "download-mix": "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
+    "ceiling": "embed worker ceiling (null model) on local disk and tmpfs, vs the worker before",
+    "broker": "broker (images/s one Redis carries on the embed queue)",
+}
 
 
 # ---- the machine --------------------------------------------------------------------------------
+
 
 def _first(path: str, prefix: str) -> str | None:
     try:
@@ -82,6 +88,7 @@ def machine() -> dict:
 
 
 # ---- rendering ----------------------------------------------------------------------------------
+
 
 def _cell(v: object) -> str:
     return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
@@ -129,10 +136,12 @@ def tables_of(stdout: str, data: dict | None) -> str:
 
 # ---- running ------------------------------------------------------------------------------------
 
+
 def options_of(module: str) -> str:
     """The `--help` text of a benchmark (to pass only options it has)."""
-    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     return done.stdout
 
 
@@ -161,10 +170,21 @@ def reuse_one(name: str, out: Path) -> dict:
     if not json_path.exists():
         return {"name": name, "status": "skipped", "note": f"--reuse, but there is no {json_path}"}
     when = dt.datetime.fromtimestamp(json_path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    tables = (tables_of(md_path.read_text(), None) if md_path.exists()
-              else json_tables(json.loads(json_path.read_text())))
-    return {"name": name, "command": f"(reused: {json_path.name} of {when})", "note": "", "exit": 0,
-            "seconds": "-", "status": "reused", "json": str(json_path), "tables": tables}
+    tables = (
+        tables_of(md_path.read_text(), None)
+        if md_path.exists()
+        else json_tables(json.loads(json_path.read_text()))
+    )
+    return {
+        "name": name,
+        "command": f"(reused: {json_path.name} of {when})",
+        "note": "",
+        "exit": 0,
+        "seconds": "-",
+        "status": "reused",
+        "json": str(json_path),
+        "tables": tables,
+    }
 
 
 def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
@@ -185,8 +205,15 @@ def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
     seconds = time.monotonic() - started
     (out / f"{name}.log").write_text(f"$ {shown}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
     data = json.loads(json_path.read_text()) if json_path.exists() else None
-    section = {"name": name, "command": shown, "note": note, "exit": rc, "seconds": round(seconds, 1),
-               "status": "ok" if rc == 0 else "failed", "json": str(json_path) if data is not None else None}
+    section = {
+        "name": name,
+        "command": shown,
+        "note": note,
+        "exit": rc,
+        "seconds": round(seconds, 1),
+        "status": "ok" if rc == 0 else "failed",
+        "json": str(json_path) if data is not None else None,
+    }
     if rc == 0:
         section["tables"] = tables_of(stdout, data)
     else:
@@ -204,8 +231,12 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
 
     title = "# Koala fleet benchmarks" + (" (SMOKE: tiny sizes, timings meaningless)" if smoke else "")
     rows = [[k.replace("_", " "), v] for k, v in info.items()]
-    parts = [title, "## machine", md_table(["machine", ""], rows),
-             "The machine may be shared: compare the ratios measured within one run, not absolute times."]
+    parts = [
+        title,
+        "## machine",
+        md_table(["machine", ""], rows),
+        "The machine may be shared: compare the ratios measured within one run, not absolute times.",
+    ]
     for s in sections:
         parts.append(f"## {s['name']}")
         parts.append(f"*{TITLES[s['name']]}*")
@@ -215,8 +246,10 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
         if s["status"] == "reused":
             parts.append(f"Not run this time: {s['command']}.")
         else:
-            parts.append(f"`{s['command']}` — {s['status']} in {s['seconds']} s"
-                         + (f" ({s['note']})" if s["note"] else ""))
+            parts.append(
+                f"`{s['command']}` — {s['status']} in {s['seconds']} s"
+                + (f" ({s['note']})" if s["note"] else "")
+            )
         failed = f"Failed (exit {s['exit']}):\n\n```\n{s.get('error', '')}\n```"
         parts.append(failed if s["status"] == "failed" else s["tables"])
     return "\n\n".join(parts) + "\n"
@@ -224,8 +257,12 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
 
 @click.command()
 @click.option("--smoke", is_flag=True, help="tiny versions of every benchmark (checks they work)")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="folder of the JSON files and summary.md (default bench/results/; smoke: .../smoke/)")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="folder of the JSON files and summary.md (default bench/results/; smoke: .../smoke/)",
+)
 @click.option("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
 @click.option("--reuse", default="", help="benchmarks not to run again: their results already in the folder")
 @click.option("--timeout", type=float, default=None, help="seconds per benchmark (default 3600; smoke 300)")

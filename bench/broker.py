@@ -50,8 +50,9 @@ def one_round(server, images: list[dict], n: int, per_message: int, senders: int
     messages = n // per_message // senders
     total = messages * per_message * senders
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=send, args=(server.url, images, messages, per_message))
-             for _ in range(senders)]
+    procs = [
+        ctx.Process(target=send, args=(server.url, images, messages, per_message)) for _ in range(senders)
+    ]
     redis_cpu = cpu_seconds(server.proc.pid) or 0.0
     seen = drain(server.url, total, 128, "broker@bench", 600, start=lambda: [p.start() for p in procs])
     for p in procs:
@@ -60,9 +61,13 @@ def one_round(server, images: list[dict], n: int, per_message: int, senders: int
     redis_cpu = (cpu_seconds(server.proc.pid) or 0.0) - redis_cpu
     # from the first batch to the last: the senders' start-up (a process each) left out
     timed, seconds = received - seen[0][1], seen[-1][0] - seen[0][0]
-    return {"images": received, "seconds": round(seconds, 3), "images_per_s": round(timed / seconds, 1),
-            "redis_cpu_ms_per_image": round(1000 * redis_cpu / received, 4),
-            "redis_bound_images_per_s": round(received / redis_cpu) if redis_cpu else None}
+    return {
+        "images": received,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(timed / seconds, 1),
+        "redis_cpu_ms_per_image": round(1000 * redis_cpu / received, 4),
+        "redis_bound_images_per_s": round(received / redis_cpu) if redis_cpu else None,
+    }
 
 
 def run(n: int, senders: int, rounds: int) -> dict:
@@ -72,8 +77,14 @@ def run(n: int, senders: int, rounds: int) -> dict:
     payload_kb = sum(len(i["pixels"]) for i in images) / len(images) / 1000
     formats = {"chunk (16 images per message)": 16, "one image per message (before)": 1}
     runs: dict[str, list[dict]] = {name: [] for name in formats}
-    result: dict = {"bench": NAME, "images": n, "senders": senders, "rounds": rounds,
-                    "payload_kb_per_image": round(payload_kb, 1), "load_average_before": os.getloadavg()}
+    result: dict = {
+        "bench": NAME,
+        "images": n,
+        "senders": senders,
+        "rounds": rounds,
+        "payload_kb_per_image": round(payload_kb, 1),
+        "load_average_before": os.getloadavg(),
+    }
     with tempfile.TemporaryDirectory(prefix="koala-bench-broker-") as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
@@ -84,21 +95,42 @@ def run(n: int, senders: int, rounds: int) -> dict:
         finally:
             server.stop()
     keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
-    result["formats"] = {name: {"median": {k: statistics.median(x[k] for x in rs) for k in keys}, "runs": rs}
-                         for name, rs in runs.items()}
+    result["formats"] = {
+        name: {"median": {k: statistics.median(x[k] for x in rs) for k in keys}, "runs": rs}
+        for name, rs in runs.items()
+    }
     result["load_average_after"] = os.getloadavg()
     return result
 
 
 def markdown(result: dict) -> str:
-    rows = [[name, f["median"]["images_per_s"], f["median"]["redis_cpu_ms_per_image"],
-             f["median"]["redis_bound_images_per_s"]] for name, f in result["formats"].items()]
-    head = (f"### Broker: the `embed` queue on one Redis ({result['images']} images of "
-            f"{result['payload_kb_per_image']} kB, {result['senders']} senders + 1 consumer on this machine, "
-            f"medians of {result['rounds']} rounds)")
-    return head + "\n\n" + md_table(
-        ["message format", "images/s through the queue", "redis-server CPU-ms/image",
-         "one Redis core's bound (images/s)"], rows)
+    rows = [
+        [
+            name,
+            f["median"]["images_per_s"],
+            f["median"]["redis_cpu_ms_per_image"],
+            f["median"]["redis_bound_images_per_s"],
+        ]
+        for name, f in result["formats"].items()
+    ]
+    head = (
+        f"### Broker: the `embed` queue on one Redis ({result['images']} images of "
+        f"{result['payload_kb_per_image']} kB, {result['senders']} senders + 1 consumer on this machine, "
+        f"medians of {result['rounds']} rounds)"
+    )
+    return (
+        head
+        + "\n\n"
+        + md_table(
+            [
+                "message format",
+                "images/s through the queue",
+                "redis-server CPU-ms/image",
+                "one Redis core's bound (images/s)",
+            ],
+            rows,
+        )
+    )
 
 
 @click.command()

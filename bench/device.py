@@ -46,10 +46,16 @@ def model_gflops_per_image() -> float:
     from common.model import IMAGE_SIZE, build_model
 
     model = build_model()
-    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)).graph
-    options = (option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
-               .with_empty_output().build())
+    graph = (
+        tf.function(lambda x: model(x, training=False))
+        .get_concrete_function(tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32))
+        .graph
+    )
+    options = (
+        option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
+        .with_empty_output()
+        .build()
+    )
     return model_analyzer.profile(graph, options=options).total_float_ops / 1e9
 
 
@@ -80,11 +86,17 @@ def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: 
     calls = max(2, len(rgb) // batch)
     start = time.perf_counter()
     for i in range(calls):
-        embedder.embed(rgb[(i * batch) % len(rgb):][:batch])
+        embedder.embed(rgb[(i * batch) % len(rgb) :][:batch])
     seconds = time.perf_counter() - start
-    return {"batch": batch, "mixed_precision": mixed, "xla": xla, "images": calls * batch,
-            "img_s": round(calls * batch / seconds, 2), "load_and_compile_s": round(ready, 1),
-            "device": embedder.device}
+    return {
+        "batch": batch,
+        "mixed_precision": mixed,
+        "xla": xla,
+        "images": calls * batch,
+        "img_s": round(calls * batch / seconds, 2),
+        "load_and_compile_s": round(ready, 1),
+        "device": embedder.device,
+    }
 
 
 def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
@@ -111,10 +123,13 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
         for job in labs:
             job.result()
 
-    calls = {"model": lambda: embedder.embed(images), "model_numpy_lab": model_and_numpy_lab,
-             "model_tf_lab": lambda: embedder.embed_lab(images),
-             "numpy_lab_alone": lambda: [lab_channels(image) for image in images],
-             "tf_lab_alone": lambda: [t.numpy() for t in lab_tf_compiled()(images)]}
+    calls = {
+        "model": lambda: embedder.embed(images),
+        "model_numpy_lab": model_and_numpy_lab,
+        "model_tf_lab": lambda: embedder.embed_lab(images),
+        "numpy_lab_alone": lambda: [lab_channels(image) for image in images],
+        "tf_lab_alone": lambda: [t.numpy() for t in lab_tf_compiled()(images)],
+    }
     for call in calls.values():
         call()  # warm-up: tracing, compiling, per-thread work arrays
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
@@ -145,8 +160,9 @@ def grid(kind: str, on_gpu: bool, batches: list[int]) -> list[tuple[int, bool, b
     return [(batches[0], False, False)]
 
 
-def run(batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, cache: Path,
-        lab_reps: int) -> dict:
+def run(
+    batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, cache: Path, lab_reps: int
+) -> dict:
     """Measure the grid, the model's FLOPs, the device's matmul peak and the Lab comparison."""
     import tensorflow as tf
 
@@ -167,60 +183,121 @@ def run(batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds:
         row["share_of_peak"] = round(row["model_tflops"] / peak["float16" if mixed else "float32"], 3)
         rows.append(row)
     log(f"Lab: numpy beside the model vs TF inside it, batch {batches[0]}, {lab_reps} repetitions")
-    return {"bench": NAME, "device": "GPU" if on_gpu else "CPU",
-            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "model_gflops_per_image": round(gflops, 2), "matmul_n": matmul_n, "peak_tflops": peak,
-            "rows": rows, "best": max(rows, key=lambda r: r["img_s"]),
-            "lab": lab_comparison(checkpoint, rgb, batches[0], lab_reps)}
+    return {
+        "bench": NAME,
+        "device": "GPU" if on_gpu else "CPU",
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+        "model_gflops_per_image": round(gflops, 2),
+        "matmul_n": matmul_n,
+        "peak_tflops": peak,
+        "rows": rows,
+        "best": max(rows, key=lambda r: r["img_s"]),
+        "lab": lab_comparison(checkpoint, rgb, batches[0], lab_reps),
+    }
 
 
 def lab_markdown(lab: dict) -> str:
     """The table of a Lab comparison."""
-    head = (f"### Lab channels on the {lab['device']}: numpy beside the model or TensorFlow inside it "
-            f"(batch {lab['batch']}, medians of {lab['reps']}, ms per image)")
-    names = ["model", "model_numpy_lab", "model_tf_lab", "numpy_extra", "tf_extra", "numpy_lab_alone",
-             "tf_lab_alone"]
+    head = (
+        f"### Lab channels on the {lab['device']}: numpy beside the model or TensorFlow inside it "
+        f"(batch {lab['batch']}, medians of {lab['reps']}, ms per image)"
+    )
+    names = [
+        "model",
+        "model_numpy_lab",
+        "model_tf_lab",
+        "numpy_extra",
+        "tf_extra",
+        "numpy_lab_alone",
+        "tf_lab_alone",
+    ]
     rows = [[kind, *(lab[kind][n] for n in names)] for kind in ("wall", "cpu")]
-    table = md_table(["ms per image", "model alone", "model + numpy Lab (≤4 threads)",
-                      "model + TF Lab (`embed_lab`)", "numpy extra", "TF extra", "numpy Lab alone",
-                      "TF Lab alone"], rows)
+    table = md_table(
+        [
+            "ms per image",
+            "model alone",
+            "model + numpy Lab (≤4 threads)",
+            "model + TF Lab (`embed_lab`)",
+            "numpy extra",
+            "TF extra",
+            "numpy Lab alone",
+            "TF Lab alone",
+        ],
+        rows,
+    )
     cpu = lab["cpu"]
-    last = (f"Extra CPU ms per image, range over the repetitions: numpy {cpu['numpy_extra_range']}, TF "
-            f"{cpu['tf_extra_range']}. Lab alone, CPU work: {'TF' if lab['tf_cheaper'] else 'numpy'} is "
-            f"cheaper (load average after: {', '.join(map(str, lab['load_average']))}).")
+    last = (
+        f"Extra CPU ms per image, range over the repetitions: numpy {cpu['numpy_extra_range']}, TF "
+        f"{cpu['tf_extra_range']}. Lab alone, CPU work: {'TF' if lab['tf_cheaper'] else 'numpy'} is "
+        f"cheaper (load average after: {', '.join(map(str, lab['load_average']))})."
+    )
     return "\n\n".join([head, table, last])
 
 
 def markdown(result: dict) -> str:
     """The table of a device result."""
     peak = ", ".join(f"{k} {v} TFLOP/s" for k, v in result["peak_tflops"].items())
-    head = (f"### Embed options on the {result['device']} — model {result['model_gflops_per_image']} GFLOPs "
-            f"per image; measured matmul peak ({result['matmul_n']}²): {peak}")
-    rows = [[r["batch"], "yes" if r["mixed_precision"] else "no", "yes" if r["xla"] else "no", r["img_s"],
-             r["model_tflops"], f"{100 * r['share_of_peak']:.1f} %", r["load_and_compile_s"]]
-            for r in result["rows"]]
-    table = md_table(["batch", "mixed precision", "XLA", "images/s", "model TFLOP/s", "share of peak",
-                      "load + compile s"], rows)
+    head = (
+        f"### Embed options on the {result['device']} — model {result['model_gflops_per_image']} GFLOPs "
+        f"per image; measured matmul peak ({result['matmul_n']}²): {peak}"
+    )
+    rows = [
+        [
+            r["batch"],
+            "yes" if r["mixed_precision"] else "no",
+            "yes" if r["xla"] else "no",
+            r["img_s"],
+            r["model_tflops"],
+            f"{100 * r['share_of_peak']:.1f} %",
+            r["load_and_compile_s"],
+        ]
+        for r in result["rows"]
+    ]
+    table = md_table(
+        ["batch", "mixed precision", "XLA", "images/s", "model TFLOP/s", "share of peak", "load + compile s"],
+        rows,
+    )
     best = result["best"]
-    last = (f"Best: {best['img_s']} images/s (batch {best['batch']}, mixed precision "
-            f"{best['mixed_precision']}, XLA {best['xla']}).")
+    last = (
+        f"Best: {best['img_s']} images/s (batch {best['batch']}, mixed precision "
+        f"{best['mixed_precision']}, XLA {best['xla']})."
+    )
     return "\n\n".join([head, table, last, lab_markdown(result["lab"])])
 
 
 @click.command()
-@click.option("--batches", default="16,64,128", show_default=True,
-              help="batch sizes (the first alone off GPU)")
-@click.option("--grid", "kind", type=click.Choice(["auto", "full", "single"]), default="auto",
-              show_default=True, help="auto: every combination on a GPU, else the first batch in float32")
+@click.option(
+    "--batches", default="16,64,128", show_default=True, help="batch sizes (the first alone off GPU)"
+)
+@click.option(
+    "--grid",
+    "kind",
+    type=click.Choice(["auto", "full", "single"]),
+    default="auto",
+    show_default=True,
+    help="auto: every combination on a GPU, else the first batch in float32",
+)
 @click.option("--images", type=int, default=256, show_default=True, help="images per measurement")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="batch 2, 4 images, a small matmul: checks the path works")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
-              help="where the generated checkpoint is kept")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=CACHE,
+    help="where the generated checkpoint is kept",
+)
 @click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
 @click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
-def main(batches: str, kind: str, images: int, json_path: Path | None, smoke: bool, cache: Path,
-         lab_reps: int, lab_only: bool) -> None:
+def main(
+    batches: str,
+    kind: str,
+    images: int,
+    json_path: Path | None,
+    smoke: bool,
+    cache: Path,
+    lab_reps: int,
+    lab_only: bool,
+) -> None:
     """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
     quiet_tensorflow()
     sizes = [int(b) for b in batches.split(",") if b.strip()]

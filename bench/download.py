@@ -140,11 +140,14 @@ def corpus_stats(paths: list[Path]) -> dict:
         with Image.open(p) as im:
             pixels.append(im.size[0] * im.size[1])
     px = np.array(pixels)
-    return {"images": len(paths), "mean_kb": round(sizes.mean() / 1000, 1),
-            "kb_p5_p50_p95": [round(float(v) / 1000) for v in np.percentile(sizes, [5, 50, 95])],
-            "share_100_300_kb": round(float(np.mean((sizes >= 100e3) & (sizes <= 300e3))), 3),
-            "mean_mpix": round(px.mean() / 1e6, 3),
-            "mpix_min_max": [round(px.min() / 1e6, 3), round(px.max() / 1e6, 3)]}
+    return {
+        "images": len(paths),
+        "mean_kb": round(sizes.mean() / 1000, 1),
+        "kb_p5_p50_p95": [round(float(v) / 1000) for v in np.percentile(sizes, [5, 50, 95])],
+        "share_100_300_kb": round(float(np.mean((sizes >= 100e3) & (sizes <= 300e3))), 3),
+        "mean_mpix": round(px.mean() / 1e6, 3),
+        "mpix_min_max": [round(px.min() / 1e6, 3), round(px.max() / 1e6, 3)],
+    }
 
 
 # --- the image server (its own process) -------------------------------------------------------
@@ -187,7 +190,7 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host:
                 return
             step = math.ceil(len(body) / 20)
             for i in range(0, len(body), step):  # 20 pieces, evenly over `dribble` seconds
-                self.wfile.write(body[i:i + step])
+                self.wfile.write(body[i : i + step])
                 time.sleep(dribble / 20)
 
     class Server(ThreadingHTTPServer):
@@ -214,7 +217,8 @@ class CorpusServer:
         parent, child = multiprocessing.get_context("fork").Pipe()
         host = "0.0.0.0" if any_address else "127.0.0.1"  # any: only inside the loopback-only namespace
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(str(corpus_dir()), n, latency, child, slow_s, host), daemon=True)
+            target=_serve, args=(str(corpus_dir()), n, latency, child, slow_s, host), daemon=True
+        )
         self.proc.start()
         if not parent.poll(120):
             raise RuntimeError("the image server did not start")
@@ -261,14 +265,21 @@ class Mix:
         # a slow or dead server is a host of its own (an address of 127.0.0.0/8), as on the web: it
         # must not use up the per-host slots of the host that serves the good images
         own_host = f"127.{1 + i // 62500}.{i // 250 % 250 + 1}.{i % 250 + 1}"
-        return {"good": f"{server.base}/img/{i:05d}.jpg", "slow": f"http://{own_host}:{server.port}/slow/{i:05d}.jpg",
-                "http404": f"{server.base}/img/gone-{i:05d}.jpg", "html": f"{server.base}/html/{i:05d}",
-                "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
-                "hang": f"http://{own_host}:{server.hang_port}/img/{i:05d}.jpg"}[kind]
+        return {
+            "good": f"{server.base}/img/{i:05d}.jpg",
+            "slow": f"http://{own_host}:{server.port}/slow/{i:05d}.jpg",
+            "http404": f"{server.base}/img/gone-{i:05d}.jpg",
+            "html": f"{server.base}/html/{i:05d}",
+            "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
+            "hang": f"http://{own_host}:{server.hang_port}/img/{i:05d}.jpg",
+        }[kind]
 
     def our_env(self) -> dict[str, str]:
-        return {"KOALA_CONNECT_TIMEOUT": f"{self.timeout:g}", "KOALA_READ_TIMEOUT": f"{self.timeout:g}",
-                "KOALA_RETRIES": str(self.retries)}
+        return {
+            "KOALA_CONNECT_TIMEOUT": f"{self.timeout:g}",
+            "KOALA_READ_TIMEOUT": f"{self.timeout:g}",
+            "KOALA_RETRIES": str(self.retries),
+        }
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -296,8 +307,16 @@ def enter_private_network() -> None:
     if not (unshare and ip):
         raise click.ClickException("--scenario mix needs unshare (util-linux) and ip (iproute2)")
     log("entering a private network namespace (loopback only)")
-    inner = ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh",
-             sys.executable, "-m", "bench.download", *sys.argv[1:]]
+    inner = [
+        "sh",
+        "-c",
+        f'{ip} link set lo up && exec "$@"',
+        "sh",
+        sys.executable,
+        "-m",
+        "bench.download",
+        *sys.argv[1:],
+    ]
     os.execve(unshare, [unshare, "--net", "--", *inner], {**os.environ, NETNS_FLAG: "1"})
 
 
@@ -333,7 +352,7 @@ def proc_stat(pid: int) -> tuple[int, float, int] | None:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2:].split()  # fields from the 3rd (state) on
+    fields = data[data.rindex(b")") + 2 :].split()  # fields from the 3rd (state) on
     cpu = sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK  # utime stime cutime cstime
     return int(fields[1]), cpu, int(fields[21]) * PAGE
 
@@ -379,8 +398,9 @@ class Sampler(threading.Thread):
         return self.peak
 
 
-def wait_rusage(proc: subprocess.Popen, deadline: float, poll: Callable[[], None] = lambda: None
-                ) -> tuple[int, float, float]:
+def wait_rusage(
+    proc: subprocess.Popen, deadline: float, poll: Callable[[], None] = lambda: None
+) -> tuple[int, float, float]:
     """Wait for proc (killing its group past the deadline); (exit code, CPU s of its whole reaped
     tree, time it ended). Calls poll() while waiting."""
     while True:
@@ -436,9 +456,12 @@ class Background:
         server = tree_cpu([self.server.proc.pid]) - self.server0
         bench = self_cpu_s() - self.self0
         others = max(0.0, machine - self.machine0 - tool_cpu - server - bench)
-        return {"server_cpu_s": round(server, 2), "bench_process_cpu_s": round(bench, 2),
-                "others_cores": round(others / wall, 2),
-                "steal_cores": round((steal - self.steal0) / wall, 2)}
+        return {
+            "server_cpu_s": round(server, 2),
+            "bench_process_cpu_s": round(bench, 2),
+            "others_cores": round(others / wall, 2),
+            "steal_cores": round((steal - self.steal0) / wall, 2),
+        }
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -462,27 +485,51 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
     if not exe.exists():
         log("installing img2dataset into its own venv (bench/results/img2dataset-venv) ...")
         try:
-            subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)],
-                           check=True, capture_output=True, text=True)
-            subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
-                           check=True, capture_output=True, text=True, timeout=1200)
+            subprocess.run(
+                [shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            subprocess.run(
+                [str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             tail = (getattr(e, "stderr", "") or "")[-2000:]
             return None, f"cannot install img2dataset: {e}\n{tail}"
     try:
-        out = subprocess.run([str(I2D_VENV / "bin" / "python"), "-c",
-                              "import importlib.metadata as m, cv2; print(m.version('img2dataset'),"
-                              " cv2.__version__)"],
-                             check=True, capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [
+                str(I2D_VENV / "bin" / "python"),
+                "-c",
+                "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         return None, f"img2dataset does not import: {(getattr(e, 'stderr', '') or str(e))[-2000:]}"
     version, cv2_version = out.stdout.split()
     return I2D_VENV / "bin", f"img2dataset {version}, opencv {cv2_version}"
 
 
-def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, threads: int,
-                    server: CorpusServer, timeout: float, fetch_timeout: float = 10, retries: int = 0
-                    ) -> dict:
+def run_img2dataset(
+    bindir: Path,
+    url_list: Path,
+    n: int,
+    processes: int,
+    threads: int,
+    server: CorpusServer,
+    timeout: float,
+    fetch_timeout: float = 10,
+    retries: int = 0,
+) -> dict:
     """One img2dataset run over the list; timing, CPU, RSS and successes (`fetch_timeout`, `retries`:
     its --timeout and --retries; it retries every failure, at once)."""
     out = RESULTS / "tmp" / f"i2d-{os.getpid()}"
@@ -490,20 +537,45 @@ def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, thread
     per_shard = max(1, math.ceil(n / processes))  # one shard per process: all of them busy
     # A fresh folder each run, in the default incremental mode: img2dataset 1.47's
     # `--incremental_mode overwrite` deletes its own _tmp folder and then retries for ever.
-    cmd = [str(bindir / "img2dataset"), "--url_list", str(url_list), "--input_format", "txt",
-           "--output_folder", str(out), "--processes_count", str(processes),
-           "--thread_count", str(threads), "--image_size", str(SIZE), "--resize_mode", "border",
-           "--output_format", "files", "--encode_quality", "95",
-           "--number_sample_per_shard", str(per_shard), "--timeout", f"{fetch_timeout:g}",
-           "--retries", str(retries), "--enable_wandb", "False",
-           "--distributor", "multiprocessing"]
+    cmd = [
+        str(bindir / "img2dataset"),
+        "--url_list",
+        str(url_list),
+        "--input_format",
+        "txt",
+        "--output_folder",
+        str(out),
+        "--processes_count",
+        str(processes),
+        "--thread_count",
+        str(threads),
+        "--image_size",
+        str(SIZE),
+        "--resize_mode",
+        "border",
+        "--output_format",
+        "files",
+        "--encode_quality",
+        "95",
+        "--number_sample_per_shard",
+        str(per_shard),
+        "--timeout",
+        f"{fetch_timeout:g}",
+        "--retries",
+        str(retries),
+        "--enable_wandb",
+        "False",
+        "--distributor",
+        "multiprocessing",
+    ]
     env = clean_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
     log_path = RESULTS / "tmp" / "i2d-last.log"
     with open(log_path, "wb") as logf:
         background = Background(server)
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RESULTS,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RESULTS, start_new_session=True
+        )
         sampler = Sampler(lambda: [proc.pid])
         sampler.start()
         code, cpu, t_end = wait_rusage(proc, t0 + timeout)
@@ -519,15 +591,25 @@ def run_img2dataset(bindir: Path, url_list: Path, n: int, processes: int, thread
                 errors[k] = errors.get(k, 0) + v
     inner = (max(s["end_time"] for s in stats) - min(s["start_time"] for s in stats)) if stats else 0
     shutil.rmtree(out, ignore_errors=True)
-    result = {"tool": "img2dataset", "threads": threads, "processes": processes, "images": n,
-              "success": success, "files_written": files, "failed": n - success,
-              "wall_s": round(wall, 2), "images_per_s": round(success / wall, 1),
-              "cpu_s": round(cpu, 2), "cpu_s_per_image": round(cpu / max(success, 1), 5),
-              "peak_rss_mb": round(peak / 2**20), "exit_code": code,
-              "shard_phase_s": round(inner, 2),
-              "shard_phase_images_per_s": round(success / inner, 1) if inner else None,
-              "steady_images_per_s": round(success / inner, 1) if inner else None,
-              **background.finish(cpu, wall)}
+    result = {
+        "tool": "img2dataset",
+        "threads": threads,
+        "processes": processes,
+        "images": n,
+        "success": success,
+        "files_written": files,
+        "failed": n - success,
+        "wall_s": round(wall, 2),
+        "images_per_s": round(success / wall, 1),
+        "cpu_s": round(cpu, 2),
+        "cpu_s_per_image": round(cpu / max(success, 1), 5),
+        "peak_rss_mb": round(peak / 2**20),
+        "exit_code": code,
+        "shard_phase_s": round(inner, 2),
+        "shard_phase_images_per_s": round(success / inner, 1) if inner else None,
+        "steady_images_per_s": round(success / inner, 1) if inner else None,
+        **background.finish(cpu, wall),
+    }
     if errors:
         result["errors"] = errors
     if code != 0 or not stats:
@@ -583,11 +665,17 @@ print(json.dumps(out))
 
 def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dict:
     """Single-thread per-image costs of img2dataset's own resizer and fetch, in its venv."""
-    payload = json.dumps({"files": [str(p) for p in files], "urls": [u + "?nolatency" for u in urls],
-                          "size": SIZE})
-    proc = subprocess.run([str(bindir / "python"), "-c", I2D_CEILING], input=payload, text=True,
-                          capture_output=True, env=clean_env(NO_ALBUMENTATIONS_UPDATE="1",
-                                                             PYTHONWARNINGS="ignore"), timeout=600)
+    payload = json.dumps(
+        {"files": [str(p) for p in files], "urls": [u + "?nolatency" for u in urls], "size": SIZE}
+    )
+    proc = subprocess.run(
+        [str(bindir / "python"), "-c", I2D_CEILING],
+        input=payload,
+        text=True,
+        capture_output=True,
+        env=clean_env(NO_ALBUMENTATIONS_UPDATE="1", PYTHONWARNINGS="ignore"),
+        timeout=600,
+    )
     if proc.returncode != 0:
         return {"error": proc.stderr[-1500:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -624,8 +712,15 @@ main()
 class Fleet:
     """A redis-server and `workers` download workers, kept up across rounds (as a fleet is)."""
 
-    def __init__(self, workers: int, concurrency: int, per_host: int, workdir: Path,
-                 variant: str | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workers: int,
+        concurrency: int,
+        per_host: int,
+        workdir: Path,
+        variant: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
         from tests.servers import RedisServer, worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
@@ -633,16 +728,23 @@ class Fleet:
         self.name = f"ours+{variant}" if variant else "ours"
         launcher = ["-c", BEFORE_WORKER] if variant == "before" else ["-m", "workers"]
         self.redis = RedisServer(workdir / "redis").start()
-        self.env = worker_env(self.redis.url, workdir / "out", **{
-            # the bench corpus is one host standing for many: the per-host cap must not bind
-            "KOALA_PER_HOST_CONNECTIONS": str(per_host),
-            "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
-            "KOALA_CHUNK_SIZE": "16",  # the default (tests.servers sets 4)
-            "KOALA_CONNECT_TIMEOUT": "10", "KOALA_READ_TIMEOUT": "10",
-            "KOALA_DOWNLOAD_DEADLINE": "60", "KOALA_RETRY_BACKOFF": "1",
-            "KOALA_MAX_BYTES": "25000000", "KOALA_MAX_PIXELS": "89478485",
-            **(extra_env or {}),
-        })
+        self.env = worker_env(
+            self.redis.url,
+            workdir / "out",
+            **{
+                # the bench corpus is one host standing for many: the per-host cap must not bind
+                "KOALA_PER_HOST_CONNECTIONS": str(per_host),
+                "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
+                "KOALA_CHUNK_SIZE": "16",  # the default (tests.servers sets 4)
+                "KOALA_CONNECT_TIMEOUT": "10",
+                "KOALA_READ_TIMEOUT": "10",
+                "KOALA_DOWNLOAD_DEADLINE": "60",
+                "KOALA_RETRY_BACKOFF": "1",
+                "KOALA_MAX_BYTES": "25000000",
+                "KOALA_MAX_PIXELS": "89478485",
+                **(extra_env or {}),
+            },
+        )
         for var in PROXY_VARS:
             self.env.pop(var, None)
         self.workers: list[subprocess.Popen] = []
@@ -651,10 +753,24 @@ class Fleet:
         for i in range(workers):
             path = workdir / f"dl{i + 1}.log"
             with open(path, "wb") as f:
-                self.workers.append(subprocess.Popen(
-                    [sys.executable, *launcher, "download", "-c", str(concurrency),
-                     "-n", f"dl{i + 1}@bench"],
-                    cwd=ROOT, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+                self.workers.append(
+                    subprocess.Popen(
+                        [
+                            sys.executable,
+                            *launcher,
+                            "download",
+                            "-c",
+                            str(concurrency),
+                            "-n",
+                            f"dl{i + 1}@bench",
+                        ],
+                        cwd=ROOT,
+                        env=self.env,
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
             self.logs.append(path)
         for proc, path in zip(self.workers, self.logs, strict=True):
             while "ready." not in path.read_text(errors="replace"):
@@ -702,9 +818,16 @@ class Fleet:
         sink_cpu0 = time.thread_time()
         t0 = time.perf_counter()
         with open(out_path, "wb") as out:
-            producer.append(subprocess.Popen(
-                [sys.executable, "-m", "producer", "submit", str(url_list), "--json"], cwd=ROOT,
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            producer.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "producer", "submit", str(url_list), "--json"],
+                    cwd=ROOT,
+                    env=self.env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         prod_usage: tuple[int, float, float] | None = None
         t_done = None
         next_count = 0.0
@@ -748,20 +871,31 @@ class Fleet:
         redis_cpu = cpu1[self.redis.proc.pid] - cpu0[self.redis.proc.pid]
         cpu = workers_cpu + redis_cpu + prod_usage[1]
         wall = (t_done or time.perf_counter()) - t0
-        result = {"tool": self.name, "images": n, "success": count, "failed": failed,
-                  "wall_s": round(wall, 2), "images_per_s": round(count / wall, 1),
-                  "cpu_s": round(cpu, 2), "cpu_s_per_image": round(cpu / max(count, 1), 5),
-                  "peak_rss_mb": round(peak / 2**20),
-                  "cpu_s_workers": round(workers_cpu, 2), "cpu_s_redis": round(redis_cpu, 2),
-                  "cpu_s_producer": round(prod_usage[1], 2),
-                  "producer_wall_s": round(prod_usage[2] - t0, 2), "producer_exit": prod_usage[0],
-                  "sink_cpu_s": round(sink_cpu, 2),
-                  "first_image_s": round(t_first - t0, 2) if t_first else None,
-                  "steady_images_per_s": round((count - 1) / (t_last - t_first), 1)
-                  if t_first and t_last > t_first else None,
-                  **background.finish(cpu, wall),
-                  "bytes_per_message": round(payload_bytes / max(messages, 1)),
-                  "images_per_message": round(count / max(messages, 1), 2), "payload_check": check}
+        result = {
+            "tool": self.name,
+            "images": n,
+            "success": count,
+            "failed": failed,
+            "wall_s": round(wall, 2),
+            "images_per_s": round(count / wall, 1),
+            "cpu_s": round(cpu, 2),
+            "cpu_s_per_image": round(cpu / max(count, 1), 5),
+            "peak_rss_mb": round(peak / 2**20),
+            "cpu_s_workers": round(workers_cpu, 2),
+            "cpu_s_redis": round(redis_cpu, 2),
+            "cpu_s_producer": round(prod_usage[1], 2),
+            "producer_wall_s": round(prod_usage[2] - t0, 2),
+            "producer_exit": prod_usage[0],
+            "sink_cpu_s": round(sink_cpu, 2),
+            "first_image_s": round(t_first - t0, 2) if t_first else None,
+            "steady_images_per_s": round((count - 1) / (t_last - t_first), 1)
+            if t_first and t_last > t_first
+            else None,
+            **background.finish(cpu, wall),
+            "bytes_per_message": round(payload_bytes / max(messages, 1)),
+            "images_per_message": round(count / max(messages, 1), 2),
+            "payload_check": check,
+        }
         if t_done is None:
             result["timed_out"] = True
         if failed:
@@ -812,8 +946,10 @@ def _cost(fn: Callable, items: list) -> dict:
     c0, w0 = time.thread_time(), time.perf_counter()
     for x in items:
         fn(x)
-    return {"cpu_ms": round((time.thread_time() - c0) / len(items) * 1e3, 2),
-            "wall_ms": round((time.perf_counter() - w0) / len(items) * 1e3, 2)}
+    return {
+        "cpu_ms": round((time.thread_time() - c0) / len(items) * 1e3, 2),
+        "wall_ms": round((time.perf_counter() - w0) / len(items) * 1e3, 2),
+    }
 
 
 def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
@@ -835,8 +971,9 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     payloads = [images.encode_pixels(a) for a in rgbs]
     keys = [f"{i:032x}" for i in range(len(datas))]
     messages = [embed_image({"k": k, "u": u}, p) for k, u, p in zip(keys, urls, payloads, strict=True)]
-    settings = Settings(broker_url=redis_url, allow_private_addresses=True,
-                        per_host_connections=4, embed_queue_limit=10**9)
+    settings = Settings(
+        broker_url=redis_url, allow_private_addresses=True, per_host_connections=4, embed_queue_limit=10**9
+    )
     policy = policy_from_settings(settings)
     session = make_session(policy, 4)
     client = connect(redis_url)
@@ -846,25 +983,33 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     app = make_app(settings)
     app.conf.task_send_sent_event = False  # as workers.tasks
     steps = {
-        "load_rgb (the worker's path: simplejpeg at a DCT scale + cykooz Lanczos-3 + pad)":
-            _cost(lambda d: images.load_rgb(d, size=size), datas),
-        "Pillow decode with draft (other formats' path)":
-            _cost(lambda d: images.decode(d, draft_for=size), datas),
+        "load_rgb (the worker's path: simplejpeg at a DCT scale + cykooz Lanczos-3 + pad)": _cost(
+            lambda d: images.load_rgb(d, size=size), datas
+        ),
+        "Pillow decode with draft (other formats' path)": _cost(
+            lambda d: images.decode(d, draft_for=size), datas
+        ),
         "Pillow LANCZOS + pad of a drafted decode": _cost(lambda im: images.resize(im, size), decoded),
         "Pillow decode, full size": _cost(images.decode, datas),
         "Pillow full decode + LANCZOS + pad": _cost(lambda d: images.resize(images.decode(d), size), datas),
         "encode_pixels": _cost(images.encode_pixels, rgbs),
         "msgpack of the embed message": _cost(lambda m: msgpack.packb(m, use_bin_type=True), messages),
         "send_task to embed (serialize + LPUSH)": _cost(
-            lambda m: app.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE, argsrepr=f"({m['name']!r})",
-                                    kwargsrepr="{}"), messages),
+            lambda m: app.send_task(
+                EMBED_TASK, args=[m], queue=EMBED_QUEUE, argsrepr=f"({m['name']!r})", kwargsrepr="{}"
+            ),
+            messages,
+        ),
         "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded(pending.pop()), keys),
         "Redis PING round trip": _cost(lambda k: client.ping(), keys),
         **fetch_costs(urls, policy, session, fetch),
     }
     client.delete(EMBED_QUEUE)
-    return {"steps": steps, "payload_bytes": round(float(np.mean([len(p) for p in payloads]))),
-            "what_if": what_if(decoded, rgbs, messages, client, settings)}
+    return {
+        "steps": steps,
+        "payload_bytes": round(float(np.mean([len(p) for p in payloads]))),
+        "what_if": what_if(decoded, rgbs, messages, client, settings),
+    }
 
 
 def fetch_costs(urls: list[str], policy, session, fetch: Callable) -> dict:
@@ -873,9 +1018,11 @@ def fetch_costs(urls: list[str], policy, session, fetch: Callable) -> dict:
     urls = [u + "?nolatency" for u in urls]
     before = requests_fetch_before(policy)
     floor = http_client_get(urls[0])
-    return {"fetch (urllib3 guarded, loopback, no latency)": _cost(lambda u: fetch(u, session, policy), urls),
-            "fetch (requests, before)": _cost(before, urls),
-            "GET with http.client (floor: no guards)": _cost(floor, urls)}
+    return {
+        "fetch (urllib3 guarded, loopback, no latency)": _cost(lambda u: fetch(u, session, policy), urls),
+        "fetch (requests, before)": _cost(before, urls),
+        "GET with http.client (floor: no guards)": _cost(floor, urls),
+    }
 
 
 def requests_fetch_before(policy) -> Callable[[str], bytes]:
@@ -903,7 +1050,8 @@ def requests_fetch_before(policy) -> Callable[[str], bytes]:
         def init_poolmanager(self, *args, **kwargs) -> None:
             super().init_poolmanager(*args, **kwargs)
             self.poolmanager.pool_classes_by_scheme = {
-                "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Guarded})}
+                "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Guarded})
+            }
 
     session = requests.Session()
     session.trust_env = False
@@ -912,8 +1060,9 @@ def requests_fetch_before(policy) -> Callable[[str], bytes]:
 
     def attempt(url: str, start: float) -> bytes:
         with policy.host_slot(urlsplit(url).hostname or ""):
-            with session.get(url, stream=True, timeout=(policy.connect_timeout, policy.read_timeout),
-                             allow_redirects=False) as response:
+            with session.get(
+                url, stream=True, timeout=(policy.connect_timeout, policy.read_timeout), allow_redirects=False
+            ) as response:
                 if response.is_redirect or not 200 <= response.status_code < 300:
                     raise FetchError("http_error", f"HTTP {response.status_code}")
                 body = bytearray()
@@ -929,15 +1078,22 @@ def requests_fetch_before(policy) -> Callable[[str], bytes]:
         start = time.monotonic()
 
         def wait(state: tenacity.RetryCallState) -> float:
-            return max(policy.backoff * 2 ** (state.attempt_number - 1),
-                       getattr(state.outcome.exception(), "retry_after", 0.0))
+            return max(
+                policy.backoff * 2 ** (state.attempt_number - 1),
+                getattr(state.outcome.exception(), "retry_after", 0.0),
+            )
 
         def stop(state: tenacity.RetryCallState) -> bool:
             late = time.monotonic() - start + wait(state) >= policy.deadline
             return state.attempt_number > policy.retries or late
 
-        retrying = tenacity.Retrying(retry=tenacity.retry_if_exception_type(TransientError), wait=wait,
-                                     stop=stop, reraise=True, sleep=time.sleep)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientError),
+            wait=wait,
+            stop=stop,
+            reraise=True,
+            sleep=time.sleep,
+        )
         return retrying(attempt, url, start)
 
     return fetch
@@ -981,20 +1137,30 @@ def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client,
     before = [encode_pixels_default(a) for a in rgbs]
     smooth = _smooth_photo()
     out["encode_pixels with zlib (before)"] = {
-        **_cost(encode_pixels_default, rgbs), "bytes": round(float(np.mean([len(p) for p in before]))),
-        "smooth_photo_bytes_before_vs_now": [len(encode_pixels_default(smooth)),
-                                             len(images.encode_pixels(smooth))]}
+        **_cost(encode_pixels_default, rgbs),
+        "bytes": round(float(np.mean([len(p) for p in before]))),
+        "smooth_photo_bytes_before_vs_now": [
+            len(encode_pixels_default(smooth)),
+            len(images.encode_pixels(smooth)),
+        ],
+    }
     old = make_app(settings)
     out["send_task with repr and task-sent event (before)"] = _cost(
-        lambda m: old.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages)
+        lambda m: old.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages
+    )
     client.delete(EMBED_QUEUE)
     out["msgpack + LPUSH (no kombu envelope)"] = _cost(
-        lambda m: client.lpush("bench:raw", msgpack.packb(m, use_bin_type=True)), messages)
+        lambda m: client.lpush("bench:raw", msgpack.packb(m, use_bin_type=True)), messages
+    )
     client.delete("bench:raw")
-    for name, flt, gap in (("resize BILINEAR + pad", Image.Resampling.BILINEAR, None),
-                           ("resize LANCZOS reducing_gap=1.5 + pad", Image.Resampling.LANCZOS, 1.5)):
-        out[name] = {**_cost(lambda im, f=flt, g=gap: _pad_with(im, f, g), decoded),
-                     **_difference([_pad_with(im, flt, gap) for im in decoded], rgbs)}
+    for name, flt, gap in (
+        ("resize BILINEAR + pad", Image.Resampling.BILINEAR, None),
+        ("resize LANCZOS reducing_gap=1.5 + pad", Image.Resampling.LANCZOS, 1.5),
+    ):
+        out[name] = {
+            **_cost(lambda im, f=flt, g=gap: _pad_with(im, f, g), decoded),
+            **_difference([_pad_with(im, flt, gap) for im in decoded], rgbs),
+        }
     return out
 
 
@@ -1012,8 +1178,10 @@ def _pad_with(img, resample, reducing_gap) -> np.ndarray:
 
 def _difference(got: list[np.ndarray], want: list[np.ndarray]) -> dict:
     diffs = [np.abs(g.astype(np.int16) - w.astype(np.int16)) for g, w in zip(got, want, strict=True)]
-    return {"max_abs_diff": int(max(d.max() for d in diffs)),
-            "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 3)}
+    return {
+        "max_abs_diff": int(max(d.max() for d in diffs)),
+        "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 3),
+    }
 
 
 def _smooth_photo() -> np.ndarray:
@@ -1038,10 +1206,21 @@ def summarize(runs: list[dict]) -> dict:
     for r in runs:
         name = r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"
         groups.setdefault(name, []).append(r)
-    med = {name: {k: median(rows, k) for k in ("images_per_s", "steady_images_per_s", "cpu_s_per_image",
-                                               "peak_rss_mb", "wall_s", "others_cores")}
-           | {"runs": len(rows), "all_images": all(r["success"] == _expected(r) for r in rows)}
-           for name, rows in groups.items()}
+    med = {
+        name: {
+            k: median(rows, k)
+            for k in (
+                "images_per_s",
+                "steady_images_per_s",
+                "cpu_s_per_image",
+                "peak_rss_mb",
+                "wall_s",
+                "others_cores",
+            )
+        }
+        | {"runs": len(rows), "all_images": all(r["success"] == _expected(r) for r in rows)}
+        for name, rows in groups.items()
+    }
     out: dict = {"medians": med}
     i2d = [k for k in med if k.startswith("img2dataset")]
     if "ours" in med and i2d and all(med[k]["images_per_s"] for k in i2d):
@@ -1063,8 +1242,10 @@ def _expected(run: dict) -> int:
 
 
 def _ratios(a: dict, b: dict) -> dict:
-    out = {"ratio_images_per_s": round(a["images_per_s"] / b["images_per_s"], 2),
-           "ratio_cpu_s_per_image": round(a["cpu_s_per_image"] / b["cpu_s_per_image"], 2)}
+    out = {
+        "ratio_images_per_s": round(a["images_per_s"] / b["images_per_s"], 2),
+        "ratio_cpu_s_per_image": round(a["cpu_s_per_image"] / b["cpu_s_per_image"], 2),
+    }
     if a.get("steady_images_per_s") and b.get("steady_images_per_s"):
         out["ratio_steady_images_per_s"] = round(a["steady_images_per_s"] / b["steady_images_per_s"], 2)
     return out
@@ -1076,14 +1257,17 @@ def mix_lines(result: dict) -> list[str]:
     if not mix:
         return []
     kinds = ", ".join(f"{k} {v}" for k, v in mix["counts"].items())
-    lines = [f"Mix of {result['config']['images']} URLs: {kinds}; {mix['expected_successes']} can succeed. "
-             f"Both tools: timeout {mix['timeout_s']:g} s, "
-             f"{mix['retries']} retries (img2dataset retries every failure at once; ours timeouts, "
-             f"connection and DNS errors, 429 and 5xx, after a {mix['our_retry_backoff_s']} s backoff "
-             f"doubling, within a {mix['our_deadline_s']} s deadline). Slow servers dribble an image over "
-             f"{mix['slow_s']:g} s. Run in a private network namespace (loopback only; "
-             f"{result.get('network', {}).get('dns_failure', '')}). images/s and CPU-s per image count "
-             "successful images only: the dead links' cost is in them.", ""]
+    lines = [
+        f"Mix of {result['config']['images']} URLs: {kinds}; {mix['expected_successes']} can succeed. "
+        f"Both tools: timeout {mix['timeout_s']:g} s, "
+        f"{mix['retries']} retries (img2dataset retries every failure at once; ours timeouts, "
+        f"connection and DNS errors, 429 and 5xx, after a {mix['our_retry_backoff_s']} s backoff "
+        f"doubling, within a {mix['our_deadline_s']} s deadline). Slow servers dribble an image over "
+        f"{mix['slow_s']:g} s. Run in a private network namespace (loopback only; "
+        f"{result.get('network', {}).get('dns_failure', '')}). images/s and CPU-s per image count "
+        "successful images only: the dead links' cost is in them.",
+        "",
+    ]
     last: dict[str, dict] = {}
     for r in result["runs"]:
         last[r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"] = r
@@ -1099,39 +1283,56 @@ def markdown(result: dict) -> str:
     """The tables printed to stdout and written to download.md."""
     cfg = result["config"]
     title = "clean corpus" if cfg.get("scenario", "clean") == "clean" else "realistic mix (mostly dead links)"
-    lines = [f"## Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset", "",
-             f"`{cfg['command']}`  ", f"{cfg['images']} images ({result['corpus']['mean_kb']} KB, "
-             f"{result['corpus']['mean_mpix']} Mpix on average), {cfg['latency']} s latency per "
-             f"response, {cfg['workers']} processes each, {os.cpu_count()} CPU cores; "
-             f"{result.get('img2dataset_version') or 'img2dataset not run'}", "",
-             "images/s: whole command (img2dataset: its start-up included; ours: from `submit` to the "
-             "last image, workers already up); steady: img2dataset's own in-shard rate, ours from the "
-             "first image out to the last; CPU-s per image and cores used: all processes of the tool "
-             "(img2dataset's process tree; our workers + redis-server + producer), not the image server "
-             "nor the counting sink; others: cores used by other jobs on this shared machine during "
-             "the run.", "", *mix_lines(result),
-             "| run | tool | images/s | steady images/s | CPU-s per image | cores used | peak RSS MB "
-             "| ok / images | wall s | others (cores) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset",
+        "",
+        f"`{cfg['command']}`  ",
+        f"{cfg['images']} images ({result['corpus']['mean_kb']} KB, "
+        f"{result['corpus']['mean_mpix']} Mpix on average), {cfg['latency']} s latency per "
+        f"response, {cfg['workers']} processes each, {os.cpu_count()} CPU cores; "
+        f"{result.get('img2dataset_version') or 'img2dataset not run'}",
+        "",
+        "images/s: whole command (img2dataset: its start-up included; ours: from `submit` to the "
+        "last image, workers already up); steady: img2dataset's own in-shard rate, ours from the "
+        "first image out to the last; CPU-s per image and cores used: all processes of the tool "
+        "(img2dataset's process tree; our workers + redis-server + producer), not the image server "
+        "nor the counting sink; others: cores used by other jobs on this shared machine during "
+        "the run.",
+        "",
+        *mix_lines(result),
+        "| run | tool | images/s | steady images/s | CPU-s per image | cores used | peak RSS MB "
+        "| ok / images | wall s | others (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, r in enumerate(result["runs"], 1):
         tool = r["tool"] if r["tool"].startswith("ours") else f"img2dataset T={r['threads']}"
-        lines.append(f"| {i} | {tool} | {r['images_per_s']} | {r.get('steady_images_per_s')} | "
-                     f"{r['cpu_s_per_image']:.4f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']} | "
-                     f"{r['success']} / {_expected(r)} | "
-                     f"{r['wall_s']} | {r.get('others_cores')} |")
+        lines.append(
+            f"| {i} | {tool} | {r['images_per_s']} | {r.get('steady_images_per_s')} | "
+            f"{r['cpu_s_per_image']:.4f} | {r['cpu_s'] / r['wall_s']:.2f} | {r['peak_rss_mb']} | "
+            f"{r['success']} / {_expected(r)} | "
+            f"{r['wall_s']} | {r.get('others_cores')} |"
+        )
     summary = result["summary"]
-    lines += ["", "| median | images/s | steady images/s | CPU-s per image | peak RSS MB | runs "
-                  "| all images |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| median | images/s | steady images/s | CPU-s per image | peak RSS MB | runs | all images |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, m in summary["medians"].items():
-        lines.append(f"| {name} | {m['images_per_s']} | {m['steady_images_per_s']} | "
-                     f"{m['cpu_s_per_image']:.4f} | {m['peak_rss_mb']} | {m['runs']} | "
-                     f"{'yes' if m['all_images'] else 'NO'} |")
+        lines.append(
+            f"| {name} | {m['images_per_s']} | {m['steady_images_per_s']} | "
+            f"{m['cpu_s_per_image']:.4f} | {m['peak_rss_mb']} | {m['runs']} | "
+            f"{'yes' if m['all_images'] else 'NO'} |"
+        )
     fixed = result.get("img2dataset_fixed_cost_1_image")
     if fixed:
-        lines += ["", f"img2dataset's fixed cost (a 1-image run): {fixed['wall_s']} s, "
-                      f"{fixed['cpu_s']} CPU-s, {fixed['peak_rss_mb']} MB. "
-                      "Our workers' start-up (not in our runs): "
-                      f"{result['ours_startup']['wall_s']} s, {result['ours_startup']['cpu_s']} CPU-s."]
+        lines += [
+            "",
+            f"img2dataset's fixed cost (a 1-image run): {fixed['wall_s']} s, "
+            f"{fixed['cpu_s']} CPU-s, {fixed['peak_rss_mb']} MB. "
+            "Our workers' start-up (not in our runs): "
+            f"{result['ours_startup']['wall_s']} s, {result['ours_startup']['cpu_s']} CPU-s.",
+        ]
     lines += _ratio_lines(result, summary)
     if result.get("img2dataset_error"):
         lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
@@ -1143,19 +1344,32 @@ def _ratio_lines(result: dict, summary: dict) -> list[str]:
     """markdown's ours-vs-img2dataset ratios and variants."""
     lines: list[str] = []
     if "ratio_images_per_s" in summary:
-        lines += ["", f"**ours / {summary['ratio_vs']}: images/s x{summary['ratio_images_per_s']}, "
-                      f"CPU-s per image x{summary['ratio_cpu_s_per_image']}** (medians; targets: "
-                      + ("images/s x1 or more" if result["config"].get("scenario") == "mix" else
-                         "images/s x2 or more, whole and steady; CPU-s per image x0.5 or less") + ")"]
+        lines += [
+            "",
+            f"**ours / {summary['ratio_vs']}: images/s x{summary['ratio_images_per_s']}, "
+            f"CPU-s per image x{summary['ratio_cpu_s_per_image']}** (medians; targets: "
+            + (
+                "images/s x1 or more"
+                if result["config"].get("scenario") == "mix"
+                else "images/s x2 or more, whole and steady; CPU-s per image x0.5 or less"
+            )
+            + ")",
+        ]
         if "ratio_steady_images_per_s" in summary:
-            lines.append(f"Steady state (start-ups excluded on both sides): images/s "
-                         f"x{summary['ratio_steady_images_per_s']}")
-    for title, group in (("vs " + str(summary.get("ratio_vs")), summary.get("variants", {})),
-                         ("vs ours", summary.get("variants_vs_ours", {}))):
+            lines.append(
+                f"Steady state (start-ups excluded on both sides): images/s "
+                f"x{summary['ratio_steady_images_per_s']}"
+            )
+    for title, group in (
+        ("vs " + str(summary.get("ratio_vs")), summary.get("variants", {})),
+        ("vs ours", summary.get("variants_vs_ours", {})),
+    ):
         for name, rat in group.items():
-            lines.append(f"{name} {title}: images/s x{rat['ratio_images_per_s']}, steady "
-                         f"x{rat.get('ratio_steady_images_per_s')}, CPU-s per image "
-                         f"x{rat['ratio_cpu_s_per_image']}  ")
+            lines.append(
+                f"{name} {title}: images/s x{rat['ratio_images_per_s']}, steady "
+                f"x{rat.get('ratio_steady_images_per_s')}, CPU-s per image "
+                f"x{rat['ratio_cpu_s_per_image']}  "
+            )
     return lines
 
 
@@ -1163,8 +1377,14 @@ def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
     """markdown's single-thread step costs (none when not measured)."""
     if not ceiling:
         return []
-    lines = ["", f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images, this process, "
-                 "no network unless said):", "", "| step | CPU ms | wall ms |", "|---|---|---|"]
+    lines = [
+        "",
+        f"Single-thread cost per image ({cfg['ceiling_sample']} corpus images, this process, "
+        "no network unless said):",
+        "",
+        "| step | CPU ms | wall ms |",
+        "|---|---|---|",
+    ]
     for name, c in ceiling.get("ours", {}).get("steps", {}).items():
         lines.append(f"| ours: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
     for name, c in ceiling.get("img2dataset", {}).items():
@@ -1172,8 +1392,13 @@ def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
             lines.append(f"| img2dataset: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
     what = ceiling.get("ours", {}).get("what_if", {})
     if what:
-        lines += ["", "Candidate changes to our steps (measured in this process only):", "",
-                  "| change | CPU ms | wall ms | notes |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Candidate changes to our steps (measured in this process only):",
+            "",
+            "| change | CPU ms | wall ms | notes |",
+            "|---|---|---|---|",
+        ]
         for name, c in what.items():
             notes = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("cpu_ms", "wall_ms"))
             lines.append(f"| {name} | {c['cpu_ms']} | {c['wall_ms']} | {notes} |")
@@ -1184,36 +1409,97 @@ def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
 @click.option("--images", type=int, default=2000, show_default=True, help="corpus size")
 @click.option("--latency", type=float, default=0.05, show_default=True, help="seconds before each answer")
 @click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
-@click.option("--workers", type=int, default=2, show_default=True,
-              help="our download workers = img2dataset processes")
-@click.option("--concurrency", type=int, default=64, show_default=True,
-              help="downloads in flight per worker of ours (its fetch threads; img2dataset: --threads)")
+@click.option(
+    "--workers", type=int, default=2, show_default=True, help="our download workers = img2dataset processes"
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=64,
+    show_default=True,
+    help="downloads in flight per worker of ours (its fetch threads; img2dataset: --threads)",
+)
 @click.option("--threads", default="64", show_default=True, help="img2dataset --thread_count (e.g. 16,64)")
-@click.option("--ceiling-sample", type=int, default=100, show_default=True,
-              help="corpus images for the single-thread costs (0: skip)")
-@click.option("--quiet-wait", type=float, default=30, show_default=True,
-              help="before each run, wait up to this many seconds for other jobs' load to drop")
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["before"]),
-              help="also run ours with the earlier publish path swapped in (see BEFORE_WORKER)")
-@click.option("--scenario", type=click.Choice(["clean", "mix"]), default="clean", show_default=True,
-              help="clean: every URL a good image; mix: mostly dead links (see --mix), in a private "
-                   "network namespace")
-@click.option("--mix", "mix_text", default=DEFAULT_MIX, show_default=True,
-              help="shares of URL kinds for --scenario mix")
-@click.option("--mix-timeout", type=float, default=10, show_default=True,
-              help="mix: img2dataset --timeout; ours: connect and read timeouts")
-@click.option("--mix-retries", type=int, default=1, show_default=True,
-              help="mix: img2dataset --retries and ours KOALA_RETRIES")
-@click.option("--slow-seconds", type=float, default=3, show_default=True,
-              help="mix: seconds a slow server takes to dribble an image")
+@click.option(
+    "--ceiling-sample",
+    type=int,
+    default=100,
+    show_default=True,
+    help="corpus images for the single-thread costs (0: skip)",
+)
+@click.option(
+    "--quiet-wait",
+    type=float,
+    default=30,
+    show_default=True,
+    help="before each run, wait up to this many seconds for other jobs' load to drop",
+)
+@click.option(
+    "--variant",
+    "variants",
+    multiple=True,
+    type=click.Choice(["before"]),
+    help="also run ours with the earlier publish path swapped in (see BEFORE_WORKER)",
+)
+@click.option(
+    "--scenario",
+    type=click.Choice(["clean", "mix"]),
+    default="clean",
+    show_default=True,
+    help="clean: every URL a good image; mix: mostly dead links (see --mix), in a private network namespace",
+)
+@click.option(
+    "--mix", "mix_text", default=DEFAULT_MIX, show_default=True, help="shares of URL kinds for --scenario mix"
+)
+@click.option(
+    "--mix-timeout",
+    type=float,
+    default=10,
+    show_default=True,
+    help="mix: img2dataset --timeout; ours: connect and read timeouts",
+)
+@click.option(
+    "--mix-retries",
+    type=int,
+    default=1,
+    show_default=True,
+    help="mix: img2dataset --retries and ours KOALA_RETRIES",
+)
+@click.option(
+    "--slow-seconds",
+    type=float,
+    default=3,
+    show_default=True,
+    help="mix: seconds a slow server takes to dribble an image",
+)
 @click.option("--smoke", is_flag=True, help="40 images (mix: 60, 2 s timeouts), 1 round, no img2dataset")
 @click.option("--no-img2dataset", is_flag=True, help="measure ours only")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="default bench/results/download[-mix][-smoke].json")
-def main(images: int, latency: float, rounds: int, workers: int, concurrency: int, threads: str,  # noqa: C901 - the steps in order, branching on options
-         ceiling_sample: int, quiet_wait: float, variants: tuple[str, ...], scenario: str, mix_text: str,
-         mix_timeout: float, mix_retries: int, slow_seconds: float, smoke: bool, no_img2dataset: bool,
-         json_path: str | None) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="default bench/results/download[-mix][-smoke].json",
+)
+def main(  # noqa: C901 - the steps in order, branching on options
+    images: int,
+    latency: float,
+    rounds: int,
+    workers: int,
+    concurrency: int,
+    threads: str,
+    ceiling_sample: int,
+    quiet_wait: float,
+    variants: tuple[str, ...],
+    scenario: str,
+    mix_text: str,
+    mix_timeout: float,
+    mix_retries: int,
+    slow_seconds: float,
+    smoke: bool,
+    no_img2dataset: bool,
+    json_path: str | None,
+) -> None:
     """Download + resize throughput and CPU: ours vs img2dataset on a loopback corpus."""
     if smoke:
         images, rounds, no_img2dataset, ceiling_sample, quiet_wait = 40, 1, True, min(ceiling_sample, 20), 0
@@ -1234,12 +1520,24 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
     (RESULTS / "tmp").mkdir(exist_ok=True)
     command = "python -m bench.download " + " ".join(sys.argv[1:])
     paths = ensure_corpus(images)
-    result: dict = {"config": {"command": command.strip(), "scenario": scenario, "images": images,
-                               "latency": latency, "rounds": rounds, "workers": workers,
-                               "concurrency": concurrency, "img2dataset_threads": thread_counts,
-                               "ceiling_sample": ceiling_sample, "cpu_count": os.cpu_count(),
-                               "per_host_connections": concurrency, "chunk_size": 16},
-                    "corpus": corpus_stats(paths), "runs": []}
+    result: dict = {
+        "config": {
+            "command": command.strip(),
+            "scenario": scenario,
+            "images": images,
+            "latency": latency,
+            "rounds": rounds,
+            "workers": workers,
+            "concurrency": concurrency,
+            "img2dataset_threads": thread_counts,
+            "ceiling_sample": ceiling_sample,
+            "cpu_count": os.cpu_count(),
+            "per_host_connections": concurrency,
+            "chunk_size": 16,
+        },
+        "corpus": corpus_stats(paths),
+        "runs": [],
+    }
     if mix:
         result["network"] = check_private_network()
     bindir = _find_img2dataset(result, no_img2dataset)
@@ -1250,9 +1548,15 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
     if mix:
         mixed, counts = mix.urls(server, images)
         expected = sum(counts.get(k, 0) for k in SUCCEEDS)
-        result["config"]["mix"] = {"counts": counts, "expected_successes": expected,
-                                   "timeout_s": mix.timeout, "retries": mix.retries, "slow_s": mix.slow_s,
-                                   "our_deadline_s": 60, "our_retry_backoff_s": 1}
+        result["config"]["mix"] = {
+            "counts": counts,
+            "expected_successes": expected,
+            "timeout_s": mix.timeout,
+            "retries": mix.retries,
+            "slow_s": mix.slow_s,
+            "our_deadline_s": 60,
+            "our_retry_backoff_s": 1,
+        }
     url_list.write_text("\n".join(mixed if mix else urls) + "\n")
     timeout = max(120.0, images / 5) + (2 * (mix.retries + 1) * mix.timeout + mix.slow_s if mix else 0)
     i2d_limits = {"fetch_timeout": mix.timeout, "retries": mix.retries} if mix else {}
@@ -1260,30 +1564,48 @@ def main(images: int, latency: float, rounds: int, workers: int, concurrency: in
     try:
         for variant in (None, *variants):
             name = f"fleet-{variant}" if variant else "fleet"
-            fleets.append(Fleet(workers, concurrency, concurrency, RESULTS / "tmp" / name, variant,
-                                mix.our_env() if mix else None))
-            result.setdefault("ours_startup", {"wall_s": fleets[0].startup_s,
-                                               "cpu_s": fleets[0].startup_cpu_s})
+            fleets.append(
+                Fleet(
+                    workers,
+                    concurrency,
+                    concurrency,
+                    RESULTS / "tmp" / name,
+                    variant,
+                    mix.our_env() if mix else None,
+                )
+            )
+            result.setdefault(
+                "ours_startup", {"wall_s": fleets[0].startup_s, "cpu_s": fleets[0].startup_cpu_s}
+            )
         if bindir:
             fixed = run_img2dataset(bindir, _one_url_list(urls), 1, workers, thread_counts[0], server, 120)
-            result["img2dataset_fixed_cost_1_image"] = {"wall_s": fixed["wall_s"], "cpu_s": fixed["cpu_s"],
-                                                        "peak_rss_mb": fixed["peak_rss_mb"]}
+            result["img2dataset_fixed_cost_1_image"] = {
+                "wall_s": fixed["wall_s"],
+                "cpu_s": fixed["cpu_s"],
+                "peak_rss_mb": fixed["peak_rss_mb"],
+            }
         for round_no in range(1, rounds + 1):
             if bindir:
                 for t in thread_counts:
                     before = wait_quiet(quiet_wait) if quiet_wait else None
                     r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout, **i2d_limits)
-                    log(f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
-                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}")
-                    result["runs"].append({"round": round_no, "others_before_cores": before,
-                                           "expected": expected, **r})
+                    log(
+                        f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
+                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}"
+                    )
+                    result["runs"].append(
+                        {"round": round_no, "others_before_cores": before, "expected": expected, **r}
+                    )
             for fleet in fleets:
                 before = wait_quiet(quiet_wait) if quiet_wait else None
                 r = fleet.run(url_list, images, server, timeout)
-                log(f"round {round_no} {fleet.name}: {r['images_per_s']} img/s, "
-                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}")
-                result["runs"].append({"round": round_no, "others_before_cores": before,
-                                       "expected": expected, **r})
+                log(
+                    f"round {round_no} {fleet.name}: {r['images_per_s']} img/s, "
+                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}"
+                )
+                result["runs"].append(
+                    {"round": round_no, "others_before_cores": before, "expected": expected, **r}
+                )
         if ceiling_sample:
             result["ceiling"] = _ceilings(paths[:ceiling_sample], urls, fleets[0], bindir)
     finally:
@@ -1312,9 +1634,9 @@ def _find_img2dataset(result: dict, skip: bool) -> Path | None:
 def _ceilings(sample: list[Path], urls: list[str], fleet: Fleet, bindir: Path | None) -> dict:
     """Single-thread step costs on `sample` (corpus files and their URLs): ours, and img2dataset's."""
     fleet.reset()
-    ceiling = {"ours": our_ceiling(sample, urls[:len(sample)], fleet.redis.url)}
+    ceiling = {"ours": our_ceiling(sample, urls[: len(sample)], fleet.redis.url)}
     if bindir:
-        ceiling["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[:len(sample)])
+        ceiling["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[: len(sample)])
     return ceiling
 
 

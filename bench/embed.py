@@ -49,6 +49,7 @@ NAME = "embed"
 
 # ---- helpers shared with the other benchmarks ---------------------------------------------------
 
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     """A markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -144,6 +145,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 # ---- inputs -------------------------------------------------------------------------------------
 
+
 def ensure_checkpoint(cache: Path) -> Path:
     """The generated checkpoint, written once into the cache folder."""
     from tests.checkpoint import fake_checkpoint_in
@@ -182,10 +184,11 @@ def payloads_of(rgb: np.ndarray) -> list[dict]:
 
 
 def batches(x: np.ndarray, size: int) -> list[np.ndarray]:
-    return [x[i:i + size] for i in range(0, len(x), size)]
+    return [x[i : i + size] for i in range(0, len(x), size)]
 
 
 # ---- 1. bare model ------------------------------------------------------------------------------
+
 
 def bare_embed(embedder, rgb: np.ndarray, batch_size: int) -> dict:
     """Embedder.embed in a loop, one call per batch (after one warm-up call)."""
@@ -195,9 +198,14 @@ def bare_embed(embedder, rgb: np.ndarray, batch_size: int) -> dict:
     for b in parts:
         embedder.embed(b)
     seconds, cpu, busy = time.perf_counter() - start, time.process_time() - cpu, busy_seconds() - busy
-    return {"images": len(rgb), "seconds": round(seconds, 2), "img_s": round(len(rgb) / seconds, 3),
-            "cpu_s_per_image": round(cpu / len(rgb), 3), "cores_used": round(cpu / seconds, 2),
-            "other_processes_cores": round(max(0.0, busy - cpu) / seconds, 2)}
+    return {
+        "images": len(rgb),
+        "seconds": round(seconds, 2),
+        "img_s": round(len(rgb) / seconds, 3),
+        "cpu_s_per_image": round(cpu / len(rgb), 3),
+        "cores_used": round(cpu / seconds, 2),
+        "other_processes_cores": round(max(0.0, busy - cpu) / seconds, 2),
+    }
 
 
 def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
@@ -207,8 +215,9 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
     from common.model import preprocess
 
     model = embedder.model
-    call = tf.function(lambda x: model(x, training=False),
-                       input_signature=[tf.TensorSpec([None, 299, 299, 3], tf.float32)])
+    call = tf.function(
+        lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, 299, 299, 3], tf.float32)]
+    )
     parts = [tf.constant(preprocess(b)) for b in batches(rgb, batch_size)]
     call(parts[0]).numpy()
     start = time.perf_counter()
@@ -220,6 +229,7 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
 
 # ---- 2. the worker end to end -------------------------------------------------------------------
 
+
 def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> None:
     """Register the items and mark them downloaded, as the producer and download workers would."""
     from common.state import JobState
@@ -227,8 +237,8 @@ def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> 
     state = JobState(client, prefix)
     keys = [p["key"] for p in payloads]
     for i in range(0, len(keys), 1000):
-        state.register(keys[i:i + 1000], state.new_run())
-        state.mark_downloaded_many(keys[i:i + 1000])
+        state.register(keys[i : i + 1000], state.new_run())
+        state.mark_downloaded_many(keys[i : i + 1000])
 
 
 def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> None:
@@ -240,7 +250,7 @@ def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> N
     app = make_app(Settings(broker_url=redis_url))
     try:
         for i in range(0, len(payloads), chunk or 1):
-            images = payloads[i:i + chunk] if chunk else payloads[i]  # 0: one bare image, as before chunks
+            images = payloads[i : i + chunk] if chunk else payloads[i]  # 0: one bare image, as before chunks
             app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
     finally:
         app.close()
@@ -252,13 +262,25 @@ class EmbedWorker:
     def __init__(self, redis_url: str, out: Path, checkpoint: Path, batch_size: int, log_path: Path):
         from tests.servers import worker_env
 
-        env = worker_env(redis_url, out, KOALA_CHECKPOINT=str(checkpoint), KOALA_BATCH_SIZE=str(batch_size),
-                         KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", TF_CPP_MIN_LOG_LEVEL="2")
+        env = worker_env(
+            redis_url,
+            out,
+            KOALA_CHECKPOINT=str(checkpoint),
+            KOALA_BATCH_SIZE=str(batch_size),
+            KOALA_BATCH_WAIT="0.2",
+            KOALA_EXAMPLES_PER_SHARD="500",
+            TF_CPP_MIN_LOG_LEVEL="2",
+        )
         self.log_path = log_path
         self._log = open(log_path, "wb")  # closed in stop()
         self.started = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers", "embed", "-n", "embed@bench"],
-                                     cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
@@ -340,10 +362,12 @@ def watch_worker(worker: EmbedWorker, client, n: int, batch_size: int, timeout: 
         "cores_used": round((cpu_done - cpu_batch) / steady_s, 2) if steady_s else None,
         # everything else: this process polling, redis-server, and whatever else shares the machine
         "other_processes_cores": round(max(0.0, busy_done - busy_batch - cpu_done + cpu_batch) / steady_s, 2)
-        if steady_s else None,
+        if steady_s
+        else None,
         "first_record_to_finalized_s": round(finalized - first, 2),
         "img_s_first_record_to_finalized": round((n - min(n, batch_size)) / (finalized - first), 3)
-        if n > batch_size else None,
+        if n > batch_size
+        else None,
         "exit_code": worker.proc.returncode,
         "peak_rss_mb": round(peak / 1024),
     }
@@ -357,11 +381,16 @@ def count_records(out: Path) -> dict:
     shards = sorted(out.glob(records.SHARD_GLOB))
     for shard in shards:
         keys += [records.example_key(data) for _, _, data in records.iter_examples(shard)]
-    return {"records": len(keys), "distinct": len(set(keys)), "shards": len(shards),
-            "temp_shards": len(list(out.glob(".*.tmp")))}
+    return {
+        "records": len(keys),
+        "distinct": len(set(keys)),
+        "shards": len(shards),
+        "temp_shards": len(list(out.glob(".*.tmp"))),
+    }
 
 
 # ---- 3. where the time goes ---------------------------------------------------------------------
+
 
 class Timers:
     """Durations per step name, from wrapped functions (thread-safe appends)."""
@@ -376,6 +405,7 @@ class Timers:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds[name].append(time.perf_counter() - start)
+
         return timed
 
     def total(self, name: str) -> float:
@@ -433,15 +463,20 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
         patches.enter_context(patched(writer, "maybe_rotate", timers, "rotate"))
         start = time.perf_counter()
         for i in range(batch_size, len(payloads), batch_size):
-            written += timers.wrap("process", stage.process)(payloads[i:i + batch_size])
+            written += timers.wrap("process", stage.process)(payloads[i : i + batch_size])
         wall = time.perf_counter() - start
     stage.close()
     n = len(payloads) - batch_size
     seconds = {name: timers.total(name) for name, _ in STEPS if name != "lab wait"}
     seconds["lab wait"] = timers.total("infer") - timers.total("model")
     seconds["other"] = timers.total("process") - sum(seconds.values())
-    return {"images": n, "written": written, "wall_s": round(wall, 2), "seconds": seconds,
-            "lab_threads_s": timers.total("lab (threads)")}
+    return {
+        "images": n,
+        "written": written,
+        "wall_s": round(wall, 2),
+        "seconds": seconds,
+        "lab_threads_s": timers.total("lab (threads)"),
+    }
 
 
 class NoStage:
@@ -467,8 +502,14 @@ class NoStage:
         pass
 
 
-def drain(redis_url: str, n: int, batch_size: int, hostname: str, timeout: float,
-          start: Callable[[], None] = lambda: None) -> list[tuple[float, int]]:
+def drain(
+    redis_url: str,
+    n: int,
+    batch_size: int,
+    hostname: str,
+    timeout: float,
+    start: Callable[[], None] = lambda: None,
+) -> list[tuple[float, int]]:
     """The real BatchConsumer, its steps doing nothing, until n images came through (`start` runs
     just before it consumes); (time, images) of each batch."""
     from common.celery_app import make_app
@@ -477,8 +518,13 @@ def drain(redis_url: str, n: int, batch_size: int, hostname: str, timeout: float
 
     app = make_app(Settings(broker_url=redis_url))
     stage = NoStage(n)
-    consumer = stage.consumer = BatchConsumer(app, stage, batch_size=batch_size, max_wait=0.2,  # type: ignore
-                                              hostname=hostname)
+    consumer = stage.consumer = BatchConsumer(
+        app,
+        stage,
+        batch_size=batch_size,
+        max_wait=0.2,  # type: ignore
+        hostname=hostname,
+    )
     start()
     guard = threading.Timer(timeout, consumer.stopping.set)  # never hang the benchmark
     guard.start()
@@ -509,6 +555,7 @@ def steps_table_rows(steps: dict, receive: dict) -> tuple[dict, dict]:
 
 # ---- the benchmark ------------------------------------------------------------------------------
 
+
 def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
     quiet_tensorflow()
     from tests.servers import RedisServer
@@ -516,9 +563,17 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
     checkpoint = ensure_checkpoint(cache)
     rgb = make_images(n)
     payloads = payloads_of(rgb)
-    result: dict = {"bench": "embed", "smoke": smoke, "images": n, "batch_size": batch_size,
-                    "checkpoint": {"path": str(checkpoint), "generated_weights": True,
-                                   "bytes": checkpoint.stat().st_size}}
+    result: dict = {
+        "bench": "embed",
+        "smoke": smoke,
+        "images": n,
+        "batch_size": batch_size,
+        "checkpoint": {
+            "path": str(checkpoint),
+            "generated_weights": True,
+            "bytes": checkpoint.stat().st_size,
+        },
+    }
     worker: tuple[EmbedWorker, WorkerWatch] | None = None
     with tempfile.TemporaryDirectory(prefix="koala-bench-embed-") as tmp:
         tmp_path = Path(tmp)
@@ -530,8 +585,9 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
                 register_downloaded(client, payloads)
                 fill_embed_queue(server.url, payloads)
                 log(f"{n} embed messages queued; starting the embed worker")
-                proc = EmbedWorker(server.url, tmp_path / "out", checkpoint, batch_size,
-                                   tmp_path / "worker.log")
+                proc = EmbedWorker(
+                    server.url, tmp_path / "out", checkpoint, batch_size, tmp_path / "worker.log"
+                )
                 return proc, WorkerWatch(proc, server.client(), n, batch_size, timeout=max(300.0, 5.0 * n))
 
             # smoke: the worker loads its model while this process loads its own (timings overlap)
@@ -545,8 +601,10 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
             result["model_load_s"] = round(time.perf_counter() - started, 1)
             result["device"] = embedder.device
             threads = tf.config.threading
-            result["tf_threads"] = {"intra_op": threads.get_intra_op_parallelism_threads() or "default",
-                                    "inter_op": threads.get_inter_op_parallelism_threads() or "default"}
+            result["tf_threads"] = {
+                "intra_op": threads.get_intra_op_parallelism_threads() or "default",
+                "inter_op": threads.get_inter_op_parallelism_threads() or "default",
+            }
             log("bare model")
             bare = [bare_embed(embedder, rgb, batch_size)]
             plain = None
@@ -569,14 +627,18 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
                 worker[0].stop()
             server.stop()
     bare_img_s = sum(b["img_s"] for b in bare) / len(bare)
-    result["bare"] = {"embedder_embed": {"img_s": round(bare_img_s, 3), "runs": bare},
-                      "plain_model_call": plain or "skipped in the smoke run",
-                      "embed_vs_plain_ratio": round(bare_img_s / plain["img_s"], 3) if plain else None}
+    result["bare"] = {
+        "embedder_embed": {"img_s": round(bare_img_s, 3), "runs": bare},
+        "plain_model_call": plain or "skipped in the smoke run",
+        "embed_vs_plain_ratio": round(bare_img_s / plain["img_s"], 3) if plain else None,
+    }
     w = result["worker"]
     w["ratio_vs_bare"] = round(w["img_s"] / bare_img_s, 3) if w["img_s"] else None
     w["ratio_first_record_to_finalized_vs_bare"] = (
-        round(w["img_s_first_record_to_finalized"] / bare_img_s, 3) if w["img_s_first_record_to_finalized"]
-        else None)
+        round(w["img_s_first_record_to_finalized"] / bare_img_s, 3)
+        if w["img_s_first_record_to_finalized"]
+        else None
+    )
     bare_cpu = sum(b["cpu_s_per_image"] for b in bare) / len(bare)
     result["bare"]["embedder_embed"]["cpu_s_per_image"] = round(bare_cpu, 3)
     w["cpu_ratio_vs_bare"] = round(bare_cpu / w["cpu_s_per_image"], 3) if w["cpu_s_per_image"] else None
@@ -587,14 +649,20 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
     per_image, share = steps_table_rows(steps, receive)
     in_process_img_s = 1000 / sum(per_image.values())
     result["steps"] = {
-        "images": steps["images"], "written": steps["written"], "ms_per_image": per_image, "share": share,
+        "images": steps["images"],
+        "written": steps["written"],
+        "ms_per_image": per_image,
+        "share": share,
         "lab_threads_ms_per_image": round(1000 * steps["lab_threads_s"] / steps["images"], 2),
         "in_process_img_s": round(in_process_img_s, 3),
         "in_process_ratio_vs_bare": round(in_process_img_s / bare_img_s, 3),
         "model_in_stage_vs_bare_ratio": round(1000 / per_image["model"] / bare_img_s, 3),
     }
-    result["gpu"] = ("not measured: no GPU on this machine" if result["device"] != "GPU"
-                     else "measured above (TensorFlow saw a GPU)")
+    result["gpu"] = (
+        "not measured: no GPU on this machine"
+        if result["device"] != "GPU"
+        else "measured above (TensorFlow saw a GPU)"
+    )
     if smoke:
         result["note"] = "smoke: tiny sizes, the worker ran while this process measured: timings meaningless"
     return result
@@ -603,46 +671,89 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
 def markdown(result: dict) -> str:
     """The tables of an embed result."""
     bare, w, s = result["bare"], result["worker"], result["steps"]
-    runs = ", ".join(f"{r['img_s']} on {r['cores_used']} cores, others {r['other_processes_cores']}"
-                     for r in bare["embedder_embed"]["runs"])
+    runs = ", ".join(
+        f"{r['img_s']} on {r['cores_used']} cores, others {r['other_processes_cores']}"
+        for r in bare["embedder_embed"]["runs"]
+    )
     met = "met" if w["target_met"] else "NOT met"
     each = ", ".join(str(r) for r in w["ratio_vs_each_bare_run"] or [])
-    head = (f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}, "
-            f"generated weights{', SMOKE' if result['smoke'] else ''})")
-    t1 = md_table(["measurement", "images/s", "ratio"], [
-        [f"bare `Embedder.embed` (runs: {runs})", bare["embedder_embed"]["img_s"], "1.00 (reference)"],
-        ["plain `model(x)` in tf.function", *([bare["plain_model_call"]["img_s"],
-                                               f"{1 / bare['embed_vs_plain_ratio']:.2f}"]
-                                              if bare["embed_vs_plain_ratio"] else ["skipped (smoke)", "-"])],
-        [f"embed worker, steady ({w['steady_images']} images after the first batch, on {w['cores_used']} "
-         f"cores, others {w['other_processes_cores']})", w["img_s"],
-         f"**{w['ratio_vs_bare']}** (vs each bare run: {each}; target ≥ {w['target_ratio']}: {met})"],
-        ["embed worker, first record → shard finalized", w["img_s_first_record_to_finalized"],
-         w["ratio_first_record_to_finalized_vs_bare"]],
-        [f"CPU-seconds per image: bare {bare['embedder_embed']['cpu_s_per_image']}, worker "
-         f"{w['cpu_s_per_image']} (less sensitive to other load)", "-",
-         f"**{w['cpu_ratio_vs_bare']}** (bare/worker; target {'met' if w['target_met_cpu'] else 'NOT met'})"],
-        ["`EmbedStage.process` in-process + receive/ack", s["in_process_img_s"],
-         s["in_process_ratio_vs_bare"]],
-    ])
-    t2 = md_table(["worker", "value"], [
-        ["start → first record (model load + first batch)", f"{w['start_to_first_record_s']} s"],
-        ["records in finalized shards / distinct / shards / temp left",
-         f"{w['records']} / {w['distinct']} / {w['shards']} / {w['temp_shards']}"],
-        ["peak RSS (VmHWM)", f"{w['peak_rss_mb']} MB"],
-        ["exit code after SIGTERM", w["exit_code"]],
-    ])
-    rows = [[name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what]
-            for name, what in [*STEPS, ("other", "np.stack, dedupe, bookkeeping"),
-                               ("receive+ack", "BatchConsumer: BRPOP, msgpack, base64, ack (no-op process)")]]
-    rows.append(["(lab in threads)", s["lab_threads_ms_per_image"], "overlaps the model",
-                 "common.lab.lab_channels in the stage's thread pool"])
+    head = (
+        f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}, "
+        f"generated weights{', SMOKE' if result['smoke'] else ''})"
+    )
+    t1 = md_table(
+        ["measurement", "images/s", "ratio"],
+        [
+            [f"bare `Embedder.embed` (runs: {runs})", bare["embedder_embed"]["img_s"], "1.00 (reference)"],
+            [
+                "plain `model(x)` in tf.function",
+                *(
+                    [bare["plain_model_call"]["img_s"], f"{1 / bare['embed_vs_plain_ratio']:.2f}"]
+                    if bare["embed_vs_plain_ratio"]
+                    else ["skipped (smoke)", "-"]
+                ),
+            ],
+            [
+                f"embed worker, steady ({w['steady_images']} images after the first batch, "
+                f"on {w['cores_used']} cores, others {w['other_processes_cores']})",
+                w["img_s"],
+                f"**{w['ratio_vs_bare']}** (vs each bare run: {each}; target ≥ {w['target_ratio']}: {met})",
+            ],
+            [
+                "embed worker, first record → shard finalized",
+                w["img_s_first_record_to_finalized"],
+                w["ratio_first_record_to_finalized_vs_bare"],
+            ],
+            [
+                f"CPU-seconds per image: bare {bare['embedder_embed']['cpu_s_per_image']}, worker "
+                f"{w['cpu_s_per_image']} (less sensitive to other load)",
+                "-",
+                f"**{w['cpu_ratio_vs_bare']}** (bare/worker; "
+                f"target {'met' if w['target_met_cpu'] else 'NOT met'})",
+            ],
+            [
+                "`EmbedStage.process` in-process + receive/ack",
+                s["in_process_img_s"],
+                s["in_process_ratio_vs_bare"],
+            ],
+        ],
+    )
+    t2 = md_table(
+        ["worker", "value"],
+        [
+            ["start → first record (model load + first batch)", f"{w['start_to_first_record_s']} s"],
+            [
+                "records in finalized shards / distinct / shards / temp left",
+                f"{w['records']} / {w['distinct']} / {w['shards']} / {w['temp_shards']}",
+            ],
+            ["peak RSS (VmHWM)", f"{w['peak_rss_mb']} MB"],
+            ["exit code after SIGTERM", w["exit_code"]],
+        ],
+    )
+    rows = [
+        [name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what]
+        for name, what in [
+            *STEPS,
+            ("other", "np.stack, dedupe, bookkeeping"),
+            ("receive+ack", "BatchConsumer: BRPOP, msgpack, base64, ack (no-op process)"),
+        ]
+    ]
+    rows.append(
+        [
+            "(lab in threads)",
+            s["lab_threads_ms_per_image"],
+            "overlaps the model",
+            "common.lab.lab_channels in the stage's thread pool",
+        ]
+    )
     t3 = md_table(["step", "ms/image", "share", "what"], rows)
-    return "\n\n".join([head, t1, t2, "Share of time per step inside the worker (in-process):", t3,
-                        f"GPU: {result['gpu']}."])
+    return "\n\n".join(
+        [head, t1, t2, "Share of time per step inside the worker (in-process):", t3, f"GPU: {result['gpu']}."]
+    )
 
 
 # ---- 4. the ceiling: the worker with a null model ------------------------------------------------
+
 
 def disk_write_mb_s(folder: Path, mb: int = 1024) -> float:
     """MB/s of a sequential write of `mb` MB in 8 MB blocks ended by fdatasync (`dd ... conv=fdatasync`)."""
@@ -671,36 +782,53 @@ LAB_VARIANTS = {  # how the null-model worker computes Lab
 BEFORE = "before"  # the variant that runs an earlier commit's worker (--before)
 
 
-def start_null_worker(redis_url: str, out: Path, batch_size: int, log_path: Path,
-                      extra: dict[str, str]) -> subprocess.Popen:
+def start_null_worker(
+    redis_url: str, out: Path, batch_size: int, log_path: Path, extra: dict[str, str]
+) -> subprocess.Popen:
     """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint); with extra[BEFORE] = a
     worktree, that commit's worker through bench/null_before.py."""
     from tests.servers import worker_env
 
     extra = dict(extra)
     worktree = extra.pop(BEFORE, None)
-    env = worker_env(redis_url, out, KOALA_NULL_MODEL="1", KOALA_BATCH_SIZE=str(batch_size),
-                     KOALA_BATCH_WAIT="0.2", KOALA_EXAMPLES_PER_SHARD="500", **extra)
+    env = worker_env(
+        redis_url,
+        out,
+        KOALA_NULL_MODEL="1",
+        KOALA_BATCH_SIZE=str(batch_size),
+        KOALA_BATCH_WAIT="0.2",
+        KOALA_EXAMPLES_PER_SHARD="500",
+        **extra,
+    )
     command = [sys.executable, "-m", "workers", "embed", "-n", "null@bench"]
     if worktree:
         env.update(PYTHONPATH=worktree, KOALA_CHECKPOINT="unused")
         command = [sys.executable, str(ROOT / "bench" / "null_before.py"), "embed", "-n", "null@bench"]
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen(command, cwd=worktree or ROOT, env=env, stdout=log_file,
-                                stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            command, cwd=worktree or ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
 
 
 def before_worktree(ref: str) -> Path:
     """A detached worktree of `ref` (made once) whose embed worker --before measures."""
     path = RESULTS / f"worktree-{ref}"
     if not path.exists():
-        subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True, capture_output=True
+        )
     return path
 
 
-def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_path: Path,
-               extra: dict[str, str], disk_mb: int = 1024) -> dict:
+def null_round(
+    server,
+    payloads: list[dict],
+    out: Path,
+    batch_size: int,
+    log_path: Path,
+    extra: dict[str, str],
+    disk_mb: int = 1024,
+) -> dict:
     """One ceiling measurement: the queue pre-filled, the worker started, first record to last."""
     client = server.client()
     client.flushall()
@@ -732,13 +860,19 @@ def null_round(server, payloads: list[dict], out: Path, batch_size: int, log_pat
     record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, counted["records"]) / 1e6
     shutil.rmtree(out, ignore_errors=True)
     img_s = images / seconds
-    return {"images": n, "timed_images": images, "seconds": round(seconds, 3),
-            "images_per_s": round(img_s, 1),
-            "cpu_ms_per_image": round(1000 * (last[2] - first[2]) / images, 3),
-            "machine_busy_cores": round((last[3] - first[3]) / seconds, 2),
-            "disk_mb_per_s": round(disk, 1), "record_mb": round(record_mb, 4),
-            "records_mb_per_s": round(img_s * record_mb, 1),
-            "records_vs_disk": round(img_s * record_mb / disk, 3), **counted}
+    return {
+        "images": n,
+        "timed_images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(img_s, 1),
+        "cpu_ms_per_image": round(1000 * (last[2] - first[2]) / images, 3),
+        "machine_busy_cores": round((last[3] - first[3]) / seconds, 2),
+        "disk_mb_per_s": round(disk, 1),
+        "record_mb": round(record_mb, 4),
+        "records_mb_per_s": round(img_s * record_mb, 1),
+        "records_vs_disk": round(img_s * record_mb / disk, 3),
+        **counted,
+    }
 
 
 def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], before: str | None) -> dict:
@@ -748,13 +882,20 @@ def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], be
     variants = dict(LAB_VARIANTS)
     if before:
         variants[f"{BEFORE} ({before}, one image per message, Lab on this CPU)"] = {
-            BEFORE: str(before_worktree(before))}
+            BEFORE: str(before_worktree(before))
+        }
 
     rgb = make_images(n)
     payloads = payloads_of(rgb)
     del rgb
-    result: dict = {"bench": "embed-null-model", "images": n, "batch_size": batch_size, "rounds": rounds,
-                    "load_average_before": os.getloadavg(), "outputs": {}}
+    result: dict = {
+        "bench": "embed-null-model",
+        "images": n,
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "load_average_before": os.getloadavg(),
+        "outputs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="koala-bench-null-") as tmp:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
@@ -762,61 +903,141 @@ def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], be
             for r in range(rounds):
                 for (name, variant), rs in runs.items():
                     log(f"round {r + 1}/{rounds}: {name} ({outs[name]}), {variant}")
-                    rs.append(null_round(server, payloads, outs[name] / "null-bench", batch_size,
-                                         Path(tmp) / f"{name}-{r}.log", variants[variant],
-                                         1024 if n >= 1000 else 64))
+                    rs.append(
+                        null_round(
+                            server,
+                            payloads,
+                            outs[name] / "null-bench",
+                            batch_size,
+                            Path(tmp) / f"{name}-{r}.log",
+                            variants[variant],
+                            1024 if n >= 1000 else 64,
+                        )
+                    )
                     log(f"  {rs[-1]['images_per_s']} images/s, {rs[-1]['cpu_ms_per_image']} CPU-ms/image")
         finally:
             server.stop()
-    keys = ("images_per_s", "cpu_ms_per_image", "disk_mb_per_s", "records_mb_per_s", "records_vs_disk",
-            "machine_busy_cores")
+    keys = (
+        "images_per_s",
+        "cpu_ms_per_image",
+        "disk_mb_per_s",
+        "records_mb_per_s",
+        "records_vs_disk",
+        "machine_busy_cores",
+    )
     for (name, variant), rs in runs.items():
         ok = all(x["records"] == x["distinct"] == n and x["temp_shards"] == 0 for x in rs)
         result["outputs"][f"{name}, {variant}"] = {
-            "folder": str(outs[name]), "median": {k: statistics.median(x[k] for x in rs) for k in keys},
-            "runs": rs, "every_image_once": ok}
+            "folder": str(outs[name]),
+            "median": {k: statistics.median(x[k] for x in rs) for k in keys},
+            "runs": rs,
+            "every_image_once": ok,
+        }
     result["load_average_after"] = os.getloadavg()
     return result
 
 
 def null_markdown(result: dict) -> str:
-    rows = [[name, o["folder"], o["median"]["images_per_s"], o["median"]["cpu_ms_per_image"],
-             o["median"]["records_mb_per_s"], o["median"]["disk_mb_per_s"], o["median"]["records_vs_disk"],
-             o["median"]["machine_busy_cores"], "yes" if o["every_image_once"] else "**NO**"]
-            for name, o in result["outputs"].items()]
-    head = (f"### Embed worker ceiling (null model: {result['images']} images, batch {result['batch_size']}, "
-            f"medians of {result['rounds']} rounds; load before "
-            f"{', '.join(f'{x:.2f}' for x in result['load_average_before'])})")
-    return head + "\n\n" + md_table(
-        ["output", "folder", "images/s", "worker CPU-ms/image", "records MB/s", "disk MB/s (fdatasync)",
-         "records / disk", "machine busy cores", "each image once"], rows)
+    rows = [
+        [
+            name,
+            o["folder"],
+            o["median"]["images_per_s"],
+            o["median"]["cpu_ms_per_image"],
+            o["median"]["records_mb_per_s"],
+            o["median"]["disk_mb_per_s"],
+            o["median"]["records_vs_disk"],
+            o["median"]["machine_busy_cores"],
+            "yes" if o["every_image_once"] else "**NO**",
+        ]
+        for name, o in result["outputs"].items()
+    ]
+    head = (
+        f"### Embed worker ceiling (null model: {result['images']} images, batch {result['batch_size']}, "
+        f"medians of {result['rounds']} rounds; load before "
+        f"{', '.join(f'{x:.2f}' for x in result['load_average_before'])})"
+    )
+    return (
+        head
+        + "\n\n"
+        + md_table(
+            [
+                "output",
+                "folder",
+                "images/s",
+                "worker CPU-ms/image",
+                "records MB/s",
+                "disk MB/s (fdatasync)",
+                "records / disk",
+                "machine busy cores",
+                "each image once",
+            ],
+            rows,
+        )
+    )
 
 
 @click.command()
-@click.option("--images", "n", type=int, default=None,
-              help="images per measurement (default 96, null model 3000; smoke 4, null model 64)")
-@click.option("--batch-size", type=int, default=None,
-              help="images per model call (default 16, null model 128; smoke 2, null model 16)")
+@click.option(
+    "--images",
+    "n",
+    type=int,
+    default=None,
+    help="images per measurement (default 96, null model 3000; smoke 4, null model 64)",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help="images per model call (default 16, null model 128; smoke 2, null model 16)",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="a tiny run (seconds) that only checks the path works")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
-              help="where the generated checkpoint is kept")
-@click.option("--null-model", is_flag=True,
-              help="the worker's ceiling: a real embed worker whose forward pass returns zeros at once")
-@click.option("--out", "outs", type=click.Path(file_okay=False, path_type=Path), multiple=True,
-              help="null model: output folder(s) (default: bench/results/tmp on local disk, and /dev/shm)")
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=CACHE,
+    help="where the generated checkpoint is kept",
+)
+@click.option(
+    "--null-model",
+    is_flag=True,
+    help="the worker's ceiling: a real embed worker whose forward pass returns zeros at once",
+)
+@click.option(
+    "--out",
+    "outs",
+    type=click.Path(file_okay=False, path_type=Path),
+    multiple=True,
+    help="null model: output folder(s) (default: bench/results/tmp on local disk, and /dev/shm)",
+)
 @click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
-@click.option("--before", default=None,
-              help="null model: also an earlier commit's worker (its model replaced by zeros), e.g. 4b72f66")
-def main(n: int | None, batch_size: int | None, json_path: Path | None, smoke: bool, cache: Path,
-         null_model: bool, outs: tuple[Path, ...], rounds: int, before: str | None) -> None:
+@click.option(
+    "--before",
+    default=None,
+    help="null model: also an earlier commit's worker (its model replaced by zeros), e.g. 4b72f66",
+)
+def main(
+    n: int | None,
+    batch_size: int | None,
+    json_path: Path | None,
+    smoke: bool,
+    cache: Path,
+    null_model: bool,
+    outs: tuple[Path, ...],
+    rounds: int,
+    before: str | None,
+) -> None:
     """Bare model vs embed worker, and the share of each step; or the worker's ceiling (--null-model)."""
     if null_model:
         batch_size = batch_size or (16 if smoke else 128)
-        folders = ({p.name or str(p): p for p in outs}
-                   or {"local disk": RESULTS / "tmp", "tmpfs": Path("/dev/shm")})
-        result = null_ceiling(n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders,
-                              before)
+        folders = {p.name or str(p): p for p in outs} or {
+            "local disk": RESULTS / "tmp",
+            "tmpfs": Path("/dev/shm"),
+        }
+        result = null_ceiling(
+            n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders, before
+        )
         path = json_path or default_json(NAME + "-null", smoke)
         save_json(result, path)
         text = null_markdown(result)

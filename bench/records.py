@@ -25,8 +25,10 @@ def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     from tests.corpus import photo
 
     rng = np.random.default_rng(0)
-    return [(*lab_channels(photo(299, 299, seed)), rng.normal(size=1001).astype(np.float32))
-            for seed in range(count)]
+    return [
+        (*lab_channels(photo(299, 299, seed)), rng.normal(size=1001).astype(np.float32))
+        for seed in range(count)
+    ]
 
 
 def tf_example(name: bytes, key: bytes, source: bytes, l, ab, emb) -> bytes:  # noqa: E741
@@ -39,8 +41,14 @@ def tf_example(name: bytes, key: bytes, source: bytes, l, ab, emb) -> bytes:  # 
     def raw(b: bytes) -> tf.train.Feature:
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
 
-    feature = {"image_name": raw(name), "image_key": raw(key), "image_source": raw(source),
-               "image_l": floats(l), "image_ab": floats(ab), "image_embedding": floats(emb)}
+    feature = {
+        "image_name": raw(name),
+        "image_key": raw(key),
+        "image_source": raw(source),
+        "image_l": floats(l),
+        "image_ab": floats(ab),
+        "image_embedding": floats(emb),
+    }
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -58,12 +66,17 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
         writer = records.ShardWriter(Path(tmp), "bench", examples_per_shard=n, compression=compression)
         start = time.perf_counter()
         for i in range(0, n, 16):
-            writer.append(data[i:i + 16])
+            writer.append(data[i : i + 16])
         final = writer.close()
         seconds = time.perf_counter() - start
         size = final.stat().st_size
-    return {"compression": compression, "records": n, "seconds": round(seconds, 3),
-            "mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1), "shard_mb": round(size / 1e6, 1)}
+    return {
+        "compression": compression,
+        "records": n,
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1),
+        "shard_mb": round(size / 1e6, 1),
+    }
 
 
 @click.command()
@@ -71,14 +84,19 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def main(n: int, json_path: str | None) -> None:
     """Print and optionally save the records benchmark."""
-    made = [(f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode(), *lab)
-            for i, lab in enumerate(samples())]
+    made = [
+        (f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode(), *lab)
+        for i, lab in enumerate(samples())
+    ]
     ours = per_second(lambda: records.serialize_example(*made[0]), n)
     theirs = per_second(lambda: tf_example(*made[0]), max(5, n // 10))
     serialized = [records.serialize_example(*made[i % len(made)]) for i in range(n)]
     result = {
-        "serialize_per_s": {"ours": round(ours), "tf_train_example": round(theirs, 1),
-                            "ratio": round(ours / theirs, 1)},
+        "serialize_per_s": {
+            "ours": round(ours),
+            "tf_train_example": round(theirs, 1),
+            "ratio": round(ours / theirs, 1),
+        },
         "write": [writing(n, c, serialized) for c in ("none", "gzip", "zlib")],
     }
     click.echo(json.dumps(result, indent=2))

@@ -35,13 +35,22 @@ from bench.embed import default_json, log, md_table, save_json
 from common import images
 
 NAME = "resize"
-PHOTOS = ("astronaut", "chelsea", "coffee", "hubble_deep_field", "immunohistochemistry", "retina", "rocket",
-          "stereo_motorcycle")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+    "stereo_motorcycle",
+)
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4)
 TARGET_MS = 4.5
 
 
 # ---- corpus -------------------------------------------------------------------------------------
+
 
 def photos() -> list[np.ndarray]:
     """The colour photos bundled with scikit-image, as uint8 RGB arrays."""
@@ -72,7 +81,8 @@ def make_corpus(n: int, seed: int = 0) -> list[bytes]:
         noisy = crop + rng.normal(0, rng.uniform(1.5, 4.0), crop.shape)
         buf = io.BytesIO()
         Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8)).save(
-            buf, "JPEG", quality=int(rng.integers(85, 93)), subsampling=2 if rng.random() < 0.8 else 0)
+            buf, "JPEG", quality=int(rng.integers(85, 93)), subsampling=2 if rng.random() < 0.8 else 0
+        )
         out.append(buf.getvalue())
     return out
 
@@ -80,13 +90,18 @@ def make_corpus(n: int, seed: int = 0) -> list[bytes]:
 def describe(corpus: list[bytes]) -> dict:
     sizes = [Image.open(io.BytesIO(d)).size for d in corpus]
     mpix = [w * h / 1e6 for w, h in sizes]
-    return {"images": len(corpus), "mpix_median": round(statistics.median(mpix), 2),
-            "mpix_min": round(min(mpix), 2), "mpix_max": round(max(mpix), 2),
-            "odd_width_or_height": sum(w % 2 or h % 2 for w, h in sizes),
-            "kb_median": round(statistics.median(len(d) for d in corpus) / 1024, 1)}
+    return {
+        "images": len(corpus),
+        "mpix_median": round(statistics.median(mpix), 2),
+        "mpix_min": round(min(mpix), 2),
+        "mpix_max": round(max(mpix), 2),
+        "odd_width_or_height": sum(w % 2 or h % 2 for w, h in sizes),
+        "kb_median": round(statistics.median(len(d) for d in corpus) / 1024, 1),
+    }
 
 
 # ---- paths --------------------------------------------------------------------------------------
+
 
 class _Without:
     """Within the block, common.images runs as if the named optional module were not installed."""
@@ -108,18 +123,22 @@ def _without(fn: Callable[[bytes], np.ndarray], *names: str) -> Callable[[bytes]
     def run(data: bytes) -> np.ndarray:
         with _Without(*names):
             return fn(data)
+
     return run
 
 
 def paths(size: tuple[int, int], mode: str) -> dict[str, Callable[[bytes], np.ndarray]]:
     """The decode + resize paths to compare, by name."""
+
     def load(data: bytes) -> np.ndarray:
         return images.load_rgb(data, size=size, mode=mode)
 
-    out = {"pillow_full": lambda d: images.resize(images.decode(d), size, mode),
-           "pillow_draft": _without(load, "simplejpeg"),
-           "simplejpeg_pillow": _without(load, "Resizer"),
-           "fast": load}
+    out = {
+        "pillow_full": lambda d: images.resize(images.decode(d), size, mode),
+        "pillow_draft": _without(load, "simplejpeg"),
+        "simplejpeg_pillow": _without(load, "Resizer"),
+        "fast": load,
+    }
     if images.simplejpeg is None:
         del out["simplejpeg_pillow"], out["fast"]
     elif images.Resizer is None:
@@ -148,13 +167,20 @@ def opencv_area(data: bytes, size: tuple[int, int]) -> np.ndarray:
 
 # ---- quality ------------------------------------------------------------------------------------
 
+
 def reference(data: bytes, size: tuple[int, int], mode: str) -> tuple[np.ndarray, tuple[int, int]]:
     """Float Lanczos-3 of the full decode with the exact geometry: the picture (float [h, w, 3]) and
     its offset on the canvas."""
     rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
     box, inner, offset = images._layout(rgb.shape[1::-1], size, mode)
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
-        inner, Image.Resampling.LANCZOS, box=box)) for c in range(3)]
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
+                inner, Image.Resampling.LANCZOS, box=box
+            )
+        )
+        for c in range(3)
+    ]
     return np.stack(channels, axis=-1), offset
 
 
@@ -168,6 +194,7 @@ def psnr(out: np.ndarray, ref: tuple[np.ndarray, tuple[int, int]]) -> float:
 
 
 # ---- measuring ----------------------------------------------------------------------------------
+
 
 def cost_ms(fn: Callable[[bytes], np.ndarray], data: bytes, repeat: int) -> tuple[float, float, np.ndarray]:
     """(least CPU ms, least wall ms, output) of `repeat` runs of fn(data) in this thread."""
@@ -195,16 +222,22 @@ def measure(corpus: list[bytes], size: tuple[int, int], mode: str, repeat: int) 
             rows[name]["psnr"].append(psnr(out, ref))
         if (i + 1) % 50 == 0:
             log(f"{i + 1}/{len(corpus)} images")
-    return {name: {"cpu_ms_median": round(statistics.median(r["cpu"]), 3),
-                   "wall_ms_median": round(statistics.median(r["wall"]), 3),
-                   "cpu_ms_mean": round(statistics.fmean(r["cpu"]), 3),
-                   "psnr_mean": round(statistics.fmean(r["psnr"]), 2),
-                   "psnr_min": round(min(r["psnr"]), 2)} for name, r in rows.items()}
+    return {
+        name: {
+            "cpu_ms_median": round(statistics.median(r["cpu"]), 3),
+            "wall_ms_median": round(statistics.median(r["wall"]), 3),
+            "cpu_ms_mean": round(statistics.fmean(r["cpu"]), 3),
+            "psnr_mean": round(statistics.fmean(r["psnr"]), 2),
+            "psnr_min": round(min(r["psnr"]), 2),
+        }
+        for name, r in rows.items()
+    }
 
 
 def entropy_floor(corpus: list[bytes], repeat: int) -> float:
     """Median CPU ms of a 1/8-scale decode (entropy decoding, almost no IDCT): what any exact
     decode of these files costs at least."""
+
     def eighth(data: bytes) -> np.ndarray:
         return images.simplejpeg.decode_jpeg(data, min_factor=8, min_height=1, min_width=1)
 
@@ -224,24 +257,49 @@ def scales(corpus: list[bytes], size: tuple[int, int], mode: str) -> dict[str, i
 def markdown(result: dict) -> str:
     rows = result["paths"]
     base = rows["pillow_full"]["cpu_ms_median"]
-    body = [[name, r["cpu_ms_median"], r["wall_ms_median"], f"{base / r['cpu_ms_median']:.2f}x",
-             r["psnr_mean"], r["psnr_min"]] for name, r in rows.items()]
+    body = [
+        [
+            name,
+            r["cpu_ms_median"],
+            r["wall_ms_median"],
+            f"{base / r['cpu_ms_median']:.2f}x",
+            r["psnr_mean"],
+            r["psnr_min"],
+        ]
+        for name, r in rows.items()
+    ]
     corpus = result["corpus"]
-    lines = [f"# resize: JPEG -> {result['config']['size']} ({result['config']['mode']}), one thread",
-             f"{corpus['images']} photo JPEGs, median {corpus['mpix_median']} Mpix "
-             f"({corpus['mpix_min']}-{corpus['mpix_max']}), "
-             f"{corpus['odd_width_or_height']} with an odd side; "
-             f"DCT scales {result['dct_scales']}; load average at start {result['load_average']}.",
-             "",
-             md_table(["path", "CPU ms (median)", "wall ms (median)", "speed vs pillow_full",
-                       "PSNR mean dB", "PSNR min dB"], body)]
+    lines = [
+        f"# resize: JPEG -> {result['config']['size']} ({result['config']['mode']}), one thread",
+        f"{corpus['images']} photo JPEGs, median {corpus['mpix_median']} Mpix "
+        f"({corpus['mpix_min']}-{corpus['mpix_max']}), "
+        f"{corpus['odd_width_or_height']} with an odd side; "
+        f"DCT scales {result['dct_scales']}; load average at start {result['load_average']}.",
+        "",
+        md_table(
+            [
+                "path",
+                "CPU ms (median)",
+                "wall ms (median)",
+                "speed vs pillow_full",
+                "PSNR mean dB",
+                "PSNR min dB",
+            ],
+            body,
+        ),
+    ]
     if "fast" in rows:
         fast = rows["fast"]["cpu_ms_median"]
-        lines += ["", f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), "
-                      f"{rows['pillow_draft']['cpu_ms_median'] / fast:.2f}x faster than pillow_draft."]
+        lines += [
+            "",
+            f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), "
+            f"{rows['pillow_draft']['cpu_ms_median'] / fast:.2f}x faster than pillow_draft.",
+        ]
     if "floor_ms" in result:
-        lines += [f"floor: the same JPEGs decoded at 1/8 scale (entropy decoding alone, nearly) cost "
-                  f"{result['floor_ms']} ms CPU median."]
+        lines += [
+            f"floor: the same JPEGs decoded at 1/8 scale (entropy decoding alone, nearly) cost "
+            f"{result['floor_ms']} ms CPU median."
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -251,8 +309,13 @@ def markdown(result: dict) -> str:
 @click.option("--mode", type=click.Choice(images.RESIZE_MODES), default="contain", show_default=True)
 @click.option("--size", type=int, default=299, show_default=True, help="square target side")
 @click.option("--smoke", is_flag=True, help="12 images, 1 run each: checks that it works")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="default bench/results/resize.json (smoke: bench/results/smoke/resize.json)")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="default bench/results/resize.json (smoke: bench/results/smoke/resize.json)",
+)
 def main(n: int, repeat: int, mode: str, size: int, smoke: bool, json_path: Path | None) -> None:
     """Decode + resize cost and quality of each path on a photo JPEG corpus."""
     if smoke:
@@ -261,9 +324,19 @@ def main(n: int, repeat: int, mode: str, size: int, smoke: bool, json_path: Path
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"making {n} photo JPEGs ...")
     corpus = make_corpus(n)
-    result = {"config": {"command": "python -m bench.resize " + " ".join(sys.argv[1:]), "images": n,
-                         "repeat": repeat, "mode": mode, "size": list(target), "smoke": smoke},
-              "load_average": load, "corpus": describe(corpus), "dct_scales": scales(corpus, target, mode)}
+    result = {
+        "config": {
+            "command": "python -m bench.resize " + " ".join(sys.argv[1:]),
+            "images": n,
+            "repeat": repeat,
+            "mode": mode,
+            "size": list(target),
+            "smoke": smoke,
+        },
+        "load_average": load,
+        "corpus": describe(corpus),
+        "dct_scales": scales(corpus, target, mode),
+    }
     result["paths"] = measure(corpus, target, mode, repeat)
     if images.simplejpeg is not None:
         result["floor_ms"] = entropy_floor(corpus, repeat)

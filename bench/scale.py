@@ -35,14 +35,19 @@ BIG = (4000, 3000)
 
 # ---- inputs -------------------------------------------------------------------------------------
 
+
 def write_url_list(path: Path, n: int) -> int:
     """n distinct fall11-style lines `n<synset>_<i><TAB>http://farmX.static.flickr.com/...jpg`; its bytes."""
     with open(path, "w", buffering=1 << 20) as f:
         for start in range(0, n, 10_000):
-            f.write("".join(
-                f"n{1440764 + i // 1300:08d}_{i}\thttp://farm{1 + i % 9}.static.flickr.com/{1000 + i % 9000}/"
-                f"{i}_{(i * 2654435761) & 0xFFFFFFFFFF:010x}.jpg\n"
-                for i in range(start, min(n, start + 10_000))))
+            f.write(
+                "".join(
+                    f"n{1440764 + i // 1300:08d}_{i}\t"
+                    f"http://farm{1 + i % 9}.static.flickr.com/{1000 + i % 9000}/"
+                    f"{i}_{(i * 2654435761) & 0xFFFFFFFFFF:010x}.jpg\n"
+                    for i in range(start, min(n, start + 10_000))
+                )
+            )
     return path.stat().st_size
 
 
@@ -58,6 +63,7 @@ def used_memory(client) -> int:
 
 # ---- 1. submission memory, RSS, rate ------------------------------------------------------------
 
+
 def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> dict:
     """Submit n URLs with the queue limit above every chunk; memory per URL, producer RSS and rate."""
     listing = tmp / f"urls_{n}.txt"
@@ -67,8 +73,14 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     chunks = -(-n // 16)
     env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(chunks + 1000))
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(listing), "--json"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = None
     first_count = 0
     timed_out = False
@@ -102,9 +114,15 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     seconds = ended - started
     steady = (submitted - first_count) / (ended - first) if first and ended > first else None
     return {
-        "urls": n, "list_mb": round(list_bytes / 1e6, 1), "submitted": submitted, "timed_out": timed_out,
-        "chunks_queued": depth, "new": report.get("new"), "held_back_s": report.get("held_back_s"),
-        "seconds": round(seconds, 1), "urls_per_s": round(submitted / seconds),
+        "urls": n,
+        "list_mb": round(list_bytes / 1e6, 1),
+        "submitted": submitted,
+        "timed_out": timed_out,
+        "chunks_queued": depth,
+        "new": report.get("new"),
+        "held_back_s": report.get("held_back_s"),
+        "seconds": round(seconds, 1),
+        "urls_per_s": round(submitted / seconds),
         "urls_per_s_after_startup": round(steady) if steady else None,
         "producer_peak_rss_mb": round(rss.peak_kb / 1024, 1),
         "redis_delta_total_bytes": total - baseline,
@@ -121,6 +139,7 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
 
 # ---- 2. backpressure ----------------------------------------------------------------------------
 
+
 def backpressure(client, redis_url: str, tmp: Path, n: int, limit: int, hold_s: float) -> dict:
     """Submit n URLs with queue limit `limit`: sample the depth while nothing consumes, then while a
     stand-in consumer pops a few messages every 50 ms, until the producer is done."""
@@ -128,8 +147,14 @@ def backpressure(client, redis_url: str, tmp: Path, n: int, limit: int, hold_s: 
     write_url_list(listing, n)
     client.flushall()
     env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(limit))
-    proc = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(listing), "--json"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         return _backpressure(client, proc, n, limit, hold_s)
     finally:
@@ -180,17 +205,26 @@ def _backpressure(client, proc: subprocess.Popen, n: int, limit: int, hold_s: fl
     report = json.loads(stdout.strip().splitlines()[-1])
     remaining = client.llen("download")
     return {
-        "urls": n, "chunks": -(-n // 16), "limit": limit, "max_depth": max_depth,
-        "over_limit_by": max(0, max_depth - limit), "samples": len(samples),
-        "hold_s": hold_s, "producer_waiting_after_hold": alive_after_hold,
-        "submitted_at_hold_start": submitted_at_hold, "submitted_at_hold_end": submitted_after_hold,
-        "popped_by_stand_in_consumer": popped, "left_in_queue": remaining,
+        "urls": n,
+        "chunks": -(-n // 16),
+        "limit": limit,
+        "max_depth": max_depth,
+        "over_limit_by": max(0, max_depth - limit),
+        "samples": len(samples),
+        "hold_s": hold_s,
+        "producer_waiting_after_hold": alive_after_hold,
+        "submitted_at_hold_start": submitted_at_hold,
+        "submitted_at_hold_end": submitted_after_hold,
+        "popped_by_stand_in_consumer": popped,
+        "left_in_queue": remaining,
         "all_chunks_sent": popped + remaining == -(-n // 16),
-        "producer_held_back_s": report.get("held_back_s"), "submitted": report.get("new"),
+        "producer_held_back_s": report.get("held_back_s"),
+        "submitted": report.get("new"),
     }
 
 
 # ---- 3. download worker on 4000x3000 JPEGs ------------------------------------------------------
+
 
 def big_jpegs(count: int, cache: Path) -> dict[str, bytes]:
     """`count` 4000x3000 photo-like JPEGs (quality 90, a few MB each), generated once into the cache."""
@@ -228,16 +262,23 @@ def wait_for_log(path: Path, text: str, proc: subprocess.Popen, timeout: float) 
         time.sleep(0.1)
 
 
-def download_round(client, redis_url: str, tmp: Path, urls: list[str], worker: subprocess.Popen,
-                   timeout: float) -> dict:
+def download_round(
+    client, redis_url: str, tmp: Path, urls: list[str], worker: subprocess.Popen, timeout: float
+) -> dict:
     """Submit urls (one per chunk) and wait until each is downloaded or failed; the worker's peak RSS."""
     listing = tmp / f"big_{len(urls)}_{time.monotonic_ns()}.txt"
     listing.write_text("\n".join(urls) + "\n")
     before = {k: int(client.hget("koala:counts", k) or 0) for k in ("downloaded", "failed")}
     env = producer_env(redis_url, tmp / "out", KOALA_CHUNK_SIZE="1")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "producer", "submit", str(listing), "--json"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"koala submit failed: {done.stderr[-2000:]}")
     deadline = time.monotonic() + timeout
@@ -249,14 +290,20 @@ def download_round(client, redis_url: str, tmp: Path, urls: list[str], worker: s
             raise RuntimeError(f"download worker: {now} of {len(urls)} (exit {worker.poll()})")
         time.sleep(0.1)
     seconds = time.monotonic() - started
-    return {"images": len(urls), "downloaded": now["downloaded"], "failed": now["failed"],
-            "seconds": round(seconds, 1), "img_s": round(len(urls) / seconds, 2),
-            "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1),
-            "rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1)}
+    return {
+        "images": len(urls),
+        "downloaded": now["downloaded"],
+        "failed": now["failed"],
+        "seconds": round(seconds, 1),
+        "img_s": round(len(urls) / seconds, 2),
+        "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1),
+        "rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1),
+    }
 
 
-def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple[int, int],
-                    cache: Path) -> dict:
+def download_memory(
+    client, redis_url: str, tmp: Path, count: int, copies: tuple[int, int], cache: Path
+) -> dict:
     """A download worker (-c 32) fed `count` 4000x3000 JPEGs, `copies[0]`x then `copies[1]`x more."""
     from tests.servers import ImageServer, worker_env
 
@@ -264,23 +311,33 @@ def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple
     server = ImageServer(files).start()
     client.flushall()
     log_path = tmp / "download-worker.log"
-    env = worker_env(redis_url, tmp / "out", KOALA_MAX_BYTES="25000000", KOALA_CONNECT_TIMEOUT="10",
-                     KOALA_READ_TIMEOUT="20", KOALA_DOWNLOAD_DEADLINE="60", KOALA_PER_HOST_CONNECTIONS="32",
-                     KOALA_EMBED_QUEUE_LIMIT="100000")
+    env = worker_env(
+        redis_url,
+        tmp / "out",
+        KOALA_MAX_BYTES="25000000",
+        KOALA_CONNECT_TIMEOUT="10",
+        KOALA_READ_TIMEOUT="20",
+        KOALA_DOWNLOAD_DEADLINE="60",
+        KOALA_PER_HOST_CONNECTIONS="32",
+        KOALA_EMBED_QUEUE_LIMIT="100000",
+    )
     with open(log_path, "wb") as log_file:
         command = [sys.executable, "-m", "workers", "download", "-c", "32", "-n", "download@bench"]
         worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_for_log(log_path, "ready", worker, 120)
             time.sleep(1)
-            idle = {"rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1),
-                    "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1)}
+            idle = {
+                "rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1),
+                "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1),
+            }
             names = sorted(files)
             rounds = []
             for r, k in enumerate(copies):
                 urls = [f"{server.base}/img/{name}?round={r}&copy={c}" for c in range(k) for name in names]
-                rounds.append(download_round(client, redis_url, tmp, urls, worker,
-                                             timeout=60 + 10 * len(urls)))
+                rounds.append(
+                    download_round(client, redis_url, tmp, urls, worker, timeout=60 + 10 * len(urls))
+                )
         finally:
             worker.terminate()
             try:
@@ -292,8 +349,13 @@ def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple
     sizes = [len(b) for b in files.values()]
     full_decode_mb = BIG[0] * BIG[1] * 3 / 2**20
     return {
-        "jpegs": count, "resolution": f"{BIG[0]}x{BIG[1]}", "jpeg_mb_mean": round(np.mean(sizes) / 1e6, 2),
-        "concurrency": 32, "per_host_connections": 32, "idle": idle, "rounds": rounds,
+        "jpegs": count,
+        "resolution": f"{BIG[0]}x{BIG[1]}",
+        "jpeg_mb_mean": round(np.mean(sizes) / 1e6, 2),
+        "concurrency": 32,
+        "per_host_connections": 32,
+        "idle": idle,
+        "rounds": rounds,
         "peak_growth_ratio": round(rounds[-1]["peak_rss_mb"] / rounds[0]["peak_rss_mb"], 3),
         "full_decode_mb_per_image": round(full_decode_mb, 1),
         "full_decode_mb_x32": round(32 * full_decode_mb),
@@ -302,11 +364,16 @@ def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple
 
 # ---- the benchmark ------------------------------------------------------------------------------
 
+
 def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
     from tests.servers import RedisServer
 
-    result: dict = {"bench": "scale", "smoke": smoke, "chunk_size": 16,
-                    "target_bytes_per_url": TARGET_BYTES_PER_URL}
+    result: dict = {
+        "bench": "scale",
+        "smoke": smoke,
+        "chunk_size": 16,
+        "target_bytes_per_url": TARGET_BYTES_PER_URL,
+    }
     with tempfile.TemporaryDirectory(prefix="koala-bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
         server = RedisServer(tmp / "redis").start()
@@ -318,11 +385,18 @@ def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
                 log(f"submitting {n} URLs")
                 result["submit"].append(submit_size(client, server.url, tmp, n, timeout))
             log("backpressure")
-            result["backpressure"] = backpressure(client, server.url, tmp, 1000 if smoke else 4000,
-                                                  limit=20 if smoke else 50, hold_s=1.0 if smoke else 3.0)
+            result["backpressure"] = backpressure(
+                client,
+                server.url,
+                tmp,
+                1000 if smoke else 4000,
+                limit=20 if smoke else 50,
+                hold_s=1.0 if smoke else 3.0,
+            )
             log("download worker on 4000x3000 JPEGs")
-            result["download_rss"] = download_memory(client, server.url, tmp, 4 if smoke else 20,
-                                                     (1, 2) if smoke else (2, 4), cache)
+            result["download_rss"] = download_memory(
+                client, server.url, tmp, 4 if smoke else 20, (1, 2) if smoke else (2, 4), cache
+            )
         finally:
             server.stop()
     subs = result["submit"]
@@ -330,8 +404,9 @@ def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
     result["targets"] = {
         "bytes_per_url_state_at_largest": big["bytes_per_url_state"],
         "bytes_per_url_met": big["bytes_per_url_state"] <= TARGET_BYTES_PER_URL,
-        "producer_rss_ratio_largest_vs_smallest": round(big["producer_peak_rss_mb"]
-                                                        / subs[0]["producer_peak_rss_mb"], 3),
+        "producer_rss_ratio_largest_vs_smallest": round(
+            big["producer_peak_rss_mb"] / subs[0]["producer_peak_rss_mb"], 3
+        ),
         "backpressure_over_limit_by": result["backpressure"]["over_limit_by"],
         "download_peak_growth_ratio": result["download_rss"]["peak_growth_ratio"],
     }
@@ -345,57 +420,121 @@ def markdown(result: dict) -> str:
     head = f"### Scale{' (SMOKE)' if result['smoke'] else ''} — Redis {result['redis_version']}, chunks of 16"
     rows = []
     for s in result["submit"]:
-        rows.append([f"{s['urls']:,}" + (" (timed out)" if s["timed_out"] else ""), f"{s['submitted']:,}",
-                     s["bytes_per_url_state"], s["bytes_per_url_queue"], s["bytes_per_url_total"],
-                     s["bucket_encoding"], s["producer_peak_rss_mb"], s["seconds"], f"{s['urls_per_s']:,}",
-                     f"{s['urls_per_s_after_startup'] or 0:,}"])
-    t1 = md_table(["URLs", "submitted", "B/URL job state", "B/URL queue", "B/URL total", "bucket encoding",
-                   "producer peak RSS MB", "submit s", "URLs/s", "URLs/s after start-up"], rows)
+        rows.append(
+            [
+                f"{s['urls']:,}" + (" (timed out)" if s["timed_out"] else ""),
+                f"{s['submitted']:,}",
+                s["bytes_per_url_state"],
+                s["bytes_per_url_queue"],
+                s["bytes_per_url_total"],
+                s["bucket_encoding"],
+                s["producer_peak_rss_mb"],
+                s["seconds"],
+                f"{s['urls_per_s']:,}",
+                f"{s['urls_per_s_after_startup'] or 0:,}",
+            ]
+        )
+    t1 = md_table(
+        [
+            "URLs",
+            "submitted",
+            "B/URL job state",
+            "B/URL queue",
+            "B/URL total",
+            "bucket encoding",
+            "producer peak RSS MB",
+            "submit s",
+            "URLs/s",
+            "URLs/s after start-up",
+        ],
+        rows,
+    )
     t = result["targets"]
     first = result["submit"][0]
-    t1b = md_table(["target", "measured", "met"], [
-        [f"job state ≤ {result['target_bytes_per_url']} B/URL (largest size)",
-         t["bytes_per_url_state_at_largest"], "yes" if t["bytes_per_url_met"] else "no"],
-        [f"producer RSS flat: largest / {first['urls']:,} URLs", t["producer_rss_ratio_largest_vs_smallest"],
-         "yes" if t["producer_rss_ratio_largest_vs_smallest"] <= 1.1 else "no"],
-    ])
+    t1b = md_table(
+        ["target", "measured", "met"],
+        [
+            [
+                f"job state ≤ {result['target_bytes_per_url']} B/URL (largest size)",
+                t["bytes_per_url_state_at_largest"],
+                "yes" if t["bytes_per_url_met"] else "no",
+            ],
+            [
+                f"producer RSS flat: largest / {first['urls']:,} URLs",
+                t["producer_rss_ratio_largest_vs_smallest"],
+                "yes" if t["producer_rss_ratio_largest_vs_smallest"] <= 1.1 else "no",
+            ],
+        ],
+    )
     b = result["backpressure"]
-    t2 = md_table(["backpressure (nobody consuming, then a stand-in consumer)", "value"], [
-        ["URLs / chunks / KOALA_DOWNLOAD_QUEUE_LIMIT", f"{b['urls']} / {b['chunks']} / {b['limit']}"],
-        ["max `download` depth observed (samples)", f"**{b['max_depth']}** ({b['samples']})"],
-        ["over the limit by", b["over_limit_by"]],
-        [f"producer still waiting after {b['hold_s']} s with nobody consuming",
-         b["producer_waiting_after_hold"]],
-        ["submitted at start / end of that hold",
-         f"{b['submitted_at_hold_start']} / {b['submitted_at_hold_end']}"],
-        ["producer's own held-back time", f"{b['producer_held_back_s']:.1f} s"],
-        ["every chunk sent in the end", b["all_chunks_sent"]],
-    ])
+    t2 = md_table(
+        ["backpressure (nobody consuming, then a stand-in consumer)", "value"],
+        [
+            ["URLs / chunks / KOALA_DOWNLOAD_QUEUE_LIMIT", f"{b['urls']} / {b['chunks']} / {b['limit']}"],
+            ["max `download` depth observed (samples)", f"**{b['max_depth']}** ({b['samples']})"],
+            ["over the limit by", b["over_limit_by"]],
+            [
+                f"producer still waiting after {b['hold_s']} s with nobody consuming",
+                b["producer_waiting_after_hold"],
+            ],
+            [
+                "submitted at start / end of that hold",
+                f"{b['submitted_at_hold_start']} / {b['submitted_at_hold_end']}",
+            ],
+            ["producer's own held-back time", f"{b['producer_held_back_s']:.1f} s"],
+            ["every chunk sent in the end", b["all_chunks_sent"]],
+        ],
+    )
     d = result["download_rss"]
     rows = [["idle (after start)", "-", "-", "-", d["idle"]["rss_mb"], d["idle"]["peak_rss_mb"]]]
     total = 0
     for i, r in enumerate(d["rounds"], 1):
         total += r["images"]
-        rows.append([f"round {i} (total {total})", r["images"], f"{r['downloaded']} / {r['failed']}",
-                     r["img_s"], r["rss_mb"], r["peak_rss_mb"]])
-    t3 = md_table(["download worker -c 32", "images", "downloaded / failed", "images/s", "RSS MB",
-                   "peak RSS (VmHWM) MB"], rows)
-    note = (f"{d['jpegs']} distinct {d['resolution']} JPEGs (mean {d['jpeg_mb_mean']} MB), per-host "
-            f"limit {d['per_host_connections']}; peak after the last round / after the first: "
-            f"{d['peak_growth_ratio']}. A full decode is {d['full_decode_mb_per_image']} MB per image "
-            f"({d['full_decode_mb_x32']} MB for 32 at once).")
+        rows.append(
+            [
+                f"round {i} (total {total})",
+                r["images"],
+                f"{r['downloaded']} / {r['failed']}",
+                r["img_s"],
+                r["rss_mb"],
+                r["peak_rss_mb"],
+            ]
+        )
+    t3 = md_table(
+        [
+            "download worker -c 32",
+            "images",
+            "downloaded / failed",
+            "images/s",
+            "RSS MB",
+            "peak RSS (VmHWM) MB",
+        ],
+        rows,
+    )
+    note = (
+        f"{d['jpegs']} distinct {d['resolution']} JPEGs (mean {d['jpeg_mb_mean']} MB), per-host "
+        f"limit {d['per_host_connections']}; peak after the last round / after the first: "
+        f"{d['peak_growth_ratio']}. A full decode is {d['full_decode_mb_per_image']} MB per image "
+        f"({d['full_decode_mb_x32']} MB for 32 at once)."
+    )
     return "\n\n".join([head, t1, t1b, t2, t3, note])
 
 
 @click.command()
-@click.option("--sizes", default=None,
-              help="URL counts to submit, comma separated (default 10000,100000,1000000)")
+@click.option(
+    "--sizes", default=None, help="URL counts to submit, comma separated (default 10000,100000,1000000)"
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")
-@click.option("--timeout", type=float, default=300.0,
-              help="seconds allowed per submission (then its rate is reported)")
-@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE,
-              help="where the generated JPEGs are kept")
+@click.option(
+    "--timeout", type=float, default=300.0, help="seconds allowed per submission (then its rate is reported)"
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=CACHE,
+    help="where the generated JPEGs are kept",
+)
 def main(sizes: str | None, json_path: Path | None, smoke: bool, timeout: float, cache: Path) -> None:
     """Redis bytes per URL, producer memory and backpressure, download worker memory."""
     sizes = sizes or ("1000,5000" if smoke else "10000,100000,1000000")

@@ -33,8 +33,15 @@ def _rule(label: str, private_ok: bool, *cidrs: str) -> _Rule:
 # First matching rule wins, so the specific ranges come before the ranges that contain them.
 _V4_RULES: tuple[_Rule, ...] = (
     # AWS/GCP/Azure IMDS, AWS ECS task metadata, Alibaba, Oracle, Azure WireServer.
-    _rule("cloud metadata", False, "169.254.169.254/32", "169.254.170.2/32",
-          "100.100.100.200/32", "192.0.0.192/32", "168.63.129.16/32"),
+    _rule(
+        "cloud metadata",
+        False,
+        "169.254.169.254/32",
+        "169.254.170.2/32",
+        "100.100.100.200/32",
+        "192.0.0.192/32",
+        "168.63.129.16/32",
+    ),
     _rule("unspecified", False, "0.0.0.0/32"),
     _rule("this-network", False, "0.0.0.0/8"),
     _rule("loopback", True, "127.0.0.0/8"),
@@ -131,8 +138,9 @@ def _classify_v4(addr: ipaddress.IPv4Address, allow_private: bool) -> str | None
     return _judge(addr, _match(addr, _V4_RULES), allow_private)
 
 
-def _classify_v6(addr: ipaddress.IPv6Address, allow_private: bool,
-                 extra_blocked: Sequence[IPNetwork]) -> str | None:
+def _classify_v6(
+    addr: ipaddress.IPv6Address, allow_private: bool, extra_blocked: Sequence[IPNetwork]
+) -> str | None:
     """Classify an IPv6 address, judging embedded IPv4 addresses by their IPv4 rules."""
     inner = _embedded_v4(addr) if int(addr) > 1 else None  # '::' and '::1' are not IPv4
     if inner is not None:

@@ -76,20 +76,29 @@ def is_envelope(message: object) -> bool:
     if not isinstance(message, dict) or not isinstance(props := message.get("properties"), dict):
         return False
     info, body = props.get("delivery_info"), message.get("body")
-    return (isinstance(props.get("delivery_tag"), str) and isinstance(info, dict)
-            and {"exchange", "routing_key"} <= info.keys() and isinstance(body, str | None))
+    return (
+        isinstance(props.get("delivery_tag"), str)
+        and isinstance(info, dict)
+        and {"exchange", "routing_key"} <= info.keys()
+        and isinstance(body, str | None)
+    )
 
 
-def _deliver_envelopes(transport: virtual.Transport, message: object, queue: str,
-                       _deliver=virtual.Transport._deliver) -> None:
+def _deliver_envelopes(
+    transport: virtual.Transport, message: object, queue: str, _deliver=virtual.Transport._deliver
+) -> None:
     """Hand a queue entry to its consumer, or log and drop it when it is not a kombu message
     (`LPUSH download 'not json'` stopped every worker that popped it)."""
     if is_envelope(message):
         _deliver(transport, message, queue)
     else:
         text = message if isinstance(message, str) else repr(message)
-        log.error("dropped an entry of queue %r that is not a kombu message (%d characters): %.200r",
-                  queue, len(text), text)
+        log.error(
+            "dropped an entry of queue %r that is not a kombu message (%d characters): %.200r",
+            queue,
+            len(text),
+            text,
+        )
 
 
 # kombu patched on purpose: ours take other signatures than the ones they replace

@@ -205,13 +205,20 @@ class Client:
 
     def __init__(self, policy: Policy, pool_maxsize: int = 64):
         self.headers = {**_HEADERS, "User-Agent": policy.user_agent}
-        self.pool = PoolManager(num_pools=256, maxsize=pool_maxsize, retries=False,
-                                ssl_context=_tls_context())
+        self.pool = PoolManager(
+            num_pools=256, maxsize=pool_maxsize, retries=False, ssl_context=_tls_context()
+        )
         self.pool.pool_classes_by_scheme = {
-            "http": type("GuardedHTTPPool", (HTTPConnectionPool,),
-                         {"ConnectionCls": _guarded_conn(HTTPConnection, policy)}),
-            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,),
-                          {"ConnectionCls": _guarded_conn(HTTPSConnection, policy)}),
+            "http": type(
+                "GuardedHTTPPool",
+                (HTTPConnectionPool,),
+                {"ConnectionCls": _guarded_conn(HTTPConnection, policy)},
+            ),
+            "https": type(
+                "GuardedHTTPSPool",
+                (HTTPSConnectionPool,),
+                {"ConnectionCls": _guarded_conn(HTTPSConnection, policy)},
+            ),
         }
 
     def close(self) -> None:
@@ -258,8 +265,7 @@ def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
             response.close()  # a no-op once the body is read: the connection went back to the pool
 
 
-def _open(url: str, client: Client, policy: Policy, start: float, checked: bool = False
-          ) -> BaseHTTPResponse:
+def _open(url: str, client: Client, policy: Policy, start: float, checked: bool = False) -> BaseHTTPResponse:
     """The 2xx response at the end of url's redirect chain, every hop checked (`checked`: the
     caller already checked url itself)."""
     seen = {url}
@@ -329,11 +335,19 @@ def _get(url: str, client: Client, policy: Policy, start: float) -> BaseHTTPResp
     remaining = policy.deadline - (time.monotonic() - start)
     if remaining <= 0:
         raise FetchError("timeout", f"no time left of the {policy.deadline:g}s deadline")
-    timeout = Timeout(connect=min(policy.connect_timeout, remaining),
-                      read=min(policy.read_timeout, remaining))
+    timeout = Timeout(
+        connect=min(policy.connect_timeout, remaining), read=min(policy.read_timeout, remaining)
+    )
     try:
-        return client.pool.urlopen("GET", url, headers=client.headers, redirect=False, retries=False,
-                                   preload_content=False, timeout=timeout)
+        return client.pool.urlopen(
+            "GET",
+            url,
+            headers=client.headers,
+            redirect=False,
+            retries=False,
+            preload_content=False,
+            timeout=timeout,
+        )
     except BlockedAddress as e:
         raise FetchError("blocked_address", str(e)) from None
     except DnsFailure as e:

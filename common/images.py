@@ -66,17 +66,26 @@ _STORED_POINT = {
     8: lambda x, y, w, h: (w - y, x),
 }
 # The same as array operations on stored pixels: flip rows, flip columns, then transpose.
-_SHOW = {1: (False, False, False), 2: (False, True, False), 3: (True, True, False),
-         4: (True, False, False), 5: (False, False, True), 6: (True, False, True),
-         7: (True, True, True), 8: (False, True, True)}
+_SHOW = {
+    1: (False, False, False),
+    2: (False, True, False),
+    3: (True, True, False),
+    4: (True, False, False),
+    5: (False, False, True),
+    6: (True, False, True),
+    7: (True, True, True),
+    8: (False, True, True),
+}
 Box = tuple[float, float, float, float]
 _RESIZER = threading.local()
 _LANCZOS3 = ResizeAlg.convolution(FilterType.lanczos3) if Resizer is not None else None
 # Pillow keeps only the high byte of 16-bit RGB(A) samples; decoding again with the other byte
 # order's rawmode yields the low bytes (same row stride, so PNG filters still line up).
 _SWAP16 = {
-    "RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B",
-    "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B",
+    "RGB;16B": "RGB;16L",
+    "RGB;16L": "RGB;16B",
+    "RGBA;16B": "RGBA;16L",
+    "RGBA;16L": "RGBA;16B",
 }
 _GREY_DEEP = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -110,7 +119,7 @@ def _formats() -> list[str]:
 
 
 def _icon(data: bytes) -> str | None:
-    """"ICO", "CUR" or "ICNS" where `data` starts with that container's header, else None.
+    """ "ICO", "CUR" or "ICNS" where `data` starts with that container's header, else None.
 
     ICO and CUR need a directory of at least one entry pointing past itself: an uncompressed TGA
     also starts 00 00 02 00, followed by zeros."""
@@ -130,8 +139,11 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
         Image.MAX_IMAGE_PIXELS = None
     icon = _icon(data)
     if icon is not None:
-        raise ImageError("not_an_image", f"{icon} icon file refused: its frames are decoded before "
-                                         "their size can be checked, and icons are not photographs")
+        raise ImageError(
+            "not_an_image",
+            f"{icon} icon file refused: its frames are decoded before "
+            "their size can be checked, and icons are not photographs",
+        )
     try:
         img = Image.open(io.BytesIO(data), formats=_formats())
     except Image.UnidentifiedImageError:
@@ -292,8 +304,13 @@ def _strip_to_rgb(strip: Image.Image, grey: tuple[float, float] | None) -> Image
     return strip.convert("RGB")
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-           draft_for: tuple[int, int] | None = None, mode: str = "contain") -> Image.Image:
+def decode(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_for: tuple[int, int] | None = None,
+    mode: str = "contain",
+) -> Image.Image:
     """Decode bytes to an 8-bit RGB Pillow image (first frame, EXIF applied, alpha on white);
     draft_for=(W,H) allows JPEG draft decoding for that target."""
     _check_mode(mode)
@@ -307,8 +324,9 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return rgb.transpose(_TRANSPOSE[orientation]) if orientation != 1 else rgb
 
 
-def _decode_stored(data: bytes, img: ImageFile.ImageFile, max_pixels: int, draft_for: tuple[int, int] | None,
-                   mode: str) -> tuple[Image.Image, int, int, tuple[int, int]]:
+def _decode_stored(
+    data: bytes, img: ImageFile.ImageFile, max_pixels: int, draft_for: tuple[int, int] | None, mode: str
+) -> tuple[Image.Image, int, int, tuple[int, int]]:
     """Pillow decode of an opened image in the file's orientation: RGB, EXIF orientation, DCT scale
     (1, 2, 4 or 8) and the original size."""
     stored = img.size
@@ -327,8 +345,13 @@ def _decode_stored(data: bytes, img: ImageFile.ImageFile, max_pixels: int, draft
     return rgb, orientation, scale, stored
 
 
-def load_rgb(data: bytes, *, size: tuple[int, int] = (299, 299), mode: str = "contain",
-             max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_rgb(
+    data: bytes,
+    *,
+    size: tuple[int, int] = (299, 299),
+    mode: str = "contain",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
     """Bytes to uint8 [H, W, 3]: DCT-scaled decode (simplejpeg for JPEG, else Pillow), then Lanczos-3
     from the exact source box, geometry from the original size. Raises ImageError."""
     _check_mode(mode)
@@ -357,15 +380,15 @@ def _simplejpeg(data: bytes, stored: tuple[int, int], scale: int) -> np.ndarray 
     w, h = stored
     shape = (-(-h // scale), -(-w // scale))
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_factor=scale, min_height=shape[0],
-                                        min_width=shape[1])
+        pixels = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", min_factor=scale, min_height=shape[0], min_width=shape[1]
+        )
     except ValueError:
         return None
     return pixels if pixels.shape == (*shape, 3) else None
 
 
-def resize(img: Image.Image, size: tuple[int, int] = (299, 299),
-           mode: str = "contain") -> np.ndarray:
+def resize(img: Image.Image, size: tuple[int, int] = (299, 299), mode: str = "contain") -> np.ndarray:
     """Resize an RGB image to uint8 [size[1], size[0], 3] with LANCZOS, by `mode`."""
     _check_mode(mode)
     if img.mode != "RGB":
@@ -373,8 +396,14 @@ def resize(img: Image.Image, size: tuple[int, int] = (299, 299),
     return _fit(img, 1, img.size, 1, size, mode)
 
 
-def _fit(picture: Image.Image | np.ndarray, scale: int, stored: tuple[int, int], orientation: int,
-         size: tuple[int, int], mode: str) -> np.ndarray:
+def _fit(
+    picture: Image.Image | np.ndarray,
+    scale: int,
+    stored: tuple[int, int],
+    orientation: int,
+    size: tuple[int, int],
+    mode: str,
+) -> np.ndarray:
     """Resize a decoded picture (file orientation, 1/scale of `stored`) to uint8 [H, W, 3] by `mode`.
 
     The geometry comes from the original size; the resize reads the exact box at the decoded scale
@@ -386,8 +415,9 @@ def _fit(picture: Image.Image | np.ndarray, scale: int, stored: tuple[int, int],
     return _place(_show(resized, orientation), size, offset)
 
 
-def _layout(shown: tuple[int, int], size: tuple[int, int],
-            mode: str) -> tuple[Box, tuple[int, int], tuple[int, int]]:
+def _layout(
+    shown: tuple[int, int], size: tuple[int, int], mode: str
+) -> tuple[Box, tuple[int, int], tuple[int, int]]:
     """The source box (original pixels), the size it is resized to, and its offset on the canvas."""
     (w, h), (tw, th) = shown, size
     if mode == "stretch":
@@ -562,10 +592,16 @@ _MAGIC = (
     (b"\xff\x0a", "jxl"),
     (b"BM", "bmp"),
 )
-_NETPBM = {b"1": "pbm", b"4": "pbm", b"2": "pgm", b"5": "pgm", b"3": "ppm", b"6": "ppm",
-           b"7": "pam"}
-_FTYP = {b"avif": "avif", b"avis": "avif", b"heic": "heic", b"heix": "heic", b"mif1": "heic",
-         b"msf1": "heic", b"hevc": "heic"}
+_NETPBM = {b"1": "pbm", b"4": "pbm", b"2": "pgm", b"5": "pgm", b"3": "ppm", b"6": "ppm", b"7": "pam"}
+_FTYP = {
+    b"avif": "avif",
+    b"avis": "avif",
+    b"heic": "heic",
+    b"heix": "heic",
+    b"mif1": "heic",
+    b"msf1": "heic",
+    b"hevc": "heic",
+}
 
 
 def guess_extension(data: bytes) -> str:

@@ -24,9 +24,9 @@ from PIL import Image
 DEFAULT_SIZE = 299
 
 # scikit-image's constants (skimage.color.colorconv.xyz_from_rgb and the D65 / 2° white point).
-_XYZ_FROM_RGB = np.array([[0.412453, 0.357580, 0.180423],
-                          [0.212671, 0.715160, 0.072169],
-                          [0.019334, 0.119193, 0.950227]])
+_XYZ_FROM_RGB = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
 _RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 _EPSILON = 0.008856  # skimage's threshold between the cube root and the linear segment
@@ -53,8 +53,13 @@ def _scratch(n: int) -> tuple[np.ndarray, ...]:
     """This thread's work arrays for n pixels: fresh ~1 MB arrays cost page faults on every call."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None or bufs[0].shape[1] != n:
-        bufs = _local.bufs = (np.empty((3, n), np.float32), np.empty((3, n), np.float32),
-                              np.empty((3, n), np.float32), np.empty((3, n), bool), np.empty(n, np.float32))
+        bufs = _local.bufs = (
+            np.empty((3, n), np.float32),
+            np.empty((3, n), np.float32),
+            np.empty((3, n), np.float32),
+            np.empty((3, n), bool),
+            np.empty(n, np.float32),
+        )
     return bufs
 
 

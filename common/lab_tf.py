@@ -50,8 +50,9 @@ def lab_tf_compiled() -> Any:
     if _LAB_FUNCTION is None:
         import tensorflow as tf
 
-        _LAB_FUNCTION = tf.function(lab_tf, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
-                                    jit_compile=True)
+        _LAB_FUNCTION = tf.function(
+            lab_tf, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=True
+        )
     return _LAB_FUNCTION
 
 

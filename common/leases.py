@@ -28,11 +28,13 @@ def renew_every(visibility_timeout: float) -> float:
 
 def held_by(channel) -> Callable[[], list[str]]:
     """The delivery tags a kombu channel holds unacked (acked ones may linger: ZADD XX skips them)."""
+
     def held() -> list[str]:
         try:
             return list(channel.qos._delivered)
         except RuntimeError:  # changed during the copy: the next renewal gets it
             return []
+
     return held
 
 
@@ -41,8 +43,12 @@ def keep_leases(app, channel) -> LeaseKeeper:
     from common.state import connect
 
     timeout = app.conf.broker_transport_options.get("visibility_timeout", 3600)
-    keeper = LeaseKeeper(connect(app.conf.broker_url), held_by(channel), renew_every(timeout),
-                         getattr(channel, "unacked_index_key", UNACKED_INDEX))
+    keeper = LeaseKeeper(
+        connect(app.conf.broker_url),
+        held_by(channel),
+        renew_every(timeout),
+        getattr(channel, "unacked_index_key", UNACKED_INDEX),
+    )
     keeper.start()
     return keeper
 
@@ -50,8 +56,13 @@ def keep_leases(app, channel) -> LeaseKeeper:
 class LeaseKeeper(threading.Thread):
     """A daemon thread renewing the leases of the messages `held()` returns, until stopped."""
 
-    def __init__(self, client: redis.Redis, held: Callable[[], Iterable[str]], every: float,
-                 index_key: str = UNACKED_INDEX):
+    def __init__(
+        self,
+        client: redis.Redis,
+        held: Callable[[], Iterable[str]],
+        every: float,
+        index_key: str = UNACKED_INDEX,
+    ):
         super().__init__(name="lease-keeper", daemon=True)
         self.client = client
         self.held = held

@@ -291,8 +291,10 @@ def _fetch(url: str, part: Path) -> None:
             total = span[1]
         else:  # 200: the server ignored the range, start over
             offset, total = 0, _int_header(r, "Content-Length")
-        with open(part, "ab" if offset else "wb") as f, tqdm(
-                total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5]) as bar,
+        ):
             for chunk in r.raw.stream(_CHUNK, decode_content=False):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -326,12 +328,16 @@ def check_variables(shapes: dict[str, tuple[int, ...]]) -> None:
     if missing:
         problems.append(f"{len(missing)} missing: {_listing(missing)}")
     known = {**REQUIRED_VARIABLES, **IGNORED_VARIABLES}
-    unknown = sorted(n for n, s in shapes.items()
-                     if n not in known and not (n in TOLERATED_VARIABLES and s == ()))
+    unknown = sorted(
+        n for n, s in shapes.items() if n not in known and not (n in TOLERATED_VARIABLES and s == ())
+    )
     if unknown:
         problems.append(f"{len(unknown)} unknown: {_listing(unknown)}")
-    misshapen = [f"{n} expected {known[n]} found {shapes[n]}" for n in known
-                 if n in shapes and tuple(shapes[n]) != known[n]]
+    misshapen = [
+        f"{n} expected {known[n]} found {shapes[n]}"
+        for n in known
+        if n in shapes and tuple(shapes[n]) != known[n]
+    ]
     if misshapen:
         problems.append(f"{len(misshapen)} misshapen: {_listing(misshapen)}")
     if problems:
@@ -372,8 +378,11 @@ def slim_scope(name: str) -> str:
 _SLOTS = {
     "Conv2D": (("kernel", "weights"), ("bias", "biases")),
     "Dense": (("kernel", "weights"), ("bias", "biases")),
-    "BatchNormalization": (("beta", "beta"), ("moving_mean", "moving_mean"),
-                           ("moving_variance", "moving_variance")),
+    "BatchNormalization": (
+        ("beta", "beta"),
+        ("moving_mean", "moving_mean"),
+        ("moving_variance", "moving_variance"),
+    ),
 }
 
 
@@ -384,8 +393,11 @@ def model_variables(model: Any) -> list[tuple[str, Any]]:
         if not layer.weights:
             continue
         slots = _SLOTS[type(layer).__name__]
-        owned = [(f"{slim_scope(layer.name)}/{slim}", getattr(layer, attr))
-                 for attr, slim in slots if getattr(layer, attr, None) is not None]
+        owned = [
+            (f"{slim_scope(layer.name)}/{slim}", getattr(layer, attr))
+            for attr, slim in slots
+            if getattr(layer, attr, None) is not None
+        ]
         if len(owned) != len(layer.weights):
             raise AssertionError(f"layer {layer.name} has variables that are not mapped")
         pairs.extend(owned)
@@ -401,14 +413,23 @@ class _Net:
         self.L = keras.layers
         self.dtype = dtype
 
-    def conv(self, x: Any, scope: str, filters: int, kernel: int | tuple[int, int],
-             strides: int = 1, padding: str = "same") -> Any:
+    def conv(
+        self,
+        x: Any,
+        scope: str,
+        filters: int,
+        kernel: int | tuple[int, int],
+        strides: int = 1,
+        padding: str = "same",
+    ) -> Any:
         """slim.conv2d: convolution without bias, batch norm (no gamma), ReLU."""
         L, name = self.L, layer_name(scope)
-        x = L.Conv2D(filters, kernel, strides=strides, padding=padding, use_bias=False,
-                     name=name, dtype=self.dtype)(x)
-        x = L.BatchNormalization(epsilon=BN_EPSILON, center=True, scale=False,
-                                 name=name + SEP + "BatchNorm", dtype=self.dtype)(x)
+        x = L.Conv2D(
+            filters, kernel, strides=strides, padding=padding, use_bias=False, name=name, dtype=self.dtype
+        )(x)
+        x = L.BatchNormalization(
+            epsilon=BN_EPSILON, center=True, scale=False, name=name + SEP + "BatchNorm", dtype=self.dtype
+        )(x)
         return L.ReLU(name=name + SEP + "Relu", dtype=self.dtype)(x)
 
     def max_pool(self, x: Any, scope: str) -> Any:
@@ -423,7 +444,8 @@ class _Net:
         """net += scale * Conv2d_1x1(concat(branches)) (biased, no BN, linear), then ReLU if `relu`."""
         L, name = self.L, layer_name(scope)
         up = L.Conv2D(x.shape[-1], 1, use_bias=True, name=name + SEP + "Conv2d_1x1", dtype=self.dtype)(
-            self.concat(branches, scope))
+            self.concat(branches, scope)
+        )
         if scale != 1.0:
             up = L.Rescaling(scale, name=name + SEP + "mul", dtype=self.dtype)(up)
         x = L.Add(name=name + SEP + "add", dtype=self.dtype)([x, up])
@@ -473,8 +495,13 @@ class _Net:
         b2 = self.conv(x, "Mixed_5b/Branch_2/Conv2d_0a_1x1", 64, 1)
         b2 = self.conv(b2, "Mixed_5b/Branch_2/Conv2d_0b_3x3", 96, 3)
         b2 = self.conv(b2, "Mixed_5b/Branch_2/Conv2d_0c_3x3", 96, 3)
-        b3 = self.L.AveragePooling2D(3, strides=1, padding="same", dtype=self.dtype,
-                                     name=layer_name("Mixed_5b/Branch_3/AvgPool_0a_3x3"))(x)
+        b3 = self.L.AveragePooling2D(
+            3,
+            strides=1,
+            padding="same",
+            dtype=self.dtype,
+            name=layer_name("Mixed_5b/Branch_3/AvgPool_0a_3x3"),
+        )(x)
         b3 = self.conv(b3, "Mixed_5b/Branch_3/Conv2d_0b_1x1", 64, 1)
         return self.concat([b0, b1, b2, b3], "Mixed_5b")
 
@@ -502,8 +529,9 @@ class _Net:
     def logits(self, x: Any) -> Any:
         """Conv2d_7b_1x1, 8x8 VALID average pool, flatten, fully connected 1536 -> 1001 (float32 output)."""
         x = self.conv(x, "Conv2d_7b_1x1", 1536, 1)
-        x = self.L.AveragePooling2D(8, padding="valid", name=layer_name("Logits/AvgPool_1a_8x8"),
-                                    dtype=self.dtype)(x)
+        x = self.L.AveragePooling2D(
+            8, padding="valid", name=layer_name("Logits/AvgPool_1a_8x8"), dtype=self.dtype
+        )(x)
         x = self.L.Flatten(name=layer_name("Logits/Flatten"), dtype=self.dtype)(x)
         return self.L.Dense(NUM_CLASSES, name=layer_name("Logits/Logits"), dtype="float32")(x)
 
@@ -579,8 +607,15 @@ def default_batch_size() -> int:
 class Embedder:
     """uint8 RGB 299x299 images -> float32 Inception-ResNet-v2 logits of their greyscale version."""
 
-    def __init__(self, checkpoint: str | Path, cache_dir: Path | None = None, *, batch_size: int = 16,
-                 mixed_precision: bool = False, xla: bool = False):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        cache_dir: Path | None = None,
+        *,
+        batch_size: int = 16,
+        mixed_precision: bool = False,
+        xla: bool = False,
+    ):
         import tensorflow as tf
 
         if batch_size < 1:
@@ -592,7 +627,8 @@ class Embedder:
         self.model = build_model(load_weights(path), mixed_precision=mixed_precision)
         self._lut = tf.constant(scale_grey(grey_lut()))  # float32 network input of every RGB colour
         self.preprocess = tf.function(
-            self._preprocess, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+            self._preprocess, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)]
+        )
         spec = [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)]
         self._embed = tf.function(self._forward, input_signature=spec, jit_compile=xla or None)
         self._embed_lab = tf.function(self._forward_lab, input_signature=spec, jit_compile=xla or None)
@@ -643,13 +679,16 @@ class Embedder:
         out = self._batches(self._embed_lab, _checked_images(rgb))
         if not out:
             s = IMAGE_SIZE
-            return (np.zeros((0, NUM_CLASSES), np.float32), np.zeros((0, s, s), np.float32),
-                    np.zeros((0, s, s, 2), np.float32))
+            return (
+                np.zeros((0, NUM_CLASSES), np.float32),
+                np.zeros((0, s, s), np.float32),
+                np.zeros((0, s, s, 2), np.float32),
+            )
         return out[0], out[1], out[2]
 
     def _batches(self, fn: Any, rgb: np.ndarray) -> list[np.ndarray]:
         """The outputs of `fn` over `batch_size` chunks of rgb, concatenated; [] for no images."""
-        parts = [self._run(fn, rgb[i:i + self.batch_size]) for i in range(0, len(rgb), self.batch_size)]
+        parts = [self._run(fn, rgb[i : i + self.batch_size]) for i in range(0, len(rgb), self.batch_size)]
         return [np.concatenate(outputs) for outputs in zip(*parts, strict=True)]
 
     def _run(self, fn: Any, batch: np.ndarray) -> list[np.ndarray]:

@@ -50,6 +50,7 @@ _MAX_RECORD = 1 << 31  # sanity cap on a record length read from an (already CRC
 
 # ---- TFRecord framing ------------------------------------------------------------------------------
 
+
 def masked_crc32c(data: bytes | memoryview) -> int:
     """TFRecord's masked crc32c of `data`."""
     crc = google_crc32c.value(bytes(data) if isinstance(data, memoryview) else data)
@@ -142,6 +143,7 @@ def iter_examples(path: Path) -> Iterator[tuple[int, int, bytes]]:
 
 # ---- protobuf wire format: writing --------------------------------------------------------------
 
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while n > 0x7F:
@@ -186,22 +188,31 @@ def serialize_features(features: dict[bytes, tuple[int, list]]) -> bytes:
     return b"".join([_len_head(1, _nbytes(body)), *body])
 
 
-def serialize_example(name: bytes, key: bytes, source: bytes, l: np.ndarray,  # noqa: E741
-                      ab: np.ndarray, embedding: np.ndarray) -> bytes:
+def serialize_example(
+    name: bytes,
+    key: bytes,
+    source: bytes,
+    l: np.ndarray,  # noqa: E741
+    ab: np.ndarray,
+    embedding: np.ndarray,
+) -> bytes:
     """One record, byte-identical to `tf.train.Example(...).SerializeToString(deterministic=True)`."""
     if np.size(ab) != 2 * np.size(l):
         raise ValueError(f"image_ab has {np.size(ab)} values for {np.size(l)} of image_l (expected 2×)")
-    return serialize_features({
-        b"image_ab": _float_feature(ab),
-        b"image_embedding": _float_feature(embedding),
-        b"image_key": _bytes_feature(bytes(key)),
-        b"image_l": _float_feature(l),
-        b"image_name": _bytes_feature(bytes(name)),
-        b"image_source": _bytes_feature(bytes(source)),
-    })
+    return serialize_features(
+        {
+            b"image_ab": _float_feature(ab),
+            b"image_embedding": _float_feature(embedding),
+            b"image_key": _bytes_feature(bytes(key)),
+            b"image_l": _float_feature(l),
+            b"image_name": _bytes_feature(bytes(name)),
+            b"image_source": _bytes_feature(bytes(source)),
+        }
+    )
 
 
 # ---- protobuf wire format: reading one bytes feature ------------------------------------------
+
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
@@ -266,10 +277,12 @@ def example_floats(serialized: bytes, name: bytes) -> np.ndarray:
     """The float_list values of feature `name` of a serialized Example, without TensorFlow."""
     buf = memoryview(serialized)
     start, end = feature_span(buf, name)
-    parts = [np.frombuffer(buf[vs:ve], "<f4")
-             for ls, le in _sub(buf, start, end, 2)  # Feature.float_list
-             for number, wire, vs, ve in _fields(buf, ls, le)
-             if number == 1 and wire in (2, 5)]  # packed, or one fixed32 value
+    parts = [
+        np.frombuffer(buf[vs:ve], "<f4")
+        for ls, le in _sub(buf, start, end, 2)  # Feature.float_list
+        for number, wire, vs, ve in _fields(buf, ls, le)
+        if number == 1 and wire in (2, 5)
+    ]  # packed, or one fixed32 value
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
@@ -291,6 +304,7 @@ def example_key(serialized: bytes) -> bytes:
 
 # ---- files and names -------------------------------------------------------------------------------
 
+
 def safe_node(node: str) -> str:
     """The node name as it appears in shard names: characters outside [A-Za-z0-9._-] become '-'."""
     if not node:
@@ -305,8 +319,10 @@ def shard_name(node: str, number: int, compression: str = "none") -> str:
 
 def _node_re(node: str) -> re.Pattern[str]:
     """Any file of this node's numbering: finals (also renamed with a `val_`-like prefix), temps."""
-    return re.compile(rf"\.?(?:[A-Za-z0-9]+_)?{SHARD_PREFIX}{re.escape(safe_node(node))}_(\d{{5,}})"
-                      r"\.tfrecord(?:\.gz|\.zlib)?(?:\.tmp)?(?:\.partial)?")
+    return re.compile(
+        rf"\.?(?:[A-Za-z0-9]+_)?{SHARD_PREFIX}{re.escape(safe_node(node))}_(\d{{5,}})"
+        r"\.tfrecord(?:\.gz|\.zlib)?(?:\.tmp)?(?:\.partial)?"
+    )
 
 
 def highest_number(out_dir: Path, node: str) -> int:
@@ -344,7 +360,7 @@ def _fsync_file(path: Path) -> None:
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 _IOV_MAX = 1020  # below Linux's 1024 iovecs per writev
@@ -355,7 +371,7 @@ def _writev_all(fd: int, pieces: list[bytes]) -> None:
     views = [memoryview(p) for p in pieces if len(p)]
     i = 0
     while i < len(views):
-        written = os.writev(fd, views[i:i + _IOV_MAX])
+        written = os.writev(fd, views[i : i + _IOV_MAX])
         while written:  # skip what was written; a partly written piece keeps its rest
             if written >= len(views[i]):
                 written -= len(views[i])
@@ -364,12 +380,16 @@ def _writev_all(fd: int, pieces: list[bytes]) -> None:
                 views[i], written = views[i][written:], 0
 
 
-def _write_final(src: Path, dst: Path, compression: str, level: int,
-                 spans: list[tuple[int, int]] | None = None) -> None:
+def _write_final(
+    src: Path, dst: Path, compression: str, level: int, spans: list[tuple[int, int]] | None = None
+) -> None:
     """Copy src (or only its byte `spans`) into dst, as a gzip or zlib stream (what TFRecordDataset's
     GZIP/ZLIB read) or plain, and fsync it."""
-    z = None if compression == "none" else zlib.compressobj(level, zlib.DEFLATED,
-                                                           31 if compression == "gzip" else 15)
+    z = (
+        None
+        if compression == "none"
+        else zlib.compressobj(level, zlib.DEFLATED, 31 if compression == "gzip" else 15)
+    )
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         for start, end in [(0, os.fstat(fin.fileno()).st_size)] if spans is None else spans:
             fin.seek(start)
@@ -381,8 +401,9 @@ def _write_final(src: Path, dst: Path, compression: str, level: int,
         os.fsync(fout.fileno())
 
 
-def finalize_temp(temp: Path, compression: str = "none", level: int = 6,
-                  spans: list[tuple[int, int]] | None = None) -> Path | None:
+def finalize_temp(
+    temp: Path, compression: str = "none", level: int = 6, spans: list[tuple[int, int]] | None = None
+) -> Path | None:
     """Publish a temp shard (or only its record `spans`) under its final name, compressed if asked,
     atomically and durably; an empty one is deleted (None). Safe to repeat after a crash at any step:
     the temp is deleted only once the final is in place."""
@@ -456,6 +477,7 @@ def rewrite_shard(temp: Path, keep: Callable[[bytes], bool]) -> int:
 
 # ---- the writer ---------------------------------------------------------------------------------
 
+
 class ShardWriter:
     """Appends records to a hidden, uncompressed temp shard and publishes it as
     `lab_images_<node>_<n>.tfrecord[.gz|.zlib]` when full, too old, or on close.
@@ -469,8 +491,16 @@ class ShardWriter:
     after each append and when idle). Not thread-safe.
     """
 
-    def __init__(self, out_dir: Path, node: str, *, examples_per_shard: int = 500, max_age: float = 600,
-                 compression: str = "none", compression_level: int = 6):
+    def __init__(
+        self,
+        out_dir: Path,
+        node: str,
+        *,
+        examples_per_shard: int = 500,
+        max_age: float = 600,
+        compression: str = "none",
+        compression_level: int = 6,
+    ):
         if compression not in EXTENSIONS:
             raise ValueError(f"unknown compression {compression!r}; valid: {', '.join(EXTENSIONS)}")
         if examples_per_shard < 1:
@@ -636,7 +666,9 @@ def split_validation(out_dir: Path, fraction: float) -> list[Path]:
     val = sorted(out_dir.glob(VAL_PREFIX + SHARD_GLOB))
     wanted = max(1, round(fraction * (len(train) + len(val))))
     # the choice depends on the names only: the same shards on every machine and every run
-    chosen = sorted(train, key=lambda p: hashlib.md5(p.name.encode()).hexdigest())[:max(0, wanted - len(val))]
+    chosen = sorted(train, key=lambda p: hashlib.md5(p.name.encode()).hexdigest())[
+        : max(0, wanted - len(val))
+    ]
     renamed = []
     for shard in chosen:
         target = shard.with_name(VAL_PREFIX + shard.name)
@@ -648,6 +680,7 @@ def split_validation(out_dir: Path, fraction: float) -> list[Path]:
 
 
 # ---- the reader ---------------------------------------------------------------------------------
+
 
 def _expand(pattern: str | list[str]) -> list[str]:
     import tensorflow as tf
@@ -665,8 +698,9 @@ def _compression_of(path: str) -> str:
     return "GZIP" if path.endswith(".gz") else "ZLIB" if path.endswith(".zlib") else ""
 
 
-def read_dataset(pattern: str | list[str], lab_size: int = 299,
-                 compression: str | None = None) -> tf.data.Dataset:
+def read_dataset(
+    pattern: str | list[str], lab_size: int = 299, compression: str | None = None
+) -> tf.data.Dataset:
     """The shards as a tf.data.Dataset of dicts: image_name, image_l [S,S,1], image_ab [S,S,2],
     image_embedding [1001], image_key, image_source. Compression from the extension unless given
     (`GZIP`/`ZLIB`/``, or this module's `gzip`/`zlib`/`none`)."""

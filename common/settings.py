@@ -16,55 +16,117 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KOALA_", env_file=".env", extra="ignore")
 
     # Broker and job state
-    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (broker + job state); a password goes in the URL: redis://:PASSWORD@host:6379/0")
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL (broker + job state); a password goes in the URL: redis://:PASSWORD@host:6379/0",
+    )
     state_prefix: str = Field("koala", description="prefix of every job-state key in Redis")
-    visibility_timeout: int = Field(60, description="seconds after which Redis re-delivers a message whose worker stopped renewing it (a killed worker's work returns this soon)")
-    resend_after: float = Field(60.0, description="seconds without progress, with nothing queued or unacknowledged, after which `koala submit --wait` sends the still-pending items again (lost messages)")
-    failures_kept: int = Field(100_000, description="failure details kept in Redis (the JSON Lines files keep all)")
+    visibility_timeout: int = Field(
+        60,
+        description="seconds after which Redis re-delivers a message whose worker stopped renewing it (a killed worker's work returns this soon)",
+    )
+    resend_after: float = Field(
+        60.0,
+        description="seconds without progress, with nothing queued or unacknowledged, after which `koala submit --wait` sends the still-pending items again (lost messages)",
+    )
+    failures_kept: int = Field(
+        100_000, description="failure details kept in Redis (the JSON Lines files keep all)"
+    )
 
     # Queues and backpressure
     chunk_size: int = Field(16, description="URLs per download message")
-    download_queue_limit: int = Field(2_000, description="download messages (chunks) queued before the producer holds back")
-    embed_queue_limit: int = Field(1_000, description="images queued for embedding before download workers hold back")
+    download_queue_limit: int = Field(
+        2_000, description="download messages (chunks) queued before the producer holds back"
+    )
+    embed_queue_limit: int = Field(
+        1_000, description="images queued for embedding before download workers hold back"
+    )
 
     # Download stage
-    download_concurrency: int = Field(64, description="downloads in flight per download worker (threads); the worker takes 8 × this / chunk_size chunks at once")
+    download_concurrency: int = Field(
+        64,
+        description="downloads in flight per download worker (threads); the worker takes 8 × this / chunk_size chunks at once",
+    )
     per_host_connections: int = Field(8, description="downloads in flight to one host per download worker")
     connect_timeout: float = Field(10.0, description="seconds to connect")
     read_timeout: float = Field(20.0, description="seconds to wait for each read")
-    download_deadline: float = Field(60.0, description="seconds for one download, retries and redirects included")
+    download_deadline: float = Field(
+        60.0, description="seconds for one download, retries and redirects included"
+    )
     retries: int = Field(3, description="extra attempts after a timeout, connection error, 429 or 5xx")
-    retry_backoff: float = Field(1.0, description="first backoff in seconds, doubled each attempt (Retry-After wins when longer)")
+    retry_backoff: float = Field(
+        1.0, description="first backoff in seconds, doubled each attempt (Retry-After wins when longer)"
+    )
     max_bytes: int = Field(25_000_000, description="largest image download accepted, in bytes")
     max_pixels: int = Field(89_478_485, description="largest image accepted, in pixels (decompression bombs)")
     max_redirects: int = Field(5, description="redirect hops followed")
-    user_agent: str = Field("koala-fleet/0.1 (image dataset builder)", description="User-Agent header of downloads")
-    allow_private_addresses: bool = Field(False, description="1 lets loopback and private addresses through (never link-local or metadata)")
+    user_agent: str = Field(
+        "koala-fleet/0.1 (image dataset builder)", description="User-Agent header of downloads"
+    )
+    allow_private_addresses: bool = Field(
+        False, description="1 lets loopback and private addresses through (never link-local or metadata)"
+    )
     blocked_networks: str = Field("", description="extra CIDRs to refuse, comma or space separated")
-    keep_originals: Path | None = Field(None, description="directory where download workers also save the downloaded bytes as <md5>.<ext>")
+    keep_originals: Path | None = Field(
+        None, description="directory where download workers also save the downloaded bytes as <md5>.<ext>"
+    )
 
     # Embed stage
-    batch_size: int | None = Field(None, description="images per model call in an embed worker (default 128 on a GPU, 16 on a CPU)")
-    lab_on_device: bool | None = Field(None, description="1 computes the Lab channels in the model's TensorFlow function (on its device), 0 with numpy in threads; default: 1 on a GPU, on a CPU whichever measured cheaper (common/lab_tf.py)")
-    batch_wait: float = Field(2.0, description="seconds an embed worker waits to fill a batch before running a partial one")
-    mixed_precision: bool = Field(False, description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)")
+    batch_size: int | None = Field(
+        None, description="images per model call in an embed worker (default 128 on a GPU, 16 on a CPU)"
+    )
+    lab_on_device: bool | None = Field(
+        None,
+        description="1 computes the Lab channels in the model's TensorFlow function (on its device), 0 with numpy in threads; default: 1 on a GPU, on a CPU whichever measured cheaper (common/lab_tf.py)",
+    )
+    batch_wait: float = Field(
+        2.0, description="seconds an embed worker waits to fill a batch before running a partial one"
+    )
+    mixed_precision: bool = Field(
+        False,
+        description="1 runs the model in mixed float16 (GPU; embeddings then differ slightly from float32)",
+    )
     xla: bool = Field(False, description="1 compiles the model with XLA")
-    null_model: bool = Field(False, description="benchmark only: 1 replaces the model's forward pass by zeros (records useless for training); never in a real run")
-    null_lab: bool = Field(False, description="benchmark only, with KOALA_NULL_MODEL=1: the Lab channels are zeros too, standing in for a GPU that computes them with the model")
-    cache_dir: Path = Field(Path.home() / ".cache" / "koala", description="where a downloaded or extracted checkpoint is kept")
+    null_model: bool = Field(
+        False,
+        description="benchmark only: 1 replaces the model's forward pass by zeros (records useless for training); never in a real run",
+    )
+    null_lab: bool = Field(
+        False,
+        description="benchmark only, with KOALA_NULL_MODEL=1: the Lab channels are zeros too, standing in for a GPU that computes them with the model",
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "koala", description="where a downloaded or extracted checkpoint is kept"
+    )
 
     # Images and records
-    resize_mode: Literal["contain", "crop", "stretch"] = Field("contain", description="fit inside on white (contain), centre crop (crop) or stretch")
+    resize_mode: Literal["contain", "crop", "stretch"] = Field(
+        "contain", description="fit inside on white (contain), centre crop (crop) or stretch"
+    )
     image_size: int = Field(299, description="side of the square images fed to Inception")
-    lab_size: Literal[299, 224] = Field(299, description="side of the Lab channels in the records (224 = what the latest original training code reads)")
+    lab_size: Literal[299, 224] = Field(
+        299,
+        description="side of the Lab channels in the records (224 = what the latest original training code reads)",
+    )
     output_dir: Path = Field(Path("data/tfrecords"), description="where shards and failure logs are written")
-    checkpoint: str | None = Field(None, description="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release, or URL")
+    checkpoint: str | None = Field(
+        None, description="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release, or URL"
+    )
     examples_per_shard: int = Field(500, description="records per shard")
     shard_max_age: float = Field(600.0, description="seconds a shard stays open before it is finalized")
     compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
 
-    @field_validator("chunk_size", "download_queue_limit", "embed_queue_limit", "download_concurrency",
-                     "per_host_connections", "max_bytes", "max_pixels", "examples_per_shard", "batch_size")
+    @field_validator(
+        "chunk_size",
+        "download_queue_limit",
+        "embed_queue_limit",
+        "download_concurrency",
+        "per_host_connections",
+        "max_bytes",
+        "max_pixels",
+        "examples_per_shard",
+        "batch_size",
+    )
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:

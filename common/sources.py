@@ -90,7 +90,7 @@ def _strip_ending(raw: bytes) -> bytes:
         raw = raw[:-1]
     if raw.endswith(b"\r"):
         raw = raw[:-1]
-    return raw[len(_BOM):] if raw.startswith(_BOM) else raw
+    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
 
 
 def parse_line(raw: bytes) -> UrlItem | Literal["blank", "comment", "rejected"]:
@@ -180,7 +180,7 @@ def url_problem(url: str) -> tuple[str, str] | None:
     name = scheme.group()[:-1].lower()
     if name not in _FETCHABLE_SCHEMES:
         return ("bad_scheme", f"scheme {name!r} is not http or https")
-    problem = _text_problem(url) or _authority_problem(url[scheme.end():])
+    problem = _text_problem(url) or _authority_problem(url[scheme.end() :])
     return None if problem is None else ("invalid_url", problem)
 
 
@@ -199,7 +199,7 @@ def _authority_problem(rest: str) -> str | None:
     if not rest.startswith("//"):
         return "no '//' authority after the scheme"
     end = _AUTHORITY_END.search(rest, 2)
-    authority = rest[2:end.start() if end else len(rest)]
+    authority = rest[2 : end.start() if end else len(rest)]
     host_port = authority.rpartition("@")[2]  # userinfo (credentials included) is allowed
     if host_port.startswith("["):
         host, sep, after = host_port[1:].partition("]")
@@ -282,8 +282,10 @@ class ListBroken(SourceError):
         items = "1 item" if self.items == 1 else f"{self.items} items"
         why = (str(self.error) or type(self.error).__name__)[:200]
         were = "was" if self.items == 1 else "were"
-        return (f"{self.source} {what} after line {self.lines} ({why}): the {items} before it "
-                f"{were} submitted; {fix}{again}, already-known items are skipped")
+        return (
+            f"{self.source} {what} after line {self.lines} ({why}): the {items} before it "
+            f"{were} submitted; {fix}{again}, already-known items are skipped"
+        )
 
     def __str__(self) -> str:
         return self.message()
@@ -325,7 +327,7 @@ def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
 
         with open_stream(source, policy_from_settings(settings)) as stream:
             try:
-                gzipped = stream.peek(len(GZIP_MAGIC))[:len(GZIP_MAGIC)] == GZIP_MAGIC
+                gzipped = stream.peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] == GZIP_MAGIC
             except READ_ERRORS as e:
                 raise ListBroken(0, e) from e
             if not gzipped:

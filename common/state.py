@@ -35,15 +35,34 @@ WRITTEN = b"w"
 FAILED = b"f"
 
 REASONS = (
-    "bad_scheme", "invalid_url", "blocked_address", "dns_error", "connection_error", "timeout",
-    "http_error", "too_large", "not_an_image", "truncated", "too_many_pixels", "redirect_loop",
-    "io_error", "internal_error",
+    "bad_scheme",
+    "invalid_url",
+    "blocked_address",
+    "dns_error",
+    "connection_error",
+    "timeout",
+    "http_error",
+    "too_large",
+    "not_an_image",
+    "truncated",
+    "too_many_pixels",
+    "redirect_loop",
+    "io_error",
+    "internal_error",
 )
 # A producer refreshes its alive key at every chunk and while it holds back; a journaled chunk
 # whose producer's key has expired is orphaned and sent by the next producer.
 PRODUCER_ALIVE_S = 15
-COUNTERS = ("submitted", "duplicates", "rejected_lines", "requeued", "retried", "downloaded", "written",
-            "failed")
+COUNTERS = (
+    "submitted",
+    "duplicates",
+    "rejected_lines",
+    "requeued",
+    "retried",
+    "downloaded",
+    "written",
+    "failed",
+)
 
 # KEYS: bucket per item. ARGV: counts key, run tag, requeue flag, journal key, journal field,
 # journal value, producer-alive key, then one field per item. The chunk is journaled in the
@@ -157,8 +176,14 @@ class Failure:
     def as_dict(self) -> dict:
         """The JSON form: `url` for URL items, `path` for files of a folder."""
         source = {"path": self.path} if self.path else {"url": self.url}
-        return {"key": self.key, **source, "reason": self.reason, "detail": self.detail,
-                "node": self.node, "time": self.time}
+        return {
+            "key": self.key,
+            **source,
+            "reason": self.reason,
+            "detail": self.detail,
+            "node": self.node,
+            "time": self.time,
+        }
 
 
 log = logging.getLogger("koala.state")
@@ -217,8 +242,7 @@ retry_on_disk = tenacity.retry(
 
 def connect(url: str) -> redis.Redis:
     """A Redis client for the broker URL, with timeouts so a dead server is noticed."""
-    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
-                                health_check_interval=30)
+    return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10, health_check_interval=30)
 
 
 class JobState:
@@ -250,8 +274,14 @@ class JobState:
         n = self.r.hincrby(f"{self.prefix}:meta", "runs", 1)
         return (n % 65536).to_bytes(2, "big")
 
-    def register(self, keys: Sequence[str], run: bytes, *, requeue: bool = False,
-                 journal: tuple[str, str, bytes] | None = None) -> list[Registered]:
+    def register(
+        self,
+        keys: Sequence[str],
+        run: bytes,
+        *,
+        requeue: bool = False,
+        journal: tuple[str, str, bytes] | None = None,
+    ) -> list[Registered]:
         """Record submitted keys; per key what was found (new, left pending by an earlier run, known).
 
         `journal` = (producer id, entry id, chunk): kept until `unjournal` confirms the send.
@@ -261,8 +291,15 @@ class JobState:
         slots = [self._slot(k) for k in keys]
         producer, entry, chunk = journal or ("", "", b"")
         args: list[EncodableT] = [
-            self.counts_key, run, int(requeue), self.journal_key, f"{producer}:{entry}" if journal else "",
-            chunk, self._alive_key(producer), *[f for _, f in slots]]
+            self.counts_key,
+            run,
+            int(requeue),
+            self.journal_key,
+            f"{producer}:{entry}" if journal else "",
+            chunk,
+            self._alive_key(producer),
+            *[f for _, f in slots],
+        ]
         return [Registered(v) for v in self._register(keys=[b for b, _ in slots], args=args)]
 
     def unfail(self, failures: Sequence[dict], run: bytes, journal: tuple[str, str, bytes]) -> list[bool]:
@@ -272,8 +309,16 @@ class JobState:
             return []
         slots = [self._slot(f["key"]) for f in failures]
         producer, entry, chunk = journal
-        args: list[EncodableT] = [self.counts_key, self.reasons_key, self.failures_key, run,
-                                  self.journal_key, f"{producer}:{entry}", chunk, self._alive_key(producer)]
+        args: list[EncodableT] = [
+            self.counts_key,
+            self.reasons_key,
+            self.failures_key,
+            run,
+            self.journal_key,
+            f"{producer}:{entry}",
+            chunk,
+            self._alive_key(producer),
+        ]
         for (_, field), f in zip(slots, failures, strict=True):
             args += [field, f["reason"], f["id"]]
         return [bool(x) for x in self._unfail(keys=[b for b, _ in slots], args=args)]
@@ -319,8 +364,9 @@ class JobState:
 
     def pending_in_run(self, keys: Sequence[str], run: bytes) -> list[bool]:
         """Per key: still pending (submitted or downloaded) and tagged with submission run `run`."""
-        return [v is not None and v[:1] in (SUBMITTED, DOWNLOADED) and v[1:] == run
-                for v in self._values(keys)]
+        return [
+            v is not None and v[:1] in (SUBMITTED, DOWNLOADED) and v[1:] == run for v in self._values(keys)
+        ]
 
     def _values(self, keys: Sequence[str]) -> list[bytes | None]:
         pipe = self.r.pipeline(transaction=False)
@@ -363,8 +409,11 @@ class JobState:
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             bucket, field = self._slot(key)
-            self._transition(keys=[bucket], args=[self.counts_key, field, WRITTEN + shard,
-                                                  SUBMITTED + DOWNLOADED], client=pipe)
+            self._transition(
+                keys=[bucket],
+                args=[self.counts_key, field, WRITTEN + shard, SUBMITTED + DOWNLOADED],
+                client=pipe,
+            )
         return [bool(x) for x in pipe.execute()]
 
     def written_to(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -27,8 +27,7 @@ def job_state(settings: Settings, broker: str | None = None) -> JobState:
     try:
         state.ping()
     except Exception as e:  # redis raises several kinds; the user needs one line
-        raise click.ClickException(
-            f"cannot reach Redis at {_safe_url(settings.broker_url)}: {e}") from None
+        raise click.ClickException(f"cannot reach Redis at {_safe_url(settings.broker_url)}: {e}") from None
     return state
 
 
@@ -61,8 +60,12 @@ def run_broker(out_dir: Path | None) -> Iterator[str | None]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--broker", envvar="KOALA_BROKER_URL", default=None,
-              help="Redis URL (default KOALA_BROKER_URL or redis://127.0.0.1:6379/0)")
+@click.option(
+    "--broker",
+    envvar="KOALA_BROKER_URL",
+    default=None,
+    help="Redis URL (default KOALA_BROKER_URL or redis://127.0.0.1:6379/0)",
+)
 def main(broker: str | None) -> None:
     """Koala fleet: URL lists and image folders to Lab + Inception TFRecord shards."""
     if broker:
@@ -75,11 +78,15 @@ def main(broker: str | None) -> None:
 @click.option("--count", type=int, default=None, help="submit at most N items")
 @click.option("--skip", type=int, default=0, help="skip the first N items")
 @click.option("--wait", is_flag=True, help="then show progress until nothing is pending")
-@click.option("--requeue-pending", is_flag=True,
-              help="also send again items that earlier submissions left pending (after a lost queue)")
+@click.option(
+    "--requeue-pending",
+    is_flag=True,
+    help="also send again items that earlier submissions left pending (after a lost queue)",
+)
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
-def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pending: bool,
-           as_json: bool) -> None:
+def submit(
+    source: str, count: int | None, skip: int, wait: bool, requeue_pending: bool, as_json: bool
+) -> None:
     """Enqueue SOURCE: a URL-list file (.gz too), an http(s) URL of one, or a folder of images."""
     from common.sources import SourceError, is_url
     from producer.submit import Submitter, submit_source
@@ -89,9 +96,14 @@ def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pendin
     settings = get_settings()
     state = job_state(settings)
     with tqdm(desc="submitting", unit=" items", disable=as_json, dynamic_ncols=True) as bar:
-        submitter = Submitter(make_app(settings), state, settings,
-                              node=f"producer-{socket.gethostname()}", on_item=bar.update,
-                              requeue=requeue_pending)
+        submitter = Submitter(
+            make_app(settings),
+            state,
+            settings,
+            node=f"producer-{socket.gethostname()}",
+            on_item=bar.update,
+            requeue=requeue_pending,
+        )
         try:
             report = submit_source(source, submitter, skip, count)
         except SourceError as e:
@@ -99,27 +111,39 @@ def submit(source: str, count: int | None, skip: int, wait: bool, requeue_pendin
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
-        click.echo(f"read {report.read} items: {report.new} new, {report.requeued} sent again "
-                   f"(left pending earlier), {report.recovered} recovered from a killed producer, "
-                   f"{report.known} already known, "
-                   f"{report.failed_at_submit} failed at once, "
-                   f"{report.rejected_lines} lines rejected")
+        click.echo(
+            f"read {report.read} items: {report.new} new, {report.requeued} sent again "
+            f"(left pending earlier), {report.recovered} recovered from a killed producer, "
+            f"{report.known} already known, "
+            f"{report.failed_at_submit} failed at once, "
+            f"{report.rejected_lines} lines rejected"
+        )
     if wait:
+
         def resend() -> None:
-            again = Submitter(make_app(settings), state, settings, node=f"producer-{socket.gethostname()}",
-                              requeue=True)
+            again = Submitter(
+                make_app(settings), state, settings, node=f"producer-{socket.gethostname()}", requeue=True
+            )
             submit_source(source, again)
-            click.echo(f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
-                       f"{again.report.requeued + again.report.recovered} pending items again", err=True)
+            click.echo(
+                f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
+                f"{again.report.requeued + again.report.recovered} pending items again",
+                err=True,
+            )
 
         watch(state, settings.output_dir, on_tick=resend_when_stalled(resend, settings.resend_after))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="output folder whose shards to count (default KOALA_OUTPUT_DIR); "
-                   "finds the embedded Redis of a `koala run` there")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="output folder whose shards to count (default KOALA_OUTPUT_DIR); "
+    "finds the embedded Redis of a `koala run` there",
+)
 @click.option("--interval", type=float, default=1.0, help="seconds between the two reads for rates (0: none)")
 def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
     """Counts, queue depths, rates, shards and failures by reason."""
@@ -134,8 +158,18 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
     if as_json:
         click.echo(json.dumps(snap))
         return
-    for key in ("submitted", "downloaded", "written", "failed", "pending", "duplicates",
-                "requeued", "retried", "rejected_lines", "shards"):
+    for key in (
+        "submitted",
+        "downloaded",
+        "written",
+        "failed",
+        "pending",
+        "duplicates",
+        "requeued",
+        "retried",
+        "rejected_lines",
+        "shards",
+    ):
         rate = snap.get("rates", {}).get(key)
         click.echo(f"{key:>15}  {snap[key]:>12,}" + (f"   {rate:,.1f}/s" if rate else ""))
     click.echo("queues: " + ", ".join(f"{k} {v:,}" for k, v in snap["queues"].items()))
@@ -147,8 +181,13 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only this reason")
 @click.option("--limit", type=int, default=None, help="at most N")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="the output folder of a `koala run` (finds its embedded Redis)")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the output folder of a `koala run` (finds its embedded Redis)",
+)
 def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | None) -> None:
     """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
     with run_broker(out_dir) as broker:
@@ -164,21 +203,43 @@ def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path
 
 @main.command()
 @click.argument("source")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="output folder: shards, summary.json, and the embedded Redis's state")
-@click.option("--checkpoint", default=None, help="Inception checkpoint (.ckpt, .tar.gz or URL; default: "
-              "KOALA_CHECKPOINT, else the official release, downloaded once)")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="output folder: shards, summary.json, and the embedded Redis's state",
+)
+@click.option(
+    "--checkpoint",
+    default=None,
+    help="Inception checkpoint (.ckpt, .tar.gz or URL; default: "
+    "KOALA_CHECKPOINT, else the official release, downloaded once)",
+)
 @click.option("--download-workers", type=int, default=2, help="download worker processes")
 @click.option("--flower", is_flag=True, help="also start Flower on http://localhost:5555")
 @click.option("--batch-size", type=int, default=None, help="images per model call")
-def run(source: str, out_dir: Path, checkpoint: str | None, download_workers: int, flower: bool,
-        batch_size: int | None) -> None:
+def run(
+    source: str,
+    out_dir: Path,
+    checkpoint: str | None,
+    download_workers: int,
+    flower: bool,
+    batch_size: int | None,
+) -> None:
     """The whole job on this machine: embedded Redis, workers, submit, progress, summary."""
     from producer.run import RunError, run_job
 
     try:
-        code = run_job(source, out_dir, checkpoint=checkpoint, download_workers=download_workers,
-                       flower=flower, batch_size=batch_size, echo=lambda m: click.echo(m, err=True))
+        code = run_job(
+            source,
+            out_dir,
+            checkpoint=checkpoint,
+            download_workers=download_workers,
+            flower=flower,
+            batch_size=batch_size,
+            echo=lambda m: click.echo(m, err=True),
+        )
     except RunError as e:
         raise click.ClickException(str(e)) from None
     sys.exit(code)
@@ -202,8 +263,13 @@ def split(val_fraction: float, directory: Path) -> None:
 
 @main.command()
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only failures of this reason")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="the output folder of a `koala run` (finds its embedded Redis)")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the output folder of a `koala run` (finds its embedded Redis)",
+)
 def retry(reason: str | None, out_dir: Path | None) -> None:
     """Submit failed URLs again (all, or one reason), e.g. after a network outage."""
     from producer.submit import Submitter
@@ -216,9 +282,14 @@ def retry(reason: str | None, out_dir: Path | None) -> None:
         submitter = Submitter(app, state, settings, node=f"producer-{socket.gethostname()}")
         submitter.recover_orphans()
         submitter.retry(failed)
-    click.echo(f"{submitter.report.requeued} failed items sent again"
-               + (f"; {submitter.report.known} files of folders can't be (submit the folder again)"
-                  if submitter.report.known else ""))
+    click.echo(
+        f"{submitter.report.requeued} failed items sent again"
+        + (
+            f"; {submitter.report.known} files of folders can't be (submit the folder again)"
+            if submitter.report.known
+            else ""
+        )
+    )
 
 
 @main.command()

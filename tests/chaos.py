@@ -36,8 +36,17 @@ from tests.checkpoint import fake_checkpoint_in
 from tests.servers import ImageServer, RedisServer, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("kill_download", "kill_embed", "kill_producer", "redis_restart", "redis_kill", "redis_outage",
-         "redis_pause", "disk_full", "read_only")
+KINDS = (
+    "kill_download",
+    "kill_embed",
+    "kill_producer",
+    "redis_restart",
+    "redis_kill",
+    "redis_outage",
+    "redis_pause",
+    "disk_full",
+    "read_only",
+)
 GOOD = ("jpeg_rgb", "jpeg_small", "png_rgba", "png_p", "gif_animated", "webp", "png_16bit_gray")
 BAD = ("img/bad_garbage", "img/bad_truncated_jpeg", "status/404", "html", "empty", "loop/a")
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
@@ -49,10 +58,19 @@ RECOVERY_BOUND = 300.0  # at the default visibility settings: a kill's work is d
 def fleet_settings(checkpoint: Path, default_visibility: bool = False) -> dict[str, str]:
     """Small shards, small batches, short visibility timeout and tight queues: a trial takes a minute.
     `default_visibility`: the visibility timeout and re-delivery settings a user gets."""
-    settings = {"KOALA_CHECKPOINT": str(checkpoint), "KOALA_EXAMPLES_PER_SHARD": "5", "KOALA_BATCH_SIZE": "4",
-                "KOALA_BATCH_WAIT": "0.5", "KOALA_VISIBILITY_TIMEOUT": "10", "KOALA_SHARD_MAX_AGE": "20",
-                "KOALA_CHUNK_SIZE": "2", "KOALA_DOWNLOAD_QUEUE_LIMIT": "2", "KOALA_EMBED_QUEUE_LIMIT": "8",
-                "KOALA_RESEND_AFTER": "15", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    settings = {
+        "KOALA_CHECKPOINT": str(checkpoint),
+        "KOALA_EXAMPLES_PER_SHARD": "5",
+        "KOALA_BATCH_SIZE": "4",
+        "KOALA_BATCH_WAIT": "0.5",
+        "KOALA_VISIBILITY_TIMEOUT": "10",
+        "KOALA_SHARD_MAX_AGE": "20",
+        "KOALA_CHUNK_SIZE": "2",
+        "KOALA_DOWNLOAD_QUEUE_LIMIT": "2",
+        "KOALA_EMBED_QUEUE_LIMIT": "8",
+        "KOALA_RESEND_AFTER": "15",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     if default_visibility:
         del settings["KOALA_VISIBILITY_TIMEOUT"], settings["KOALA_RESEND_AFTER"]
     return settings
@@ -97,8 +115,14 @@ class Child:
     def start(self) -> None:
         self.log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.sessions.append(self.proc.pid)
 
     def alive(self) -> bool:
@@ -126,8 +150,15 @@ class Child:
 class Fleet:
     """Redis, workers and producer of one trial, with the faults that hit them."""
 
-    def __init__(self, root: Path, server: ImageServer, checkpoint: Path, items: int, rng: random.Random,
-                 default_visibility: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        server: ImageServer,
+        checkpoint: Path,
+        items: int,
+        rng: random.Random,
+        default_visibility: bool = False,
+    ):
         self.root, self.out, self.rng = root, root / "out", rng
         (root / "logs").mkdir(parents=True)
         self.out.mkdir()
@@ -206,7 +237,7 @@ class Fleet:
         return self._kill_restart("embed")
 
     def _kill_producer(self) -> str:
-        log = self.children["producer"].log.read_bytes()[self.children["producer"].log_offset:]
+        log = self.children["producer"].log.read_bytes()[self.children["producer"].log_offset :]
         phase = "waiting" if b"read " in log else "mid-submit"  # `read N items` ends the submission
         return f"{self._kill_restart('producer')} {phase}"
 
@@ -368,13 +399,24 @@ def check_states(fleet: Fleet, good: set[str], bad: set[str], owner: dict[str, b
 
 def check_counters(fleet: Fleet, n_good: int, n_bad: int) -> list[str]:
     """`koala status --json` reconciles: submitted = written + failed, nothing pending or queued."""
-    out = subprocess.run([sys.executable, "-m", "producer", "status", "--json", "--interval", "0"], cwd=ROOT,
-                         env=fleet.env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "producer", "status", "--json", "--interval", "0"],
+        cwd=ROOT,
+        env=fleet.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if out.returncode != 0:
         return [f"koala status failed: {out.stderr.strip()[-300:]}"]
     s = json.loads(out.stdout)
-    expected = {"submitted": n_good + n_bad, "written": n_good, "failed": n_bad, "pending": 0,
-                "downloaded": n_good}
+    expected = {
+        "submitted": n_good + n_bad,
+        "written": n_good,
+        "failed": n_bad,
+        "pending": 0,
+        "downloaded": n_good,
+    }
     problems = [f"status {k} = {s[k]}, expected {want}" for k, want in expected.items() if s[k] != want]
     if sum(s["failures_by_reason"].values()) != s["failed"]:
         problems.append(f"failures_by_reason {s['failures_by_reason']} does not sum to {s['failed']}")
@@ -406,12 +448,21 @@ class TrialResult:
 
 def plan(rng: random.Random, n_faults: int, kinds: tuple[str, ...] = KINDS) -> list[tuple[float, str]]:
     """(seconds after the previous fault, kind) for each fault of a trial."""
-    return [(rng.uniform(1.0, 8.0) if i else rng.uniform(2.0, 12.0), rng.choice(kinds))
-            for i in range(n_faults)]
+    return [
+        (rng.uniform(1.0, 8.0) if i else rng.uniform(2.0, 12.0), rng.choice(kinds)) for i in range(n_faults)
+    ]
 
 
-def run_trial(seed: int, server: ImageServer, checkpoint: Path, work: Path, items: int,
-              n_faults: int, keep: bool = False, default_visibility: bool = False) -> TrialResult:
+def run_trial(
+    seed: int,
+    server: ImageServer,
+    checkpoint: Path,
+    work: Path,
+    items: int,
+    n_faults: int,
+    keep: bool = False,
+    default_visibility: bool = False,
+) -> TrialResult:
     """One seeded trial: start, inject the faults while the job runs, settle, stop, verify.
     `default_visibility`: kills only, at the user's visibility settings, settled within 5 minutes."""
     rng = random.Random(seed)
@@ -432,8 +483,9 @@ def run_trial(seed: int, server: ImageServer, checkpoint: Path, work: Path, item
             done.append((kind, fleet.fault(kind)))
             last_fault = time.monotonic()
         if wait(fleet, settle):
-            fleet.problems.append(f"not settled {settle:.0f}s after the last fault: "
-                                  f"pending {fleet.pending()}")
+            fleet.problems.append(
+                f"not settled {settle:.0f}s after the last fault: pending {fleet.pending()}"
+            )
         recovery = round(time.monotonic() - last_fault, 1)
         fleet.stop()
         verdict = verify(fleet)
@@ -443,8 +495,15 @@ def run_trial(seed: int, server: ImageServer, checkpoint: Path, work: Path, item
         verdict, problems = Verdict(), [*fleet.problems, f"runner error: {type(e).__name__}: {e}"]
     finally:
         fleet.teardown()
-    result = TrialResult(seed, done, len(verdict.lost), len(verdict.duplicated), problems,
-                         round(time.monotonic() - started, 1), recovery)
+    result = TrialResult(
+        seed,
+        done,
+        len(verdict.lost),
+        len(verdict.duplicated),
+        problems,
+        round(time.monotonic() - started, 1),
+        recovery,
+    )
     if result.ok and not keep:
         shutil.rmtree(root, ignore_errors=True)
     return result
@@ -469,12 +528,24 @@ def report(results: list[TrialResult], elapsed: float, base_seed: int) -> dict:
     faults = Counter(kind for r in results for kind, _ in r.faults)
     failed = [r for r in results if not r.ok]
     return {
-        "trials": len(results), "passed": len(results) - len(failed), "seed": base_seed,
-        "faults": dict(sorted(faults.items())), "faults_total": sum(faults.values()),
-        "lost": sum(r.lost for r in results), "duplicated": sum(r.duplicated for r in results),
+        "trials": len(results),
+        "passed": len(results) - len(failed),
+        "seed": base_seed,
+        "faults": dict(sorted(faults.items())),
+        "faults_total": sum(faults.values()),
+        "lost": sum(r.lost for r in results),
+        "duplicated": sum(r.duplicated for r in results),
         "elapsed_s": round(elapsed, 1),
-        "failed": [{"seed": r.seed, "problems": r.problems[:10], "lost": r.lost, "duplicated": r.duplicated,
-                    "replay": f"python -m tests.chaos --trials 1 --seed {r.seed}"} for r in failed],
+        "failed": [
+            {
+                "seed": r.seed,
+                "problems": r.problems[:10],
+                "lost": r.lost,
+                "duplicated": r.duplicated,
+                "replay": f"python -m tests.chaos --trials 1 --seed {r.seed}",
+            }
+            for r in failed
+        ],
         "trial_seconds": [r.seconds for r in results],
         "recovery_seconds": [r.recovery_s for r in results],
     }
@@ -484,8 +555,10 @@ def enter_private_namespace() -> None:
     """Re-execute under `unshare -m` so the tmpfs and read-only mounts stay private to this run."""
     if os.environ.get("KOALA_CHAOS_NAMESPACE") != "1":
         os.environ["KOALA_CHAOS_NAMESPACE"] = "1"
-        os.execvp("unshare", ["unshare", "-m", "--propagation", "private", sys.executable, "-m",
-                              "tests.chaos", *sys.argv[1:]])
+        os.execvp(
+            "unshare",
+            ["unshare", "-m", "--propagation", "private", sys.executable, "-m", "tests.chaos", *sys.argv[1:]],
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,13 +569,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=3, help="faults per trial")
     parser.add_argument("--work", type=Path, default=Path("/tmp/koala-chaos"))
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="a generated-weights checkpoint (default: written once into --work)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a generated-weights checkpoint (default: written once into --work)",
+    )
     parser.add_argument("--stop-on-failure", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the folders (logs) of passed trials too")
-    parser.add_argument("--default-visibility", action="store_true",
-                        help="kills only, at the default visibility settings; each trial must settle "
-                             f"within {RECOVERY_BOUND:.0f} s of its last kill")
+    parser.add_argument(
+        "--default-visibility",
+        action="store_true",
+        help="kills only, at the default visibility settings; each trial must settle "
+        f"within {RECOVERY_BOUND:.0f} s of its last kill",
+    )
     args = parser.parse_args(argv)
     enter_private_namespace()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -512,18 +592,32 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for i in range(args.trials):
-            r = run_trial(args.seed + i, server, checkpoint, args.work, args.items, args.faults, args.keep,
-                          args.default_visibility)
+            r = run_trial(
+                args.seed + i,
+                server,
+                checkpoint,
+                args.work,
+                args.items,
+                args.faults,
+                args.keep,
+                args.default_visibility,
+            )
             results.append(r)
             faults = ", ".join(f"{k} ({note})" for k, note in r.faults) or "none (job done first)"
-            print(f"trial seed={r.seed} {'ok' if r.ok else 'FAILED'} {r.seconds:.0f}s "
-                  f"(last fault to end {r.recovery_s}s) lost={r.lost} "
-                  f"dup={r.duplicated} faults: {faults}", flush=True)
+            print(
+                f"trial seed={r.seed} {'ok' if r.ok else 'FAILED'} {r.seconds:.0f}s "
+                f"(last fault to end {r.recovery_s}s) lost={r.lost} "
+                f"dup={r.duplicated} faults: {faults}",
+                flush=True,
+            )
             for p in r.problems[:10]:
                 print(f"    {p}", flush=True)
             if not r.ok:
-                print(f"    replay: python -m tests.chaos --trials 1 --seed {r.seed}"
-                      f" --items {args.items} --faults {args.faults}", flush=True)
+                print(
+                    f"    replay: python -m tests.chaos --trials 1 --seed {r.seed}"
+                    f" --items {args.items} --faults {args.faults}",
+                    flush=True,
+                )
                 if args.stop_on_failure:
                     break
     finally:
@@ -532,8 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(summary, indent=2)
     if args.json:
         args.json.write_text(text)
-    print(f"trials {summary['trials']}, passed {summary['passed']}, faults {summary['faults']}, lost "
-          f"{summary['lost']}, duplicated {summary['duplicated']}, {summary['elapsed_s']:.0f}s", flush=True)
+    print(
+        f"trials {summary['trials']}, passed {summary['passed']}, faults {summary['faults']}, lost "
+        f"{summary['lost']}, duplicated {summary['duplicated']}, {summary['elapsed_s']:.0f}s",
+        flush=True,
+    )
     return 0 if summary["passed"] == summary["trials"] else 1
 
 

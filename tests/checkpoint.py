@@ -61,8 +61,14 @@ def write_v1_checkpoint_with_saver(path: Path, tensors: dict[str, np.ndarray]) -
             saver.save(sess, str(path), write_meta_graph=False, write_state=False)
 
 
-def write_fake_checkpoint(path: Path, seed: int = 0, *, extra: dict | None = None, drop: Sequence[str] = (),
-                          reshape: dict | None = None) -> dict[str, np.ndarray]:
+def write_fake_checkpoint(
+    path: Path,
+    seed: int = 0,
+    *,
+    extra: dict | None = None,
+    drop: Sequence[str] = (),
+    reshape: dict | None = None,
+) -> dict[str, np.ndarray]:
     """Write a fake checkpoint (V1 single file) and return what was written.
 
     `drop` leaves variables out, `reshape` maps names to other shapes, `extra` adds name -> array.

@@ -76,17 +76,29 @@ class Stack:
     def __init__(self, work: Path):
         self.dir = work / "koala"
         self.data = self.dir / "data"
-        self.env = {"REDIS_PASSWORD": secrets.token_hex(12), "FLOWER_USER": "smoke",
-                    "FLOWER_PASSWORD": secrets.token_hex(12), "APP_UID": str(APP_UID),
-                    "APP_GID": str(APP_UID)}
+        self.env = {
+            "REDIS_PASSWORD": secrets.token_hex(12),
+            "FLOWER_USER": "smoke",
+            "FLOWER_PASSWORD": secrets.token_hex(12),
+            "APP_UID": str(APP_UID),
+            "APP_GID": str(APP_UID),
+        }
 
     def prepare(self, images: int) -> dict[str, str]:
         """Copy the tree, write .env, the checkpoint, the images and the URL list; {url: key}."""
         from tests.checkpoint import fake_checkpoint_in
 
         shutil.rmtree(self.dir, ignore_errors=True)
-        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                               capture_output=True).stdout.decode().split("\0")
+        files = (
+            subprocess.run(
+                ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            .stdout.decode()
+            .split("\0")
+        )
         for name in filter(None, files):
             if (ROOT / name).is_file():
                 (self.dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -118,12 +130,22 @@ class Stack:
         return f"/data/{name}"
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml",
-               "-f", "docker-compose.smoke.yml", *args]
+        cmd = [
+            "docker",
+            "compose",
+            "-p",
+            PROJECT,
+            "-f",
+            "docker-compose.yml",
+            "-f",
+            "docker-compose.smoke.yml",
+            *args,
+        ]
         out = subprocess.run(cmd, cwd=self.dir, capture_output=True, text=True, timeout=timeout)
         if check and out.returncode != 0:
-            raise SmokeError(f"`{' '.join(cmd[2:])}` exited {out.returncode}:\n"
-                             f"{out.stdout[-3000:]}{out.stderr[-3000:]}")
+            raise SmokeError(
+                f"`{' '.join(cmd[2:])}` exited {out.returncode}:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
+            )
         return out
 
     def koala(self, *args: str, timeout: float = 600) -> str:
@@ -152,20 +174,27 @@ class Stack:
         from common import records
 
         out = self.data / "tfrecords"
-        return Counter(records.example_key(data).decode() for shard in out.glob(records.SHARD_GLOB)
-                       for _, _, data in records.iter_examples(shard))
+        return Counter(
+            records.example_key(data).decode()
+            for shard in out.glob(records.SHARD_GLOB)
+            for _, _, data in records.iter_examples(shard)
+        )
 
 
 def dangling() -> set[str]:
-    out = subprocess.run(["docker", "images", "-q", "-f", "dangling=true"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        ["docker", "images", "-q", "-f", "dangling=true"], capture_output=True, text=True, check=True
+    )
     return set(out.stdout.split())
 
 
 def gpu_base_image() -> str:
     """The FROM of Dockerfile.gpu."""
-    return next(line.split()[1] for line in (ROOT / "Dockerfile.gpu").read_text().splitlines()
-                if line.startswith("FROM "))
+    return next(
+        line.split()[1]
+        for line in (ROOT / "Dockerfile.gpu").read_text().splitlines()
+        if line.startswith("FROM ")
+    )
 
 
 def image_id(tag: str) -> str:
@@ -223,10 +252,13 @@ def run(work: Path, keep: bool) -> dict:
         before = dangling()
         stack.compose("build", timeout=1800)
         expect(not dangling() - before - {replaced}, "the build left dangling images (built more than once)")
-        root = stack.compose("build", "--build-arg", "APP_UID=0", "download-worker", check=False,
-                             timeout=1800)
-        expect(root.returncode != 0 and "would run the fleet as root" in root.stdout + root.stderr,
-               "the build accepted APP_UID=0")
+        root = stack.compose(
+            "build", "--build-arg", "APP_UID=0", "download-worker", check=False, timeout=1800
+        )
+        expect(
+            root.returncode != 0 and "would run the fleet as root" in root.stdout + root.stderr,
+            "the build accepted APP_UID=0",
+        )
         step("build (once; APP_UID=0 refused)")
         stack.up("images")
         first = stack.write_list("first.txt", url_list[:8] + ["http://images:8000/missing.jpg"])
@@ -238,8 +270,10 @@ def run(work: Path, keep: bool) -> dict:
         flower = f"http://127.0.0.1:{port}/"
         expect(http_status(flower) == 401, "Flower answers without credentials")
         expect(http_status(flower, ("smoke", "wrong")) == 401, "Flower accepts a wrong password")
-        expect(http_status(flower, (stack.env["FLOWER_USER"], stack.env["FLOWER_PASSWORD"])) == 200,
-               "Flower refuses its credentials")
+        expect(
+            http_status(flower, (stack.env["FLOWER_USER"], stack.env["FLOWER_PASSWORD"])) == 200,
+            "Flower refuses its credentials",
+        )
         step("flower auth")
         stack.koala("submit", first, "--wait", timeout=900)
         status = stack.counts()
@@ -259,33 +293,47 @@ def run(work: Path, keep: bool) -> dict:
         # a user's kill: docker leaves the container stopped; `up` brings it back under its name
         third = stack.write_list("third.txt", url_list[16:24])
         stack.koala("submit", third, timeout=300)
-        subprocess.run(["docker", "kill", "-s", "KILL", stack.containers("embed-worker")[0]], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["docker", "kill", "-s", "KILL", stack.containers("embed-worker")[0]],
+            check=True,
+            capture_output=True,
+        )
         stack.up()
-        wait_until(lambda: stack.ended() == 25, 600,
-                   "every item of the third list to end after `docker kill` and `up`")
+        wait_until(
+            lambda: stack.ended() == 25,
+            600,
+            "every item of the third list to end after `docker kill` and `up`",
+        )
         step("embed container killed (docker kill), brought back, its work done")
         # a crash (the OOM killer's SIGKILL): the restart policy brings it back by itself
         fourth = stack.write_list("fourth.txt", url_list[24:])
         stack.koala("submit", fourth, timeout=300)
         embed = stack.containers("embed-worker")[0]
-        pid = subprocess.run(["docker", "inspect", "-f", "{{.State.Pid}}", embed], capture_output=True,
-                             text=True, check=True).stdout.strip()
+        pid = subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Pid}}", embed], capture_output=True, text=True, check=True
+        ).stdout.strip()
         os.kill(int(pid), signal.SIGKILL)
-        wait_until(lambda: stack.ended() == 33, 600,
-                   "every item of the fourth list to end after the crash")
-        restarts = subprocess.run(["docker", "inspect", "-f", "{{.RestartCount}}", embed],
-                                  capture_output=True, text=True, check=True).stdout.strip()
+        wait_until(lambda: stack.ended() == 33, 600, "every item of the fourth list to end after the crash")
+        restarts = subprocess.run(
+            ["docker", "inspect", "-f", "{{.RestartCount}}", embed],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         expect(int(restarts) >= 1, "the crashed embed container was not restarted")
         stack.compose("stop", "embed-worker")  # finalizes its open shard
         keys = stack.shard_keys()
         twice = [k for k, n in keys.items() if n > 1]
-        expect(set(keys) == set(urls.values()) and not twice,
-               f"records after the kills: {len(keys)} keys, written twice: {twice}")
+        expect(
+            set(keys) == set(urls.values()) and not twice,
+            f"records after the kills: {len(keys)} keys, written twice: {twice}",
+        )
         step("embed process crashed, restarted by the policy, every item once")
         logs = "".join(container_logs(c) for c in stack.containers("embed-worker"))
-        expect("pidbox command error" not in logs and "Traceback" not in logs,
-               "the embed worker logged errors while Flower ran:\n" + logs[-3000:])
+        expect(
+            "pidbox command error" not in logs and "Traceback" not in logs,
+            "the embed worker logged errors while Flower ran:\n" + logs[-3000:],
+        )
         step("no error in the embed worker's log (Flower's control commands answered)")
         counts = stack.counts()
         stack.compose("down", timeout=300)

@@ -70,8 +70,11 @@ class Workers:
         log = open(self.log_dir / f"{name}.log", "wb")  # closed with the process
         proc = subprocess.Popen(
             [sys.executable, "-m", "workers", kind, "-n", name, *args],
-            cwd=ROOT, env=worker_env(self.redis_url, self.out_dir, **env),
-            stdout=log, stderr=subprocess.STDOUT)
+            cwd=ROOT,
+            env=worker_env(self.redis_url, self.out_dir, **env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(proc)
         return proc
 
@@ -99,8 +102,9 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
     team.stop_all()
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
-             on_timeout: Callable[[], str] = lambda: "") -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, on_timeout: Callable[[], str] = lambda: ""
+) -> None:
     """Poll until predicate() is true; fail with `what` (and extra context) on timeout."""
     deadline = time.monotonic() + timeout
     while not predicate():

@@ -71,16 +71,29 @@ def png16(arr: np.ndarray) -> bytes:
     rows = arr.astype(">u2").reshape(h, -1).view(np.uint8)
     raw = np.hstack([np.zeros((h, 1), np.uint8), rows]).tobytes()  # filter type 0 on every row
     ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(raw))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def tiff16_rgb(arr: np.ndarray) -> bytes:
     """An uncompressed little-endian 16-bit RGB TIFF of a uint16 [h, w, 3] array, by hand."""
     h, w = arr.shape[:2]
     pixels = arr.astype("<u2").tobytes()
-    tags = [(256, 3, 1, w), (257, 3, 1, h), (258, 3, 3, 0), (259, 3, 1, 1), (262, 3, 1, 2),
-            (273, 4, 1, 0), (277, 3, 1, 3), (278, 3, 1, h), (279, 4, 1, len(pixels))]
+    tags = [
+        (256, 3, 1, w),
+        (257, 3, 1, h),
+        (258, 3, 3, 0),
+        (259, 3, 1, 1),
+        (262, 3, 1, 2),
+        (273, 4, 1, 0),
+        (277, 3, 1, 3),
+        (278, 3, 1, h),
+        (279, 4, 1, len(pixels)),
+    ]
     bits_at = 8 + 2 + 12 * len(tags) + 4
     out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
     for tag, kind, count, value in tags:
@@ -109,8 +122,10 @@ def _jpeg_exif_rotated() -> bytes:
 
 # An EXIF block with a bogus entry count: Orientation (6) still reads, but re-serialising it, as
 # ImageOps.exif_transpose does, raises struct.error.
-BROKEN_EXIF = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08T\x02\x01\x07\x00\x02\x00\x00\x00\x04Cam\x00"
-               b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x96\x00\x00\x00\x00")
+BROKEN_EXIF = (
+    b"Exif\x00\x00MM\x00*\x00\x00\x00\x08T\x02\x01\x07\x00\x02\x00\x00\x00\x04Cam\x00"
+    b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x96\x00\x00\x00\x00"
+)
 
 
 def _jpeg_bad_exif() -> bytes:
@@ -257,8 +272,7 @@ def bomb_png(w: int = 20_000, h: int = 20_000) -> bytes:
     row = bytes(1 + (w + 7) // 8)
     idat = b"".join(comp.compress(row) for _ in range(h)) + comp.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat)
-            + _chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
 @functools.cache
@@ -323,8 +337,7 @@ def _on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return np.floor(rgb * a + 255 * (1 - a) + 0.5).astype(np.uint8)
 
 
-def reference_rgb(data: bytes, size: tuple[int, int] = (299, 299),
-                  mode: str = "contain") -> np.ndarray:
+def reference_rgb(data: bytes, size: tuple[int, int] = (299, 299), mode: str = "contain") -> np.ndarray:
     """Straightforward decode + resize of a corpus image to uint8 [H, W, 3]."""
     deep = _png_samples16(data)
     if deep is not None:
@@ -353,8 +366,7 @@ def _reference_transpose(im: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(im)
     except Exception:  # unwritable EXIF; the orientation tag itself may still be readable
         orientation = im.getexif().get(0x0112, 1)
-        methods = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270,
-                   8: Image.Transpose.ROTATE_90}
+        methods = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90}
         return im.transpose(methods[orientation]) if orientation in methods else im
 
 

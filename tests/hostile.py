@@ -51,9 +51,12 @@ def png(width: int, height: int, mode: str = "RGBA", depth: int = 8) -> bytes:
     rows_per_block = max(1, (1 << 22) // len(up))
     blocks, rest = divmod(height - 1, rows_per_block)
     header = struct.pack(">IIBBBBB", width, height, depth, _PNG_COLOUR[mode], 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
-            + _chunk(b"IDAT", _deflate_rows(first, up * rows_per_block, blocks, up * rest))
-            + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", _deflate_rows(first, up * rows_per_block, blocks, up * rest))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def _deflate_rows(first: bytes, block: bytes, blocks: int, rest: bytes) -> bytes:
@@ -89,6 +92,12 @@ def decode_peak(data: bytes, directory: Path) -> dict:
     path = directory / "probe.img"
     path.write_bytes(data)
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", _PROBE, str(path)], cwd=root, capture_output=True,
-                          text=True, timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -33,9 +33,24 @@ class RedisServer:
 
     def start(self, *extra: str) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.directory), "--save", "", "--appendonly", "no",
-                "--hash-max-listpack-entries", "1024", "--protected-mode", "no", *extra]
+        args = [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--hash-max-listpack-entries",
+            "1024",
+            "--protected-mode",
+            "no",
+            *extra,
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -90,8 +105,9 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
         def log_message(self, *args) -> None:  # keep test output quiet
             pass
 
-        def send_body(self, body: bytes, ctype: str = "image/jpeg", code: int = 200,
-                      headers: dict | None = None) -> None:
+        def send_body(
+            self, body: bytes, ctype: str = "image/jpeg", code: int = 200, headers: dict | None = None
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -115,7 +131,7 @@ def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[i
             try:
                 if status_at_once:
                     self.wfile.write(status)
-                    head = head[len(status):]
+                    head = head[len(status) :]
                 for byte in head:
                     self.wfile.write(bytes([byte]))
                     time.sleep(gap)
@@ -242,8 +258,9 @@ class ImageServer:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(*tls)
             # the handshake then happens in the handler's thread, not in the accept loop
-            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True,
-                                                    do_handshake_on_connect=False)
+            self.httpd.socket = context.wrap_socket(
+                self.httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
             self.httpd.handle_error = lambda *args: None  # failed handshakes are what some tests want
         self._port[0] = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -267,29 +284,51 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path] | None:
     if not openssl:
         return None
     cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
 def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for worker processes in tests: loopback allowed, 127.0.0.2 blocked, short timeouts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_")}
-    env.update({
-        "KOALA_BROKER_URL": redis_url,
-        "KOALA_OUTPUT_DIR": str(out_dir),
-        "KOALA_ALLOW_PRIVATE_ADDRESSES": "1",
-        "KOALA_BLOCKED_NETWORKS": "127.0.0.2/32",
-        "KOALA_CONNECT_TIMEOUT": "2",
-        "KOALA_READ_TIMEOUT": "1",
-        "KOALA_DOWNLOAD_DEADLINE": "6",
-        "KOALA_RETRY_BACKOFF": "0.1",
-        "KOALA_MAX_BYTES": "3000000",
-        "KOALA_MAX_PIXELS": "50000000",
-        "KOALA_CHUNK_SIZE": "4",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "KOALA_BROKER_URL": redis_url,
+            "KOALA_OUTPUT_DIR": str(out_dir),
+            "KOALA_ALLOW_PRIVATE_ADDRESSES": "1",
+            "KOALA_BLOCKED_NETWORKS": "127.0.0.2/32",
+            "KOALA_CONNECT_TIMEOUT": "2",
+            "KOALA_READ_TIMEOUT": "1",
+            "KOALA_DOWNLOAD_DEADLINE": "6",
+            "KOALA_RETRY_BACKOFF": "0.1",
+            "KOALA_MAX_BYTES": "3000000",
+            "KOALA_MAX_PIXELS": "50000000",
+            "KOALA_CHUNK_SIZE": "4",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env

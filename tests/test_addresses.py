@@ -135,8 +135,12 @@ def test_reason_names_the_address() -> None:
 
 @pytest.mark.parametrize(
     "ip",
-    [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1"),
-     ipaddress.IPv6Address("fe80::1%eth0"), ipaddress.ip_address("8.8.8.8")],
+    [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+        ipaddress.IPv6Address("fe80::1%eth0"),
+        ipaddress.ip_address("8.8.8.8"),
+    ],
 )
 def test_address_objects(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     assert classify(ip) == classify(str(ip).partition("%")[0])
@@ -144,9 +148,27 @@ def test_address_objects(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> N
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "localhost", "example.com", "1.2.3", "256.1.1.1", "1.2.3.4.5", "010.0.0.1", "127.1",
-     "0x7f.0.0.1", "2130706433", " 8.8.8.8", "8.8.8.8 ", "8.8.8.8%eth0", "fe80::1%", "[::1]",
-     "::1::2", "gggg::1", "1.2.3.4/32", "::1/128"],
+    [
+        "",
+        "localhost",
+        "example.com",
+        "1.2.3",
+        "256.1.1.1",
+        "1.2.3.4.5",
+        "010.0.0.1",
+        "127.1",
+        "0x7f.0.0.1",
+        "2130706433",
+        " 8.8.8.8",
+        "8.8.8.8 ",
+        "8.8.8.8%eth0",
+        "fe80::1%",
+        "[::1]",
+        "::1::2",
+        "gggg::1",
+        "1.2.3.4/32",
+        "::1/128",
+    ],
 )
 def test_invalid_strings_raise_value_error(bad: str) -> None:
     with pytest.raises(ValueError):
@@ -164,8 +186,14 @@ EXTRA = parse_networks("127.0.0.2/32, 203.0.114.0/24 2001:4860::/32")
 @pytest.mark.parametrize("allow_private", [False, True])
 @pytest.mark.parametrize(
     "ip",
-    ["127.0.0.2", "::ffff:127.0.0.2", "64:ff9b::7f00:2", "203.0.114.9", "2001:4860::8888",
-     "2002:cb00:7209::"],
+    [
+        "127.0.0.2",
+        "::ffff:127.0.0.2",
+        "64:ff9b::7f00:2",
+        "203.0.114.9",
+        "2001:4860::8888",
+        "2002:cb00:7209::",
+    ],
 )
 def test_extra_blocked_always_refused(ip: str, allow_private: bool) -> None:
     reason = classify(ip, allow_private=allow_private, extra_blocked=EXTRA)
@@ -194,8 +222,10 @@ def test_extra_blocked_does_not_mix_versions() -> None:
         ("::1", ("::1/128",)),
         ("10.0.0.1/8", ("10.0.0.0/8",)),
         ("a::/16,b::/16", ("a::/16", "b::/16")),
-        ("1.2.3.0/24, fd00::/8\t192.168.0.0/16\n127.0.0.2",
-         ("1.2.3.0/24", "fd00::/8", "192.168.0.0/16", "127.0.0.2/32")),
+        (
+            "1.2.3.0/24, fd00::/8\t192.168.0.0/16\n127.0.0.2",
+            ("1.2.3.0/24", "fd00::/8", "192.168.0.0/16", "127.0.0.2/32"),
+        ),
         ("10.0.0.0/8 10.0.0.0/8", ("10.0.0.0/8",)),
     ],
 )
@@ -205,8 +235,14 @@ def test_parse_networks(text: str, expected: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("text", "entry"),
-    [("10.0.0.0/33", "10.0.0.0/33"), ("8.8.8.8, nope", "nope"), ("::1/129", "::1/129"),
-     ("1.2.3.4/8/8", "1.2.3.4/8/8"), ("example.com", "example.com"), ("10.0.0.0/-1", "-1")],
+    [
+        ("10.0.0.0/33", "10.0.0.0/33"),
+        ("8.8.8.8, nope", "nope"),
+        ("::1/129", "::1/129"),
+        ("1.2.3.4/8/8", "1.2.3.4/8/8"),
+        ("example.com", "example.com"),
+        ("10.0.0.0/-1", "-1"),
+    ],
 )
 def test_parse_networks_names_the_bad_entry(text: str, entry: str) -> None:
     with pytest.raises(ValueError, match="invalid network") as info:
@@ -215,8 +251,7 @@ def test_parse_networks_names_the_bad_entry(text: str, entry: str) -> None:
 
 
 @given(st.ip_addresses())
-def test_classify_any_address_object_or_string(ip: ipaddress.IPv4Address | ipaddress.IPv6Address
-                                               ) -> None:
+def test_classify_any_address_object_or_string(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     for allow_private in (False, True):
         reason = classify(ip, allow_private=allow_private)
         assert reason == classify(str(ip), allow_private=allow_private)

@@ -59,8 +59,9 @@ def check_resize(out: Path) -> None:
 
 def check_ceiling(out: Path) -> None:
     outputs = json.loads((out / "ceiling.json").read_text())["outputs"]
-    assert len(outputs) >= 4 and all(o["every_image_once"] and o["median"]["images_per_s"] > 0
-                                     for o in outputs.values())
+    assert len(outputs) >= 4 and all(
+        o["every_image_once"] and o["median"]["images_per_s"] > 0 for o in outputs.values()
+    )
 
 
 def check_broker(out: Path) -> None:
@@ -81,7 +82,11 @@ def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path)
     embed = json.loads((tmp_path / "embed.json").read_text())
     worker = embed["worker"]
     assert (worker["records"], worker["distinct"], worker["temp_shards"], worker["exit_code"]) == (
-        embed["images"], embed["images"], 0, 0)
+        embed["images"],
+        embed["images"],
+        0,
+        0,
+    )
     assert "bare `Embedder.embed`" in summary and "Share of time per step" in summary
     device = json.loads((tmp_path / "device.json").read_text())
     assert device["model_gflops_per_image"] > 20 and device["peak_tflops"]["float32"] > 0

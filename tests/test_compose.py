@@ -82,9 +82,12 @@ def entrypoint(service: dict) -> list[str]:
 def koala_commands() -> list[tuple[str, list[str]]]:
     """(where, koala arguments) of every koala-entrypoint service and every documented
     `docker compose run --rm producer ...`."""
-    found = [(f"{name} in {where}", list(s["command"]))
-             for where, config in CONFIGS.items() for name, s in services(config).items()
-             if koala_image(s) and entrypoint(s) == ["koala"]]
+    found = [
+        (f"{name} in {where}", list(s["command"]))
+        for where, config in CONFIGS.items()
+        for name, s in services(config).items()
+        if koala_image(s) and entrypoint(s) == ["koala"]
+    ]
     docs = DOCS.read_text()
     for line in re.findall(r"docker compose(?: -f \S+)* run --rm producer ([^\n`]+)", docs):
         found.append((f"docs: producer {line.strip()}", shlex.split(line)))
@@ -96,8 +99,13 @@ def koala_commands() -> list[tuple[str, list[str]]]:
 def help_text(args: list[str]) -> str:
     """`python -m producer <subcommand> --help`: the real CLI, as the image's `koala` runs it."""
     path = args[:2] if args[0] == "worker" else args[:1]
-    out = subprocess.run([sys.executable, "-m", "producer", *path, "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "producer", *path, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, f"`koala {' '.join(path)}` is not a command: {out.stdout}{out.stderr}"
     return out.stdout
 
@@ -117,8 +125,11 @@ def interpolated(text: str) -> set[str]:
 
 
 def env_example() -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
-             if line.strip() and not line.lstrip().startswith("#"))
+    pairs = (
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    )
     return {k.strip(): v.strip() for k, v in pairs}
 
 
@@ -142,13 +153,18 @@ def seconds(duration: str) -> float:
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines()
-                                            if not line.lstrip().startswith("#")))
-    return [(m.group(1).upper(), m.group(2).strip())
-            for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)]
+    text = re.sub(
+        r"\\\n",
+        " ",
+        "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")),
+    )
+    return [
+        (m.group(1).upper(), m.group(2).strip()) for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, re.M)
+    ]
 
 
 # --- commands and options ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(("where", "args"), [pytest.param(w, a, id=w) for w, a in koala_commands()])
 def test_koala_commands_are_real_entry_points(where: str, args: list[str]) -> None:
@@ -191,24 +207,29 @@ def test_no_variable_is_required_at_interpolation() -> None:
         assert ":?" not in path.read_text(), path.name
 
 
-@pytest.mark.parametrize(("service", "variables", "program"), [
-    ("redis", {"REDIS_PASSWORD": "s3cret"}, "docker-entrypoint.sh"),
-    ("flower", {"FLOWER_USER": "koala", "FLOWER_PASSWORD": "s3cret"}, "celery"),
-])
-def test_services_refuse_to_start_without_their_secrets(service: str, variables: dict[str, str], program: str,
-                                                        tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("service", "variables", "program"),
+    [
+        ("redis", {"REDIS_PASSWORD": "s3cret"}, "docker-entrypoint.sh"),
+        ("flower", {"FLOWER_USER": "koala", "FLOWER_PASSWORD": "s3cret"}, "celery"),
+    ],
+)
+def test_services_refuse_to_start_without_their_secrets(
+    service: str, variables: dict[str, str], program: str, tmp_path: Path
+) -> None:
     guard = services(BASE)[service]["entrypoint"]
     script = guard[2].replace("$$", "$")
     stub = tmp_path / program  # stands for the real program: prints its arguments
-    stub.write_text("#!/bin/sh\necho started \"$@\"\n")
+    stub.write_text('#!/bin/sh\necho started "$@"\n')
     stub.chmod(0o755)
     path = f"{tmp_path}:{os.environ['PATH']}"
     for missing in variables:
         env = {"PATH": path, **variables, missing: ""}
         out = subprocess.run([*guard[:2], script, *guard[3:], "x"], env=env, capture_output=True, text=True)
         assert out.returncode != 0 and missing in out.stderr and ".env" in out.stderr
-    out = subprocess.run([*guard[:2], script, *guard[3:], "x"], env={"PATH": path, **variables},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [*guard[:2], script, *guard[3:], "x"], env={"PATH": path, **variables}, capture_output=True, text=True
+    )
     assert out.returncode == 0 and out.stdout == "started x\n", out.stderr
 
 
@@ -223,13 +244,18 @@ def test_flower_command_uses_real_flower_options() -> None:
     at = command.index("flower")
     # `celery ... flower -- --help` prints the options Flower really parses (tornado's); it also
     # loads the -A app, which fails loudly when the module is wrong.
-    out = subprocess.run([str(BIN / "celery"), *command[:at], "flower", "--", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(BIN / "celery"), *command[:at], "flower", "--", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     text = out.stdout + out.stderr
     assert out.returncode == 0 and "Unable to load" not in text, text
-    for option in options(command[at + 1:]):
+    for option in options(command[at + 1 :]):
         assert mentions(text, option), f"Flower has no {option}"
-    assert {"--port", "--basic-auth"} <= set(options(command[at + 1:]))
+    assert {"--port", "--basic-auth"} <= set(options(command[at + 1 :]))
 
 
 def test_flower_uses_the_fleets_celery_app() -> None:
@@ -243,6 +269,7 @@ def test_flower_uses_the_fleets_celery_app() -> None:
 
 
 # --- settings and variables -------------------------------------------------------------------
+
 
 def config_texts() -> dict[str, str]:
     paths = [COMPOSE, GPU, *DOCKERFILES, ENV_EXAMPLE, DOCS]
@@ -290,6 +317,7 @@ def test_secrets_stay_out_of_git_and_images() -> None:
 
 
 # --- volumes, ports, health, restarts ---------------------------------------------------------
+
 
 def volume_source(volume: str | dict) -> str:
     return volume["source"] if isinstance(volume, dict) else volume.split(":", 1)[0]
@@ -386,14 +414,16 @@ def test_embed_worker_writes_where_the_fleet_looks(where: str) -> None:
 
 # --- images -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_images_run_as_a_non_root_user(path: Path) -> None:
     steps = dockerfile_instructions(path)
     users = [args for op, args in steps if op == "USER"]
     assert users and users[-1] not in ("root", "0") and not users[-1].startswith("0:")
     assert f"ARG APP_UID={10001}" in [f"{op} {args}" for op, args in steps]
-    assert any(op == "RUN" and "useradd" in args and "${APP_UID}" in args and users[-1] in args
-               for op, args in steps)
+    assert any(
+        op == "RUN" and "useradd" in args and "${APP_UID}" in args and users[-1] in args for op, args in steps
+    )
     assert not any(s.get("user") in ("root", "0") for s in services(WITH_GPU).values())
 
 
@@ -415,8 +445,9 @@ def test_dockerfiles_install_the_project_and_run_koala(path: Path) -> None:
 def test_the_cpu_image_is_python_slim_and_the_gpu_image_tensorflow_gpu() -> None:
     froms = {p.name: [args for op, args in dockerfile_instructions(p) if op == "FROM"] for p in DOCKERFILES}
     assert froms["Dockerfile"] == ["python:3.11-slim"]
-    assert len(froms["Dockerfile.gpu"]) == 1 and re.fullmatch(r"tensorflow/tensorflow:[\d.]+-gpu",
-                                                             froms["Dockerfile.gpu"][0])
+    assert len(froms["Dockerfile.gpu"]) == 1 and re.fullmatch(
+        r"tensorflow/tensorflow:[\d.]+-gpu", froms["Dockerfile.gpu"][0]
+    )
 
 
 def test_gpu_override_reserves_an_nvidia_gpu_and_builds_the_gpu_image() -> None:
@@ -432,6 +463,7 @@ def test_gpu_override_reserves_an_nvidia_gpu_and_builds_the_gpu_image() -> None:
 
 # --- the healthchecks, run for real -----------------------------------------------------------
 
+
 def python_check(service: dict) -> str:
     test = healthcheck(service)
     assert test[:3] == ["CMD", "python", "-c"], test
@@ -439,8 +471,9 @@ def python_check(service: dict) -> str:
 
 
 def run_check(code: str, env: dict[str, str] | None = None) -> int:
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60,
-                          capture_output=True).returncode
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, timeout=60, capture_output=True
+    ).returncode
 
 
 @pytest.mark.skipif(not shutil.which("redis-cli"), reason="no redis-cli")
@@ -455,8 +488,12 @@ def test_redis_healthcheck_needs_the_password(tmp_path: Path) -> None:
         assert kind == "CMD-SHELL"
         shell = shell.replace("$$", "$").replace("redis-cli", f"redis-cli -p {server.port}")
         for password, healthy in (("s3cret-pw", True), ("wrong", False)):
-            rc = subprocess.run(["sh", "-c", shell], env={**os.environ, "REDIS_PASSWORD": password},
-                                capture_output=True, timeout=30).returncode
+            rc = subprocess.run(
+                ["sh", "-c", shell],
+                env={**os.environ, "REDIS_PASSWORD": password},
+                capture_output=True,
+                timeout=30,
+            ).returncode
             assert (rc == 0) == healthy, password
     finally:
         server.stop()
@@ -490,8 +527,10 @@ def test_download_and_flower_healthchecks_against_a_real_fleet(redis_url: str, t
     flower_args = [re.sub(r"--basic-auth=.*", "--basic-auth=koala:pw", a) for a in flower_args]
     procs = []
     try:
-        for argv, log in (([sys.executable, "-m", "producer", *download["command"]], "download.log"),
-                          ([str(BIN / "celery"), *flower_args], "flower.log")):
+        for argv, log in (
+            ([sys.executable, "-m", "producer", *download["command"]], "download.log"),
+            ([str(BIN / "celery"), *flower_args], "flower.log"),
+        ):
             with open(logs / log, "wb") as f:
                 procs.append(subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
 
@@ -509,11 +548,14 @@ def test_download_and_flower_healthchecks_against_a_real_fleet(redis_url: str, t
         assert refused.value.code == 401
 
         def workers_seen() -> bool:
-            request = urllib.request.Request(f"{base}/api/workers?refresh=1",
-                                             headers={"Authorization": "Basic a29hbGE6cHc="})  # koala:pw
+            request = urllib.request.Request(
+                f"{base}/api/workers?refresh=1", headers={"Authorization": "Basic a29hbGE6cHc="}
+            )  # koala:pw
             with urllib.request.urlopen(request, timeout=30) as answer:
-                return any(name.startswith("download@") and info.get("stats")
-                           for name, info in json.loads(answer.read()).items())
+                return any(
+                    name.startswith("download@") and info.get("stats")
+                    for name, info in json.loads(answer.read()).items()
+                )
 
         wait_for(workers_seen, 30, "Flower's view of the download worker", show)
         assert "ContentDisallowed" not in (logs / "download.log").read_text()

@@ -15,8 +15,9 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_setting_is_in_the_readme():
-    missing = [f"KOALA_{name.upper()}" for name in Settings.model_fields
-               if f"`KOALA_{name.upper()}`" not in README]
+    missing = [
+        f"KOALA_{name.upper()}" for name in Settings.model_fields if f"`KOALA_{name.upper()}`" not in README
+    ]
     assert not missing
 
 
@@ -33,7 +34,12 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_koala_worker_execs_the_worker_cli():
-    out = subprocess.run([sys.executable, "-m", "producer", "worker", "download", "--help"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "producer", "worker", "download", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "--keep-originals" in out.stdout and "--concurrency" in out.stdout

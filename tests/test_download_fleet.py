@@ -21,8 +21,14 @@ from tests.servers import ImageServer, worker_env
 
 def koala(redis_url: str, out_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess with the test settings."""
-    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=worker_env(redis_url, out_dir))
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=worker_env(redis_url, out_dir),
+    )
 
 
 def embed_messages(rclient) -> list[dict]:
@@ -55,23 +61,25 @@ def build_list(server: ImageServer, images: dict, bad_images: dict) -> tuple[byt
     good[f"{base}/ratelimited/fleet"] = images["png_rgb"]
     good[f"{base}/to-image/jpeg_small"] = images["jpeg_small"]
     bad = {f"{base}/img/bad_{name}": reason for name, (_, reason) in bad_images.items()}
-    bad.update({
-        f"{base}/status/404": "http_error",
-        f"{base}/status/500": "http_error",
-        f"{base}/html": "not_an_image",
-        f"{base}/html-as-jpeg": "not_an_image",
-        f"{base}/empty": "not_an_image",
-        f"{base}/slow/3": "timeout",
-        f"{base}/huge-declared": "too_large",
-        f"{base}/huge-chunked": "too_large",
-        f"{base}/lying-length": "truncated",
-        f"{base}/loop/a": "redirect_loop",
-        f"{base}/to-file": "bad_scheme",
-        f"{base}/to-blocked": "blocked_address",
-        f"http://127.0.0.2:{port}/img/jpeg_rgb": "blocked_address",
-        "ftp://127.0.0.1/image.jpg": "bad_scheme",
-        "http://[::1/broken": "invalid_url",
-    })
+    bad.update(
+        {
+            f"{base}/status/404": "http_error",
+            f"{base}/status/500": "http_error",
+            f"{base}/html": "not_an_image",
+            f"{base}/html-as-jpeg": "not_an_image",
+            f"{base}/empty": "not_an_image",
+            f"{base}/slow/3": "timeout",
+            f"{base}/huge-declared": "too_large",
+            f"{base}/huge-chunked": "too_large",
+            f"{base}/lying-length": "truncated",
+            f"{base}/loop/a": "redirect_loop",
+            f"{base}/to-file": "bad_scheme",
+            f"{base}/to-blocked": "blocked_address",
+            f"http://127.0.0.2:{port}/img/jpeg_rgb": "blocked_address",
+            "ftp://127.0.0.1/image.jpg": "bad_scheme",
+            "http://[::1/broken": "invalid_url",
+        }
+    )
     lines = [b"# a comment", b""]
     for i, url in enumerate([*good, *bad]):
         # half in the fall11 layout `<id>\t<url>`, half as plain URLs
@@ -80,8 +88,9 @@ def build_list(server: ImageServer, images: dict, bad_images: dict) -> tuple[byt
     return b"\r\n".join(lines) + b"\n", good, bad
 
 
-def test_submit_download_every_item_accounted_once(image_server: ImageServer, images, bad_images,
-                                                   workers: Workers, rclient, redis_url, tmp_path):
+def test_submit_download_every_item_accounted_once(
+    image_server: ImageServer, images, bad_images, workers: Workers, rclient, redis_url, tmp_path
+):
     data, good, bad = build_list(image_server, images, bad_images)
     url_list = tmp_path / "urls.txt"
     url_list.write_bytes(data)
@@ -97,8 +106,12 @@ def test_submit_download_every_item_accounted_once(image_server: ImageServer, im
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
-    wait_for(lambda: (s := status())["downloaded"] + s["failed"] == s["submitted"], 90,
-             "every item downloaded or failed", workers.logs)
+    wait_for(
+        lambda: (s := status())["downloaded"] + s["failed"] == s["submitted"],
+        90,
+        "every item downloaded or failed",
+        workers.logs,
+    )
     s = status()
     assert s["submitted"] == len(good) + len(bad)
     assert s["duplicates"] == 1
@@ -126,8 +139,11 @@ def test_submit_download_every_item_accounted_once(image_server: ImageServer, im
     assert not wrong
     assert all(f["detail"] and f["key"] == md5(f["url"]) for f in failures)
     assert s["failures_by_reason"] == {r: list(bad.values()).count(r) for r in set(bad.values())}
-    logged = [json.loads(line) for p in workers.out_dir.glob("failures_*.jsonl")
-              for line in p.read_text().splitlines()]
+    logged = [
+        json.loads(line)
+        for p in workers.out_dir.glob("failures_*.jsonl")
+        for line in p.read_text().splitlines()
+    ]
     assert sorted(f["url"] for f in logged) == sorted(bad)
 
     # submitting the same list again adds nothing
@@ -142,8 +158,9 @@ def test_submit_download_every_item_accounted_once(image_server: ImageServer, im
     assert [f["url"] for f in only] == [u for u, r in bad.items() if r == "timeout"]
 
 
-def test_folder_submission_sends_bytes_and_names_by_relative_path(images, workers: Workers, rclient,
-                                                                  redis_url, tmp_path):
+def test_folder_submission_sends_bytes_and_names_by_relative_path(
+    images, workers: Workers, rclient, redis_url, tmp_path
+):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.jpg").write_bytes(images["jpeg_rgb"])
@@ -152,8 +169,12 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(images, worker
     workers.start("download", "-c", "2")
     result = koala(redis_url, workers.out_dir, "submit", str(folder), "--json")
     assert result.returncode == 0, result.stderr
-    wait_for(lambda: len(embed_messages(rclient)) == 2 and rclient.hget("koala:counts", "failed") == b"1",
-             60, "2 images and 1 failure", workers.logs)
+    wait_for(
+        lambda: len(embed_messages(rclient)) == 2 and rclient.hget("koala:counts", "failed") == b"1",
+        60,
+        "2 images and 1 failure",
+        workers.logs,
+    )
     by_name = {m["name"]: m for m in embed_messages(rclient)}
     assert set(by_name) == {"a.jpg", "sub/b.png"}
     expected = img.load_rgb(images["png_rgba"], max_pixels=50_000_000)
@@ -162,12 +183,22 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(images, worker
     assert [(f["path"], f["reason"]) for f in failures] == [("notes.txt", "not_an_image")]
 
 
-def test_url_list_over_http_with_count_and_skip(image_server: ImageServer, workers: Workers, rclient,
-                                                redis_url, tmp_path):
+def test_url_list_over_http_with_count_and_skip(
+    image_server: ImageServer, workers: Workers, rclient, redis_url, tmp_path
+):
     names = ["jpeg_rgb", "png_rgb", "jpeg_small", "png_p", "webp"]
     image_server.files["__list__"] = "\n".join(f"{image_server.base}/img/{n}" for n in names).encode()
-    result = koala(redis_url, tmp_path, "submit", f"{image_server.base}/list/urls.txt",
-                   "--skip", "1", "--count", "3", "--json")
+    result = koala(
+        redis_url,
+        tmp_path,
+        "submit",
+        f"{image_server.base}/list/urls.txt",
+        "--skip",
+        "1",
+        "--count",
+        "3",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["new"] == 3
     assert rclient.hget("koala:counts", "submitted") == b"3"
@@ -176,9 +207,14 @@ def test_url_list_over_http_with_count_and_skip(image_server: ImageServer, worke
 def test_submit_reports_unreachable_redis_in_one_line(tmp_path):
     listing = tmp_path / "urls.txt"
     listing.write_text("http://127.0.0.1/x.jpg\n")
-    result = subprocess.run([sys.executable, "-m", "producer", "submit", str(listing)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60,
-                            env=worker_env("redis://127.0.0.1:1/0", tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "producer", "submit", str(listing)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=worker_env("redis://127.0.0.1:1/0", tmp_path),
+    )
     assert result.returncode != 0
     assert "cannot reach Redis" in result.stderr
 
@@ -192,8 +228,7 @@ def test_pickle_is_not_accepted_by_the_app():
 
 
 @pytest.mark.parametrize("mode", ["contain", "crop", "stretch"])
-def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, rclient, redis_url,
-                                                tmp_path):
+def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, rclient, redis_url, tmp_path):
     folder = tmp_path / "one"
     folder.mkdir()
     (folder / "wide.jpg").write_bytes(images["jpeg_rgb"])
@@ -204,13 +239,19 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
 
 
-def test_producer_holds_back_at_the_queue_limit(image_server: ImageServer, workers: Workers, rclient,
-                                                redis_url, tmp_path):
+def test_producer_holds_back_at_the_queue_limit(
+    image_server: ImageServer, workers: Workers, rclient, redis_url, tmp_path
+):
     listing = tmp_path / "urls.txt"
     listing.write_text("".join(f"{image_server.base}/img/jpeg_small?{i}\n" for i in range(40)))
     env = worker_env(redis_url, workers.out_dir, KOALA_DOWNLOAD_QUEUE_LIMIT="2")
-    producer = subprocess.Popen([sys.executable, "-m", "producer", "submit", str(listing)], cwd=ROOT,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "producer", "submit", str(listing)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: rclient.llen("download") == 2, 30, "the queue to reach its limit")
         time.sleep(2)
@@ -222,12 +263,12 @@ def test_producer_holds_back_at_the_queue_limit(image_server: ImageServer, worke
     finally:
         if producer.poll() is None:
             producer.kill()
-    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"40", 60, "40 downloads",
-             workers.logs)
+    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"40", 60, "40 downloads", workers.logs)
 
 
-def test_keep_originals_writes_md5_named_files(image_server: ImageServer, images, workers: Workers,
-                                               redis_url, rclient, tmp_path):
+def test_keep_originals_writes_md5_named_files(
+    image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path
+):
     keep = tmp_path / "original"
     urls = [f"{image_server.base}/img/jpeg_rgb", f"{image_server.base}/img/png_rgb"]
     listing = tmp_path / "urls.txt"
@@ -239,9 +280,9 @@ def test_keep_originals_writes_md5_named_files(image_server: ImageServer, images
     assert (keep / f"{md5(urls[0])}.jpg").read_bytes() == images["jpeg_rgb"]
 
 
-def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: ImageServer,
-                                                                 workers: Workers, redis_url,
-                                                                 rclient, tmp_path):
+def test_killed_worker_chunk_is_delivered_again_and_counted_once(
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
     # slow responses keep the chunks in flight when the worker is killed
     urls = [f"{image_server.base}/concurrent/kill{i}" for i in range(24)]
     listing = tmp_path / "urls.txt"
@@ -257,19 +298,25 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(image_server: I
         # a chunk the killed worker had popped but kombu had not yet recorded as unacked is gone
         # (the Redis transport's BRPOP gap, README "Reliability"); the producer's resend is the cure
         assert koala(redis_url, workers.out_dir, "submit", str(listing), "--requeue-pending").returncode == 0
-    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"24", 90, "all 24 downloaded",
-             workers.logs)
+    wait_for(
+        lambda: rclient.hget("koala:counts", "downloaded") == b"24", 90, "all 24 downloaded", workers.logs
+    )
     keys = {m["key"] for m in embed_messages(rclient)}
     assert keys == {md5(u) for u in urls}  # at least once on the queue, once in the counts
     counts = {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
     assert counts["submitted"] == 24 and counts.get("failed", 0) == 0
 
 
-def assert_dropped_and_the_worker_goes_on(worker, image_server: ImageServer, workers: Workers, redis_url,
-                                          rclient, tmp_path) -> None:
+def assert_dropped_and_the_worker_goes_on(
+    worker, image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+) -> None:
     """What was pushed into `download` is taken and dropped; then a real item still goes through."""
-    wait_for(lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0, 30,
-             "the pushed entries to be taken and dropped", workers.logs)
+    wait_for(
+        lambda: rclient.llen("download") == 0 and rclient.hlen("unacked") == 0,
+        30,
+        "the pushed entries to be taken and dropped",
+        workers.logs,
+    )
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{image_server.base}/img/png_rgb\n")
     assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
@@ -278,7 +325,8 @@ def assert_dropped_and_the_worker_goes_on(worker, image_server: ImageServer, wor
 
 
 def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
-        image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
     from tests.test_embed_pipeline import NOT_KOMBU, bad_base64_envelope
 
     worker = workers.start("download", "-c", "2")
@@ -291,7 +339,8 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
 
 
 def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
-        image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path):
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
     # a 2 s visibility timeout and a chunk that takes 8 s: the lease is renewed, never re-delivered
     slow_ok = {"KOALA_VISIBILITY_TIMEOUT": "2", "KOALA_READ_TIMEOUT": "20", "KOALA_DOWNLOAD_DEADLINE": "40"}
     workers.start("download", "-c", "2", **slow_ok)
@@ -327,8 +376,9 @@ def push_pickle_message(redis_url: str, task: str, queue: str, marker: Path) -> 
     sender.send_task(task, args=[Booby(marker)], queue=queue, serializer="pickle")
 
 
-def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer, workers: Workers,
-                                                      redis_url, rclient, tmp_path):
+def test_pickle_message_is_refused_and_never_executed(
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
     marker = tmp_path / "pickle-was-executed"
     worker = workers.start("download", "-c", "2")
     push_pickle_message(redis_url, "koala.download", "download", marker)
@@ -337,8 +387,9 @@ def test_pickle_message_is_refused_and_never_executed(image_server: ImageServer,
     assert "pickle" in workers.logs().lower()
 
 
-def test_retry_sends_failed_items_again_after_an_outage(image_server: ImageServer, workers: Workers,
-                                                       redis_url, rclient, tmp_path):
+def test_retry_sends_failed_items_again_after_an_outage(
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
     urls = [f"{image_server.base}/outage/{i}" for i in range(3)] + [f"{image_server.base}/status/404"]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
@@ -352,8 +403,15 @@ def test_retry_sends_failed_items_again_after_an_outage(image_server: ImageServe
     out = koala(redis_url, workers.out_dir, "retry", "--reason", "http_error")
     assert out.returncode == 0, out.stderr
     assert "4 failed items sent again" in out.stdout
-    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"3"
-             and rclient.hget("koala:counts", "failed") == b"1", 60, "3 downloads, 1 failure", workers.logs)
+    wait_for(
+        lambda: (
+            rclient.hget("koala:counts", "downloaded") == b"3"
+            and rclient.hget("koala:counts", "failed") == b"1"
+        ),
+        60,
+        "3 downloads, 1 failure",
+        workers.logs,
+    )
     counts = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
     assert (counts["submitted"], counts["retried"], counts["pending"]) == (4, 4, 3)
     assert counts["failures_by_reason"] == {"http_error": 1}

@@ -19,8 +19,16 @@ from tests.conftest import ROOT, Workers, reached, wait_for
 from tests.servers import ImageServer, worker_env
 from tests.test_download_fleet import push_pickle_message
 
-GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "gif_animated", "webp",
-        "png_16bit_gray"]
+GOOD = [
+    "jpeg_rgb",
+    "jpeg_portrait",
+    "jpeg_small",
+    "png_rgba",
+    "png_p",
+    "gif_animated",
+    "webp",
+    "png_16bit_gray",
+]
 
 
 def md5(text: str) -> str:
@@ -28,13 +36,24 @@ def md5(text: str) -> str:
 
 
 def embed_env(checkpoint: Path, **extra: str) -> dict[str, str]:
-    return {"KOALA_CHECKPOINT": str(checkpoint), "KOALA_EXAMPLES_PER_SHARD": "3",
-            "KOALA_BATCH_SIZE": "4", "KOALA_BATCH_WAIT": "0.5", **extra}
+    return {
+        "KOALA_CHECKPOINT": str(checkpoint),
+        "KOALA_EXAMPLES_PER_SHARD": "3",
+        "KOALA_BATCH_SIZE": "4",
+        "KOALA_BATCH_WAIT": "0.5",
+        **extra,
+    }
 
 
 def koala(redis_url: str, out_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=worker_env(redis_url, out_dir))
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=worker_env(redis_url, out_dir),
+    )
 
 
 def read_records(out_dir: Path) -> list[dict]:
@@ -56,8 +75,9 @@ def embedder(fake_checkpoint: Path):
     return Embedder(fake_checkpoint)
 
 
-def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, workers: Workers,
-                                             redis_url, tmp_path, fake_checkpoint, embedder):
+def test_urls_become_exactly_one_record_each(
+    image_server: ImageServer, images, workers: Workers, redis_url, tmp_path, fake_checkpoint, embedder
+):
     good = {f"{image_server.base}/img/{n}": images[n] for n in GOOD}
     bad = [f"{image_server.base}/status/404", f"{image_server.base}/html"]
     listing = tmp_path / "urls.txt"
@@ -74,7 +94,11 @@ def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, 
 
     status = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
     assert (status["submitted"], status["written"], status["failed"], status["pending"]) == (
-        len(good) + len(bad), len(good), len(bad), 0)
+        len(good) + len(bad),
+        len(good),
+        len(bad),
+        0,
+    )
     assert not list(workers.out_dir.glob(".*.tmp")), "no temporary shard after a clean stop"
     assert not marker.exists(), "a pickle message must never be deserialized"
     shards = sorted(workers.out_dir.glob("lab_images_*.tfrecord"))
@@ -96,8 +120,8 @@ def test_urls_become_exactly_one_record_each(image_server: ImageServer, images, 
 
 
 def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
-        image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path,
-        fake_checkpoint):
+    image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path, fake_checkpoint
+):
     urls = [f"{image_server.base}/img/{n}?copy={i}" for i in range(3) for n in GOOD[:6]]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
@@ -129,9 +153,9 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     assert counts["written"] == len(urls) and counts.get("failed", 0) == 0
 
 
-def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(image_server: ImageServer, workers: Workers,
-                                                                redis_url, rclient, tmp_path,
-                                                                fake_checkpoint):
+def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path, fake_checkpoint
+):
     urls = [f"{image_server.base}/img/{n}?node={i}" for i in range(2) for n in GOOD]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
@@ -142,8 +166,12 @@ def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(image_server: Ima
     b = workers.start("embed", "-n", "embed-b@host2", **env)
     wait_for(lambda: workers.logs().count("model ready") == 2, 240, "both embed workers", workers.logs)
     assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
-    wait_for(lambda: rclient.hget("koala:counts", "written") == str(len(urls)).encode(), 300,
-             "every record", workers.logs)
+    wait_for(
+        lambda: rclient.hget("koala:counts", "written") == str(len(urls)).encode(),
+        300,
+        "every record",
+        workers.logs,
+    )
     stop(a)
     stop(b)
     shards = sorted(p.name for p in workers.out_dir.glob("lab_images_*.tfrecord"))

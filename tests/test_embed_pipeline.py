@@ -31,21 +31,30 @@ def queue(redis_url: str, state: JobState, images: list[dict], per_message: int)
     app = make_app(Settings(broker_url=redis_url))
     step = per_message or 1
     for i in range(0, len(images), step):
-        args = [images[i:i + step]] if per_message else [images[i]]
+        args = [images[i : i + step]] if per_message else [images[i]]
         app.send_task(EMBED_TASK, args=args, queue=EMBED_QUEUE)
     app.close()
 
 
 def keys_in_shards(out: Path) -> list[str]:
-    return sorted(records.example_key(data).decode() for shard in out.glob(records.SHARD_GLOB)
-                  for _, _, data in records.iter_examples(shard))
+    return sorted(
+        records.example_key(data).decode()
+        for shard in out.glob(records.SHARD_GLOB)
+        for _, _, data in records.iter_examples(shard)
+    )
 
 
 def null_env(**extra: str) -> dict[str, str]:
     """A null-model worker; Lab with numpy (no TensorFlow to import) unless asked."""
-    return {"KOALA_NULL_MODEL": "1", "KOALA_BATCH_SIZE": "16", "KOALA_BATCH_WAIT": "0.2",
-            "KOALA_VISIBILITY_TIMEOUT": "3", "KOALA_EXAMPLES_PER_SHARD": "20", "KOALA_LAB_ON_DEVICE": "0",
-            **extra}
+    return {
+        "KOALA_NULL_MODEL": "1",
+        "KOALA_BATCH_SIZE": "16",
+        "KOALA_BATCH_WAIT": "0.2",
+        "KOALA_VISIBILITY_TIMEOUT": "3",
+        "KOALA_EXAMPLES_PER_SHARD": "20",
+        "KOALA_LAB_ON_DEVICE": "0",
+        **extra,
+    }
 
 
 def finish(workers: Workers, state: JobState, n: int, **env: str) -> None:
@@ -78,9 +87,14 @@ def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, r
     images = [payload(i) for i in range(N)]
     queue(redis_url, state, images, per_message=8)
     log = open(tmp_path / "dying.log", "wb")  # closed below
-    dying = subprocess.run([sys.executable, "-m", "tests.dying_embed_worker", point, "embed0@test"], cwd=ROOT,
-                           env=worker_env(redis_url, workers.out_dir, **null_env()), stdout=log,
-                           stderr=subprocess.STDOUT, timeout=120)
+    dying = subprocess.run(
+        [sys.executable, "-m", "tests.dying_embed_worker", point, "embed0@test"],
+        cwd=ROOT,
+        env=worker_env(redis_url, workers.out_dir, **null_env()),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        timeout=120,
+    )
     log.close()
     assert dying.returncode == -signal.SIGKILL, (tmp_path / "dying.log").read_text()
     assert state.counts()["written"] < N
@@ -93,8 +107,14 @@ def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, r
 @pytest.mark.parametrize("value", [None, "0"])
 def test_the_null_model_needs_its_variable(value, redis_url, tmp_path):
     env = worker_env(redis_url, tmp_path, **({"KOALA_NULL_MODEL": value} if value else {}))
-    result = subprocess.run([sys.executable, "-m", "workers", "embed", "-n", "e@test"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "embed", "-n", "e@test"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and "no checkpoint" in result.stderr
     assert "null model" not in result.stderr.lower()
 
@@ -109,8 +129,15 @@ def test_the_fast_wire_codecs_write_what_kombu_writes():
     body = bytes(range(256)) * 100
     assert FastBase64().encode(body) == base64.b64encode(body).decode()
     assert FastBase64().decode(base64.b64encode(body).decode()) == body
-    envelope = [{"body": "eyJh", "headers": {"task": "koala.embed", "eta": None, "retries": 0},
-                 "properties": {"priority": 0, "delivery_info": {"exchange": ""}}}, "", "embed"]
+    envelope = [
+        {
+            "body": "eyJh",
+            "headers": {"task": "koala.embed", "eta": None, "retries": 0},
+            "properties": {"priority": 0, "delivery_info": {"exchange": ""}},
+        },
+        "",
+        "embed",
+    ]
     assert json.loads(_envelope_dumps(envelope)) == envelope
     with_date = {"eta": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "n": 1 << 70}  # orjson refuses the int
     assert "2026-01-01" in str(_envelope_dumps(with_date))
@@ -123,10 +150,20 @@ def bad_base64_envelope(queue_name: str) -> str:
     """A well-formed kombu envelope whose base64 body is not base64."""
     import json
 
-    return json.dumps({"body": "!!!not base64", "content-encoding": "binary",
-                       "content-type": "application/x-msgpack", "headers": {},
-                       "properties": {"body_encoding": "base64", "delivery_tag": "bad-1", "priority": 0,
-                                      "delivery_info": {"exchange": queue_name, "routing_key": queue_name}}})
+    return json.dumps(
+        {
+            "body": "!!!not base64",
+            "content-encoding": "binary",
+            "content-type": "application/x-msgpack",
+            "headers": {},
+            "properties": {
+                "body_encoding": "base64",
+                "delivery_tag": "bad-1",
+                "priority": 0,
+                "delivery_info": {"exchange": queue_name, "routing_key": queue_name},
+            },
+        }
+    )
 
 
 def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(workers, redis_url, rclient):
@@ -150,7 +187,8 @@ def test_the_embed_worker_answers_flowers_event_commands(workers, redis_url, rcl
     app = make_app(Settings(broker_url=redis_url))
     node = f"embed{len(workers.procs) - 1}@test"
     assert app.control.enable_events(destination=[node], reply=True, timeout=10) == [
-        {node: {"ok": "task events enabled"}}]
+        {node: {"ok": "task events enabled"}}
+    ]
     assert app.control.disable_events(destination=[node], reply=True, timeout=10)[0][node]["ok"]
     app.close()
     assert "pidbox command error" not in workers.logs()

@@ -39,9 +39,11 @@ def stage(tmp_path: Path, state: JobState, node: str, per_shard: int = 100) -> E
 
 
 def names_in(out: Path) -> list[str]:
-    return sorted(records.example_bytes_feature(data, b"image_name").decode()
-                  for shard in out.glob(records.SHARD_GLOB)
-                  for _, _, data in records.iter_examples(shard))
+    return sorted(
+        records.example_bytes_feature(data, b"image_name").decode()
+        for shard in out.glob(records.SHARD_GLOB)
+        for _, _, data in records.iter_examples(shard)
+    )
 
 
 def register(state: JobState, payloads: list[dict]) -> None:
@@ -66,8 +68,15 @@ def test_two_workers_with_the_same_message_write_it_once(tmp_path, state):
     assert first.process(batch[:2]) == 2
     # the second got all three (a visibility-timeout re-delivery) and checked state before the
     # first claimed: simulate by bypassing the state check with the writer path directly
-    serialized = [second._record(p, np.zeros((299, 299), np.float32), np.zeros((299, 299, 2), np.float32),
-                                 np.zeros(1001, np.float32)) for p in batch]
+    serialized = [
+        second._record(
+            p,
+            np.zeros((299, 299), np.float32),
+            np.zeros((299, 299, 2), np.float32),
+            np.zeros(1001, np.float32),
+        )
+        for p in batch
+    ]
     assert second._write(batch, serialized) == [False, False, True]  # only the third was unclaimed
     first.close()
     second.close()
@@ -98,8 +107,15 @@ def test_recovery_keeps_owned_and_unclaimed_records_once_and_cuts_the_tail(tmp_p
     s.process(batch[:2])  # written and claimed
     temp = s.writer.path
     # a batch appended but not claimed (killed before the claim), then a repeat and half a record
-    serialized = [s._record(p, np.zeros((299, 299), np.float32), np.zeros((299, 299, 2), np.float32),
-                            np.zeros(1001, np.float32)) for p in batch[1:]]
+    serialized = [
+        s._record(
+            p,
+            np.zeros((299, 299), np.float32),
+            np.zeros((299, 299, 2), np.float32),
+            np.zeros(1001, np.float32),
+        )
+        for p in batch[1:]
+    ]
     s.writer.append(serialized)
     # another shard claimed item 3 first
     state.mark_written_many([batch[3]["key"]], b"zzzz")
@@ -122,8 +138,12 @@ def test_split_marks_a_deterministic_idempotent_choice(tmp_path):
     (tmp_path / ".lab_images_node_00010.tfrecord.tmp").write_bytes(b"")
 
     def run() -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "producer", "split", "--val-fraction", "0.2",
-                               str(tmp_path)], capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "producer", "split", "--val-fraction", "0.2", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     first = run()
     assert first.returncode == 0, first.stderr

@@ -18,8 +18,16 @@ from tests.servers import ImageServer, self_signed_cert
 
 @pytest.fixture(scope="module")
 def policy() -> Policy:
-    return Policy(allow_private=True, blocked=parse_networks("127.0.0.2/32"), connect_timeout=2,
-                  read_timeout=1, deadline=6, max_bytes=3_000_000, retries=3, backoff=0.1)
+    return Policy(
+        allow_private=True,
+        blocked=parse_networks("127.0.0.2/32"),
+        connect_timeout=2,
+        read_timeout=1,
+        deadline=6,
+        max_bytes=3_000_000,
+        retries=3,
+        backoff=0.1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +50,22 @@ def test_redirect_to_an_image_is_followed(image_server: ImageServer, images, ses
     assert fetch(f"{image_server.base}/to-image/png_rgb", session, policy) == images["png_rgb"]
 
 
-@pytest.mark.parametrize(("route", "reason"), [
-    ("/status/404", "http_error"),
-    ("/status/410", "http_error"),
-    ("/status/500", "http_error"),
-    ("/huge-declared", "too_large"),
-    ("/huge-chunked", "too_large"),
-    ("/huge-chunked-short-length", "too_large"),
-    ("/lying-length", "truncated"),
-    ("/loop/a", "redirect_loop"),
-    ("/to-file", "bad_scheme"),
-    ("/to-blocked", "blocked_address"),
-    ("/slow/3", "timeout"),
-])
+@pytest.mark.parametrize(
+    ("route", "reason"),
+    [
+        ("/status/404", "http_error"),
+        ("/status/410", "http_error"),
+        ("/status/500", "http_error"),
+        ("/huge-declared", "too_large"),
+        ("/huge-chunked", "too_large"),
+        ("/huge-chunked-short-length", "too_large"),
+        ("/lying-length", "truncated"),
+        ("/loop/a", "redirect_loop"),
+        ("/to-file", "bad_scheme"),
+        ("/to-blocked", "blocked_address"),
+        ("/slow/3", "timeout"),
+    ],
+)
 def test_misbehaving_routes_fail_with_their_reason(image_server, session, policy, route, reason):
     assert reason_of(image_server.base + route, session, policy) == reason
 
@@ -109,12 +120,15 @@ def test_host_resolving_to_metadata_is_blocked_even_with_private_allowed(monkeyp
         assert reason_of("http://metadata.example/latest", s, p) == "blocked_address"
 
 
-@pytest.mark.parametrize(("url", "reason"), [
-    ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
-    ("javascript:alert(1)", "bad_scheme"),
-    ("http://[::1/x", "invalid_url"),
-    ("http://[fe80::1%25lo]/x", "invalid_url"),  # a zone id: was tried as a host name (dns_error)
-])
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
+        ("javascript:alert(1)", "bad_scheme"),
+        ("http://[::1/x", "invalid_url"),
+        ("http://[fe80::1%25lo]/x", "invalid_url"),  # a zone id: was tried as a host name (dns_error)
+    ],
+)
 def test_bad_urls_fail_without_traffic(url, reason, session, policy):
     assert reason_of(url, session, policy) == reason
 
@@ -143,8 +157,7 @@ def test_per_host_limit_bounds_downloads_in_flight(image_server: ImageServer):
     behaviour = image_server.behaviour
     behaviour.max_in_flight = 0
     with make_session(limited, pool_maxsize=8) as s, ThreadPoolExecutor(8) as pool:
-        bodies = list(pool.map(lambda i: fetch(f"{image_server.base}/concurrent/{i}", s, limited),
-                               range(8)))
+        bodies = list(pool.map(lambda i: fetch(f"{image_server.base}/concurrent/{i}", s, limited), range(8)))
     assert len(bodies) == 8 and all(bodies)
     assert behaviour.max_in_flight == 2
 
@@ -281,8 +294,9 @@ def test_https_with_an_untrusted_certificate_fails(tls_server: ImageServer):
         assert reason_of(f"{tls_server.base}/img/png_rgb", s, p) == "connection_error"
 
 
-def test_https_downloads_and_its_deadline_bounds_dribbled_headers(tls_server: ImageServer, images,
-                                                                  monkeypatch):
+def test_https_downloads_and_its_deadline_bounds_dribbled_headers(
+    tls_server: ImageServer, images, monkeypatch
+):
     context = ssl.create_default_context(cafile=str(tls_server.cert))  # type: ignore[attr-defined]
     context.sslsocket_class = fetch_module._DeadlineSSLSocket
     monkeypatch.setattr(fetch_module, "_tls_context", lambda: context)

@@ -18,10 +18,23 @@ from tests.test_embed_fleet import embed_env, koala
 def flower(redis_url: str, tmp_path: Path):
     port = free_port()
     log = open(tmp_path / "flower.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "common.celery_app", "flower",
-                             f"--port={port}", "--address=127.0.0.1", "--basic-auth=koala:secret"],
-                            cwd=ROOT, env=worker_env(redis_url, tmp_path), stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "common.celery_app",
+            "flower",
+            f"--port={port}",
+            "--address=127.0.0.1",
+            "--basic-auth=koala:secret",
+        ],
+        cwd=ROOT,
+        env=worker_env(redis_url, tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: _ok(f"{base}/healthcheck"), 60, "Flower to start")
     yield base
@@ -37,8 +50,9 @@ def _ok(url: str) -> bool:
         return False
 
 
-def test_flower_shows_workers_queues_and_tasks(flower: str, image_server: ImageServer, workers: Workers,
-                                               redis_url, rclient, tmp_path, fake_checkpoint):
+def test_flower_shows_workers_queues_and_tasks(
+    flower: str, image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path, fake_checkpoint
+):
     auth = ("koala", "secret")
     assert requests.get(f"{flower}/workers?json=1", timeout=5).status_code == 401
     workers.start("download", "-c", "2")
@@ -54,10 +68,16 @@ def test_flower_shows_workers_queues_and_tasks(flower: str, image_server: ImageS
         rows = rows.values() if isinstance(rows, dict) else rows
         return {row.get(key) for row in rows}
 
-    wait_for(lambda: {"download0@test", "embed1@test"} <= names("/workers?json=1&refresh=1", "hostname"),
-             60, "both workers in Flower")
-    wait_for(lambda: {"koala.download", "koala.embed"} <= names("/api/tasks", "name"), 30,
-             "both kinds of task in Flower")
+    wait_for(
+        lambda: {"download0@test", "embed1@test"} <= names("/workers?json=1&refresh=1", "hostname"),
+        60,
+        "both workers in Flower",
+    )
+    wait_for(
+        lambda: {"koala.download", "koala.embed"} <= names("/api/tasks", "name"),
+        30,
+        "both kinds of task in Flower",
+    )
 
     def queues() -> set[str]:
         requests.get(f"{flower}/workers?refresh=1", auth=auth, timeout=10)

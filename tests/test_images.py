@@ -128,8 +128,9 @@ def test_draft_keeps_twice_the_needed_size(name: str, target: tuple[int, int], m
     full_size = _shown_size(data)
     drafted = img.decode(data, draft_for=target, mode=mode)
     need_w, need_h = img._scaled_size(full_size, target, mode)
-    assert drafted.size == full_size or (
-        drafted.size[0] >= 2 * need_w and drafted.size[1] >= 2 * need_h), drafted.size
+    assert drafted.size == full_size or (drafted.size[0] >= 2 * need_w and drafted.size[1] >= 2 * need_h), (
+        drafted.size
+    )
 
 
 @functools.cache
@@ -148,9 +149,15 @@ def test_draft_actually_reduces_large_jpeg():
 # cykooz.resizer has no wheel), Pillow throughout (where simplejpeg has none, and for what it refuses).
 
 BACKENDS = ("fast", "simplejpeg_pillow", "pillow")
-_INVERSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
-            7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+_INVERSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -198,8 +205,14 @@ def _float_reference(data: bytes, mode: str, size: tuple[int, int] = (299, 299))
     shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data)).convert("RGB"))
     box, inner, offset = _layout(shown.size, size, mode)
     rgb = np.asarray(shown, np.float32)
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
-        inner, Image.Resampling.LANCZOS, box=box)) for c in range(3)]
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
+                inner, Image.Resampling.LANCZOS, box=box
+            )
+        )
+        for c in range(3)
+    ]
     return np.clip(np.stack(channels, axis=-1), 0, 255), offset
 
 
@@ -230,14 +243,21 @@ def _checker_jpeg(w: int, h: int, orientation: int) -> bytes:
 
 SMALL = (64, 64)  # a small target reaches the 1/8 scale with small images
 # (width, height, mode, DCT scale load_rgb decodes at for SMALL)
-SCALED_CASES = [(301, 201, "contain", 2), (601, 401, "contain", 4), (1201, 801, "contain", 8),
-                (1201, 801, "crop", 4), (603, 1205, "crop", 4), (1201, 801, "stretch", 4)]
+SCALED_CASES = [
+    (301, 201, "contain", 2),
+    (601, 401, "contain", 4),
+    (1201, 801, "contain", 8),
+    (1201, 801, "crop", 4),
+    (603, 1205, "crop", 4),
+    (1201, 801, "stretch", 4),
+]
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("w, h, mode, scale", SCALED_CASES)
-def test_scaled_decode_reads_the_exact_box(backend: str, w: int, h: int, mode: str, scale: int,
-                                           orientation: int):
+def test_scaled_decode_reads_the_exact_box(
+    backend: str, w: int, h: int, mode: str, scale: int, orientation: int
+):
     # A scaled decode rounds an odd side up (1201 -> 151 at 1/8); resizing all of it shifted and
     # stretched the picture by up to half an output pixel: 20-30 dB here, against 39+ without.
     data = _checker_jpeg(w, h, orientation)
@@ -287,8 +307,18 @@ def test_contain_geometry_comes_from_the_original_size(backend: str, orientation
 
 
 @pytest.mark.parametrize("mode", img.RESIZE_MODES)
-@pytest.mark.parametrize("name", ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "jpeg_gray",
-                                  "jpeg_progressive", "jpeg_large", "jpeg_exif_rotated"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "jpeg_rgb",
+        "jpeg_portrait",
+        "jpeg_small",
+        "jpeg_gray",
+        "jpeg_progressive",
+        "jpeg_large",
+        "jpeg_exif_rotated",
+    ],
+)
 def test_fast_path_agrees_with_pillow(monkeypatch: pytest.MonkeyPatch, name: str, mode: str):
     calls = _count_fast_decodes(monkeypatch)
     fast = img.load_rgb(GOOD[name], mode=mode)
@@ -350,15 +380,18 @@ def test_extreme_sizes_on_every_backend(backend: str, w: int, h: int, mode: str)
 # --- modes and transparency ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, region", [
-    ("png_rgba", (slice(100, 200), slice(5, 60))),  # left quarter alpha 0, black underneath
-    ("png_64bit", (slice(100, 200), slice(5, 60))),
-    ("png_p_transparent", (slice(110, 190), slice(110, 190))),
-    ("png_rgb_trns", (slice(85, 140), slice(50, 170))),
-    ("gif_transparent", (slice(100, 200), slice(5, 60))),
-    ("webp_lossless", (slice(42, 90), slice(0, 299))),
-    ("png_la", (slice(100, 200), slice(0, 2))),  # alpha ramps from 0 at the left edge
-])
+@pytest.mark.parametrize(
+    "name, region",
+    [
+        ("png_rgba", (slice(100, 200), slice(5, 60))),  # left quarter alpha 0, black underneath
+        ("png_64bit", (slice(100, 200), slice(5, 60))),
+        ("png_p_transparent", (slice(110, 190), slice(110, 190))),
+        ("png_rgb_trns", (slice(85, 140), slice(50, 170))),
+        ("gif_transparent", (slice(100, 200), slice(5, 60))),
+        ("webp_lossless", (slice(42, 90), slice(0, 299))),
+        ("png_la", (slice(100, 200), slice(0, 2))),  # alpha ramps from 0 at the left edge
+    ],
+)
 def test_transparency_becomes_white(name: str, region: tuple[slice, slice]):
     out = img.load_rgb(GOOD[name])
     assert out[region].min() >= 250, out[region].min()
@@ -424,10 +457,19 @@ def _tiff(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("name, seed, tolerance", [
-    ("jpeg_cmyk", 5, 6), ("tiff_cmyk", 11, 1), ("tiff_lab", 12, 3), ("webp", 8, 6),
-    ("png_rgb", 2, 0), ("bmp", 9, 0), ("tiff", 10, 0), ("ppm", 19, 0),
-])
+@pytest.mark.parametrize(
+    "name, seed, tolerance",
+    [
+        ("jpeg_cmyk", 5, 6),
+        ("tiff_cmyk", 11, 1),
+        ("tiff_lab", 12, 3),
+        ("webp", 8, 6),
+        ("png_rgb", 2, 0),
+        ("bmp", 9, 0),
+        ("tiff", 10, 0),
+        ("ppm", 19, 0),
+    ],
+)
 def test_colour_spaces_decode_to_the_right_rgb(name: str, seed: int, tolerance: float):
     decoded = np.asarray(img.decode(GOOD[name])).astype(int)
     expected = corpus.photo(*decoded.shape[1::-1], seed)
@@ -462,8 +504,10 @@ def test_resize_accepts_any_pillow_mode(mode: str):
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_image_fails_with_its_reason(name: str):
     data, reason = BAD[name]
-    for call in (lambda: img.load_rgb(data, max_pixels=50_000_000),
-                 lambda: img.decode(data, max_pixels=50_000_000)):
+    for call in (
+        lambda: img.load_rgb(data, max_pixels=50_000_000),
+        lambda: img.decode(data, max_pixels=50_000_000),
+    ):
         with pytest.raises(img.ImageError) as info:
             call()
         assert info.value.reason == reason
@@ -496,9 +540,12 @@ def _bmp_icon(kind: int) -> bytes:
 def test_icon_containers_are_refused_before_decoding(name: str, tmp_path):
     # ICO's Image.open decodes its frame, and an ICNS entry's PNG may be any size whatever its
     # type says: 1.6 GB and 8 s for the ICO bomb before its size could be checked.
-    data = {"ico_bomb": lambda: hostile.ico(hostile.png(20_000, 20_000)),
-            "icns_bomb": lambda: hostile.icns(hostile.png(12_000, 12_000)),
-            "favicon": lambda: _bmp_icon(1), "cursor": lambda: _bmp_icon(2)}[name]()
+    data = {
+        "ico_bomb": lambda: hostile.ico(hostile.png(20_000, 20_000)),
+        "icns_bomb": lambda: hostile.icns(hostile.png(12_000, 12_000)),
+        "favicon": lambda: _bmp_icon(1),
+        "cursor": lambda: _bmp_icon(2),
+    }[name]()
     got = hostile.decode_peak(data, tmp_path)
     assert got["reason"] == "not_an_image", got
     assert got["peak_mb"] < 20 and got["seconds"] < 1, got
@@ -560,9 +607,11 @@ def test_pillow_global_limit_is_not_used(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_invalid_mode_is_a_value_error_naming_the_modes():
-    for call in (lambda: img.load_rgb(GOOD["png_rgb"], mode="fill"),
-                 lambda: img.decode(GOOD["png_rgb"], mode="fill"),
-                 lambda: img.resize(Image.new("RGB", (4, 4)), mode="fill")):
+    for call in (
+        lambda: img.load_rgb(GOOD["png_rgb"], mode="fill"),
+        lambda: img.decode(GOOD["png_rgb"], mode="fill"),
+        lambda: img.resize(Image.new("RGB", (4, 4)), mode="fill"),
+    ):
         with pytest.raises(ValueError, match="contain, crop, stretch"):
             call()
 
@@ -620,10 +669,18 @@ def _mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@settings(max_examples=200, deadline=2000, database=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.sampled_from(sorted(FUZZ_SEEDS)), edits=st.lists(_edits, min_size=1, max_size=6),
-       mode=st.sampled_from(img.RESIZE_MODES))
+@settings(
+    max_examples=200,
+    deadline=2000,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    seed=st.sampled_from(sorted(FUZZ_SEEDS)),
+    edits=st.lists(_edits, min_size=1, max_size=6),
+    mode=st.sampled_from(img.RESIZE_MODES),
+)
 def test_mutated_images_only_ever_raise_image_error(seed: str, edits, mode: str):
     data = _mutate(FUZZ_SEEDS[seed], edits)
     try:
@@ -653,8 +710,7 @@ def test_pixels_round_trip_non_contiguous_and_shrink():
 
 
 def test_encode_pixels_rejects_other_arrays():
-    for bad in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32),
-                np.zeros((4, 4, 4), np.uint8)):
+    for bad in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 3), np.float32), np.zeros((4, 4, 4), np.uint8)):
         with pytest.raises(ValueError):
             img.encode_pixels(bad)
 

@@ -23,9 +23,18 @@ def _solid(rgb: tuple[int, int, int], side: int = 299) -> np.ndarray:
 
 
 def _edge_images() -> dict[str, np.ndarray]:
-    colours = {"black": (0, 0, 0), "white": (255, 255, 255), "red": (255, 0, 0), "green": (0, 255, 0),
-               "blue": (0, 0, 255), "cyan": (0, 255, 255), "magenta": (255, 0, 255), "yellow": (255, 255, 0),
-               "near_black": (1, 1, 1), "threshold": (10, 11, 10)}
+    colours = {
+        "black": (0, 0, 0),
+        "white": (255, 255, 255),
+        "red": (255, 0, 0),
+        "green": (0, 255, 0),
+        "blue": (0, 0, 255),
+        "cyan": (0, 255, 255),
+        "magenta": (255, 0, 255),
+        "yellow": (255, 255, 0),
+        "near_black": (1, 1, 1),
+        "threshold": (10, 11, 10),
+    }
     out = {name: _solid(c) for name, c in colours.items()}
     ramp = np.arange(299 * 299 * 3) % 256
     out["ramp"] = ramp.astype(np.uint8).reshape(299, 299, 3)
@@ -145,8 +154,9 @@ def test_non_square_input_is_resized() -> None:
     np.testing.assert_allclose(ab, ref_ab, atol=TOL)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8),
-                                 np.zeros((10, 10, 3), np.float32)])
+@pytest.mark.parametrize(
+    "bad", [np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8), np.zeros((10, 10, 3), np.float32)]
+)
 def test_rejects_other_inputs(bad: np.ndarray) -> None:
     with pytest.raises(ValueError):
         lab.lab_channels(bad, 10)

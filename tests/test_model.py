@@ -106,8 +106,11 @@ def test_fake_checkpoint_is_a_single_v1_file(fake_checkpoint: Path):
 
 
 def test_v1_save_op_writes_what_a_v1_saver_writes(tmp_path: Path):
-    tensors = {"a/weights": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
-               "b/beta": np.ones(3, np.float32), "global_step": np.int64(3)}
+    tensors = {
+        "a/weights": np.arange(24, dtype=np.float32).reshape(2, 3, 4),
+        "b/beta": np.ones(3, np.float32),
+        "global_step": np.int64(3),
+    }
     write_v1_checkpoint(tmp_path / "op.ckpt", tensors)
     write_v1_checkpoint_with_saver(tmp_path / "saver.ckpt", tensors)
     assert (tmp_path / "op.ckpt").read_bytes() == (tmp_path / "saver.ckpt").read_bytes()
@@ -124,9 +127,11 @@ def test_load_weights_reads_every_required_variable_by_name(fake_checkpoint: Pat
 @pytest.mark.parametrize("kind", ["missing", "unknown", "misshapen"])
 def test_load_weights_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, kind: str):
     name = P + "Repeat_1/block17_7/Branch_1/Conv2d_0b_1x7/weights"
-    bad = {"missing": {"drop": [name]},
-           "unknown": {"extra": {P + "Mixed_9z/weights": np.zeros((1, 1, 2, 2), np.float32)}},
-           "misshapen": {"reshape": {name: (7, 1, 128, 160)}}}[kind]
+    bad = {
+        "missing": {"drop": [name]},
+        "unknown": {"extra": {P + "Mixed_9z/weights": np.zeros((1, 1, 2, 2), np.float32)}},
+        "misshapen": {"reshape": {name: (7, 1, 128, 160)}},
+    }[kind]
     path = tmp_path / "bad.ckpt"
     write_fake_checkpoint(path, **bad)
     with pytest.raises(CheckpointError, match=kind) as info:
@@ -171,8 +176,9 @@ def slim_forward(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     def conv(x, scope, stride=1, padding="SAME"):
         y = tf.nn.conv2d(x, w[f"{P}{scope}/weights"], stride, padding)
         bn = f"{P}{scope}/BatchNorm/"
-        y = tf.nn.batch_normalization(y, w[bn + "moving_mean"], w[bn + "moving_variance"], w[bn + "beta"],
-                                      None, 0.001)
+        y = tf.nn.batch_normalization(
+            y, w[bn + "moving_mean"], w[bn + "moving_variance"], w[bn + "beta"], None, 0.001
+        )
         return tf.nn.relu(y)
 
     def chain(x, scope, convs):
@@ -190,39 +196,68 @@ def slim_forward(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     def pool(x):
         return tf.nn.max_pool2d(x, 3, 2, "VALID")
 
-    b35 = [["Branch_0/Conv2d_1x1"], ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_3x3"],
-           ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3", "Branch_2/Conv2d_0c_3x3"]]
-    b17 = [["Branch_0/Conv2d_1x1"],
-           ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_1x7", "Branch_1/Conv2d_0c_7x1"]]
-    b8 = [["Branch_0/Conv2d_1x1"],
-          ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_1x3", "Branch_1/Conv2d_0c_3x1"]]
+    b35 = [
+        ["Branch_0/Conv2d_1x1"],
+        ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_3x3"],
+        ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3", "Branch_2/Conv2d_0c_3x3"],
+    ]
+    b17 = [
+        ["Branch_0/Conv2d_1x1"],
+        ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_1x7", "Branch_1/Conv2d_0c_7x1"],
+    ]
+    b8 = [
+        ["Branch_0/Conv2d_1x1"],
+        ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_1x3", "Branch_1/Conv2d_0c_3x1"],
+    ]
     x = conv(tf.constant(x), "Conv2d_1a_3x3", 2, "VALID")
     x = conv(x, "Conv2d_2a_3x3", 1, "VALID")
     x = pool(conv(x, "Conv2d_2b_3x3"))
     x = conv(x, "Conv2d_3b_1x1", 1, "VALID")
     x = pool(conv(x, "Conv2d_4a_3x3", 1, "VALID"))
-    x = tf.concat([chain(x, "Mixed_5b", ["Branch_0/Conv2d_1x1"]),
-                   chain(x, "Mixed_5b", ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_5x5"]),
-                   chain(x, "Mixed_5b",
-                         ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3", "Branch_2/Conv2d_0c_3x3"]),
-                   conv(tf.nn.avg_pool2d(x, 3, 1, "SAME"), "Mixed_5b/Branch_3/Conv2d_0b_1x1")], 3)
+    x = tf.concat(
+        [
+            chain(x, "Mixed_5b", ["Branch_0/Conv2d_1x1"]),
+            chain(x, "Mixed_5b", ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_5x5"]),
+            chain(
+                x, "Mixed_5b", ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3", "Branch_2/Conv2d_0c_3x3"]
+            ),
+            conv(tf.nn.avg_pool2d(x, 3, 1, "SAME"), "Mixed_5b/Branch_3/Conv2d_0b_1x1"),
+        ],
+        3,
+    )
     assert x.shape[1:] == (35, 35, 320)
     for i in range(1, 11):
         x = block(x, f"Repeat/block35_{i}", b35, 0.17)
-    x = tf.concat([conv(x, "Mixed_6a/Branch_0/Conv2d_1a_3x3", 2, "VALID"),
-                   conv(chain(x, "Mixed_6a", ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_3x3"]),
-                        "Mixed_6a/Branch_1/Conv2d_1a_3x3", 2, "VALID"),
-                   pool(x)], 3)
+    x = tf.concat(
+        [
+            conv(x, "Mixed_6a/Branch_0/Conv2d_1a_3x3", 2, "VALID"),
+            conv(
+                chain(x, "Mixed_6a", ["Branch_1/Conv2d_0a_1x1", "Branch_1/Conv2d_0b_3x3"]),
+                "Mixed_6a/Branch_1/Conv2d_1a_3x3",
+                2,
+                "VALID",
+            ),
+            pool(x),
+        ],
+        3,
+    )
     assert x.shape[1:] == (17, 17, 1088)
     for i in range(1, 21):
         x = block(x, f"Repeat_1/block17_{i}", b17, 0.10)
-    x = tf.concat([conv(conv(x, "Mixed_7a/Branch_0/Conv2d_0a_1x1"),
-                        "Mixed_7a/Branch_0/Conv2d_1a_3x3", 2, "VALID"),
-                   conv(conv(x, "Mixed_7a/Branch_1/Conv2d_0a_1x1"),
-                        "Mixed_7a/Branch_1/Conv2d_1a_3x3", 2, "VALID"),
-                   conv(chain(x, "Mixed_7a", ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3"]),
-                        "Mixed_7a/Branch_2/Conv2d_1a_3x3", 2, "VALID"),
-                   pool(x)], 3)
+    x = tf.concat(
+        [
+            conv(conv(x, "Mixed_7a/Branch_0/Conv2d_0a_1x1"), "Mixed_7a/Branch_0/Conv2d_1a_3x3", 2, "VALID"),
+            conv(conv(x, "Mixed_7a/Branch_1/Conv2d_0a_1x1"), "Mixed_7a/Branch_1/Conv2d_1a_3x3", 2, "VALID"),
+            conv(
+                chain(x, "Mixed_7a", ["Branch_2/Conv2d_0a_1x1", "Branch_2/Conv2d_0b_3x3"]),
+                "Mixed_7a/Branch_2/Conv2d_1a_3x3",
+                2,
+                "VALID",
+            ),
+            pool(x),
+        ],
+        3,
+    )
     assert x.shape[1:] == (8, 8, 2080)
     for i in range(1, 10):
         x = block(x, f"Repeat_2/block8_{i}", b8, 0.20)
@@ -236,8 +271,10 @@ def test_images(n: int = 2) -> np.ndarray:
     """Structured uint8 RGB test images (a gradient, stripes, noise), so that logits differ between them."""
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[0:299, 0:299]
-    base = [np.stack([xx * 255 // 298, yy * 255 // 298, (xx + yy) * 255 // 596], -1),
-            np.stack([(xx // 20 % 2) * 255, (yy // 30 % 2) * 200, np.full_like(xx, 60)], -1)]
+    base = [
+        np.stack([xx * 255 // 298, yy * 255 // 298, (xx + yy) * 255 // 596], -1),
+        np.stack([(xx // 20 % 2) * 255, (yy // 30 % 2) * 200, np.full_like(xx, 60)], -1),
+    ]
     imgs = [*base, *(rng.integers(0, 256, (299, 299, 3)) for _ in range(max(0, n - 2)))]
     return np.stack(imgs[:n]).astype(np.uint8)
 
@@ -349,13 +386,21 @@ def test_resolve_a_release_extracts_the_ckpt_once(tiny_checkpoint: Path, tmp_pat
     assert M.resolve_checkpoint(archive, cache).read_bytes() == data
 
 
-@pytest.mark.parametrize("name, kind", [
-    ("../evil.ckpt", tarfile.REGTYPE), ("/tmp/evil.ckpt", tarfile.REGTYPE),
-    ("a/../../evil.ckpt", tarfile.REGTYPE), ("x.ckpt", tarfile.SYMTYPE), ("x.ckpt", tarfile.LNKTYPE),
-    ("x.ckpt", tarfile.CHRTYPE)])
+@pytest.mark.parametrize(
+    "name, kind",
+    [
+        ("../evil.ckpt", tarfile.REGTYPE),
+        ("/tmp/evil.ckpt", tarfile.REGTYPE),
+        ("a/../../evil.ckpt", tarfile.REGTYPE),
+        ("x.ckpt", tarfile.SYMTYPE),
+        ("x.ckpt", tarfile.LNKTYPE),
+        ("x.ckpt", tarfile.CHRTYPE),
+    ],
+)
 def test_resolve_refuses_an_unsafe_release(tmp_path: Path, name: str, kind: bytes):
-    archive = make_tar(tmp_path / "bad.tar.gz", {name: b"" if kind != tarfile.REGTYPE else b"data"},
-                       kind, "/etc/passwd")
+    archive = make_tar(
+        tmp_path / "bad.tar.gz", {name: b"" if kind != tarfile.REGTYPE else b"data"}, kind, "/etc/passwd"
+    )
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match="unsafe member"):
         M.resolve_checkpoint(archive, cache)
@@ -393,7 +438,7 @@ class ReleaseServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if server.cut_first is not None and len(server.requests) == 1:
-                    body = body[:server.cut_first]
+                    body = body[: server.cut_first]
                     self.close_connection = True
                 self.wfile.write(body)
 

@@ -23,10 +23,14 @@ def fields(i: int, size: int = S) -> dict:
     rng = np.random.default_rng(i)
     url = f"http://images.example/{i}.jpg".encode()
     key = hashlib.md5(url).hexdigest().encode()
-    return {"name": key, "key": key, "source": url,
-            "l": rng.uniform(-1, 1, (size, size)).astype(np.float32),
-            "ab": rng.uniform(-1, 1, (size, size, 2)).astype(np.float32),
-            "embedding": rng.normal(size=records.EMBEDDING_SIZE).astype(np.float32)}
+    return {
+        "name": key,
+        "key": key,
+        "source": url,
+        "l": rng.uniform(-1, 1, (size, size)).astype(np.float32),
+        "ab": rng.uniform(-1, 1, (size, size, 2)).astype(np.float32),
+        "embedding": rng.normal(size=records.EMBEDDING_SIZE).astype(np.float32),
+    }
 
 
 def record(i: int, size: int = S) -> bytes:
@@ -43,9 +47,14 @@ def tf_example(f: dict, order: list[str] | None = None):
     def one(v: bytes) -> tf.train.Feature:
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
-    feature = {"image_name": one(f["name"]), "image_key": one(f["key"]), "image_source": one(f["source"]),
-               "image_l": floats(f["l"]), "image_ab": floats(f["ab"]),
-               "image_embedding": floats(f["embedding"])}
+    feature = {
+        "image_name": one(f["name"]),
+        "image_key": one(f["key"]),
+        "image_source": one(f["source"]),
+        "image_l": floats(f["l"]),
+        "image_ab": floats(f["ab"]),
+        "image_embedding": floats(f["embedding"]),
+    }
     order = order or list(feature)
     return tf.train.Example(features=tf.train.Features(feature={k: feature[k] for k in order}))
 
@@ -60,6 +69,7 @@ def key(i: int) -> bytes:
 
 # ---- serializer -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size", [S, 224, 299])
 def test_serializer_byte_identical_to_tf(size: int) -> None:
     f = fields(size, size)
@@ -71,8 +81,14 @@ def test_serializer_with_real_lab_and_odd_values() -> None:
     l_channel, ab = lab.lab_channels(rgb)
     emb = np.array([0.0, -0.0, 1e-45, -3.4e38, np.inf, -np.inf] * 167, np.float32)[:1001]
     long_name = "dir/ünïcode/" * 20
-    f = {"name": long_name.encode(), "key": b"k" * 200, "source": b"",
-         "l": l_channel, "ab": ab, "embedding": emb}
+    f = {
+        "name": long_name.encode(),
+        "key": b"k" * 200,
+        "source": b"",
+        "l": l_channel,
+        "ab": ab,
+        "embedding": emb,
+    }
     assert records.serialize_example(**f) == tf_example(f).SerializeToString(deterministic=True)
 
 
@@ -85,13 +101,22 @@ def test_serializer_accepts_other_dtypes_and_layouts() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(name=st.binary(max_size=300), source=st.binary(max_size=20),
-       l_vals=st.lists(st.floats(width=32, allow_nan=False), max_size=40),
-       emb=st.lists(st.floats(width=32, allow_nan=False), max_size=40))
+@given(
+    name=st.binary(max_size=300),
+    source=st.binary(max_size=20),
+    l_vals=st.lists(st.floats(width=32, allow_nan=False), max_size=40),
+    emb=st.lists(st.floats(width=32, allow_nan=False), max_size=40),
+)
 def test_serializer_property(name: bytes, source: bytes, l_vals: list[float], emb: list[float]) -> None:
     l_arr = np.array(l_vals, np.float32)
-    f = {"name": name, "key": name[:32], "source": source, "l": l_arr,
-         "ab": np.concatenate([l_arr, -l_arr]), "embedding": np.array(emb, np.float32)}
+    f = {
+        "name": name,
+        "key": name[:32],
+        "source": source,
+        "l": l_arr,
+        "ab": np.concatenate([l_arr, -l_arr]),
+        "embedding": np.array(emb, np.float32),
+    }
     assert records.serialize_example(**f) == tf_example(f).SerializeToString(deterministic=True)
 
 
@@ -99,12 +124,14 @@ def test_parses_with_tensorflow_to_identical_values() -> None:
     import tensorflow as tf
 
     f = fields(3, 299)
-    spec = {"image_name": tf.io.FixedLenFeature([], tf.string),
-            "image_key": tf.io.FixedLenFeature([], tf.string),
-            "image_source": tf.io.FixedLenFeature([], tf.string),
-            "image_l": tf.io.FixedLenFeature([299 * 299], tf.float32),
-            "image_ab": tf.io.FixedLenFeature([299 * 299 * 2], tf.float32),
-            "image_embedding": tf.io.FixedLenFeature([1001], tf.float32)}
+    spec = {
+        "image_name": tf.io.FixedLenFeature([], tf.string),
+        "image_key": tf.io.FixedLenFeature([], tf.string),
+        "image_source": tf.io.FixedLenFeature([], tf.string),
+        "image_l": tf.io.FixedLenFeature([299 * 299], tf.float32),
+        "image_ab": tf.io.FixedLenFeature([299 * 299 * 2], tf.float32),
+        "image_embedding": tf.io.FixedLenFeature([1001], tf.float32),
+    }
     parsed = tf.io.parse_single_example(records.serialize_example(**f), spec)
     assert parsed["image_name"].numpy() == f["name"]
     assert parsed["image_key"].numpy() == f["key"]
@@ -118,8 +145,11 @@ def test_example_key_in_any_entry_order() -> None:
     ours = records.serialize_example(**f)
     assert records.example_key(ours) == f["key"]
     assert records.example_bytes_feature(ours, b"image_source") == f["source"]
-    orders = [None, ["image_key", "image_l", "image_ab", "image_embedding", "image_source", "image_name"],
-              ["image_embedding", "image_source", "image_name", "image_ab", "image_l", "image_key"]]
+    orders = [
+        None,
+        ["image_key", "image_l", "image_ab", "image_embedding", "image_source", "image_name"],
+        ["image_embedding", "image_source", "image_name", "image_ab", "image_l", "image_key"],
+    ]
     for order in orders:
         ex = tf_example(f, order)
         for data in (ex.SerializeToString(), ex.SerializeToString(deterministic=True)):
@@ -130,8 +160,11 @@ def test_example_key_in_any_entry_order() -> None:
 def test_example_key_missing_or_malformed() -> None:
     import tensorflow as tf
 
-    ex = tf.train.Example(features=tf.train.Features(
-        feature={"image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}))
+    ex = tf.train.Example(
+        features=tf.train.Features(
+            feature={"image_name": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}
+        )
+    )
     with pytest.raises(KeyError):
         records.example_key(ex.SerializeToString())
     with pytest.raises(ValueError):
@@ -151,6 +184,7 @@ def test_framing_matches_tf_writer(tmp_path: Path) -> None:
 
 
 # ---- writer -----------------------------------------------------------------------------------------
+
 
 def visible(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob(records.SHARD_GLOB))
@@ -196,9 +230,14 @@ def test_rotation_by_age(tmp_path: Path) -> None:
 
 
 def test_names_continue_after_highest_on_disk(tmp_path: Path) -> None:
-    for name in ["lab_images_n_00003.tfrecord", ".lab_images_n_00007.tfrecord.gz.tmp",
-                 "val_lab_images_n_00005.tfrecord.gz", "lab_images_other_00050.tfrecord",
-                 "lab_images_n_x_00090.tfrecord", "lab_images_n_00002.tfrecord.zlib"]:
+    for name in [
+        "lab_images_n_00003.tfrecord",
+        ".lab_images_n_00007.tfrecord.gz.tmp",
+        "val_lab_images_n_00005.tfrecord.gz",
+        "lab_images_other_00050.tfrecord",
+        "lab_images_n_x_00090.tfrecord",
+        "lab_images_n_00002.tfrecord.zlib",
+    ]:
         (tmp_path / name).write_bytes(b"")
     assert records.highest_number(tmp_path, "n") == 7
     w = records.ShardWriter(tmp_path, "n", examples_per_shard=1)
@@ -258,8 +297,10 @@ def test_read_dataset_mixed_files_and_missing_extras(tmp_path: Path) -> None:
     del ex.features.feature["image_source"]
     with tf.io.TFRecordWriter(str(tmp_path / "old.tfrecord")) as tw:
         tw.write(ex.SerializeToString())
-    files = [str(tmp_path / name) for name in
-             ("lab_images_none_00000.tfrecord", "lab_images_gzip_00000.tfrecord.gz", "old.tfrecord")]
+    files = [
+        str(tmp_path / name)
+        for name in ("lab_images_none_00000.tfrecord", "lab_images_gzip_00000.tfrecord.gz", "old.tfrecord")
+    ]
     got = list(records.read_dataset(files, lab_size=S).as_numpy_iterator())
     assert [g["image_key"] for g in got] == [key(0), b"", key(1)]  # grouped by compression
     assert got[1]["image_source"] == b"" and got[1]["image_name"] == fields(2)["name"]
@@ -346,6 +387,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
 
 
 # ---- recovery ---------------------------------------------------------------------------------------
+
 
 def temp_shard(out: Path, node: str, n: int, items: list[int], tail: bytes = b"", ext: str = "") -> Path:
     """A temp shard as a killed writer leaves it: complete records, then maybe a torn tail."""

@@ -148,8 +148,13 @@ def test_a_registration_whose_answer_was_lost_still_sends_the_chunk(rclient, mon
 
 
 def snap(written: int, queued: int = 0) -> dict:
-    return {"submitted": 5, "downloaded": written, "written": written, "failed": 0,
-            "queues": {"download": queued, "embed": 0, "unacked": 0}}
+    return {
+        "submitted": 5,
+        "downloaded": written,
+        "written": written,
+        "failed": 0,
+        "queues": {"download": queued, "embed": 0, "unacked": 0},
+    }
 
 
 def test_stall_needs_no_progress_and_nothing_queued_for_the_whole_wait(monkeypatch):
@@ -180,8 +185,14 @@ def test_a_lost_broker_connection_is_logged_in_one_line():
     except redis.ConnectionError:
         import sys
 
-        record = logging.LogRecord("celery.worker.consumer.consumer", logging.WARNING, __file__, 1,
-                                   "consumer: Connection to broker lost. Trying to re-establish the "
-                                   "connection...", None, sys.exc_info())
+        record = logging.LogRecord(
+            "celery.worker.consumer.consumer",
+            logging.WARNING,
+            __file__,
+            1,
+            "consumer: Connection to broker lost. Trying to re-establish the connection...",
+            None,
+            sys.exc_info(),
+        )
     assert BrokerLossInOneLine().filter(record)
     assert record.exc_info is None and "ConnectionError: Connection closed by server." in record.getMessage()

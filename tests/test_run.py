@@ -23,17 +23,41 @@ GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
 
 def run_env(tmp_path: Path) -> dict[str, str]:
     # one image per message and batches of 2: an interrupted run stops between batches
-    env = worker_env("unused", tmp_path, KOALA_EXAMPLES_PER_SHARD="3", KOALA_BATCH_SIZE="2",
-                     KOALA_CHUNK_SIZE="1", KOALA_BATCH_WAIT="0.5", KOALA_CACHE_DIR=str(tmp_path / "cache"))
+    env = worker_env(
+        "unused",
+        tmp_path,
+        KOALA_EXAMPLES_PER_SHARD="3",
+        KOALA_BATCH_SIZE="2",
+        KOALA_CHUNK_SIZE="1",
+        KOALA_BATCH_WAIT="0.5",
+        KOALA_CACHE_DIR=str(tmp_path / "cache"),
+    )
     del env["KOALA_BROKER_URL"]  # no broker configured: koala run starts its own
     return env
 
 
 def koala_run(listing: Path, out: Path, checkpoint: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "producer", "run", str(listing), "--out", str(out),
-                             "--checkpoint", str(checkpoint), "--download-workers", "1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "producer",
+            "run",
+            str(listing),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(checkpoint),
+            "--download-workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def _default_sigint() -> None:
@@ -45,8 +69,11 @@ def _default_sigint() -> None:
 def record_names(out: Path) -> list[str]:
     from common.records import example_bytes_feature
 
-    return sorted(example_bytes_feature(data, b"image_name").decode()
-                  for shard in out.glob("lab_images_*.tfrecord") for _, _, data in iter_examples(shard))
+    return sorted(
+        example_bytes_feature(data, b"image_name").decode()
+        for shard in out.glob("lab_images_*.tfrecord")
+        for _, _, data in iter_examples(shard)
+    )
 
 
 def alive(pid: int) -> bool:
@@ -86,9 +113,14 @@ def test_run_does_the_whole_job_and_leaves_nothing_behind(image_server, tmp_path
     time.sleep(0.5)
     assert not [pid for pid in summary["processes"] if alive(pid)], "a child outlived koala run"
     assert not (out / ".redis" / "url").exists()
-    status = subprocess.run([sys.executable, "-m", "producer", "status", "--out", str(out), "--json",
-                             "--interval", "0"], cwd=ROOT, env=run_env(tmp_path), capture_output=True,
-                            text=True, timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "producer", "status", "--out", str(out), "--json", "--interval", "0"],
+        cwd=ROOT,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["written"] == len(good)
 
@@ -129,8 +161,9 @@ def read_all(out: Path) -> dict[str, dict]:
     from common.records import read_dataset
 
     files = sorted(str(p) for p in out.glob("lab_images_*.tfrecord"))
-    return {r["image_name"].numpy().decode(): {k: v.numpy() for k, v in r.items()}
-            for r in read_dataset(files)}
+    return {
+        r["image_name"].numpy().decode(): {k: v.numpy() for k, v in r.items()} for r in read_dataset(files)
+    }
 
 
 @pytest.mark.slow  # 68 s; tests/test_steps.py checks the steps' records against the fleet's functions
@@ -145,14 +178,21 @@ def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path
     assert proc.returncode == 0, stderr[-3000:]
 
     def koala(*args: str) -> None:
-        out = subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=400)
+        out = subprocess.run(
+            [sys.executable, "-m", "producer", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
 
     koala("download", str(listing), str(tmp_path / "original"))
     koala("resize", str(tmp_path / "original"), str(tmp_path / "resized"))
-    koala("lab-batch", "-c", str(fake_checkpoint), str(tmp_path / "resized"), str(tmp_path / "steps"),
-          "-b", "4")
+    koala(
+        "lab-batch", "-c", str(fake_checkpoint), str(tmp_path / "resized"), str(tmp_path / "steps"), "-b", "4"
+    )
     fleet, steps = read_all(fleet_out), read_all(tmp_path / "steps")
     assert sorted(fleet) == sorted(steps) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
     for name, record in fleet.items():
@@ -162,8 +202,14 @@ def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path
 
 
 def run_fails(args: list[str], env: dict) -> str:
-    out = subprocess.run([sys.executable, "-m", "producer", "run", *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "producer", "run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.startswith("Error")]
     assert len(lines) == 1, out.stderr[-2000:]
@@ -176,14 +222,18 @@ def test_run_says_in_one_line_why_it_cannot_start(image_server, tmp_path, fake_c
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert "cannot write to the output folder" in run_fails(
-        [str(listing), "--out", str(blocker / "out"), "--checkpoint", str(fake_checkpoint)], env)
+        [str(listing), "--out", str(blocker / "out"), "--checkpoint", str(fake_checkpoint)], env
+    )
     assert "no usable Inception checkpoint" in run_fails(
-        [str(listing), "--out", str(tmp_path / "o1"), "--checkpoint", "http://127.0.0.1:9/x.tar.gz"], env)
+        [str(listing), "--out", str(tmp_path / "o1"), "--checkpoint", "http://127.0.0.1:9/x.tar.gz"], env
+    )
     assert "cannot reach Redis" in run_fails(
         [str(listing), "--out", str(tmp_path / "o2"), "--checkpoint", str(fake_checkpoint)],
-        {**env, "KOALA_BROKER_URL": "redis://127.0.0.1:9/0"})
+        {**env, "KOALA_BROKER_URL": "redis://127.0.0.1:9/0"},
+    )
     assert "no such file or folder" in run_fails(
-        [str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o3")], env)
+        [str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o3")], env
+    )
 
 
 def test_run_reports_a_corrupt_list_in_one_line_and_keeps_the_items_before_it(tmp_path, fake_checkpoint):
@@ -195,16 +245,38 @@ def test_run_reports_a_corrupt_list_in_one_line_and_keeps_the_items_before_it(tm
     listing = tmp_path / "urls.txt.gz"
     listing.write_bytes(bytes(packed))
     env, out = run_env(tmp_path), tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "producer", "run", str(listing), "--out", str(out),
-                             "--checkpoint", str(fake_checkpoint), "--download-workers", "1"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "producer",
+            "run",
+            str(listing),
+            "--out",
+            str(out),
+            "--checkpoint",
+            str(fake_checkpoint),
+            "--download-workers",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, result.stderr[-3000:]
     assert f"{listing} is corrupt after line 5 (CRC check failed" in errors[0]
     assert "the 5 items before it were submitted; fix the file and run the same command again" in errors[0]
-    status = subprocess.run([sys.executable, "-m", "producer", "status", "--out", str(out), "--json",
-                             "--interval", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    status = subprocess.run(
+        [sys.executable, "-m", "producer", "status", "--out", str(out), "--json", "--interval", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["submitted"] == 5

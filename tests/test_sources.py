@@ -68,17 +68,22 @@ def test_key_is_of_the_token_as_written() -> None:
     assert item.key != key_of("http://example.com/ä%20b?q=1#frag")
 
 
-@pytest.mark.parametrize(
-    "raw", [b"", b"\n", b"\r\n", b"   \t  \r\n", b"\xef\xbb\xbf\n", b"\x0b\x0c\n"]
-)
+@pytest.mark.parametrize("raw", [b"", b"\n", b"\r\n", b"   \t  \r\n", b"\xef\xbb\xbf\n", b"\x0b\x0c\n"])
 def test_blank_lines(raw: bytes) -> None:
     assert parse_line(raw) == "blank"
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"# comment\n", b"   # indented http://x/y\n", b"\t#\n", b"#http://x/y", b"\xef\xbb\xbf# c\n",
-     b"# caf\xe9 (latin-1)\n", "\u00a0# after a no-break space".encode()],
+    [
+        b"# comment\n",
+        b"   # indented http://x/y\n",
+        b"\t#\n",
+        b"#http://x/y",
+        b"\xef\xbb\xbf# c\n",
+        b"# caf\xe9 (latin-1)\n",
+        "\u00a0# after a no-break space".encode(),
+    ],
 )
 def test_comment_lines(raw: bytes) -> None:
     assert parse_line(raw) == "comment"
@@ -111,8 +116,15 @@ def test_line_at_the_cap_is_accepted() -> None:
 
 @pytest.mark.parametrize(
     "url",
-    ["ftp://ftp.example.com/a.jpg", "file:///etc/passwd", "javascript:alert(1)",
-     "data:image/png;base64,AAAA", "mailto:a@b.c", "gopher://x/", "localhost:8080/a.jpg"],
+    [
+        "ftp://ftp.example.com/a.jpg",
+        "file:///etc/passwd",
+        "javascript:alert(1)",
+        "data:image/png;base64,AAAA",
+        "mailto:a@b.c",
+        "gopher://x/",
+        "localhost:8080/a.jpg",
+    ],
 )
 def test_other_schemes_are_items_then_bad_scheme(url: str) -> None:
     item = parse_line(f"n1\t{url}\n".encode())
@@ -385,9 +397,30 @@ URLISH = st.builds(
     "".join,
     st.lists(
         st.one_of(
-            st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "[", "]", ":", "@", "/",
-                             "%25", ".", "::1", "127.0.0.1", "0x", "65536", "example.com", "?",
-                             "#", " ", "\\"]),
+            st.sampled_from(
+                [
+                    "http://",
+                    "https://",
+                    "HTTP://",
+                    "ftp://",
+                    "[",
+                    "]",
+                    ":",
+                    "@",
+                    "/",
+                    "%25",
+                    ".",
+                    "::1",
+                    "127.0.0.1",
+                    "0x",
+                    "65536",
+                    "example.com",
+                    "?",
+                    "#",
+                    " ",
+                    "\\",
+                ]
+            ),
             st.text(max_size=5),
         ),
         max_size=8,

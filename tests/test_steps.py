@@ -30,8 +30,10 @@ BAD = {  # route on the image server -> reason
     "/status/404": "http_error",
     "/to-blocked": "blocked_address",
 }
-KOALA = ("from producer.cli import main; from producer.steps import register; "
-         "register(main); main(prog_name='koala')")
+KOALA = (
+    "from producer.cli import main; from producer.steps import register; "
+    "register(main); main(prog_name='koala')"
+)
 
 
 def md5(text: str) -> str:
@@ -40,8 +42,14 @@ def md5(text: str) -> str:
 
 def koala(*args: str | Path, tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`koala ARGS` with the standalone steps registered, in a subprocess (no Redis needed)."""
-    done = subprocess.run([sys.executable, "-c", KOALA, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=worker_env("redis://127.0.0.1:9/0", tmp / "unused"))
+    done = subprocess.run(
+        [sys.executable, "-c", KOALA, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=worker_env("redis://127.0.0.1:9/0", tmp / "unused"),
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     return done
 
@@ -95,8 +103,9 @@ def test_download_logs_failures_with_the_fleets_reasons(downloaded, image_server
 def test_download_again_skips_what_is_there(downloaded):
     assert "downloaded 0, skipped 5" in downloaded["again"]
     again = failures_in(downloaded["out"])
-    assert sorted(f["key"] for f in again) == sorted(f["key"] for f in downloaded["failures"]), \
+    assert sorted(f["key"] for f in again) == sorted(f["key"] for f in downloaded["failures"]), (
         "one line per URL still failing"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +151,18 @@ def embedder(fake_checkpoint: Path):
 def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
     """lab-batch of the resized PNGs, 2 records per shard."""
     tmp = tmp_path_factory.mktemp("lab")
-    koala("lab-batch", "-c", fake_checkpoint, resized["out"], tmp / "shards", "-b", "2", "--batch-size", "2",
-          tmp=tmp)
+    koala(
+        "lab-batch",
+        "-c",
+        fake_checkpoint,
+        resized["out"],
+        tmp / "shards",
+        "-b",
+        "2",
+        "--batch-size",
+        "2",
+        tmp=tmp,
+    )
     return tmp / "shards"
 
 
@@ -215,8 +234,8 @@ def test_preview_draws_grey_beside_colour(batched, tmp_path):
     _, _, data = next(records.iter_examples(shard))
     name, grey, colour = steps.record_images(data)
     pad = steps.SHEET_PAD
-    assert np.array_equal(sheet[pad:pad + 299, pad + 299:pad + 598], colour)
-    assert np.array_equal(sheet[pad:pad + 299, pad:pad + 299], grey)
+    assert np.array_equal(sheet[pad : pad + 299, pad + 299 : pad + 598], colour)
+    assert np.array_equal(sheet[pad : pad + 299, pad : pad + 299], grey)
     assert np.ptp(grey.astype(int), axis=-1).max() <= 1, "the input is grey"
 
 

@@ -20,8 +20,14 @@ from tests.servers import ImageServer, worker_env
 
 def koala(redis_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     """The real CLI in a subprocess with the test settings."""
-    return subprocess.run([sys.executable, "-m", "producer", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env=worker_env(redis_url, tmp_path / "out"))
+    return subprocess.run(
+        [sys.executable, "-m", "producer", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=worker_env(redis_url, tmp_path / "out"),
+    )
 
 
 def urls(n: int) -> list[str]:
@@ -75,7 +81,7 @@ def test_truncated_gzip_list_keeps_the_items_before_the_cut_exactly_once(redis_u
     full = listing(urls(2000))
     packed = gzip.compress(full)
     path = tmp_path / "list.gz"
-    path.write_bytes(packed[:len(packed) // 2])
+    path.write_bytes(packed[: len(packed) // 2])
     line = error_line(koala(redis_url, tmp_path, "submit", str(path)))
     before = submitted(rclient)
     assert 0 < before < 2000
@@ -91,8 +97,9 @@ def test_truncated_gzip_list_keeps_the_items_before_the_cut_exactly_once(redis_u
     assert submitted(rclient) == 2000 and queued_urls(rclient) == urls(2000)
 
 
-def test_gzip_list_over_http_is_read_and_its_corruption_reported(image_server: ImageServer, redis_url,
-                                                                 rclient, tmp_path):
+def test_gzip_list_over_http_is_read_and_its_corruption_reported(
+    image_server: ImageServer, redis_url, rclient, tmp_path
+):
     image_server.files["__list__"] = gzip.compress(listing(urls(5)))
     ok = koala(redis_url, tmp_path, "submit", f"{image_server.base}/list/urls.txt.gz", "--json")
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -106,8 +113,9 @@ def test_gzip_list_over_http_is_read_and_its_corruption_reported(image_server: I
     assert submitted(rclient) == 7 and queued_urls(rclient) == urls(7)
 
 
-def test_url_list_whose_body_is_cut_off_is_reported_in_one_line(image_server: ImageServer, redis_url,
-                                                                rclient, tmp_path):
+def test_url_list_whose_body_is_cut_off_is_reported_in_one_line(
+    image_server: ImageServer, redis_url, rclient, tmp_path
+):
     image_server.files["__list__"] = listing(urls(3000))  # over the 64 KiB the reader reads at once
     source = f"{image_server.base}/list-cut/urls.txt"
     line = error_line(koala(redis_url, tmp_path, "submit", source))

@@ -34,14 +34,22 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--concurrency", "-c", type=int, default=None,
-              help="downloads in flight (threads; default KOALA_DOWNLOAD_CONCURRENCY)")
-@click.option("--keep-originals", type=click.Path(file_okay=False), default=None,
-              help="also save downloaded bytes as <md5>.<ext> here")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=int,
+    default=None,
+    help="downloads in flight (threads; default KOALA_DOWNLOAD_CONCURRENCY)",
+)
+@click.option(
+    "--keep-originals",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="also save downloaded bytes as <md5>.<ext> here",
+)
 @click.option("--name", "-n", default=None, help="unique node name (default download-<pid>@<host>)")
 @click.option("--loglevel", "-l", default="INFO")
-def download(concurrency: int | None, keep_originals: str | None, name: str | None,
-             loglevel: str) -> None:
+def download(concurrency: int | None, keep_originals: str | None, name: str | None, loglevel: str) -> None:
     """Consume the download queue."""
     if keep_originals:
         os.environ["KOALA_KEEP_ORIGINALS"] = os.path.abspath(keep_originals)
@@ -56,28 +64,59 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     # slowest URL ends (a dead host: connect timeout x attempts), so eight chunks per pool's worth
     # of threads keep the pool busy while many chunks wait for one last URL
     chunks = max(8, math.ceil(8 * settings.download_concurrency / settings.chunk_size))
-    app.worker_main([
-        "worker", "-Q", "download", "-P", "threads", "-c", str(chunks),
-        "-n", name or f"download-{os.getpid()}@{socket.gethostname()}",
-        "-E", "-l", loglevel, "--without-gossip", "--without-mingle",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "-Q",
+            "download",
+            "-P",
+            "threads",
+            "-c",
+            str(chunks),
+            "-n",
+            name or f"download-{os.getpid()}@{socket.gethostname()}",
+            "-E",
+            "-l",
+            loglevel,
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
 
 
 @main.command()
 @click.option("--batch-size", "-b", type=int, default=None, help="images per model call")
-@click.option("--checkpoint", type=str, default=None,
-              help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="output folder of the shards (default KOALA_OUTPUT_DIR)")
+@click.option(
+    "--checkpoint",
+    type=str,
+    default=None,
+    help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="output folder of the shards (default KOALA_OUTPUT_DIR)",
+)
 @click.option("--examples-per-shard", type=int, default=None, help="records per shard")
 @click.option("--name", "-n", default=None, help="unique node name (default embed@<host>); names the shards")
 @click.option("--loglevel", "-l", default="INFO")
-def embed(batch_size: int | None, checkpoint: str | None, out_dir: str | None,
-          examples_per_shard: int | None, name: str | None, loglevel: str) -> None:
+def embed(
+    batch_size: int | None,
+    checkpoint: str | None,
+    out_dir: str | None,
+    examples_per_shard: int | None,
+    name: str | None,
+    loglevel: str,
+) -> None:
     """Consume the embed queue: Inception + Lab -> rotating TFRecord shards."""
-    overrides = {"KOALA_BATCH_SIZE": batch_size, "KOALA_CHECKPOINT": checkpoint,
-                 "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
-                 "KOALA_EXAMPLES_PER_SHARD": examples_per_shard}
+    overrides = {
+        "KOALA_BATCH_SIZE": batch_size,
+        "KOALA_CHECKPOINT": checkpoint,
+        "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
+        "KOALA_EXAMPLES_PER_SHARD": examples_per_shard,
+    }
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")

@@ -34,8 +34,16 @@ class BatchConsumer:
     """Consume the embed queue into batches for the pipeline until stopped (SIGTERM/SIGINT finish
     the batches in flight); ack each message once its batch is written."""
 
-    def __init__(self, app: Celery, stage: EmbedStage, *, batch_size: int, max_wait: float,
-                 hostname: str = "embed", max_in_flight: int = 4):
+    def __init__(
+        self,
+        app: Celery,
+        stage: EmbedStage,
+        *,
+        batch_size: int,
+        max_wait: float,
+        hostname: str = "embed",
+        max_in_flight: int = 4,
+    ):
         self.app = app
         self.hostname = hostname
         self.events: FlowerEvents | None = None
@@ -56,8 +64,12 @@ class BatchConsumer:
     def run(self) -> None:
         """Consume until stopped, reconnecting with backoff when the broker goes away."""
         delay = 0.5
-        broker_errors = (*self.app.connection().connection_errors, OperationalError, redis.ConnectionError,
-                         redis.TimeoutError)
+        broker_errors = (
+            *self.app.connection().connection_errors,
+            OperationalError,
+            redis.ConnectionError,
+            redis.TimeoutError,
+        )
         try:
             while not self.stopping.is_set():
                 try:
@@ -87,8 +99,13 @@ class BatchConsumer:
             # Flow control is ours (we drain only while there is room); the prefetch limit only
             # has to exceed what we hold: one-image messages of every batch in flight.
             prefetch = self.batch_size * (self.pipeline.max_in_flight + 2)
-            with conn.Consumer(queue, callbacks=[self._on_message], accept=["msgpack"],
-                               prefetch_count=prefetch, on_decode_error=self._on_decode_error) as consumer:
+            with conn.Consumer(
+                queue,
+                callbacks=[self._on_message],
+                accept=["msgpack"],
+                prefetch_count=prefetch,
+                on_decode_error=self._on_decode_error,
+            ) as consumer:
                 log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
                 leases = keep_leases(self.app, consumer.channel)
                 try:
@@ -113,8 +130,12 @@ class BatchConsumer:
                     pass
             elif not self.pipeline.has_room():
                 self._ack(self.pipeline.finished(timeout=0.05))
-            if not stopping and self.buffer and self.pipeline.has_room() and (
-                    self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait):
+            if (
+                not stopping
+                and self.buffer
+                and self.pipeline.has_room()
+                and (self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait)
+            ):
                 self._submit()
             events.heartbeat(active=self.buffered + self.pipeline.in_flight)
             if stopping:
@@ -140,8 +161,9 @@ class BatchConsumer:
         message.ack()
 
     def _submit(self) -> None:
-        batch = Batch([image for images, _ in self.buffer for image in images],
-                      [message for _, message in self.buffer])
+        batch = Batch(
+            [image for images, _ in self.buffer for image in images], [message for _, message in self.buffer]
+        )
         self.buffer, self.buffered = [], 0
         self.pipeline.submit(batch)
 
@@ -174,8 +196,7 @@ class FlowerEvents:
         self.processed = 0
         self.last_beat = 0.0
         self.dispatcher = app.events.Dispatcher(conn, hostname=hostname, enabled=True)
-        self.send("worker-online", freq=freq, sw_ident="koala-embed", sw_ver="0.1",
-                  sw_sys=platform.system())
+        self.send("worker-online", freq=freq, sw_ident="koala-embed", sw_ver="0.1", sw_sys=platform.system())
 
     def send(self, kind: str, **fields) -> None:
         try:
@@ -187,18 +208,33 @@ class FlowerEvents:
         """A worker-heartbeat every `freq` seconds (Flower marks silent workers offline)."""
         if time.monotonic() - self.last_beat >= self.freq:
             self.last_beat = time.monotonic()
-            self.send("worker-heartbeat", freq=self.freq, active=active, processed=self.processed,
-                      loadavg=list(os.getloadavg()))
+            self.send(
+                "worker-heartbeat",
+                freq=self.freq,
+                active=active,
+                processed=self.processed,
+                loadavg=list(os.getloadavg()),
+            )
 
     def batch(self, images: int, written: int, runtime: float) -> None:
         """One batch, as the life of one `koala.embed` task."""
         task_id = str(uuid.uuid4())
         self.processed += 1
-        self.send("task-received", uuid=task_id, name=EMBED_TASK, args=f"[{images} images]",
-                  kwargs="{}", retries=0, eta=None, root_id=task_id, parent_id=None)
+        self.send(
+            "task-received",
+            uuid=task_id,
+            name=EMBED_TASK,
+            args=f"[{images} images]",
+            kwargs="{}",
+            retries=0,
+            eta=None,
+            root_id=task_id,
+            parent_id=None,
+        )
         self.send("task-started", uuid=task_id, pid=os.getpid())
-        self.send("task-succeeded", uuid=task_id, result=f"{written} records written",
-                  runtime=round(runtime, 3))
+        self.send(
+            "task-succeeded", uuid=task_id, result=f"{written} records written", runtime=round(runtime, 3)
+        )
         self.heartbeat()
 
     def close(self) -> None:
@@ -213,8 +249,11 @@ def control_node(app: Celery, conn, hostname: str, events: FlowerEvents):
         "ping": lambda state, **_: {"ok": "pong"},
         "active_queues": lambda state, **_: [queue],
         "registered": lambda state, **_: [EMBED_TASK],
-        "stats": lambda state, **_: {"pid": os.getpid(), "pool": {"max-concurrency": 1},
-                                     "total": {EMBED_TASK: events.processed}},
+        "stats": lambda state, **_: {
+            "pid": os.getpid(),
+            "pool": {"max-concurrency": 1},
+            "total": {EMBED_TASK: events.processed},
+        },
         "active": lambda state, **_: [],
         "reserved": lambda state, **_: [],
         "scheduled": lambda state, **_: [],

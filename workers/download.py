@@ -94,14 +94,22 @@ class DownloadStage:
             if self.settings.keep_originals:
                 images.save_original(self.settings.keep_originals, item["k"], data)
         with self._cores:
-            rgb = images.load_rgb(data, size=self.size, mode=self.settings.resize_mode,
-                                  max_pixels=self.settings.max_pixels)
+            rgb = images.load_rgb(
+                data, size=self.size, mode=self.settings.resize_mode, max_pixels=self.settings.max_pixels
+            )
             return images.encode_pixels(rgb)
 
     def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""
-        failure = Failure(key=item["k"], reason=reason, detail=detail, url=item.get("u", ""),
-                          path=item.get("p", ""), node=self.node, time=now())
+        failure = Failure(
+            key=item["k"],
+            reason=reason,
+            detail=detail,
+            url=item.get("u", ""),
+            path=item.get("p", ""),
+            node=self.node,
+            time=now(),
+        )
         if self.state.mark_failed(failure):
             try:
                 append_failure_log(self.settings.output_dir, self.node, failure)

@@ -91,8 +91,15 @@ class EmbedStage:
     pipeline may run on different threads: `prepare` (state, decode, CPU Lab), `infer` (the
     model, and Lab when `embed_lab` computes it on the device), `write` (append + fsync, claim)."""
 
-    def __init__(self, settings: Settings, state: JobState, node: str, embed: Embed,
-                 writer: records.ShardWriter, embed_lab: EmbedLab | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        state: JobState,
+        node: str,
+        embed: Embed,
+        writer: records.ShardWriter,
+        embed_lab: EmbedLab | None = None,
+    ):
         self.settings = settings
         self.state = state
         self.node = node
@@ -141,13 +148,16 @@ class EmbedStage:
         """Write the records of inferred batches with one append (one fsync) and one claim; sets
         each batch's `written`. Records another shard claimed first are left out."""
         todo = [b for b in batches if b.todo and b.logits is not None]
-        serialized = [self._record(p, b.l_channels[i], b.ab_channels[i], b.logits[i])  # type: ignore[index]
-                      for b in todo for i, p in enumerate(b.todo)]
+        serialized = [
+            self._record(p, b.l_channels[i], b.ab_channels[i], b.logits[i])  # type: ignore[index]
+            for b in todo
+            for i, p in enumerate(b.todo)
+        ]
         if not serialized:
             return
         claimed = self._write([p for b in todo for p in b.todo], serialized)
         for b in todo:
-            b.written, claimed = sum(claimed[:len(b.todo)]), claimed[len(b.todo):]
+            b.written, claimed = sum(claimed[: len(b.todo)]), claimed[len(b.todo) :]
             b.logits = b.l_channels = b.ab_channels = None
 
     def _pixels(self, payload: EmbedImage) -> np.ndarray | None:
@@ -158,11 +168,17 @@ class EmbedStage:
             self.fail(payload, "internal_error", f"unreadable image payload: {e}")
             return None
 
-    def _record(self, payload: EmbedImage, l_channel: np.ndarray, ab: np.ndarray,
-                embedding: np.ndarray) -> bytes:
+    def _record(
+        self, payload: EmbedImage, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray
+    ) -> bytes:
         return records.serialize_example(
-            name=str(payload["name"]).encode(), key=payload["key"].encode(),
-            source=str(payload.get("source") or "").encode(), l=l_channel, ab=ab, embedding=embedding)
+            name=str(payload["name"]).encode(),
+            key=payload["key"].encode(),
+            source=str(payload.get("source") or "").encode(),
+            l=l_channel,
+            ab=ab,
+            embedding=embedding,
+        )
 
     def _write(self, payloads: list[EmbedImage], serialized: list[bytes]) -> list[bool]:
         """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
@@ -201,9 +217,15 @@ class EmbedStage:
         """Record an item that cannot become a record."""
         source = str(payload.get("source") or "")
         is_url = "://" in source
-        failure = Failure(key=payload["key"], reason=reason, detail=detail,
-                          url=source if is_url else "", path="" if is_url else source,
-                          node=self.node, time=now())
+        failure = Failure(
+            key=payload["key"],
+            reason=reason,
+            detail=detail,
+            url=source if is_url else "",
+            path="" if is_url else source,
+            node=self.node,
+            time=now(),
+        )
         if self.state.mark_failed(failure, from_states=SUBMITTED + DOWNLOADED):
             try:
                 append_failure_log(self.settings.output_dir, self.node, failure)
@@ -286,10 +308,15 @@ class NullModel:
 
         from common.lab_tf import lab_tf_padded
 
-        parts = [lab_tf_padded(tf.constant(rgb[i:i + self.batch_size]), self.batch_size)
-                 for i in range(0, len(rgb), self.batch_size)]
-        return (self.embed(rgb), np.concatenate([p[0].numpy() for p in parts]),
-                np.concatenate([p[1].numpy() for p in parts]))
+        parts = [
+            lab_tf_padded(tf.constant(rgb[i : i + self.batch_size]), self.batch_size)
+            for i in range(0, len(rgb), self.batch_size)
+        ]
+        return (
+            self.embed(rgb),
+            np.concatenate([p[0].numpy() for p in parts]),
+            np.concatenate([p[1].numpy() for p in parts]),
+        )
 
 
 def load_model(settings: Settings) -> Model:
@@ -313,8 +340,13 @@ def load_model(settings: Settings) -> Model:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
     from common.model import Embedder
 
-    embedder = Embedder(settings.checkpoint, settings.cache_dir, batch_size=batch_size,
-                        mixed_precision=settings.mixed_precision, xla=settings.xla)
+    embedder = Embedder(
+        settings.checkpoint,
+        settings.cache_dir,
+        batch_size=batch_size,
+        mixed_precision=settings.mixed_precision,
+        xla=settings.xla,
+    )
     return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
 
 
@@ -326,9 +358,11 @@ def check_permissions(out: Path) -> None:
         with tempfile.TemporaryFile(dir=out):
             pass
     except PermissionError as e:
-        raise RuntimeError(f"cannot write in {out} as uid {os.getuid()} gid {os.getgid()} ({e.strerror}): "
-                           "give the folder to this user (with docker compose: chown -R "
-                           "APP_UID:APP_GID ./data, the values of .env)") from e
+        raise RuntimeError(
+            f"cannot write in {out} as uid {os.getuid()} gid {os.getgid()} ({e.strerror}): "
+            "give the folder to this user (with docker compose: chown -R "
+            "APP_UID:APP_GID ./data, the values of .env)"
+        ) from e
 
 
 def run_embed_worker(node: str) -> None:
@@ -349,13 +383,27 @@ def run_embed_worker(node: str) -> None:
         if done["shards"]:
             log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
         model = load_model(settings)
-        log.info("model ready on %s, batches of %d, Lab %s", model.device, model.batch_size,
-                 "with the model" if model.embed_lab else "with numpy")
-        writer = records.ShardWriter(out, node, examples_per_shard=settings.examples_per_shard,
-                                     max_age=settings.shard_max_age, compression=settings.compression)
+        log.info(
+            "model ready on %s, batches of %d, Lab %s",
+            model.device,
+            model.batch_size,
+            "with the model" if model.embed_lab else "with numpy",
+        )
+        writer = records.ShardWriter(
+            out,
+            node,
+            examples_per_shard=settings.examples_per_shard,
+            max_age=settings.shard_max_age,
+            compression=settings.compression,
+        )
         stage = EmbedStage(settings, state, node, model.embed, writer, model.embed_lab)
-        consumer = BatchConsumer(make_app(settings), stage, batch_size=model.batch_size,
-                                 max_wait=settings.batch_wait, hostname=node)
+        consumer = BatchConsumer(
+            make_app(settings),
+            stage,
+            batch_size=model.batch_size,
+            max_wait=settings.batch_wait,
+            hostname=node,
+        )
         consumer.install_signal_handlers()
         try:
             consumer.run()

@@ -30,8 +30,9 @@ MAX_GROUP = 8  # batches written with one fsync at most
 class Pipeline:
     """prepare → infer → write on their own threads with queues between them."""
 
-    def __init__(self, stage: EmbedStage, stopping: threading.Event, *, max_in_flight: int = 4,
-                 idle_every: float = 1.0):
+    def __init__(
+        self, stage: EmbedStage, stopping: threading.Event, *, max_in_flight: int = 4, idle_every: float = 1.0
+    ):
         self.stage = stage
         self.stopping = stopping
         self.max_in_flight = max_in_flight
@@ -46,10 +47,18 @@ class Pipeline:
         self._to_write: queue.Queue = queue.Queue()
         self.disk_delay = 0.0  # current backoff while the output disk refuses writes
         self._threads = [
-            threading.Thread(target=self._step, args=(stage.prepare, self._to_prepare, self._to_infer),
-                             name="embed-prepare", daemon=True),
-            threading.Thread(target=self._step, args=(stage.infer, self._to_infer, self._to_write),
-                             name="embed-infer", daemon=True),
+            threading.Thread(
+                target=self._step,
+                args=(stage.prepare, self._to_prepare, self._to_infer),
+                name="embed-prepare",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._step,
+                args=(stage.infer, self._to_infer, self._to_write),
+                name="embed-infer",
+                daemon=True,
+            ),
             threading.Thread(target=self._write_loop, name="embed-write", daemon=True),
         ]
         for t in self._threads:
@@ -162,13 +171,20 @@ class Pipeline:
                 held = sum(len(b.messages) for b in group)
                 self.disk_delay = min(max(1.0, self.disk_delay * 2), 30.0)
                 if self.stopping.is_set():
-                    log.warning("output disk refuses writes (%s); stopping with %d messages unacknowledged",
-                                one_line(e), held)
+                    log.warning(
+                        "output disk refuses writes (%s); stopping with %d messages unacknowledged",
+                        one_line(e),
+                        held,
+                    )
                     for batch in group:
                         self.abandoned.put(batch)
                     return
-                log.warning("output disk refuses writes (%s); not acknowledging %d messages, "
-                            "retrying in %.0fs", one_line(e), held, self.disk_delay)
+                log.warning(
+                    "output disk refuses writes (%s); not acknowledging %d messages, retrying in %.0fs",
+                    one_line(e),
+                    held,
+                    self.disk_delay,
+                )
                 self.stopping.wait(self.disk_delay)
 
     def _failed(self, error: BaseException) -> None:

@@ -41,6 +41,7 @@ class RenewLeases(bootsteps.StartStopStep):
 
 app.steps["consumer"].add(RenewLeases)
 
+
 @cache
 def download_stage(node: str) -> DownloadStage:
     """The download stage of this process (one HTTP session, one Redis client)."""
@@ -60,8 +61,9 @@ def _start_download_stage(sender, **_kwargs) -> None:
 @retry_on_broker
 def publish_embed(images: list[EmbedImage]) -> None:
     """Send a chunk's images to the embed queue as one message."""
-    app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr=f"[{len(images)} images]",
-                  kwargsrepr="{}")
+    app.send_task(
+        EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr=f"[{len(images)} images]", kwargsrepr="{}"
+    )
 
 
 @app.task(name=DOWNLOAD_TASK, bind=True)
