@@ -43,7 +43,7 @@ def model_gflops_per_image() -> float:
     import tensorflow as tf
     from tensorflow.python.profiler import model_analyzer, option_builder
 
-    from common.model import IMAGE_SIZE, build_model
+    from common.inception_resnet_v2 import IMAGE_SIZE, build_model
 
     model = build_model()
     graph = (
@@ -77,7 +77,7 @@ def matmul_tflops(dtype: str, n: int, seconds: float) -> float:
 
 def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: bool) -> dict:
     """images/s of Embedder.embed with these options (after a warm-up call that compiles)."""
-    from common.model import Embedder
+    from common.embedder import Embedder
 
     started = time.perf_counter()
     embedder = Embedder(checkpoint, batch_size=batch, mixed_precision=mixed, xla=xla)
@@ -109,9 +109,9 @@ def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
 def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> dict:
     """Extra time per image that the Lab channels add to a model call: numpy in a thread pool beside it,
     or TensorFlow inside it (medians of `reps` interleaved repetitions, wall and CPU)."""
+    from common.embedder import Embedder
     from common.lab import lab_channels
     from common.lab_tf import lab_tf_compiled
-    from common.model import Embedder
 
     embedder = Embedder(checkpoint, batch_size=batch)
     images = rgb[:batch]

@@ -212,7 +212,7 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
     """model(x) in a tf.function on preprocessed float32 input (the preprocessing left out)."""
     import tensorflow as tf
 
-    from common.model import preprocess
+    from common.embedder import preprocess
 
     model = embedder.model
     call = tf.function(
@@ -594,7 +594,7 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
             worker = start_worker() if smoke else None
             import tensorflow as tf
 
-            from common.model import Embedder
+            from common.embedder import Embedder
 
             started = time.perf_counter()
             embedder = Embedder(checkpoint, batch_size=batch_size)

@@ -258,7 +258,7 @@ def run_job(
     """The whole job; returns the exit code (0 done, 130 interrupted)."""
     from tqdm import tqdm
 
-    from common.model import CheckpointError, resolve_checkpoint
+    from common.checkpoint import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
     from common.sources import is_url
     from producer.progress import resend_when_stalled, watch

@@ -536,8 +536,8 @@ def lab_batch(
     files = [identify(p, src) for p in iter_image_files(src, exclude=out)]
     if not files:
         raise click.ClickException(f"no image files under {src}")
+    from common.embedder import Embedder, default_batch_size
     from common.lab_tf import lab_on_device_default
-    from common.model import Embedder, default_batch_size
 
     batch_size = batch_size or settings.batch_size or default_batch_size()
     embedder = Embedder(

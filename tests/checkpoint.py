@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.model import IGNORED_VARIABLES, REQUIRED_VARIABLES
+from common.checkpoint import IGNORED_VARIABLES, REQUIRED_VARIABLES
 
 
 def _fake_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:

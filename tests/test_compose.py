@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from common.model import GPU_BATCH_SIZE
+from common.embedder import GPU_BATCH_SIZE
 from common.settings import Settings
 from tests.conftest import wait_for
 from tests.servers import RedisServer, free_port, worker_env

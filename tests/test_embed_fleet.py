@@ -70,7 +70,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def embedder(fake_checkpoint: Path):
-    from common.model import Embedder
+    from common.embedder import Embedder
 
     return Embedder(fake_checkpoint)
 

@@ -14,8 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import model as M
-from common.model import CheckpointError
+from common.checkpoint import (
+    IGNORED_VARIABLES,
+    REQUIRED_VARIABLES,
+    CheckpointError,
+    load_weights,
+    resolve_checkpoint,
+)
+from common.embedder import Embedder, grayscale_uint8, preprocess, scale_grey
 from tests.checkpoint import (
     fake_weights,
     write_fake_checkpoint,
@@ -33,17 +39,20 @@ def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(d) for d in shape.split(",") if d) for name, shape in rows}
 
 
-def test_importing_the_model_module_does_not_load_tensorflow():
-    code = "import sys, common.model; assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+def test_importing_the_model_modules_does_not_load_tensorflow():
+    code = (
+        "import sys, common.checkpoint, common.inception_resnet_v2, common.embedder; "
+        "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_variable_lists():
     package = read_tsv(ROOT / "common" / "inception_resnet_v2_variables.tsv")
-    assert len(M.REQUIRED_VARIABLES) == 898 and len(M.IGNORED_VARIABLES) == 10
-    assert {**M.REQUIRED_VARIABLES, **M.IGNORED_VARIABLES} == package
-    assert all(n.startswith(P + "AuxLogits/") for n in M.IGNORED_VARIABLES)
-    biases = [n for n in M.REQUIRED_VARIABLES if n.endswith("/biases")]
+    assert len(REQUIRED_VARIABLES) == 898 and len(IGNORED_VARIABLES) == 10
+    assert {**REQUIRED_VARIABLES, **IGNORED_VARIABLES} == package
+    assert all(n.startswith(P + "AuxLogits/") for n in IGNORED_VARIABLES)
+    biases = [n for n in REQUIRED_VARIABLES if n.endswith("/biases")]
     assert len(biases) == 41  # 40 residual up-projections + Logits/Logits
     if REFERENCE.is_file():
         assert REFERENCE.read_text() == (ROOT / "common" / "inception_resnet_v2_variables.tsv").read_text()
@@ -63,7 +72,7 @@ def test_grayscale_is_bit_exact_to_tensorflow_on_every_colour():
     import tensorflow as tf
 
     for rgb in all_colours(1 << 22):
-        ours = M.grayscale_uint8(rgb)
+        ours = grayscale_uint8(rgb)
         theirs = tf.image.rgb_to_grayscale(rgb).numpy()
         mismatch = np.flatnonzero(ours != theirs)
         assert mismatch.size == 0, f"{mismatch.size} colours differ, e.g. {rgb[mismatch[:3]].tolist()}"
@@ -74,8 +83,8 @@ def test_scaling_matches_the_original_float32_expression():
 
     grey = np.arange(256, dtype=np.uint8)
     x = tf.cast(tf.constant(grey), tf.float32)
-    assert np.array_equal(M.scale_grey(grey), (2 * x / 255 - 1).numpy())
-    assert M.scale_grey(grey)[[0, 255]].tolist() == [-1.0, 1.0]
+    assert np.array_equal(scale_grey(grey), (2 * x / 255 - 1).numpy())
+    assert scale_grey(grey)[[0, 255]].tolist() == [-1.0, 1.0]
 
 
 def test_numpy_preprocess_is_the_original_pipeline():
@@ -84,14 +93,14 @@ def test_numpy_preprocess_is_the_original_pipeline():
     rgb = np.random.default_rng(3).integers(0, 256, (2, 7, 5, 3), dtype=np.uint8)
     grey3 = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(rgb))
     original = 2 * tf.cast(grey3, tf.float32) / 255 - 1
-    assert np.array_equal(M.preprocess(rgb), original.numpy())
+    assert np.array_equal(preprocess(rgb), original.numpy())
 
 
 def test_embedder_preprocessing_equals_numpy_on_every_colour(embedder):
     for rgb in all_colours(1 << 22):
         ours = embedder.preprocess(rgb.reshape(1, 2048, 2048, 3)).numpy()
         assert ours.dtype == np.float32
-        assert np.array_equal(ours, M.preprocess(rgb).reshape(ours.shape))
+        assert np.array_equal(ours, preprocess(rgb).reshape(ours.shape))
 
 
 # ---------------------------------------------------------------- loading by name
@@ -102,7 +111,7 @@ def test_fake_checkpoint_is_a_single_v1_file(fake_checkpoint: Path):
 
     assert [p.name for p in fake_checkpoint.parent.iterdir()] == [fake_checkpoint.name]
     shapes = tf.train.load_checkpoint(str(fake_checkpoint)).get_variable_to_shape_map()
-    assert {n: tuple(s) for n, s in shapes.items()} == {**M.REQUIRED_VARIABLES, **M.IGNORED_VARIABLES}
+    assert {n: tuple(s) for n, s in shapes.items()} == {**REQUIRED_VARIABLES, **IGNORED_VARIABLES}
 
 
 def test_v1_save_op_writes_what_a_v1_saver_writes(tmp_path: Path):
@@ -117,9 +126,9 @@ def test_v1_save_op_writes_what_a_v1_saver_writes(tmp_path: Path):
 
 
 def test_load_weights_reads_every_required_variable_by_name(fake_checkpoint: Path):
-    loaded = M.load_weights(fake_checkpoint)
+    loaded = load_weights(fake_checkpoint)
     expected = fake_weights(0)
-    assert list(loaded) == list(M.REQUIRED_VARIABLES)
+    assert list(loaded) == list(REQUIRED_VARIABLES)
     for name, value in loaded.items():
         assert value.dtype == np.float32 and np.array_equal(value, expected[name]), name
 
@@ -135,7 +144,7 @@ def test_load_weights_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, kin
     path = tmp_path / "bad.ckpt"
     write_fake_checkpoint(path, **bad)
     with pytest.raises(CheckpointError, match=kind) as info:
-        M.load_weights(path)
+        load_weights(path)
     shown = P + "Mixed_9z/weights" if kind == "unknown" else name
     assert shown in str(info.value) and "\n" not in str(info.value)
     if kind == "misshapen":
@@ -144,16 +153,16 @@ def test_load_weights_refuses_a_checkpoint_that_does_not_fit(tmp_path: Path, kin
 
 def test_aux_logits_are_optional_and_global_step_is_tolerated(tmp_path: Path):
     path = tmp_path / "ok.ckpt"
-    write_fake_checkpoint(path, drop=list(M.IGNORED_VARIABLES), extra={"global_step": np.int64(7)})
-    assert set(M.load_weights(path)) == set(M.REQUIRED_VARIABLES)
+    write_fake_checkpoint(path, drop=list(IGNORED_VARIABLES), extra={"global_step": np.int64(7)})
+    assert set(load_weights(path)) == set(REQUIRED_VARIABLES)
 
 
 # ---------------------------------------------------------------- the network
 
 
 @pytest.fixture(scope="module")
-def embedder(fake_checkpoint: Path) -> M.Embedder:
-    return M.Embedder(fake_checkpoint, batch_size=2)
+def embedder(fake_checkpoint: Path) -> Embedder:
+    return Embedder(fake_checkpoint, batch_size=2)
 
 
 def test_every_layer_holds_the_checkpoint_tensor_of_its_name(embedder):
@@ -166,7 +175,7 @@ def test_every_layer_holds_the_checkpoint_tensor_of_its_name(embedder):
             name = P + layer.name.replace(".", "/") + "/" + slim.get(leaf, leaf)
             assert np.array_equal(np.asarray(var.numpy()), expected[name]), name
             seen.append(name)
-    assert sorted(seen) == sorted(M.REQUIRED_VARIABLES)
+    assert sorted(seen) == sorted(REQUIRED_VARIABLES)
 
 
 def slim_forward(w: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
@@ -283,7 +292,7 @@ test_images.__test__ = False  # a helper, not a test
 
 
 def test_logits_equal_an_independent_slim_computation(embedder):
-    x = M.preprocess(test_images(2))
+    x = preprocess(test_images(2))
     ours = embedder.model(x, training=False).numpy()
     theirs = slim_forward(fake_weights(0), x)
     assert ours.shape == (2, 1001) and ours.dtype == np.float32
@@ -296,7 +305,7 @@ def test_embed_preprocesses_inside_and_batches(embedder):
     rgb = test_images(3)
     logits = embedder.embed(rgb)
     assert logits.shape == (3, 1001) and logits.dtype == np.float32
-    direct = embedder.model(M.preprocess(rgb), training=False).numpy()
+    direct = embedder.model(preprocess(rgb), training=False).numpy()
     np.testing.assert_allclose(logits, direct, rtol=1e-5, atol=1e-5)
     assert embedder.embed(rgb[:0]).shape == (0, 1001)
     with pytest.raises(ValueError):
@@ -323,9 +332,9 @@ def test_embed_lab_gives_the_logits_of_embed_and_the_lab_channels(embedder):
 def test_xla_and_mixed_precision_are_opt_in_and_close(fake_checkpoint: Path, embedder):
     rgb = test_images(3)
     exact = embedder.embed(rgb)
-    xla = M.Embedder(fake_checkpoint, batch_size=2, xla=True)
+    xla = Embedder(fake_checkpoint, batch_size=2, xla=True)
     np.testing.assert_allclose(xla.embed(rgb), exact, rtol=1e-4, atol=1e-4)  # the short batch is padded
-    mixed = M.Embedder(fake_checkpoint, batch_size=2, mixed_precision=True)
+    mixed = Embedder(fake_checkpoint, batch_size=2, mixed_precision=True)
     logits = mixed.embed(rgb)
     assert logits.dtype == np.float32 and mixed.model.get_layer("Conv2d_1a_3x3").compute_dtype == "float16"
     np.testing.assert_allclose(logits, exact, rtol=0.02, atol=0.1)
@@ -358,32 +367,32 @@ def make_tar(path: Path, members: dict[str, bytes], kind: bytes = tarfile.REGTYP
 
 
 def test_resolve_a_plain_file_and_refuse_what_is_not_one(tiny_checkpoint: Path, tmp_path: Path):
-    assert M.resolve_checkpoint(tiny_checkpoint, tmp_path / "cache") == tiny_checkpoint
+    assert resolve_checkpoint(tiny_checkpoint, tmp_path / "cache") == tiny_checkpoint
     assert not (tmp_path / "cache").exists()
     with pytest.raises(CheckpointError, match="not found"):
-        M.resolve_checkpoint(tmp_path / "nope.ckpt", tmp_path / "cache")
+        resolve_checkpoint(tmp_path / "nope.ckpt", tmp_path / "cache")
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"x" * 1000)
     with pytest.raises(CheckpointError, match="not a TensorFlow checkpoint"):
-        M.resolve_checkpoint(junk, tmp_path / "cache")
+        resolve_checkpoint(junk, tmp_path / "cache")
     with pytest.raises(CheckpointError, match="cannot read"):
-        M.load_weights(junk)
+        load_weights(junk)
 
 
 def test_resolve_a_release_extracts_the_ckpt_once(tiny_checkpoint: Path, tmp_path: Path):
     data = tiny_checkpoint.read_bytes()
     archive = make_tar(tmp_path / "release.tar.gz", {"README": b"hi", tiny_checkpoint.name: data})
     cache = tmp_path / "cache"
-    got = M.resolve_checkpoint(archive, cache)
+    got = resolve_checkpoint(archive, cache)
     assert got == cache / tiny_checkpoint.name and got.read_bytes() == data
     assert sorted(p.name for p in cache.iterdir()) == [got.name, "release.tar.gz.extracted.json"]
 
     first = got.stat()
-    assert M.resolve_checkpoint(str(archive), cache) == got
+    assert resolve_checkpoint(str(archive), cache) == got
     again = got.stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns), "extracted again"
     got.unlink()
-    assert M.resolve_checkpoint(archive, cache).read_bytes() == data
+    assert resolve_checkpoint(archive, cache).read_bytes() == data
 
 
 @pytest.mark.parametrize(
@@ -403,14 +412,14 @@ def test_resolve_refuses_an_unsafe_release(tmp_path: Path, name: str, kind: byte
     )
     cache = tmp_path / "cache"
     with pytest.raises(CheckpointError, match="unsafe member"):
-        M.resolve_checkpoint(archive, cache)
+        resolve_checkpoint(archive, cache)
     assert not (tmp_path / "evil.ckpt").exists() and not list(cache.glob("*.ckpt"))
 
 
 def test_resolve_refuses_a_release_without_one_ckpt(tmp_path: Path):
     archive = make_tar(tmp_path / "r.tar.gz", {"a.txt": b"1"})
     with pytest.raises(CheckpointError, match="exactly one .ckpt"):
-        M.resolve_checkpoint(archive, tmp_path / "cache")
+        resolve_checkpoint(archive, tmp_path / "cache")
 
 
 class ReleaseServer:
@@ -475,19 +484,19 @@ def test_download_resumes_a_partial_file_and_is_cached(release: bytes, tmp_path:
     cache.mkdir()
     (cache / "release.tar.gz.part").write_bytes(release[:100])
     for server in serve(release):
-        got = M.resolve_checkpoint(server.url, cache)
+        got = resolve_checkpoint(server.url, cache)
         assert server.requests == ["bytes=100-"]
         assert (cache / "release.tar.gz").read_bytes() == release
         assert got.read_bytes() == tiny_checkpoint.read_bytes()
         assert not (cache / "release.tar.gz.part").exists()
         assert not list(cache.glob("*.tmp"))
-        assert M.resolve_checkpoint(server.url, cache) == got
+        assert resolve_checkpoint(server.url, cache) == got
         assert len(server.requests) == 1, "fetched again although cached"
 
 
 def test_download_continues_after_a_cut_connection(release: bytes, tmp_path: Path):
     for server in serve(release, cut_first=150):
-        M.resolve_checkpoint(server.url, tmp_path / "cache")
+        resolve_checkpoint(server.url, tmp_path / "cache")
         assert server.requests == [None, "bytes=150-"]
         assert (tmp_path / "cache" / "release.tar.gz").read_bytes() == release
 
@@ -497,7 +506,7 @@ def test_download_starts_over_when_the_server_ignores_range(release: bytes, tmp_
     cache.mkdir()
     (cache / "release.tar.gz.part").write_bytes(b"garbage" * 20)
     for server in serve(release, ranges=False):
-        M.resolve_checkpoint(server.url, cache)
+        resolve_checkpoint(server.url, cache)
         assert server.requests == ["bytes=140-"]
         assert (cache / "release.tar.gz").read_bytes() == release
 
@@ -505,7 +514,7 @@ def test_download_starts_over_when_the_server_ignores_range(release: bytes, tmp_
 def test_download_failure_is_a_checkpoint_error(release: bytes, tmp_path: Path):
     for server in serve(release):
         with pytest.raises(CheckpointError, match="download of .* failed"):
-            M.resolve_checkpoint(server.url.replace("release", "missing"), tmp_path / "cache")
+            resolve_checkpoint(server.url.replace("release", "missing"), tmp_path / "cache")
         assert not (tmp_path / "cache" / "missing.tar.gz").exists()
     with pytest.raises(CheckpointError, match="after 3 attempts"):
-        M.resolve_checkpoint(server.url, tmp_path / "cache")  # the server is gone: connection refused
+        resolve_checkpoint(server.url, tmp_path / "cache")  # the server is gone: connection refused

@@ -142,7 +142,7 @@ def test_resize_reports_unreadable_files_and_keeps_going(tmp_path, images):
 
 @pytest.fixture(scope="module")
 def embedder(fake_checkpoint: Path):
-    from common.model import Embedder
+    from common.embedder import Embedder
 
     return Embedder(fake_checkpoint)
 

@@ -321,8 +321,8 @@ class NullModel:
 
 def load_model(settings: Settings) -> Model:
     """The settings' model, Lab on its device or not, and its batch size."""
+    from common.embedder import CPU_BATCH_SIZE, default_batch_size
     from common.lab_tf import lab_on_device_default
-    from common.model import CPU_BATCH_SIZE, default_batch_size
 
     if settings.null_model and settings.null_lab:  # no TensorFlow at all
         log.warning("KOALA_NULL_MODEL=1, KOALA_NULL_LAB=1: zeros for the logits and Lab (benchmark only)")
@@ -338,7 +338,7 @@ def load_model(settings: Settings) -> Model:
         raise RuntimeError("KOALA_NULL_LAB=1 is for benchmarks, with KOALA_NULL_MODEL=1 only")
     if not settings.checkpoint:
         raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
-    from common.model import Embedder
+    from common.embedder import Embedder
 
     embedder = Embedder(
         settings.checkpoint,
