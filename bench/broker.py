@@ -71,7 +71,7 @@ def one_round(server, images: list[dict], n: int, per_message: int, senders: int
 
 
 def run(n: int, senders: int, rounds: int) -> dict:
-    from tests.servers import RedisServer
+    from testkit.servers import RedisServer
 
     images = chunk_images(16)
     payload_kb = sum(len(i["pixels"]) for i in images) / len(images) / 1000

@@ -721,7 +721,7 @@ class Fleet:
         variant: str | None = None,
         extra_env: dict[str, str] | None = None,
     ):
-        from tests.servers import RedisServer, worker_env
+        from testkit.servers import RedisServer, worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
@@ -735,7 +735,7 @@ class Fleet:
                 # the bench corpus is one host standing for many: the per-host cap must not bind
                 "KOALA_PER_HOST_CONNECTIONS": str(per_host),
                 "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
-                "KOALA_CHUNK_SIZE": "16",  # the default (tests.servers sets 4)
+                "KOALA_CHUNK_SIZE": "16",  # the default (testkit.servers sets 4)
                 "KOALA_CONNECT_TIMEOUT": "10",
                 "KOALA_READ_TIMEOUT": "10",
                 "KOALA_DOWNLOAD_DEADLINE": "60",
@@ -1187,7 +1187,7 @@ def _difference(got: list[np.ndarray], want: list[np.ndarray]) -> dict:
 def _smooth_photo() -> np.ndarray:
     """The smooth photo-like image images.py's payload table was measured on, at 299x299."""
     from common import images
-    from tests.corpus import GOOD
+    from testkit.corpus import GOOD
 
     return images.load_rgb(GOOD["jpeg_rgb"](), size=(SIZE, SIZE))
 

@@ -14,7 +14,7 @@ Run: .venv/bin/python -m bench.embed [--images 96] [--batch-size 16] [--json PAT
    its parts timed by wrapping functions (this process only); the queue side (receive, decode, ack)
    by the real `BatchConsumer` with a no-op process.
 
-The checkpoint is generated (tests.checkpoint, ~230 MB, cached in bench/results/cache/): the model's
+The checkpoint is generated (testkit.checkpoint, ~230 MB, cached in bench/results/cache/): the model's
 cost does not depend on the weights. Ratios, not absolute times, are what to compare.
 """
 
@@ -148,7 +148,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def ensure_checkpoint(cache: Path) -> Path:
     """The generated checkpoint, written once into the cache folder."""
-    from tests.checkpoint import fake_checkpoint_in
+    from testkit.checkpoint import fake_checkpoint_in
 
     if not (cache / CHECKPOINT_NAME).exists():
         log(f"writing a generated checkpoint to {cache / CHECKPOINT_NAME} (once, ~230 MB)")
@@ -157,7 +157,7 @@ def ensure_checkpoint(cache: Path) -> Path:
 
 def make_images(n: int, distinct: int = 16) -> np.ndarray:
     """n photo-like uint8 299x299 RGB images (`distinct` different ones, repeated)."""
-    from tests.corpus import photo
+    from testkit.corpus import photo
 
     base = [photo(299, 299, seed) for seed in range(min(n, distinct))]
     return np.stack([base[i % len(base)] for i in range(n)])
@@ -260,7 +260,7 @@ class EmbedWorker:
     """A `python -m workers embed` process against the bench's Redis and output folder."""
 
     def __init__(self, redis_url: str, out: Path, checkpoint: Path, batch_size: int, log_path: Path):
-        from tests.servers import worker_env
+        from testkit.servers import worker_env
 
         env = worker_env(
             redis_url,
@@ -558,7 +558,7 @@ def steps_table_rows(steps: dict, receive: dict) -> tuple[dict, dict]:
 
 def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
     quiet_tensorflow()
-    from tests.servers import RedisServer
+    from testkit.servers import RedisServer
 
     checkpoint = ensure_checkpoint(cache)
     rgb = make_images(n)
@@ -787,7 +787,7 @@ def start_null_worker(
 ) -> subprocess.Popen:
     """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint); with extra[BEFORE] = a
     worktree, that commit's worker through bench/null_before.py."""
-    from tests.servers import worker_env
+    from testkit.servers import worker_env
 
     extra = dict(extra)
     worktree = extra.pop(BEFORE, None)
@@ -877,7 +877,7 @@ def null_round(
 
 def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], before: str | None) -> dict:
     """The ceiling of the worker's own path on each output folder, rounds alternating, medians."""
-    from tests.servers import RedisServer
+    from testkit.servers import RedisServer
 
     variants = dict(LAB_VARIANTS)
     if before:

@@ -1,7 +1,7 @@
 """Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression.
 
 Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json]
-The records hold the Lab channels of 16 photo-like generated images (tests/corpus.photo), so that
+The records hold the Lab channels of 16 photo-like generated images (testkit/corpus.photo), so that
 the compressed sizes mean something (uniform noise would not compress at all).
 Ratios, not absolute times, are what to compare: the machine is shared and noisy.
 """
@@ -22,7 +22,7 @@ from common import records
 def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(L, ab, logits) of photo-like 299x299 images, as the embed stage would store them."""
     from common.lab import lab_channels
-    from tests.corpus import photo
+    from testkit.corpus import photo
 
     rng = np.random.default_rng(0)
     return [

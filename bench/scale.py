@@ -52,7 +52,7 @@ def write_url_list(path: Path, n: int) -> int:
 
 
 def producer_env(redis_url: str, out: Path, **extra: str) -> dict[str, str]:
-    from tests.servers import worker_env
+    from testkit.servers import worker_env
 
     return worker_env(redis_url, out, **{"KOALA_CHUNK_SIZE": "16", **extra})  # 16: the default chunk size
 
@@ -232,7 +232,7 @@ def big_jpegs(count: int, cache: Path) -> dict[str, bytes]:
 
     from PIL import Image
 
-    from tests.corpus import photo
+    from testkit.corpus import photo
 
     folder = cache / "big-jpegs"
     folder.mkdir(parents=True, exist_ok=True)
@@ -305,7 +305,7 @@ def download_memory(
     client, redis_url: str, tmp: Path, count: int, copies: tuple[int, int], cache: Path
 ) -> dict:
     """A download worker (-c 32) fed `count` 4000x3000 JPEGs, `copies[0]`x then `copies[1]`x more."""
-    from tests.servers import ImageServer, worker_env
+    from testkit.servers import ImageServer, worker_env
 
     files = big_jpegs(count, cache)
     server = ImageServer(files).start()
@@ -366,7 +366,7 @@ def download_memory(
 
 
 def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
-    from tests.servers import RedisServer
+    from testkit.servers import RedisServer
 
     result: dict = {
         "bench": "scale",

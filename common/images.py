@@ -492,7 +492,7 @@ def _simd_lanczos(pixels: np.ndarray, box: Box, size: tuple[int, int]) -> np.nda
 # Queue payload: a tag, >HH (height, width), then the rows' "up" deltas (PNG's Up filter, mod 256)
 # compressed: b"Z" zstd level 1 with a checksum (written), b"U" zlib (read only: what workers wrote
 # before, still in a queue during an upgrade). The delta turns smooth areas and padding into
-# near-zero runs. Measured on 299x299 from the photo-like 640x480 JPEG of tests/corpus.py (raw
+# near-zero runs. Measured on 299x299 from the photo-like 640x480 JPEG of testkit/corpus.py (raw
 # 268,203 B; size, encode ms, decode ms; Pillow 13, 2-core box):
 #   PNG level 1      82,550 B  5.1 / 2.0
 #   zlib 1 of raw   130,427 B  3.3 / 0.9

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests import corpus
-from tests.servers import ImageServer, RedisServer, worker_env
-
-ROOT = Path(__file__).resolve().parent.parent
+from testkit import corpus
+from testkit.fleet import Workers
+from testkit.servers import ImageServer, RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -56,44 +51,6 @@ def image_server(images: dict[str, bytes], bad_images: dict[str, tuple[bytes, st
     server.stop()
 
 
-class Workers:
-    """Worker processes started by a test, stopped (and checked gone) at its end."""
-
-    def __init__(self, redis_url: str, out_dir: Path, log_dir: Path):
-        self.redis_url = redis_url
-        self.out_dir = out_dir
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, kind: str = "download", *args: str, **env: str) -> subprocess.Popen:
-        name = f"{kind}{len(self.procs)}@test"
-        log = open(self.log_dir / f"{name}.log", "wb")  # closed with the process
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers", kind, "-n", name, *args],
-            cwd=ROOT,
-            env=worker_env(self.redis_url, self.out_dir, **env),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        for proc in self.procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.log_dir.glob("*.log"))
-
-
 @pytest.fixture
 def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
     (tmp_path / "logs").mkdir()
@@ -102,31 +59,10 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
     team.stop_all()
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout: float, what: str, on_timeout: Callable[[], str] = lambda: ""
-) -> None:
-    """Poll until predicate() is true; fail with `what` (and extra context) on timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}\n{on_timeout()}")
-        time.sleep(0.2)
-
-
-def reached(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll until predicate() is true or `timeout` passes; whether it became true."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
-
-
 @pytest.fixture(scope="session")
 def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0), written once (~230 MB)."""
-    from tests.checkpoint import write_fake_checkpoint
+    from testkit.checkpoint import write_fake_checkpoint
 
     path = tmp_path_factory.mktemp("checkpoint") / "inception_resnet_v2_2016_08_30.ckpt"
     write_fake_checkpoint(path)

@@ -1,4 +1,4 @@
-"""The chaos runner (tests/chaos.py) as tests: two short seeded trials in the default run, and
+"""The chaos runner (testkit/chaos.py) as tests: two short seeded trials in the default run, and
 `KOALA_CHAOS_TRIALS` (default 10) full ones in the slow group. Root only: the runner mounts a
 tmpfs and read-only bind mounts in a private mount namespace."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from testkit import ROOT
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"),
@@ -38,7 +38,7 @@ def run_chaos(
         [
             sys.executable,
             "-m",
-            "tests.chaos",
+            "testkit.chaos",
             "--trials",
             str(trials),
             "--seed",

@@ -27,8 +27,8 @@ import yaml
 
 from common.embedder import GPU_BATCH_SIZE
 from common.settings import Settings
-from tests.conftest import wait_for
-from tests.servers import RedisServer, free_port, worker_env
+from testkit.fleet import wait_for
+from testkit.servers import RedisServer, free_port, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

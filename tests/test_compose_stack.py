@@ -1,4 +1,4 @@
-"""The compose smoke test (tests/compose_smoke.py) as a slow test: it needs a Docker engine with
+"""The compose smoke test (testkit/compose_smoke.py) as a slow test: it needs a Docker engine with
 `docker compose` v2 and the base images present (here: ../shared/tools/offline-docker first)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from testkit import ROOT
 
 
 def docker_engine() -> bool:
@@ -29,7 +29,7 @@ def test_the_compose_stack_for_real(tmp_path):
         [
             sys.executable,
             "-m",
-            "tests.compose_smoke",
+            "testkit.compose_smoke",
             "--work",
             str(tmp_path / "work"),
             "--json",

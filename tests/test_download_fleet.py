@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from common import images as img
-from tests.conftest import ROOT, Workers, reached, wait_for
-from tests.servers import ImageServer, worker_env
+from testkit import ROOT
+from testkit.fleet import Workers, reached, wait_for
+from testkit.servers import ImageServer, worker_env
 
 
 def koala(redis_url: str, out_dir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -420,7 +421,7 @@ def test_retry_sends_failed_items_again_after_an_outage(
 
 
 def test_redis_with_a_password(image_server: ImageServer, tmp_path):
-    from tests.servers import RedisServer
+    from testkit.servers import RedisServer
 
     server = RedisServer(tmp_path / "redis-auth", password="s3cret-for-tests").start()
     team = Workers(server.url, tmp_path / "out", tmp_path)

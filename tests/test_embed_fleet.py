@@ -7,7 +7,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ import pytest
 from skimage.color import rgb2lab
 
 from common import images as img
-from tests.conftest import ROOT, Workers, reached, wait_for
-from tests.servers import ImageServer, worker_env
+from testkit.fleet import Workers, embed_env, koala, reached, wait_for
+from testkit.servers import ImageServer
 from tests.test_download_fleet import push_pickle_message
 
 GOOD = [
@@ -33,27 +32,6 @@ GOOD = [
 
 def md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
-
-
-def embed_env(checkpoint: Path, **extra: str) -> dict[str, str]:
-    return {
-        "KOALA_CHECKPOINT": str(checkpoint),
-        "KOALA_EXAMPLES_PER_SHARD": "3",
-        "KOALA_BATCH_SIZE": "4",
-        "KOALA_BATCH_WAIT": "0.5",
-        **extra,
-    }
-
-
-def koala(redis_url: str, out_dir: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=worker_env(redis_url, out_dir),
-    )
 
 
 def read_records(out_dir: Path) -> list[dict]:
@@ -87,12 +65,12 @@ def test_urls_become_exactly_one_record_each(
     marker = tmp_path / "pickle-was-executed"
     push_pickle_message(redis_url, "koala.embed", "embed", marker)
 
-    done = koala(redis_url, workers.out_dir, "submit", str(listing), "--wait")
+    done = koala(workers.env(), "submit", str(listing), "--wait")
     assert done.returncode == 0, done.stderr + workers.logs()
     stop(embed)
     assert embed.returncode == 0, workers.logs()
 
-    status = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
+    status = json.loads(koala(workers.env(), "status", "--json", "--interval", "0").stdout)
     assert (status["submitted"], status["written"], status["failed"], status["pending"]) == (
         len(good) + len(bad),
         len(good),
@@ -128,7 +106,7 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     env = embed_env(fake_checkpoint, KOALA_BATCH_SIZE="2", KOALA_VISIBILITY_TIMEOUT="5")
     workers.start("download", "-c", "4")
     first = workers.start("embed", "-n", "embed-a@test", **env)
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
 
     def written() -> int:
         return int(rclient.hget("koala:counts", "written") or 0)
@@ -141,7 +119,7 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     if not reached(lambda: written() == len(urls), 120):
         # a message the killed worker had popped but kombu had not yet recorded as unacked is gone
         # (the Redis transport's BRPOP gap, README "Reliability"); the producer's resend is the cure
-        assert koala(redis_url, workers.out_dir, "submit", str(listing), "--requeue-pending").returncode == 0
+        assert koala(workers.env(), "submit", str(listing), "--requeue-pending").returncode == 0
     wait_for(lambda: written() == len(urls), 300, "every record", workers.logs)
     stop(second)
 
@@ -165,7 +143,7 @@ def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(
     a = workers.start("embed", "-n", "embed-a@host1", **env)
     b = workers.start("embed", "-n", "embed-b@host2", **env)
     wait_for(lambda: workers.logs().count("model ready") == 2, 240, "both embed workers", workers.logs)
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(
         lambda: rclient.hget("koala:counts", "written") == str(len(urls)).encode(),
         300,

@@ -15,8 +15,9 @@ from common import records
 from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
 from common.settings import Settings
 from common.state import JobState
-from tests.conftest import ROOT, Workers, wait_for
-from tests.servers import worker_env
+from testkit import ROOT
+from testkit.fleet import Workers, wait_for
+from testkit.servers import worker_env
 from tests.test_embed_stage import payload
 
 N = 48
@@ -88,7 +89,7 @@ def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, r
     queue(redis_url, state, images, per_message=8)
     log = open(tmp_path / "dying.log", "wb")  # closed below
     dying = subprocess.run(
-        [sys.executable, "-m", "tests.dying_embed_worker", point, "embed0@test"],
+        [sys.executable, "-m", "testkit.dying_embed_worker", point, "embed0@test"],
         cwd=ROOT,
         env=worker_env(redis_url, workers.out_dir, **null_env()),
         stdout=log,

@@ -13,7 +13,7 @@ import pytest
 from common import fetch as fetch_module
 from common.addresses import parse_networks
 from common.fetch import FetchError, Policy, fetch, make_session, open_stream
-from tests.servers import ImageServer, self_signed_cert
+from testkit.servers import ImageServer, self_signed_cert
 
 
 @pytest.fixture(scope="module")

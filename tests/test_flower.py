@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, Workers, wait_for
-from tests.servers import ImageServer, free_port, worker_env
-from tests.test_embed_fleet import embed_env, koala
+from testkit import ROOT
+from testkit.fleet import Workers, embed_env, koala, wait_for
+from testkit.servers import ImageServer, free_port, worker_env
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_flower_shows_workers_queues_and_tasks(
     workers.start("embed", **embed_env(fake_checkpoint))
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(f"{image_server.base}/img/{n}" for n in ("jpeg_rgb", "png_rgb", "webp")))
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(lambda: rclient.hget("koala:counts", "written") == b"3", 240, "3 records", workers.logs)
 
     def names(path: str, key: str) -> set[str]:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from common import images as img
-from tests import corpus, hostile
+from testkit import corpus, hostile
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data")
 

@@ -22,13 +22,13 @@ from common.checkpoint import (
     resolve_checkpoint,
 )
 from common.embedder import Embedder, grayscale_uint8, preprocess, scale_grey
-from tests.checkpoint import (
+from testkit import ROOT
+from testkit.checkpoint import (
     fake_weights,
     write_fake_checkpoint,
     write_v1_checkpoint,
     write_v1_checkpoint_with_saver,
 )
-from tests.conftest import ROOT
 
 REFERENCE = ROOT.parent / "shared" / "reference" / "inception_resnet_v2_slim_variables.tsv"
 P = "InceptionResnetV2/"

@@ -15,8 +15,9 @@ import pytest
 import redis
 
 from common.records import iter_examples
-from tests.conftest import ROOT, wait_for
-from tests.servers import ImageServer, worker_env
+from testkit import ROOT
+from testkit.fleet import wait_for
+from testkit.servers import ImageServer, worker_env
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
 

@@ -19,8 +19,8 @@ from PIL import Image
 from common import images as img
 from common import lab, records
 from producer import steps
-from tests.conftest import ROOT
-from tests.servers import ImageServer, worker_env
+from testkit import ROOT
+from testkit.servers import ImageServer, worker_env
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "png_rgba", "jpeg_exif_rotated", "webp"]
 BAD = {  # route on the image server -> reason

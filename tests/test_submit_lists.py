@@ -14,8 +14,8 @@ from pathlib import Path
 import msgpack
 import redis
 
-from tests.conftest import ROOT
-from tests.servers import ImageServer, worker_env
+from testkit import ROOT
+from testkit.servers import ImageServer, worker_env
 
 
 def koala(redis_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,6 +1,6 @@
 """Compose smoke test: the real stack under a real Docker engine, as a user runs it.
 
-    .venv/bin/python -m tests.compose_smoke [--keep] [--json report.json]
+    .venv/bin/python -m testkit.compose_smoke [--keep] [--json report.json]
 
 Needs a Docker engine with `docker compose` v2 and the base images (`python:3.11-slim`,
 `redis:7`) present locally: it never pulls. Here: `../shared/tools/offline-docker` first.
@@ -86,7 +86,7 @@ class Stack:
 
     def prepare(self, images: int) -> dict[str, str]:
         """Copy the tree, write .env, the checkpoint, the images and the URL list; {url: key}."""
-        from tests.checkpoint import fake_checkpoint_in
+        from testkit.checkpoint import fake_checkpoint_in
 
         shutil.rmtree(self.dir, ignore_errors=True)
         files = (
@@ -112,7 +112,7 @@ class Stack:
         return self.write_images(images)
 
     def write_images(self, n: int) -> dict[str, str]:
-        from tests.corpus import GOOD
+        from testkit.corpus import GOOD
 
         www = self.data / "www"
         www.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Chaos runner: seeded trials of a real fleet under faults, checked from outside.
 
-    .venv/bin/python -m tests.chaos --trials 50 --seed 1 [--json chaos.json] [--items 40]
+    .venv/bin/python -m testkit.chaos --trials 50 --seed 1 [--json chaos.json] [--items 40]
 
 Each trial: a fresh Redis (append-only) on a free loopback port, a loopback image server, two
 download workers, one embed worker (generated-weights checkpoint), `koala submit --wait`, and
@@ -32,8 +32,8 @@ from pathlib import Path
 import redis
 
 from common import records
-from tests.checkpoint import fake_checkpoint_in
-from tests.servers import ImageServer, RedisServer, worker_env
+from testkit.checkpoint import fake_checkpoint_in
+from testkit.servers import ImageServer, RedisServer, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = (
@@ -82,7 +82,7 @@ def md5(text: str) -> str:
 
 def corpus_server() -> ImageServer:
     """The loopback image server: a few generated good images and bad bytes."""
-    from tests import corpus
+    from testkit import corpus
 
     files = {name: corpus.GOOD[name]() for name in GOOD}
     bad = corpus.bad_images()
@@ -542,7 +542,7 @@ def report(results: list[TrialResult], elapsed: float, base_seed: int) -> dict:
                 "problems": r.problems[:10],
                 "lost": r.lost,
                 "duplicated": r.duplicated,
-                "replay": f"python -m tests.chaos --trials 1 --seed {r.seed}",
+                "replay": f"python -m testkit.chaos --trials 1 --seed {r.seed}",
             }
             for r in failed
         ],
@@ -557,7 +557,16 @@ def enter_private_namespace() -> None:
         os.environ["KOALA_CHAOS_NAMESPACE"] = "1"
         os.execvp(
             "unshare",
-            ["unshare", "-m", "--propagation", "private", sys.executable, "-m", "tests.chaos", *sys.argv[1:]],
+            [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-m",
+                "testkit.chaos",
+                *sys.argv[1:],
+            ],
         )
 
 
@@ -614,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {p}", flush=True)
             if not r.ok:
                 print(
-                    f"    replay: python -m tests.chaos --trials 1 --seed {r.seed}"
+                    f"    replay: python -m testkit.chaos --trials 1 --seed {r.seed}"
                     f" --items {args.items} --faults {args.faults}",
                     flush=True,
                 )

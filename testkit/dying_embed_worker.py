@@ -1,4 +1,4 @@
-"""`python -m tests.dying_embed_worker POINT NAME`: a real null-model embed worker that SIGKILLs itself
+"""`python -m testkit.dying_embed_worker POINT NAME`: a real null-model embed worker that SIGKILLs itself
 at POINT of its second batch: after `prepared`, `inferred`, `appended` (records fsynced, not claimed)
 or `claimed` (claimed, not acked). Test code only: the worker itself has no such hook."""
 
