@@ -1,6 +1,7 @@
 """All the benchmarks, one after the other, and a summary.
 
-Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only records,download,embed,device,scale,resize]
+Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only NAME,...] [--reuse NAME,...]
+(names: records, download, download-mix, embed, ceiling, broker, device, scale, resize)
 
 Each benchmark runs as its own subprocess (never two at once: they would share the CPU), writes its
 JSON into DIR (default bench/results/, smoke runs bench/results/smoke/), and prints its tables;
@@ -31,7 +32,7 @@ BENCHES = ("records", "download", "download-mix", "embed", "ceiling", "broker", 
 # benchmarks that are another module run with options: name -> (module, options, options of its smoke)
 VARIANTS = {
     "download-mix": ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
-    "ceiling": ("embed", ["--null-model", "--before", "4b72f66"], ["--null-model"]),
+    "ceiling": ("embed", ["--null-model"], ["--null-model"]),
 }
 TITLES = {
     "records": "records (serializer, shard writing)",
@@ -41,7 +42,7 @@ TITLES = {
     "scale": "scale (Redis per URL, producer, memory)",
     "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)",
     "download-mix": "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
-    "ceiling": "embed worker ceiling (null model) on local disk and tmpfs, vs the worker before",
+    "ceiling": "embed worker ceiling (null model) on local disk and tmpfs",
     "broker": "broker (images/s one Redis carries on the embed queue)",
 }
 

@@ -1,6 +1,7 @@
 """Embed benchmark: the bare model against the embed worker end to end, and where a batch's time goes.
 
 Run: .venv/bin/python -m bench.embed [--images 96] [--batch-size 16] [--json PATH] [--smoke]
+     .venv/bin/python -m bench.embed --null-model [--images 3000] [--batch-size 128] [--rounds 3]
 
 1. Bare model: `Embedder.embed` on uint8 arrays in memory, `batch_size` images per call, TensorFlow's
    default threads (as the worker), measured before and after the worker run (the machine is shared:
@@ -13,6 +14,8 @@ Run: .venv/bin/python -m bench.embed [--images 96] [--batch-size 16] [--json PAT
 3. Steps: `EmbedStage.process` run in this process on the same batches, real ShardWriter and Redis,
    its parts timed by wrapping functions (this process only); the queue side (receive, decode, ack)
    by the real `BatchConsumer` with a no-op process.
+4. `--null-model`, the worker's ceiling: a real embed worker whose forward pass returns zeros
+   (KOALA_NULL_MODEL=1), on local disk and tmpfs, with Lab on this CPU and off it.
 
 The checkpoint is generated (testkit.checkpoint, ~230 MB, cached in bench/results/cache/): the model's
 cost does not depend on the weights. Ratios, not absolute times, are what to compare.
@@ -243,14 +246,14 @@ def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> 
 
 def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> None:
     """One `koala.embed` message per `chunk` images, sent as workers.tasks.publish_embed sends a
-    download chunk's images (chunk=0: one image per message in the format before chunks)."""
+    download chunk's images."""
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.settings import Settings
 
     app = make_app(Settings(broker_url=redis_url))
     try:
-        for i in range(0, len(payloads), chunk or 1):
-            images = payloads[i : i + chunk] if chunk else payloads[i]  # 0: one bare image, as before chunks
+        for i in range(0, len(payloads), chunk):
+            images = payloads[i : i + chunk]
             app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
     finally:
         app.close()
@@ -779,18 +782,12 @@ LAB_VARIANTS = {  # how the null-model worker computes Lab
 }
 
 
-BEFORE = "before"  # the variant that runs an earlier commit's worker (--before)
-
-
 def start_null_worker(
     redis_url: str, out: Path, batch_size: int, log_path: Path, extra: dict[str, str]
 ) -> subprocess.Popen:
-    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint); with extra[BEFORE] = a
-    worktree, that commit's worker through bench/null_before.py."""
+    """`python -m workers embed` with KOALA_NULL_MODEL=1 (no checkpoint)."""
     from testkit.servers import worker_env
 
-    extra = dict(extra)
-    worktree = extra.pop(BEFORE, None)
     env = worker_env(
         redis_url,
         out,
@@ -801,23 +798,8 @@ def start_null_worker(
         **extra,
     )
     command = [sys.executable, "-m", "workers", "embed", "-n", "null@bench"]
-    if worktree:
-        env.update(PYTHONPATH=worktree, KOALA_CHECKPOINT="unused")
-        command = [sys.executable, str(ROOT / "bench" / "null_before.py"), "embed", "-n", "null@bench"]
     with open(log_path, "wb") as log_file:
-        return subprocess.Popen(
-            command, cwd=worktree or ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-
-
-def before_worktree(ref: str) -> Path:
-    """A detached worktree of `ref` (made once) whose embed worker --before measures."""
-    path = RESULTS / f"worktree-{ref}"
-    if not path.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True, capture_output=True
-        )
-    return path
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def null_round(
@@ -835,7 +817,7 @@ def null_round(
     shutil.rmtree(out, ignore_errors=True)
     disk = disk_write_mb_s(out, disk_mb)
     register_downloaded(client, payloads)
-    fill_embed_queue(server.url, payloads, 0 if BEFORE in extra else 16)
+    fill_embed_queue(server.url, payloads)
     n = len(payloads)
     proc = start_null_worker(server.url, out, batch_size, log_path, extra)
     first = last = None
@@ -875,16 +857,11 @@ def null_round(
     }
 
 
-def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path], before: str | None) -> dict:
+def null_ceiling(n: int, batch_size: int, rounds: int, outs: dict[str, Path]) -> dict:
     """The ceiling of the worker's own path on each output folder, rounds alternating, medians."""
     from testkit.servers import RedisServer
 
-    variants = dict(LAB_VARIANTS)
-    if before:
-        variants[f"{BEFORE} ({before}, one image per message, Lab on this CPU)"] = {
-            BEFORE: str(before_worktree(before))
-        }
-
+    variants = LAB_VARIANTS
     rgb = make_images(n)
     payloads = payloads_of(rgb)
     del rgb
@@ -1004,19 +981,7 @@ def null_markdown(result: dict) -> str:
     is_flag=True,
     help="the worker's ceiling: a real embed worker whose forward pass returns zeros at once",
 )
-@click.option(
-    "--out",
-    "outs",
-    type=click.Path(file_okay=False, path_type=Path),
-    multiple=True,
-    help="null model: output folder(s) (default: bench/results/tmp on local disk, and /dev/shm)",
-)
 @click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
-@click.option(
-    "--before",
-    default=None,
-    help="null model: also an earlier commit's worker (its model replaced by zeros), e.g. 4b72f66",
-)
 def main(
     n: int | None,
     batch_size: int | None,
@@ -1024,25 +989,11 @@ def main(
     smoke: bool,
     cache: Path,
     null_model: bool,
-    outs: tuple[Path, ...],
     rounds: int,
-    before: str | None,
 ) -> None:
     """Bare model vs embed worker, and the share of each step; or the worker's ceiling (--null-model)."""
     if null_model:
-        batch_size = batch_size or (16 if smoke else 128)
-        folders = {p.name or str(p): p for p in outs} or {
-            "local disk": RESULTS / "tmp",
-            "tmpfs": Path("/dev/shm"),
-        }
-        result = null_ceiling(
-            n or (64 if smoke else 3000), batch_size, 1 if smoke else rounds, folders, before
-        )
-        path = json_path or default_json(NAME + "-null", smoke)
-        save_json(result, path)
-        text = null_markdown(result)
-        path.with_suffix(".md").write_text(text + "\n")
-        click.echo(text)
+        ceiling_main(n, batch_size, 1 if smoke else rounds, json_path, smoke)
         return
     batch_size = batch_size or (2 if smoke else 16)
     n = n or (2 * batch_size if smoke else 96)
@@ -1053,6 +1004,19 @@ def main(
     save_json(result, path)
     text = markdown(result)
     path.with_suffix(".md").write_text(text + "\n")  # beside the JSON: `python -m bench --reuse` reads it
+    click.echo(text)
+
+
+def ceiling_main(
+    n: int | None, batch_size: int | None, rounds: int, json_path: Path | None, smoke: bool
+) -> None:
+    """--null-model: the ceiling on local disk (bench/results/tmp) and tmpfs (/dev/shm), saved and printed."""
+    folders = {"local disk": RESULTS / "tmp", "tmpfs": Path("/dev/shm")}
+    result = null_ceiling(n or (64 if smoke else 3000), batch_size or (16 if smoke else 128), rounds, folders)
+    path = json_path or default_json(NAME + "-null", smoke)
+    save_json(result, path)
+    text = null_markdown(result)
+    path.with_suffix(".md").write_text(text + "\n")
     click.echo(text)
 
 
