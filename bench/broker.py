@@ -2,11 +2,11 @@
 
 Run: .venv/bin/python -m bench.broker [--images 8000] [--senders 2] [--rounds 3] [--json PATH] [--smoke]
 
-Senders (processes, publishing as download workers do: `send_task` of a chunk's images, or of one
-image per message as before chunks) and one consumer (the real `BatchConsumer`, its steps doing
-nothing: receive, decode the envelope, ack) on loopback; no model, no disk. Per format: images/s
-through the queue, and redis-server's own CPU-seconds per image, which bounds what one Redis
-(single-threaded) carries however many cores the senders and consumers have: 1 / that figure.
+Senders (processes, publishing as download workers do: `send_task` of a chunk's 16 images) and one
+consumer (the real `BatchConsumer`, its steps doing nothing: receive, decode the envelope, ack) on
+loopback; no model, no disk. Images/s through the queue, and redis-server's own CPU-seconds per
+image, which bounds what one Redis (single-threaded) carries however many cores the senders and
+consumers have: 1 / that figure.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import click
 from bench.embed import cpu_seconds, default_json, drain, item_of, log, make_images, md_table, save_json
 
 NAME = "broker"
+CHUNK = 16  # images per message, as download workers publish a chunk (KOALA_CHUNK_SIZE's default)
 
 
 def chunk_images(chunk: int) -> list[dict]:
@@ -32,27 +33,24 @@ def chunk_images(chunk: int) -> list[dict]:
     return [embed_image(item_of(i), encode_pixels(img)) for i, img in enumerate(make_images(chunk, chunk))]
 
 
-def send(redis_url: str, images: list[dict], messages: int, per_message: int) -> None:
-    """Publish `messages` messages of `per_message` images (a sender process)."""
+def send(redis_url: str, images: list[dict], messages: int) -> None:
+    """Publish `messages` messages of the chunk's images (a sender process)."""
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.settings import Settings
 
     app = make_app(Settings(broker_url=redis_url))
-    for m in range(messages):
-        group = images[:per_message] if per_message > 1 else images[m % len(images)]
-        app.send_task(EMBED_TASK, args=[group], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
+    for _ in range(messages):
+        app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
     app.close()
 
 
-def one_round(server, images: list[dict], n: int, per_message: int, senders: int) -> dict:
+def one_round(server, images: list[dict], n: int, senders: int) -> dict:
     """Senders and the consumer at once until n images went through; images/s and Redis CPU."""
     server.client().flushall()
-    messages = n // per_message // senders
-    total = messages * per_message * senders
+    messages = n // len(images) // senders
+    total = messages * len(images) * senders
     ctx = multiprocessing.get_context("spawn")
-    procs = [
-        ctx.Process(target=send, args=(server.url, images, messages, per_message)) for _ in range(senders)
-    ]
+    procs = [ctx.Process(target=send, args=(server.url, images, messages)) for _ in range(senders)]
     redis_cpu = cpu_seconds(server.proc.pid) or 0.0
     seen = drain(server.url, total, 128, "broker@bench", 600, start=lambda: [p.start() for p in procs])
     for p in procs:
@@ -73,10 +71,9 @@ def one_round(server, images: list[dict], n: int, per_message: int, senders: int
 def run(n: int, senders: int, rounds: int) -> dict:
     from testkit.servers import RedisServer
 
-    images = chunk_images(16)
+    images = chunk_images(CHUNK)
     payload_kb = sum(len(i["pixels"]) for i in images) / len(images) / 1000
-    formats = {"chunk (16 images per message)": 16, "one image per message (before)": 1}
-    runs: dict[str, list[dict]] = {name: [] for name in formats}
+    runs: list[dict] = []
     result: dict = {
         "bench": NAME,
         "images": n,
@@ -89,29 +86,25 @@ def run(n: int, senders: int, rounds: int) -> dict:
         server = RedisServer(Path(tmp) / "redis").start()
         try:
             for r in range(rounds):
-                for name, per_message in formats.items():
-                    runs[name].append(one_round(server, images, n, per_message, senders))
-                    log(f"round {r + 1}/{rounds} {name}: {runs[name][-1]}")
+                runs.append(one_round(server, images, n, senders))
+                log(f"round {r + 1}/{rounds}: {runs[-1]}")
         finally:
             server.stop()
     keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
-    result["formats"] = {
-        name: {"median": {k: statistics.median(x[k] for x in rs) for k in keys}, "runs": rs}
-        for name, rs in runs.items()
-    }
+    result["median"] = {k: statistics.median(x[k] for x in runs) for k in keys}
+    result["runs"] = runs
     result["load_average_after"] = os.getloadavg()
     return result
 
 
 def markdown(result: dict) -> str:
-    rows = [
-        [
-            name,
-            f["median"]["images_per_s"],
-            f["median"]["redis_cpu_ms_per_image"],
-            f["median"]["redis_bound_images_per_s"],
-        ]
-        for name, f in result["formats"].items()
+    """The table of a broker result."""
+    median = result["median"]
+    row = [
+        f"chunk ({CHUNK} images per message)",
+        median["images_per_s"],
+        median["redis_cpu_ms_per_image"],
+        median["redis_bound_images_per_s"],
     ]
     head = (
         f"### Broker: the `embed` queue on one Redis ({result['images']} images of "
@@ -128,7 +121,7 @@ def markdown(result: dict) -> str:
                 "redis-server CPU-ms/image",
                 "one Redis core's bound (images/s)",
             ],
-            rows,
+            [row],
         )
     )
 
@@ -140,7 +133,7 @@ def markdown(result: dict) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")
 def main(n: int | None, senders: int, rounds: int, json_path: Path | None, smoke: bool) -> None:
-    """Images/s one Redis carries on the embed queue, chunk messages vs one image per message."""
+    """Images/s one Redis carries on the embed queue, and the bound its own CPU sets."""
     result = run(n or (320 if smoke else 8000), senders, 1 if smoke else rounds)
     path = json_path or default_json(NAME, smoke)
     save_json(result, path)
