@@ -1,32 +1,31 @@
 """Download benchmark: our download stage vs img2dataset, same loopback corpus, same machine, same run.
 
 Run: .venv/bin/python -m bench.download [--images 2000] [--latency 0.05] [--rounds 3] [--workers 2]
-                                        [--threads 64] [--json bench/results/download.json]
+                                        [--json bench/results/download.json]
      .venv/bin/python -m bench.download --smoke      (40 images, 1 round, no img2dataset: ~30 s)
-     .venv/bin/python -m bench.download --scenario mix [--mix good=0.4,http404=0.25,...]
-                                        [--mix-timeout 10] [--mix-retries 1]   (as root)
+     .venv/bin/python -m bench.download --scenario mix --images 1000   (as root)
      .venv/bin/python -m bench.download --scenario mix --smoke   (60 URLs, 2 s timeouts, ours only)
 
-`--scenario mix` is ImageNet's fall11_urls.txt as it is today, mostly dead links: good images (after
-the latency), 404s, parked-domain HTML pages, names that do not resolve (*.invalid), connects that hang
-(a port whose backlog is full), slow servers (the image dribbled), shuffled; both tools get the same
-list, timeout and retry count. The whole run re-executes itself in a private network namespace that
-holds only loopback (`unshare --net`; needs root): nothing leaves the machine, names fail at once.
+`--scenario mix` is ImageNet's fall11_urls.txt as it is today, mostly dead links (MIX_SHARES): good
+images (after the latency), 404s, parked-domain HTML pages, names that do not resolve (*.invalid),
+connects that hang (a port whose backlog is full), slow servers (the image dribbled), shuffled; both
+tools get the same list, timeout and retry count (MIX). The whole run re-executes itself in a
+private network namespace that holds only loopback (`unshare --net`; needs root): nothing leaves the
+machine, names fail at once.
 
 What runs, all on 127.0.0.1:
 - a threaded keep-alive HTTP server in its own process serving a generated corpus of ImageNet-like
   JPEGs (cached under bench/results/cache/), sleeping `--latency` seconds before each answer;
 - img2dataset, installed by this script into its own venv (bench/results/img2dataset-venv; its pins
-  never touch ours), as a subprocess: `--processes_count` = our worker count, `--thread_count` T;
+  never touch ours), as a subprocess: `--processes_count` = our worker count, `--thread_count` 64;
 - ours: a redis-server, `--workers` download workers (`python -m workers download -c 64`), the
   producer (`python -m producer submit`), and a counting sink draining the `embed` queue (it
   stands for the embed workers, which are not measured here).
 The two tools alternate, `--rounds` times each. Per run: images/s, CPU-seconds per image (all
 processes of the tool: img2dataset's whole process tree; our workers + redis-server + producer),
 peak RSS (sum over the tool's processes, sampled every 0.2 s), successes. Then single-thread costs
-of each step of both paths on the same corpus (the ceiling; the clean scenario only), among them the
-CPU per response of common.fetch, of the requests path it replaced and of a bare http.client GET, and a
-markdown table.
+of each step of our path on the same corpus (the clean scenario only), among them the CPU per
+response of common.fetch and of a bare http.client GET, and a markdown table.
 Ratios, not absolute numbers, are what to compare: the machine is shared and noisy.
 """
 
@@ -68,6 +67,9 @@ SIZE = 299
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+THREADS = 64  # img2dataset's --thread_count, and our downloads in flight per worker (-c)
+CEILING_SAMPLE = 100  # corpus images for the single-thread step costs (smoke: 20)
+QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' load to drop (smoke: 0)
 
 
 # --- corpus -----------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ class CorpusServer:
 # --- the realistic mix (what fall11_urls.txt is today: mostly dead links) ------------------------
 
 
-DEFAULT_MIX = "good=0.40,http404=0.25,dns=0.20,html=0.05,slow=0.05,hang=0.05"
+MIX_SHARES = {"good": 0.40, "http404": 0.25, "dns": 0.20, "html": 0.05, "slow": 0.05, "hang": 0.05}
 SUCCEEDS = ("good", "slow")
 NETNS_FLAG = "KOALA_BENCH_NETNS"
 
@@ -282,19 +284,8 @@ class Mix:
         }
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """`good=0.4,dns=0.2,...` as shares (normalized to sum 1)."""
-    kinds = ("good", "slow", "http404", "html", "dns", "hang")
-    shares: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        kind, _, value = part.partition("=")
-        if kind not in kinds:
-            raise click.BadParameter(f"unknown kind {kind!r} (known: {', '.join(kinds)})")
-        shares[kind] = float(value)
-    total = sum(shares.values())
-    if total <= 0:
-        raise click.BadParameter("the shares must add up to more than 0")
-    return {k: v / total for k, v in shares.items()}
+MIX = Mix(MIX_SHARES, timeout=10, retries=1, slow_s=3)  # both tools' limits on the mix
+SMOKE_MIX = Mix(MIX_SHARES, timeout=2, retries=1, slow_s=1)
 
 
 def enter_private_network() -> None:
@@ -617,96 +608,7 @@ def run_img2dataset(
     return result
 
 
-I2D_CEILING = r"""
-import io, json, sys, time, urllib.request
-import numpy as np, cv2
-from img2dataset.resizer import Resizer
-args = json.load(sys.stdin)
-datas = [open(p, "rb").read() for p in args["files"]]
-resizer = Resizer(image_size=args["size"], resize_mode="border", resize_only_if_bigger=False,
-                  encode_quality=95)
-cv2.setNumThreads(1)
-def cost(fn, items):
-    fn(items[0])
-    c0, w0 = time.thread_time(), time.perf_counter()
-    for x in items:
-        fn(x)
-    return {"cpu_ms": round((time.thread_time() - c0) / len(items) * 1e3, 2),
-            "wall_ms": round((time.perf_counter() - w0) / len(items) * 1e3, 2)}
-def fetch(url):
-    req = urllib.request.Request(url, headers={"User-Agent": "bench"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return r.read()
-def check(x):
-    out = resizer(io.BytesIO(x))
-    assert out[-1] is None, out[-1]
-out = {
-    "i2d_resizer_ms": cost(check, datas),
-    "cv2_full_decode_ms": cost(lambda x: cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED),
-                               datas),
-    "cv2_reduced2_decode_area_ms": cost(lambda x: cv2.resize(cv2.imdecode(np.frombuffer(x, np.uint8),
-                                        cv2.IMREAD_REDUCED_COLOR_2), (299, 224),
-                                        interpolation=cv2.INTER_AREA), datas),
-    "i2d_urllib_fetch_ms": cost(fetch, args["urls"]),
-}
-decoded = [cv2.imdecode(np.frombuffer(x, np.uint8), cv2.IMREAD_UNCHANGED) for x in datas]
-def area(img):
-    h, w = img.shape[:2]
-    s = 299 / max(h, w)
-    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-out["cv2_INTER_AREA_resize_ms"] = cost(area, decoded)
-small = [cv2.copyMakeBorder(area(d), 0, 299 - area(d).shape[0], 0, 299 - area(d).shape[1],
-                            cv2.BORDER_CONSTANT, value=[255, 255, 255]) for d in decoded]
-out["cv2_imencode_jpg_q95_ms"] = cost(lambda a: cv2.imencode(".jpg", a, [cv2.IMWRITE_JPEG_QUALITY, 95]),
-                                      small)
-print(json.dumps(out))
-"""
-
-
-def img2dataset_ceiling(bindir: Path, files: list[Path], urls: list[str]) -> dict:
-    """Single-thread per-image costs of img2dataset's own resizer and fetch, in its venv."""
-    payload = json.dumps(
-        {"files": [str(p) for p in files], "urls": [u + "?nolatency" for u in urls], "size": SIZE}
-    )
-    proc = subprocess.run(
-        [str(bindir / "python"), "-c", I2D_CEILING],
-        input=payload,
-        text=True,
-        capture_output=True,
-        env=clean_env(NO_ALBUMENTATIONS_UPDATE="1", PYTHONWARNINGS="ignore"),
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        return {"error": proc.stderr[-1500:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # --- ours --------------------------------------------------------------------------------------
-
-
-# `--variant before`: the workers run with the publish path as it was before the zstd payload and
-# the lean send_task (zlib payload, a repr of every message and a task-sent event per image),
-# swapped in at start-up, so one run measures what those changes bought.
-BEFORE_WORKER = """
-import sys
-from bench.download import encode_pixels_default
-from common import images
-
-images.encode_pixels = encode_pixels_default
-import workers.tasks as tasks
-from common.celery_app import EMBED_QUEUE, EMBED_TASK
-from common.state import retry_on_broker
-tasks.app.conf.task_send_sent_event = True
-
-@retry_on_broker
-def publish_embed(message):
-    tasks.app.send_task(EMBED_TASK, args=[message], queue=EMBED_QUEUE)
-
-tasks.publish_embed = publish_embed
-from workers.__main__ import main
-sys.argv[0] = "workers"
-main()
-"""
 
 
 class Fleet:
@@ -716,24 +618,21 @@ class Fleet:
         self,
         workers: int,
         concurrency: int,
-        per_host: int,
         workdir: Path,
-        variant: str | None = None,
         extra_env: dict[str, str] | None = None,
     ):
         from testkit.servers import RedisServer, worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
         self.workdir = workdir
-        self.name = f"ours+{variant}" if variant else "ours"
-        launcher = ["-c", BEFORE_WORKER] if variant == "before" else ["-m", "workers"]
+        self.name = "ours"
         self.redis = RedisServer(workdir / "redis").start()
         self.env = worker_env(
             self.redis.url,
             workdir / "out",
             **{
                 # the bench corpus is one host standing for many: the per-host cap must not bind
-                "KOALA_PER_HOST_CONNECTIONS": str(per_host),
+                "KOALA_PER_HOST_CONNECTIONS": str(concurrency),
                 "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
                 "KOALA_CHUNK_SIZE": "16",  # the default (testkit.servers sets 4)
                 "KOALA_CONNECT_TIMEOUT": "10",
@@ -757,7 +656,8 @@ class Fleet:
                     subprocess.Popen(
                         [
                             sys.executable,
-                            *launcher,
+                            "-m",
+                            "workers",
                             "download",
                             "-c",
                             str(concurrency),
@@ -833,8 +733,8 @@ class Fleet:
         next_count = 0.0
         while True:
             # The sink stands for the embed stage, which runs elsewhere. A message carries a chunk's
-            # images (or one, in the older format): it counts images, decoding only the envelope
-            # and the msgpack body; the first image's pixels are checked as the embed stage reads them.
+            # images: it counts images, decoding only the envelope and the msgpack body; the first
+            # image's pixels are checked as the embed stage reads them.
             batch = self.client.rpop("embed", 64) or []
             taken = 0
             for raw in batch:
@@ -953,8 +853,7 @@ def _cost(fn: Callable, items: list) -> dict:
 
 
 def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
-    """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback);
-    and of candidate changes, measured here by swapping the step in this process only."""
+    """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback)."""
     import msgpack
 
     from common import images
@@ -966,7 +865,6 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
 
     size = (SIZE, SIZE)
     datas = [p.read_bytes() for p in files]
-    decoded = [images.decode(d, draft_for=size) for d in datas]
     rgbs = [images.load_rgb(d, size=size) for d in datas]
     payloads = [images.encode_pixels(a) for a in rgbs]
     keys = [f"{i:032x}" for i in range(len(datas))]
@@ -986,12 +884,6 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
         "load_rgb (the worker's path: simplejpeg at a DCT scale + cykooz Lanczos-3 + pad)": _cost(
             lambda d: images.load_rgb(d, size=size), datas
         ),
-        "Pillow decode with draft (other formats' path)": _cost(
-            lambda d: images.decode(d, draft_for=size), datas
-        ),
-        "Pillow LANCZOS + pad of a drafted decode": _cost(lambda im: images.resize(im, size), decoded),
-        "Pillow decode, full size": _cost(images.decode, datas),
-        "Pillow full decode + LANCZOS + pad": _cost(lambda d: images.resize(images.decode(d), size), datas),
         "encode_pixels": _cost(images.encode_pixels, rgbs),
         "msgpack of the embed message": _cost(lambda m: msgpack.packb(m, use_bin_type=True), messages),
         "send_task to embed (serialize + LPUSH)": _cost(
@@ -1008,95 +900,18 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     return {
         "steps": steps,
         "payload_bytes": round(float(np.mean([len(p) for p in payloads]))),
-        "what_if": what_if(decoded, rgbs, messages, client, settings),
     }
 
 
 def fetch_costs(urls: list[str], policy, session, fetch: Callable) -> dict:
-    """CPU per response over loopback keep-alive (no latency), in one run: common.fetch on urllib3,
-    the requests path it replaced, and a bare http.client GET (the floor)."""
+    """CPU per response over loopback keep-alive (no latency), in one run: common.fetch on urllib3
+    and a bare http.client GET (the floor)."""
     urls = [u + "?nolatency" for u in urls]
-    before = requests_fetch_before(policy)
     floor = http_client_get(urls[0])
     return {
         "fetch (urllib3 guarded, loopback, no latency)": _cost(lambda u: fetch(u, session, policy), urls),
-        "fetch (requests, before)": _cost(before, urls),
         "GET with http.client (floor: no guards)": _cost(floor, urls),
     }
-
-
-def requests_fetch_before(policy) -> Callable[[str], bytes]:
-    """common.fetch's hot path as it was on requests (Session + guarded adapter, tenacity per call,
-    host slot, status check, capped read1 loop), so one run measures what leaving requests bought."""
-    import requests
-    import tenacity
-    from requests.adapters import HTTPAdapter
-    from urllib3.connection import HTTPConnection
-    from urllib3.connectionpool import HTTPConnectionPool
-
-    from common.fetch import FetchError, TransientError, resolve_checked
-    from common.sources import url_problem
-
-    class Guarded(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            family, kind, proto, _, addr = resolve_checked(self._dns_host, self.port, policy)[0]
-            sock = socket.socket(family, kind, proto)
-            sock.settimeout(self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.connect(addr)
-            return sock
-
-    class Adapter(HTTPAdapter):
-        def init_poolmanager(self, *args, **kwargs) -> None:
-            super().init_poolmanager(*args, **kwargs)
-            self.poolmanager.pool_classes_by_scheme = {
-                "http": type("Pool", (HTTPConnectionPool,), {"ConnectionCls": Guarded})
-            }
-
-    session = requests.Session()
-    session.trust_env = False
-    session.mount("http://", Adapter(pool_connections=256, pool_maxsize=4, max_retries=0))
-    session.headers.update({"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
-
-    def attempt(url: str, start: float) -> bytes:
-        with policy.host_slot(urlsplit(url).hostname or ""):
-            with session.get(
-                url, stream=True, timeout=(policy.connect_timeout, policy.read_timeout), allow_redirects=False
-            ) as response:
-                if response.is_redirect or not 200 <= response.status_code < 300:
-                    raise FetchError("http_error", f"HTTP {response.status_code}")
-                body = bytearray()
-                while chunk := response.raw.read1(65536, decode_content=True):
-                    body += chunk
-                    if len(body) > policy.max_bytes or time.monotonic() - start > policy.deadline:
-                        raise FetchError("too_large", "over the limit")
-                return bytes(body)
-
-    def fetch(url: str) -> bytes:
-        if problem := url_problem(url):
-            raise FetchError(*problem)
-        start = time.monotonic()
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            return max(
-                policy.backoff * 2 ** (state.attempt_number - 1),
-                getattr(state.outcome.exception(), "retry_after", 0.0),
-            )
-
-        def stop(state: tenacity.RetryCallState) -> bool:
-            late = time.monotonic() - start + wait(state) >= policy.deadline
-            return state.attempt_number > policy.retries or late
-
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(TransientError),
-            wait=wait,
-            stop=stop,
-            reraise=True,
-            sleep=time.sleep,
-        )
-        return retrying(attempt, url, start)
-
-    return fetch
 
 
 def http_client_get(url: str) -> Callable[[str], bytes]:
@@ -1112,84 +927,6 @@ def http_client_get(url: str) -> Callable[[str], bytes]:
         return conn.getresponse().read()
 
     return get
-
-
-def encode_pixels_default(arr: np.ndarray) -> bytes:
-    """encode_pixels as before zstd: zlib level 1 (tag U, which decode_pixels still reads)."""
-    import struct
-    import zlib
-
-    h, w, _ = arr.shape
-    delta = np.array(arr)
-    delta[1:] -= arr[:-1]
-    return b"U" + struct.pack(">HH", h, w) + zlib.compress(delta.data, 1)
-
-
-def what_if(decoded: list, rgbs: list[np.ndarray], messages: list[dict], client, settings) -> dict:
-    """Costs of candidate changes to our steps (nothing outside this process is changed)."""
-    import msgpack
-    from PIL import Image
-
-    from common import images
-    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
-
-    out: dict = {}
-    before = [encode_pixels_default(a) for a in rgbs]
-    smooth = _smooth_photo()
-    out["encode_pixels with zlib (before)"] = {
-        **_cost(encode_pixels_default, rgbs),
-        "bytes": round(float(np.mean([len(p) for p in before]))),
-        "smooth_photo_bytes_before_vs_now": [
-            len(encode_pixels_default(smooth)),
-            len(images.encode_pixels(smooth)),
-        ],
-    }
-    old = make_app(settings)
-    out["send_task with repr and task-sent event (before)"] = _cost(
-        lambda m: old.send_task(EMBED_TASK, args=[m], queue=EMBED_QUEUE), messages
-    )
-    client.delete(EMBED_QUEUE)
-    out["msgpack + LPUSH (no kombu envelope)"] = _cost(
-        lambda m: client.lpush("bench:raw", msgpack.packb(m, use_bin_type=True)), messages
-    )
-    client.delete("bench:raw")
-    for name, flt, gap in (
-        ("resize BILINEAR + pad", Image.Resampling.BILINEAR, None),
-        ("resize LANCZOS reducing_gap=1.5 + pad", Image.Resampling.LANCZOS, 1.5),
-    ):
-        out[name] = {
-            **_cost(lambda im, f=flt, g=gap: _pad_with(im, f, g), decoded),
-            **_difference([_pad_with(im, flt, gap) for im in decoded], rgbs),
-        }
-    return out
-
-
-def _pad_with(img, resample, reducing_gap) -> np.ndarray:
-    """common.images._pad with another filter."""
-    from PIL import Image
-
-    (w, h), (tw, th) = img.size, (SIZE, SIZE)
-    inner = (tw, max(1, round(h / w * tw))) if w / h > tw / th else (max(1, round(w / h * th)), th)
-    scaled = img.resize(inner, resample, reducing_gap=reducing_gap)
-    out = Image.new("RGB", (tw, th), (255, 255, 255))
-    out.paste(scaled, (round((tw - inner[0]) * 0.5), round((th - inner[1]) * 0.5)))
-    return np.asarray(out)
-
-
-def _difference(got: list[np.ndarray], want: list[np.ndarray]) -> dict:
-    diffs = [np.abs(g.astype(np.int16) - w.astype(np.int16)) for g, w in zip(got, want, strict=True)]
-    return {
-        "max_abs_diff": int(max(d.max() for d in diffs)),
-        "mean_abs_diff": round(float(np.mean([d.mean() for d in diffs])), 3),
-    }
-
-
-def _smooth_photo() -> np.ndarray:
-    """The smooth photo-like image images.py's payload table was measured on, at 299x299."""
-    from common import images
-    from testkit.corpus import GOOD
-
-    return images.load_rgb(GOOD["jpeg_rgb"](), size=(SIZE, SIZE))
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -1227,12 +964,6 @@ def summarize(runs: list[dict]) -> dict:
         best = max(i2d, key=lambda k: med[k]["images_per_s"] or 0)
         out["ratio_vs"] = best
         out |= _ratios(med["ours"], med[best])
-        for name in med:
-            if name.startswith("ours+"):
-                out.setdefault("variants", {})[name] = _ratios(med[name], med[best])
-    for name in med:
-        if name.startswith("ours+") and "ours" in med:
-            out.setdefault("variants_vs_ours", {})[name] = _ratios(med[name], med["ours"])
     return out
 
 
@@ -1341,7 +1072,7 @@ def markdown(result: dict) -> str:
 
 
 def _ratio_lines(result: dict, summary: dict) -> list[str]:
-    """markdown's ours-vs-img2dataset ratios and variants."""
+    """markdown's ours-vs-img2dataset ratios."""
     lines: list[str] = []
     if "ratio_images_per_s" in summary:
         lines += [
@@ -1360,16 +1091,6 @@ def _ratio_lines(result: dict, summary: dict) -> list[str]:
                 f"Steady state (start-ups excluded on both sides): images/s "
                 f"x{summary['ratio_steady_images_per_s']}"
             )
-    for title, group in (
-        ("vs " + str(summary.get("ratio_vs")), summary.get("variants", {})),
-        ("vs ours", summary.get("variants_vs_ours", {})),
-    ):
-        for name, rat in group.items():
-            lines.append(
-                f"{name} {title}: images/s x{rat['ratio_images_per_s']}, steady "
-                f"x{rat.get('ratio_steady_images_per_s')}, CPU-s per image "
-                f"x{rat['ratio_cpu_s_per_image']}  "
-            )
     return lines
 
 
@@ -1387,93 +1108,24 @@ def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
     ]
     for name, c in ceiling.get("ours", {}).get("steps", {}).items():
         lines.append(f"| ours: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
-    for name, c in ceiling.get("img2dataset", {}).items():
-        if isinstance(c, dict):
-            lines.append(f"| img2dataset: {name} | {c['cpu_ms']} | {c['wall_ms']} |")
-    what = ceiling.get("ours", {}).get("what_if", {})
-    if what:
-        lines += [
-            "",
-            "Candidate changes to our steps (measured in this process only):",
-            "",
-            "| change | CPU ms | wall ms | notes |",
-            "|---|---|---|---|",
-        ]
-        for name, c in what.items():
-            notes = ", ".join(f"{k}={v}" for k, v in c.items() if k not in ("cpu_ms", "wall_ms"))
-            lines.append(f"| {name} | {c['cpu_ms']} | {c['wall_ms']} | {notes} |")
     return lines
 
 
 @click.command()
-@click.option("--images", type=int, default=2000, show_default=True, help="corpus size")
+@click.option("--images", type=int, default=2000, show_default=True, help="corpus size (mix: URLs)")
 @click.option("--latency", type=float, default=0.05, show_default=True, help="seconds before each answer")
 @click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
 @click.option(
     "--workers", type=int, default=2, show_default=True, help="our download workers = img2dataset processes"
 )
 @click.option(
-    "--concurrency",
-    type=int,
-    default=64,
-    show_default=True,
-    help="downloads in flight per worker of ours (its fetch threads; img2dataset: --threads)",
-)
-@click.option("--threads", default="64", show_default=True, help="img2dataset --thread_count (e.g. 16,64)")
-@click.option(
-    "--ceiling-sample",
-    type=int,
-    default=100,
-    show_default=True,
-    help="corpus images for the single-thread costs (0: skip)",
-)
-@click.option(
-    "--quiet-wait",
-    type=float,
-    default=30,
-    show_default=True,
-    help="before each run, wait up to this many seconds for other jobs' load to drop",
-)
-@click.option(
-    "--variant",
-    "variants",
-    multiple=True,
-    type=click.Choice(["before"]),
-    help="also run ours with the earlier publish path swapped in (see BEFORE_WORKER)",
-)
-@click.option(
     "--scenario",
     type=click.Choice(["clean", "mix"]),
     default="clean",
     show_default=True,
-    help="clean: every URL a good image; mix: mostly dead links (see --mix), in a private network namespace",
-)
-@click.option(
-    "--mix", "mix_text", default=DEFAULT_MIX, show_default=True, help="shares of URL kinds for --scenario mix"
-)
-@click.option(
-    "--mix-timeout",
-    type=float,
-    default=10,
-    show_default=True,
-    help="mix: img2dataset --timeout; ours: connect and read timeouts",
-)
-@click.option(
-    "--mix-retries",
-    type=int,
-    default=1,
-    show_default=True,
-    help="mix: img2dataset --retries and ours KOALA_RETRIES",
-)
-@click.option(
-    "--slow-seconds",
-    type=float,
-    default=3,
-    show_default=True,
-    help="mix: seconds a slow server takes to dribble an image",
+    help="clean: every URL a good image; mix: mostly dead links (MIX_SHARES), in a private network namespace",
 )
 @click.option("--smoke", is_flag=True, help="40 images (mix: 60, 2 s timeouts), 1 round, no img2dataset")
-@click.option("--no-img2dataset", is_flag=True, help="measure ours only")
 @click.option(
     "--json",
     "json_path",
@@ -1481,136 +1133,29 @@ def _ceiling_lines(ceiling: dict, cfg: dict) -> list[str]:
     default=None,
     help="default bench/results/download[-mix][-smoke].json",
 )
-def main(  # noqa: C901 - the steps in order, branching on options
-    images: int,
-    latency: float,
-    rounds: int,
-    workers: int,
-    concurrency: int,
-    threads: str,
-    ceiling_sample: int,
-    quiet_wait: float,
-    variants: tuple[str, ...],
-    scenario: str,
-    mix_text: str,
-    mix_timeout: float,
-    mix_retries: int,
-    slow_seconds: float,
-    smoke: bool,
-    no_img2dataset: bool,
-    json_path: str | None,
+def main(
+    images: int, latency: float, rounds: int, workers: int, scenario: str, smoke: bool, json_path: str | None
 ) -> None:
     """Download + resize throughput and CPU: ours vs img2dataset on a loopback corpus."""
+    mix = (SMOKE_MIX if smoke else MIX) if scenario == "mix" else None
     if smoke:
-        images, rounds, no_img2dataset, ceiling_sample, quiet_wait = 40, 1, True, min(ceiling_sample, 20), 0
-    mix = None
-    if scenario == "mix":
-        if smoke:
-            images, mix_timeout, slow_seconds = 60, min(mix_timeout, 2), min(slow_seconds, 1)
-        mix = Mix(parse_mix(mix_text), mix_timeout, mix_retries, slow_seconds)
-        ceiling_sample = 0  # the single-thread step costs are the clean scenario's
-        ensure_corpus(images)  # what needs the network (pip) or many files, before leaving it
-        if not no_img2dataset:
-            ensure_img2dataset()
-        enter_private_network()
-    thread_counts = [int(t) for t in threads.split(",") if t.strip()]
+        images, rounds = (60 if mix else 40), 1
+    if mix:
+        leave_the_network(images, smoke)
     default_name = f"download{'-mix' if mix else ''}{'-smoke' if smoke else ''}.json"
     json_out = Path(json_path) if json_path else RESULTS / default_name
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tmp").mkdir(exist_ok=True)
-    command = "python -m bench.download " + " ".join(sys.argv[1:])
+    (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
     paths = ensure_corpus(images)
-    result: dict = {
-        "config": {
-            "command": command.strip(),
-            "scenario": scenario,
-            "images": images,
-            "latency": latency,
-            "rounds": rounds,
-            "workers": workers,
-            "concurrency": concurrency,
-            "img2dataset_threads": thread_counts,
-            "ceiling_sample": ceiling_sample,
-            "cpu_count": os.cpu_count(),
-            "per_host_connections": concurrency,
-            "chunk_size": 16,
-        },
-        "corpus": corpus_stats(paths),
-        "runs": [],
-    }
+    sample = 0 if mix else (20 if smoke else CEILING_SAMPLE)  # the step costs are the clean scenario's
+    config = config_of(scenario, images, latency, rounds, workers, sample)
+    result: dict = {"config": config, "corpus": corpus_stats(paths), "runs": []}
     if mix:
         result["network"] = check_private_network()
-    bindir = _find_img2dataset(result, no_img2dataset)
-    server = CorpusServer(images, latency, slow_seconds, any_address=mix is not None)
-    url_list = RESULTS / "tmp" / f"urls-{scenario}-{images}.txt"
-    urls = server.urls(images)
-    expected = images
-    if mix:
-        mixed, counts = mix.urls(server, images)
-        expected = sum(counts.get(k, 0) for k in SUCCEEDS)
-        result["config"]["mix"] = {
-            "counts": counts,
-            "expected_successes": expected,
-            "timeout_s": mix.timeout,
-            "retries": mix.retries,
-            "slow_s": mix.slow_s,
-            "our_deadline_s": 60,
-            "our_retry_backoff_s": 1,
-        }
-    url_list.write_text("\n".join(mixed if mix else urls) + "\n")
-    timeout = max(120.0, images / 5) + (2 * (mix.retries + 1) * mix.timeout + mix.slow_s if mix else 0)
-    i2d_limits = {"fetch_timeout": mix.timeout, "retries": mix.retries} if mix else {}
-    fleets: list[Fleet] = []
+    bindir = _find_img2dataset(result, smoke)
+    server = CorpusServer(images, latency, mix.slow_s if mix else 3.0, any_address=mix is not None)
     try:
-        for variant in (None, *variants):
-            name = f"fleet-{variant}" if variant else "fleet"
-            fleets.append(
-                Fleet(
-                    workers,
-                    concurrency,
-                    concurrency,
-                    RESULTS / "tmp" / name,
-                    variant,
-                    mix.our_env() if mix else None,
-                )
-            )
-            result.setdefault(
-                "ours_startup", {"wall_s": fleets[0].startup_s, "cpu_s": fleets[0].startup_cpu_s}
-            )
-        if bindir:
-            fixed = run_img2dataset(bindir, _one_url_list(urls), 1, workers, thread_counts[0], server, 120)
-            result["img2dataset_fixed_cost_1_image"] = {
-                "wall_s": fixed["wall_s"],
-                "cpu_s": fixed["cpu_s"],
-                "peak_rss_mb": fixed["peak_rss_mb"],
-            }
-        for round_no in range(1, rounds + 1):
-            if bindir:
-                for t in thread_counts:
-                    before = wait_quiet(quiet_wait) if quiet_wait else None
-                    r = run_img2dataset(bindir, url_list, images, workers, t, server, timeout, **i2d_limits)
-                    log(
-                        f"round {round_no} img2dataset T={t}: {r['images_per_s']} img/s, "
-                        f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}"
-                    )
-                    result["runs"].append(
-                        {"round": round_no, "others_before_cores": before, "expected": expected, **r}
-                    )
-            for fleet in fleets:
-                before = wait_quiet(quiet_wait) if quiet_wait else None
-                r = fleet.run(url_list, images, server, timeout)
-                log(
-                    f"round {round_no} {fleet.name}: {r['images_per_s']} img/s, "
-                    f"{r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}"
-                )
-                result["runs"].append(
-                    {"round": round_no, "others_before_cores": before, "expected": expected, **r}
-                )
-        if ceiling_sample:
-            result["ceiling"] = _ceilings(paths[:ceiling_sample], urls, fleets[0], bindir)
+        compare(result, server, mix, bindir, paths, 0 if smoke else QUIET_WAIT)
     finally:
-        for fleet in fleets:
-            fleet.stop()
         server.stop()
     result["summary"] = summarize(result["runs"])
     json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -1618,6 +1163,116 @@ def main(  # noqa: C901 - the steps in order, branching on options
     table = markdown(result)
     json_out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def leave_the_network(images: int, smoke: bool) -> None:
+    """Before the mix: what needs the network (pip) or many files, then the private namespace."""
+    ensure_corpus(images)
+    if not smoke:
+        ensure_img2dataset()
+    enter_private_network()
+
+
+def config_of(scenario: str, images: int, latency: float, rounds: int, workers: int, sample: int) -> dict:
+    """The run's settings, as the JSON and the tables report them."""
+    return {
+        "command": ("python -m bench.download " + " ".join(sys.argv[1:])).strip(),
+        "scenario": scenario,
+        "images": images,
+        "latency": latency,
+        "rounds": rounds,
+        "workers": workers,
+        "concurrency": THREADS,
+        "img2dataset_threads": [THREADS],
+        "ceiling_sample": sample,
+        "cpu_count": os.cpu_count(),
+        "per_host_connections": THREADS,
+        "chunk_size": 16,
+    }
+
+
+def compare(
+    result: dict, server: CorpusServer, mix: Mix | None, bindir: Path | None, paths: list[Path], quiet: float
+) -> None:
+    """The rounds (img2dataset, then ours) and our single-thread step costs, into `result`."""
+    cfg = result["config"]
+    n, workers = cfg["images"], cfg["workers"]
+    urls = server.urls(n)
+    url_list, expected = write_url_list(result, server, mix, urls)
+    timeout = max(120.0, n / 5) + (2 * (mix.retries + 1) * mix.timeout + mix.slow_s if mix else 0)
+    limits = {"fetch_timeout": mix.timeout, "retries": mix.retries} if mix else {}
+    fleet = Fleet(workers, THREADS, RESULTS / "tmp" / "fleet", mix.our_env() if mix else None)
+    try:
+        result["ours_startup"] = {"wall_s": fleet.startup_s, "cpu_s": fleet.startup_cpu_s}
+        if bindir:
+            result["img2dataset_fixed_cost_1_image"] = img2dataset_fixed_cost(
+                bindir, urls[0], workers, server
+            )
+        for round_no in range(1, cfg["rounds"] + 1):
+            if bindir:
+                result["runs"].append(
+                    one_run(
+                        f"round {round_no} img2dataset T={THREADS}",
+                        lambda: run_img2dataset(
+                            bindir, url_list, n, workers, THREADS, server, timeout, **limits
+                        ),
+                        round_no,
+                        expected,
+                        quiet,
+                    )
+                )
+            ours = one_run(
+                f"round {round_no} ours",
+                lambda: fleet.run(url_list, n, server, timeout),
+                round_no,
+                expected,
+                quiet,
+            )
+            result["runs"].append(ours)
+        if cfg["ceiling_sample"]:
+            result["ceiling"] = _ceilings(paths[: cfg["ceiling_sample"]], urls, fleet)
+    finally:
+        fleet.stop()
+
+
+def write_url_list(result: dict, server: CorpusServer, mix: Mix | None, urls: list[str]) -> tuple[Path, int]:
+    """The URL list both tools get (clean: the corpus; mix: its kinds shuffled) and how many can succeed."""
+    cfg = result["config"]
+    path = RESULTS / "tmp" / f"urls-{cfg['scenario']}-{cfg['images']}.txt"
+    if mix is None:
+        path.write_text("\n".join(urls) + "\n")
+        return path, cfg["images"]
+    mixed, counts = mix.urls(server, cfg["images"])
+    expected = sum(counts.get(k, 0) for k in SUCCEEDS)
+    cfg["mix"] = {
+        "counts": counts,
+        "expected_successes": expected,
+        "timeout_s": mix.timeout,
+        "retries": mix.retries,
+        "slow_s": mix.slow_s,
+        "our_deadline_s": 60,
+        "our_retry_backoff_s": 1,
+    }
+    path.write_text("\n".join(mixed) + "\n")
+    return path, expected
+
+
+def one_run(label: str, run: Callable[[], dict], round_no: int, expected: int, quiet: float) -> dict:
+    """One run, after waiting (at most `quiet` s) for a quiet machine; logged, with its round."""
+    before = wait_quiet(quiet) if quiet else None
+    r = run()
+    log(
+        f"{label}: {r['images_per_s']} img/s, {r['cpu_s_per_image']:.4f} CPU-s/img, {r['success']}/{expected}"
+    )
+    return {"round": round_no, "others_before_cores": before, "expected": expected, **r}
+
+
+def img2dataset_fixed_cost(bindir: Path, url: str, workers: int, server: CorpusServer) -> dict:
+    """img2dataset's start-up: wall, CPU and peak RSS of a run over one URL."""
+    path = RESULTS / "tmp" / "urls-1.txt"
+    path.write_text(url + "\n")
+    fixed = run_img2dataset(bindir, path, 1, workers, THREADS, server, 120)
+    return {k: fixed[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")}
 
 
 def _find_img2dataset(result: dict, skip: bool) -> Path | None:
@@ -1631,19 +1286,10 @@ def _find_img2dataset(result: dict, skip: bool) -> Path | None:
     return bindir
 
 
-def _ceilings(sample: list[Path], urls: list[str], fleet: Fleet, bindir: Path | None) -> dict:
-    """Single-thread step costs on `sample` (corpus files and their URLs): ours, and img2dataset's."""
+def _ceilings(sample: list[Path], urls: list[str], fleet: Fleet) -> dict:
+    """Single-thread step costs of our path on `sample` (corpus files and their URLs)."""
     fleet.reset()
-    ceiling = {"ours": our_ceiling(sample, urls[: len(sample)], fleet.redis.url)}
-    if bindir:
-        ceiling["img2dataset"] = img2dataset_ceiling(bindir, sample, urls[: len(sample)])
-    return ceiling
-
-
-def _one_url_list(urls: list[str]) -> Path:
-    path = RESULTS / "tmp" / "urls-1.txt"
-    path.write_text(urls[0] + "\n")
-    return path
+    return {"ours": our_ceiling(sample, urls[: len(sample)], fleet.redis.url)}
 
 
 if __name__ == "__main__":
