@@ -379,9 +379,10 @@ def watch_worker(worker: EmbedWorker, client, n: int, batch_size: int, timeout: 
 def count_records(out: Path) -> dict:
     """Records and distinct keys in the finalized shards (no TensorFlow), and leftover temp shards."""
     from common import records
+    from common.shards import SHARD_GLOB
 
     keys = []
-    shards = sorted(out.glob(records.SHARD_GLOB))
+    shards = sorted(out.glob(SHARD_GLOB))
     for shard in shards:
         keys += [records.example_key(data) for _, _, data in records.iter_examples(shard)]
     return {
@@ -442,6 +443,7 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     """EmbedStage.process on the batches with its parts timed, in this process."""
     from common import images, lab, records
     from common.settings import Settings
+    from common.shards import ShardWriter
     from common.state import JobState
     from workers.embed import EmbedStage
 
@@ -449,7 +451,7 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     register_downloaded(client, payloads, prefix)
     settings = Settings(broker_url=redis_url, output_dir=out)
     state = JobState(client, prefix)
-    writer = records.ShardWriter(out, "steps@bench", examples_per_shard=500)
+    writer = ShardWriter(out, "steps@bench", examples_per_shard=500)
     timers = Timers()
     stage = EmbedStage(settings, state, "steps@bench", timers.wrap("model", embedder.embed), writer)
     stage.infer = timers.wrap("infer", stage.infer)  # model + lab wait

@@ -17,6 +17,7 @@ import click
 import numpy as np
 
 from common import records
+from common.shards import ShardWriter
 
 
 def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -63,7 +64,7 @@ def per_second(fn, n: int) -> float:
 def writing(n: int, compression: str, data: list[bytes]) -> dict:
     """MB/s and shard size for one shard of n records with the given compression."""
     with tempfile.TemporaryDirectory() as tmp:
-        writer = records.ShardWriter(Path(tmp), "bench", examples_per_shard=n, compression=compression)
+        writer = ShardWriter(Path(tmp), "bench", examples_per_shard=n, compression=compression)
         start = time.perf_counter()
         for i in range(0, n, 16):
             writer.append(data[i : i + 16])

@@ -250,7 +250,7 @@ def run(
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def split(val_fraction: float, directory: Path) -> None:
     """Rename a deterministic choice of finalized shards in DIRECTORY to val_... (idempotent)."""
-    from common.records import split_validation
+    from common.shards import split_validation
 
     try:
         renamed = split_validation(directory, val_fraction)

@@ -10,7 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE
-from common.records import finished_shards
+from common.shards import finished_shards
 from common.state import JobState, retry_on_broker
 
 STAGES = ("downloaded", "written", "failed")

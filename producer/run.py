@@ -216,7 +216,7 @@ def disk_warning(out_dir: Path, items: int | None, lab_size: int) -> str | None:
 
 def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: dict) -> dict:
     """What summary.json holds."""
-    from common.records import finished_shards
+    from common.shards import finished_shards
 
     shards = finished_shards(out_dir)
     return {

@@ -30,6 +30,7 @@ from common import images, lab, records
 from common.failures import ItemError
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
 from common.settings import Settings, get_settings
+from common.shards import ShardWriter
 from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
 from common.state import Failure, now
 
@@ -386,7 +387,7 @@ def batched(items: list[T], n: int) -> list[list[T]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def append_exact(writer: records.ShardWriter, serialized: list[bytes]) -> None:
+def append_exact(writer: ShardWriter, serialized: list[bytes]) -> None:
     """Append records so that every shard holds exactly examples_per_shard records (the last fewer)."""
     while serialized:
         room = writer.examples_per_shard - writer.count
@@ -404,7 +405,7 @@ class LabBatcher:
         embed: Callable[[np.ndarray], np.ndarray],
         mode: str,
         lab_size: int,
-        writer: records.ShardWriter,
+        writer: ShardWriter,
         failures: FailureLog,
         embed_lab: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     ):
@@ -549,7 +550,7 @@ def lab_batch(
     )
     failures = FailureLog(out)
     per_shard = examples_per_shard or settings.examples_per_shard
-    writer = records.ShardWriter(
+    writer = ShardWriter(
         out, NODE, examples_per_shard=per_shard, max_age=math.inf, compression=settings.compression
     )
     on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device

@@ -32,6 +32,7 @@ from pathlib import Path
 import redis
 
 from common import records
+from common.shards import SHARD_GLOB, SHARD_PREFIX
 from testkit.checkpoint import fake_checkpoint_in
 from testkit.servers import ImageServer, RedisServer, worker_env
 
@@ -341,7 +342,7 @@ def verify(fleet: Fleet) -> Verdict:
     for path in sorted(fleet.out.iterdir()):
         if path.name.startswith(".") and path.name.endswith((".tmp", ".partial")):
             v.problems.append(f"leftover {path.name}")
-        elif path.name.startswith(records.SHARD_PREFIX):
+        elif path.name.startswith(SHARD_PREFIX):
             v.problems += check_shard(path, seen, owner)
     state = fleet.client()
     failures = Counter(e[1][b"key"].decode() for e in state.xrange("koala:failures"))
@@ -422,7 +423,7 @@ def check_counters(fleet: Fleet, n_good: int, n_bad: int) -> list[str]:
         problems.append(f"failures_by_reason {s['failures_by_reason']} does not sum to {s['failed']}")
     if s["queues"]["download"] or s["queues"]["embed"]:
         problems.append(f"queues not empty: {s['queues']}")
-    shards = len([p for p in fleet.out.glob(records.SHARD_GLOB)])
+    shards = len([p for p in fleet.out.glob(SHARD_GLOB)])
     if s["shards"] != shards:
         problems.append(f"status shards {s['shards']} != {shards} on disk")
     return problems

@@ -172,11 +172,12 @@ class Stack:
 
     def shard_keys(self) -> Counter:
         from common import records
+        from common.shards import SHARD_GLOB
 
         out = self.data / "tfrecords"
         return Counter(
             records.example_key(data).decode()
-            for shard in out.glob(records.SHARD_GLOB)
+            for shard in out.glob(SHARD_GLOB)
             for _, _, data in records.iter_examples(shard)
         )
 

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from common import records
+from common.shards import ShardWriter
 from workers import embed
 
 
@@ -30,7 +30,7 @@ def die_after(owner: object, attr: str, calls: int) -> None:
 POINTS = {
     "prepared": (embed.EmbedStage, "prepare"),
     "inferred": (embed.EmbedStage, "infer"),
-    "appended": (records.ShardWriter, "append"),
+    "appended": (ShardWriter, "append"),
     "claimed": (embed.EmbedStage, "write"),
 }
 

@@ -35,7 +35,7 @@ def md5(text: str) -> str:
 
 
 def read_records(out_dir: Path) -> list[dict]:
-    from common.records import read_dataset
+    from common.dataset import read_dataset
 
     files = sorted(str(p) for p in out_dir.glob("lab_images_*.tfrecord*"))
     return [{k: v.numpy() for k, v in r.items()} for r in read_dataset(files)] if files else []

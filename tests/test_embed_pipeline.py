@@ -14,6 +14,7 @@ import pytest
 from common import records
 from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
 from common.settings import Settings
+from common.shards import SHARD_GLOB
 from common.state import JobState
 from testkit import ROOT
 from testkit.fleet import Workers, wait_for
@@ -40,7 +41,7 @@ def queue(redis_url: str, state: JobState, images: list[dict], per_message: int)
 def keys_in_shards(out: Path) -> list[str]:
     return sorted(
         records.example_key(data).decode()
-        for shard in out.glob(records.SHARD_GLOB)
+        for shard in out.glob(SHARD_GLOB)
         for _, _, data in records.iter_examples(shard)
     )
 

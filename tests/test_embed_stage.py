@@ -11,6 +11,7 @@ import pytest
 
 from common import images, records
 from common.settings import Settings
+from common.shards import SHARD_GLOB, ShardWriter, shard_name, split_validation
 from common.state import JobState
 from workers.embed import EmbedStage, recover, shard_token
 
@@ -34,14 +35,14 @@ def state(rclient) -> JobState:
 
 def stage(tmp_path: Path, state: JobState, node: str, per_shard: int = 100) -> EmbedStage:
     settings = Settings(output_dir=tmp_path)
-    writer = records.ShardWriter(tmp_path, node, examples_per_shard=per_shard)
+    writer = ShardWriter(tmp_path, node, examples_per_shard=per_shard)
     return EmbedStage(settings, state, node, fake_embed, writer)
 
 
 def names_in(out: Path) -> list[str]:
     return sorted(
         records.example_bytes_feature(data, b"image_name").decode()
-        for shard in out.glob(records.SHARD_GLOB)
+        for shard in out.glob(SHARD_GLOB)
         for _, _, data in records.iter_examples(shard)
     )
 
@@ -134,7 +135,7 @@ def test_split_marks_a_deterministic_idempotent_choice(tmp_path):
     import sys
 
     for n in range(10):
-        (tmp_path / records.shard_name("node", n)).write_bytes(b"")
+        (tmp_path / shard_name("node", n)).write_bytes(b"")
     (tmp_path / ".lab_images_node_00010.tfrecord.tmp").write_bytes(b"")
 
     def run() -> subprocess.CompletedProcess:
@@ -155,9 +156,9 @@ def test_split_marks_a_deterministic_idempotent_choice(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     for n in range(10):
-        (other / records.shard_name("node", n)).write_bytes(b"")
-    assert sorted(p.name for p in records.split_validation(other, 0.2)) == val
-    assert len(records.split_validation(tmp_path / "other", 0.01)) == 0  # at least one: already
+        (other / shard_name("node", n)).write_bytes(b"")
+    assert sorted(p.name for p in split_validation(other, 0.2)) == val
+    assert len(split_validation(tmp_path / "other", 0.01)) == 0  # at least one: already
 
 
 def test_a_chunk_with_images_already_written_elsewhere_writes_only_the_others(tmp_path, state):

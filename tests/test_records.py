@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import lab, records
+from common import dataset, lab, records, shards
 
 S = 16  # small Lab images keep the writer tests fast; the format does not depend on S
 
@@ -187,11 +187,11 @@ def test_framing_matches_tf_writer(tmp_path: Path) -> None:
 
 
 def visible(out: Path) -> list[str]:
-    return sorted(p.name for p in out.glob(records.SHARD_GLOB))
+    return sorted(p.name for p in out.glob(shards.SHARD_GLOB))
 
 
 def test_rotation_by_count(tmp_path: Path) -> None:
-    w = records.ShardWriter(tmp_path, "node-a", examples_per_shard=5)
+    w = shards.ShardWriter(tmp_path, "node-a", examples_per_shard=5)
     for b in range(5):  # batches of 2: a shard fills at 6 records, never split
         path, start, end = w.append([record(2 * b), record(2 * b + 1)])
         assert path.name.startswith(".lab_images_node-a_") and path.name.endswith(".tmp")
@@ -206,7 +206,7 @@ def test_rotation_by_count(tmp_path: Path) -> None:
 
 
 def test_full_shard_finalized_by_next_append(tmp_path: Path) -> None:
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=2)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=2)
     first, _, _ = w.append([record(0), record(1)])
     assert visible(tmp_path) == []  # not inside the append that filled it
     second, _, _ = w.append([record(2)])
@@ -216,7 +216,7 @@ def test_full_shard_finalized_by_next_append(tmp_path: Path) -> None:
 
 
 def test_rotation_by_age(tmp_path: Path) -> None:
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=100, max_age=0.3)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=100, max_age=0.3)
     w.append([record(0)])
     assert w.maybe_rotate() is None
     import time
@@ -239,23 +239,23 @@ def test_names_continue_after_highest_on_disk(tmp_path: Path) -> None:
         "lab_images_n_00002.tfrecord.zlib",
     ]:
         (tmp_path / name).write_bytes(b"")
-    assert records.highest_number(tmp_path, "n") == 7
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=1)
+    assert shards.highest_number(tmp_path, "n") == 7
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=1)
     assert w.append([record(0)])[0].name == ".lab_images_n_00008.tfrecord.tmp"
     w.append([record(1)])
     w.close()
     assert [p.name for p in w.finalized] == ["lab_images_n_00008.tfrecord", "lab_images_n_00009.tfrecord"]
-    w2 = records.ShardWriter(tmp_path, "n")
+    w2 = shards.ShardWriter(tmp_path, "n")
     w2.append([record(2)])
     assert w2.close() == tmp_path / "lab_images_n_00010.tfrecord"
 
 
 def test_node_names_are_sanitised(tmp_path: Path) -> None:
-    assert records.safe_node("embed@host:1/gpu 0") == "embed-host-1-gpu-0"
-    assert records.safe_node("a.b_c-D9") == "a.b_c-D9"
+    assert shards.safe_node("embed@host:1/gpu 0") == "embed-host-1-gpu-0"
+    assert shards.safe_node("a.b_c-D9") == "a.b_c-D9"
     with pytest.raises(ValueError):
-        records.safe_node("")
-    w = records.ShardWriter(tmp_path, "embed@host")
+        shards.safe_node("")
+    w = shards.ShardWriter(tmp_path, "embed@host")
     w.append([record(0)])
     assert w.close() == tmp_path / "lab_images_embed-host_00000.tfrecord"
 
@@ -264,16 +264,16 @@ def test_node_names_are_sanitised(tmp_path: Path) -> None:
 def test_compressed_shards_read_back(tmp_path: Path, compression: str) -> None:
     import tensorflow as tf
 
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=3, compression=compression)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=3, compression=compression)
     for i in range(0, 7, 2):
         w.append([record(i), record(i + 1)])
         w.maybe_rotate()
     w.close()
-    ext = records.EXTENSIONS[compression]
+    ext = shards.EXTENSIONS[compression]
     assert visible(tmp_path) == [f"lab_images_n_{n:05d}.tfrecord{ext}" for n in range(2)]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert [k for p in w.finalized for k in keys_in(p)] == [key(i) for i in range(8)]
-    ds = records.read_dataset(str(tmp_path / records.SHARD_GLOB), lab_size=S)
+    ds = dataset.read_dataset(str(tmp_path / shards.SHARD_GLOB), lab_size=S)
     got = list(ds.as_numpy_iterator())
     assert len(got) == 8
     for i, ex in enumerate(got):
@@ -290,7 +290,7 @@ def test_read_dataset_mixed_files_and_missing_extras(tmp_path: Path) -> None:
     import tensorflow as tf
 
     for compression in ("none", "gzip"):
-        with records.ShardWriter(tmp_path, compression, compression=compression) as w:
+        with shards.ShardWriter(tmp_path, compression, compression=compression) as w:
             w.append([record(0 if compression == "none" else 1)])
     ex = tf_example(fields(2))
     del ex.features.feature["image_key"]
@@ -301,23 +301,23 @@ def test_read_dataset_mixed_files_and_missing_extras(tmp_path: Path) -> None:
         str(tmp_path / name)
         for name in ("lab_images_none_00000.tfrecord", "lab_images_gzip_00000.tfrecord.gz", "old.tfrecord")
     ]
-    got = list(records.read_dataset(files, lab_size=S).as_numpy_iterator())
+    got = list(dataset.read_dataset(files, lab_size=S).as_numpy_iterator())
     assert [g["image_key"] for g in got] == [key(0), b"", key(1)]  # grouped by compression
     assert got[1]["image_source"] == b"" and got[1]["image_name"] == fields(2)["name"]
     with pytest.raises(FileNotFoundError):
-        records.read_dataset(str(tmp_path / "nothing_*.tfrecord"))
+        dataset.read_dataset(str(tmp_path / "nothing_*.tfrecord"))
 
 
 def test_readers_never_see_half_a_shard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write = records._write_final
+    write = shards._write_final
 
     def spy(src: Path, dst: Path, *args: object) -> None:
         before = visible(tmp_path)
         write(src, dst, *args)  # type: ignore[arg-type]
         assert dst.name.startswith(".") and visible(tmp_path) == before  # compressed, not yet published
 
-    monkeypatch.setattr(records, "_write_final", spy)
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=4, compression="gzip")
+    monkeypatch.setattr(shards, "_write_final", spy)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=4, compression="gzip")
     done: dict[str, int] = {}
     for b in range(9):
         w.append([record(b), record(100 + b)])
@@ -331,7 +331,7 @@ def test_readers_never_see_half_a_shard(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_no_temp_after_close(tmp_path: Path) -> None:
-    w = records.ShardWriter(tmp_path, "n")
+    w = shards.ShardWriter(tmp_path, "n")
     assert w.close() is None and list(tmp_path.iterdir()) == []  # nothing was opened
     path, start, _ = w.append([record(0)])
     w.truncate_to(start)
@@ -342,7 +342,7 @@ def test_no_temp_after_close(tmp_path: Path) -> None:
 
 
 def test_truncate_to_drops_a_batch(tmp_path: Path) -> None:
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=3)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=3)
     p0, _, mid = w.append([record(0), record(1)])
     p1, start, end = w.append([record(2), record(3)])  # now full
     assert p1 == p0 and start == mid and p0.stat().st_size == end
@@ -359,7 +359,7 @@ def test_truncate_to_drops_a_batch(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])
 def test_discard_drops_records_when_finalizing(tmp_path: Path, compression: str) -> None:
-    w = records.ShardWriter(tmp_path, "n", examples_per_shard=4, compression=compression)
+    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=4, compression=compression)
     path, _, _ = w.append([record(0), record(1)])
     _, start, _ = w.append([record(2), record(3), record(4)])
     w.discard(start, [True, False, True])  # record 3 was claimed by another shard
@@ -379,11 +379,11 @@ def test_discard_drops_records_when_finalizing(tmp_path: Path, compression: str)
 
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        records.ShardWriter(tmp_path, "n", compression="lz4")
+        shards.ShardWriter(tmp_path, "n", compression="lz4")
     with pytest.raises(ValueError):
-        records.ShardWriter(tmp_path, "n", examples_per_shard=0)
+        shards.ShardWriter(tmp_path, "n", examples_per_shard=0)
     with pytest.raises(ValueError):
-        records.ShardWriter(tmp_path, "n").truncate_to(0)  # nothing open
+        shards.ShardWriter(tmp_path, "n").truncate_to(0)  # nothing open
 
 
 # ---- recovery ---------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_kill_mid_record_cuts_only_the_torn_one(tmp_path: Path, cut: int) -> Non
     path = temp_shard(tmp_path, "n", 0, [0, 1, 2], tail=torn[:cut])
     spans, end = records.scan_records(path)
     assert spans == spans_of([0, 1, 2]) and end == spans[-1][1]
-    assert records.recover_temp_shards(tmp_path, "n") == [path]
+    assert shards.recover_temp_shards(tmp_path, "n") == [path]
     assert path.stat().st_size == end and keys_in(path) == [key(i) for i in (0, 1, 2)]
 
 
@@ -438,43 +438,43 @@ def test_recovery_keeps_chosen_and_finalizes(tmp_path: Path) -> None:
     other = temp_shard(tmp_path, "n_x", 0, [5], tail=b"junk")
     partial = tmp_path / ".lab_images_n_00004.tfrecord.gz.partial"
     partial.write_bytes(b"half a gzip")
-    assert records.recover_temp_shards(tmp_path, "n") == [mine]
+    assert shards.recover_temp_shards(tmp_path, "n") == [mine]
     assert not partial.exists() and other.read_bytes().endswith(b"junk")  # other nodes untouched
     keep = {key(1), key(3)}
-    assert records.rewrite_shard(mine, lambda d: records.example_key(d) in keep) == 2
+    assert shards.rewrite_shard(mine, lambda d: records.example_key(d) in keep) == 2
     assert keys_in(mine) == [key(1), key(3)] and not any(tmp_path.glob("*.partial"))
-    final = records.finalize_temp(mine, "gzip")
+    final = shards.finalize_temp(mine, "gzip")
     assert final == tmp_path / "lab_images_n_00004.tfrecord.gz" and not mine.exists()
-    got = list(records.read_dataset(str(final), lab_size=S).as_numpy_iterator())
+    got = list(dataset.read_dataset(str(final), lab_size=S).as_numpy_iterator())
     assert [g["image_key"] for g in got] == [key(1), key(3)]
-    assert records.recover_temp_shards(tmp_path) == [other]  # all nodes
+    assert shards.recover_temp_shards(tmp_path) == [other]  # all nodes
     assert keys_in(other) == [key(5)]
 
 
 def test_finalize_temp_edge_cases(tmp_path: Path) -> None:
     empty = temp_shard(tmp_path, "n", 0, [])
-    assert records.finalize_temp(empty, "gzip") is None and not empty.exists()
+    assert shards.finalize_temp(empty, "gzip") is None and not empty.exists()
     # a crash between publishing a final and deleting the temp, then a restart with another setting
     temp = temp_shard(tmp_path, "n", 1, [0, 1])
     (tmp_path / "lab_images_n_00001.tfrecord.zlib").write_bytes(b"stale")
-    assert records.rewrite_shard(temp, lambda d: True) == 2
-    assert records.finalize_temp(temp, "none") == tmp_path / "lab_images_n_00001.tfrecord"
+    assert shards.rewrite_shard(temp, lambda d: True) == 2
+    assert shards.finalize_temp(temp, "none") == tmp_path / "lab_images_n_00001.tfrecord"
     assert visible(tmp_path) == ["lab_images_n_00001.tfrecord"] and not temp.exists()
     assert keys_in(tmp_path / "lab_images_n_00001.tfrecord") == [key(0), key(1)]
     with pytest.raises(ValueError):
-        records.finalize_temp(tmp_path / "lab_images_n_00001.tfrecord")
+        shards.finalize_temp(tmp_path / "lab_images_n_00001.tfrecord")
 
 
 def test_writer_after_a_killed_writer(tmp_path: Path) -> None:
-    dead = records.ShardWriter(tmp_path, "n")
+    dead = shards.ShardWriter(tmp_path, "n")
     path, _, _ = dead.append([record(0), record(1)])
     with open(path, "ab") as f:  # the kill tore the next write
         f.write(records.frame_record(record(2))[:777])
-    w = records.ShardWriter(tmp_path, "n")  # a restart does not collide with the leftover temp
+    w = shards.ShardWriter(tmp_path, "n")  # a restart does not collide with the leftover temp
     w.append([record(3)])
     assert w.close() == tmp_path / "lab_images_n_00001.tfrecord"
-    (temp,) = records.recover_temp_shards(tmp_path, "n")
-    assert temp == path and records.finalize_temp(temp, "none") == tmp_path / "lab_images_n_00000.tfrecord"
+    (temp,) = shards.recover_temp_shards(tmp_path, "n")
+    assert temp == path and shards.finalize_temp(temp, "none") == tmp_path / "lab_images_n_00000.tfrecord"
     assert keys_in(tmp_path / "lab_images_n_00000.tfrecord") == [key(0), key(1)]
 
 
@@ -491,6 +491,6 @@ def test_truncation_anywhere_keeps_exactly_the_whole_records(sizes: list[int], d
         path = Path(d) / ".lab_images_p_00000.tfrecord.tmp"
         path.write_bytes(blob[:cut])
         assert records.scan_records(path) == (whole, whole[-1][1] if whole else 0)
-        records.recover_temp_shards(Path(d), "p")
+        shards.recover_temp_shards(Path(d), "p")
         assert [e[2] for e in records.iter_examples(path)] == payloads[: len(whole)]
         assert path.stat().st_size == (whole[-1][1] if whole else 0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import records
+from common import records, shards
 from common.settings import Settings
 from common.state import JobState, is_storage_error
 from producer.progress import Stall
@@ -28,7 +28,7 @@ def test_storage_errors_are_told_apart_from_bugs():
 
 
 def test_a_shard_the_disk_refused_to_publish_is_published_later(tmp_path, monkeypatch):
-    real = records.finalize_temp
+    real = shards.finalize_temp
     calls = []
 
     def refuse_once(*args, **kwargs):
@@ -37,16 +37,16 @@ def test_a_shard_the_disk_refused_to_publish_is_published_later(tmp_path, monkey
             raise ENOSPC
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(records, "finalize_temp", refuse_once)
-    writer = records.ShardWriter(tmp_path, "n", examples_per_shard=2)
+    monkeypatch.setattr(shards, "finalize_temp", refuse_once)
+    writer = shards.ShardWriter(tmp_path, "n", examples_per_shard=2)
     writer.append([b"a", b"b"])
     with pytest.raises(OSError):
         writer.maybe_rotate()
-    assert writer.unpublished == 1 and not list(tmp_path.glob(records.SHARD_GLOB))
+    assert writer.unpublished == 1 and not list(tmp_path.glob(shards.SHARD_GLOB))
     writer.append([b"c"])  # publishes the first, then writes into a new shard
     writer.close()
-    shards = sorted(tmp_path.glob(records.SHARD_GLOB))
-    assert [len(list(records.iter_examples(s))) for s in shards] == [2, 1]
+    finals = sorted(tmp_path.glob(shards.SHARD_GLOB))
+    assert [len(list(records.iter_examples(s))) for s in finals] == [2, 1]
     assert not list(tmp_path.glob(".*.tmp")) and writer.unpublished == 0
 
 

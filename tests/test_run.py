@@ -159,7 +159,7 @@ def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fak
 
 
 def read_all(out: Path) -> dict[str, dict]:
-    from common.records import read_dataset
+    from common.dataset import read_dataset
 
     files = sorted(str(p) for p in out.glob("lab_images_*.tfrecord"))
     return {

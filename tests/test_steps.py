@@ -18,6 +18,8 @@ from PIL import Image
 
 from common import images as img
 from common import lab, records
+from common.dataset import read_dataset
+from common.shards import SHARD_GLOB
 from producer import steps
 from testkit import ROOT
 from testkit.servers import ImageServer, worker_env
@@ -60,7 +62,7 @@ def failures_in(directory: Path) -> list[dict]:
 
 
 def read_records(pattern: str | list[str]) -> list[dict]:
-    return [{k: v.numpy() for k, v in r.items()} for r in records.read_dataset(pattern)]
+    return [{k: v.numpy() for k, v in r.items()} for r in read_dataset(pattern)]
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +205,7 @@ def check_records(got: list[dict], sources: dict[str, Path], embedder) -> None:
 
 def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched, embedder):
     originals = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
-    shards = sorted(batched.glob(records.SHARD_GLOB))
+    shards = sorted(batched.glob(SHARD_GLOB))
     assert [len(list(records.iter_examples(s))) for s in shards] == [2, 2, 1], "-b is records per shard"
     assert all(s.name.startswith("lab_images_standalone_") for s in shards)
     got = read_records([str(s) for s in shards])
@@ -215,7 +217,7 @@ def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched,
 def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batched_originals, embedder):
     sources = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
     sources["extra/photo.png"] = batched_originals.parent / "src" / "extra" / "photo.png"
-    shards = sorted(batched_originals.glob(records.SHARD_GLOB))
+    shards = sorted(batched_originals.glob(SHARD_GLOB))
     assert len(shards) == 1
     got = read_records(str(shards[0]))
     check_records(got, sources, embedder)
@@ -225,7 +227,7 @@ def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batc
 
 
 def test_preview_draws_grey_beside_colour(batched, tmp_path):
-    shard = sorted(batched.glob(records.SHARD_GLOB))[0]
+    shard = sorted(batched.glob(SHARD_GLOB))[0]
     out = tmp_path / "sheet.png"
     done = koala("preview", shard, "--out", out, tmp=tmp_path)
     assert done.stdout.strip() == str(out)

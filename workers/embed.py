@@ -27,6 +27,7 @@ import numpy as np
 from common import images, lab, records
 from common.messages import EmbedImage
 from common.settings import Settings
+from common.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
 from common.state import (
     DOWNLOADED,
     SUBMITTED,
@@ -58,7 +59,7 @@ class NodeLock:
 
     def __init__(self, out_dir: Path, node: str):
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.path = out_dir / f".{records.safe_node(node)}.lock"
+        self.path = out_dir / f".{safe_node(node)}.lock"
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -97,7 +98,7 @@ class EmbedStage:
         state: JobState,
         node: str,
         embed: Embed,
-        writer: records.ShardWriter,
+        writer: ShardWriter,
         embed_lab: EmbedLab | None = None,
     ):
         self.settings = settings
@@ -250,15 +251,15 @@ def recover(out_dir: Path, node: str, state: JobState, compression: str) -> dict
     """Finish what a killed worker of this node left: claim the records nobody claimed, keep the
     first copy of each record its shard owns, drop the rest, cut an incomplete tail, finalize."""
     kept = dropped = shards = 0
-    for temp in records.recover_temp_shards(out_dir, records.safe_node(node)):
+    for temp in recover_temp_shards(out_dir, safe_node(node)):
         token = shard_token(temp)
         keys = [records.example_key(data).decode() for _, _, data in records.iter_examples(temp)]
         unclaimed = [k for k, owner in zip(keys, state.written_to(keys), strict=True) if owner is None]
         state.mark_written_many(unclaimed, token)
         owned = {k for k, owner in zip(keys, state.written_to(keys), strict=True) if owner == token}
-        n = records.rewrite_shard(temp, first_copy_of(owned))
+        n = rewrite_shard(temp, first_copy_of(owned))
         kept, dropped = kept + n, dropped + len(keys) - n
-        shards += records.finalize_temp(temp, compression) is not None
+        shards += finalize_temp(temp, compression) is not None
     return {"kept": kept, "dropped": dropped, "shards": shards}
 
 
@@ -389,7 +390,7 @@ def run_embed_worker(node: str) -> None:
             model.batch_size,
             "with the model" if model.embed_lab else "with numpy",
         )
-        writer = records.ShardWriter(
+        writer = ShardWriter(
             out,
             node,
             examples_per_shard=settings.examples_per_shard,
