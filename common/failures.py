@@ -1,12 +1,77 @@
-"""The one exception of an item that failed for good (a download, an image)."""
+"""Failed items: the reasons, the exception an item fails with, the failure record and its log file."""
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Why an item failed for good: counted per reason in Redis; the README's reasons table lists each.
+REASONS = (
+    "bad_scheme",
+    "invalid_url",
+    "blocked_address",
+    "dns_error",
+    "connection_error",
+    "timeout",
+    "http_error",
+    "too_large",
+    "not_an_image",
+    "truncated",
+    "too_many_pixels",
+    "redirect_loop",
+    "io_error",
+    "internal_error",
+)
+
 
 class ItemError(Exception):
-    """An item that cannot become a record; `reason` is from `state.REASONS`, `detail` says why."""
+    """An item that cannot become a record; `reason` is from `REASONS`, `detail` says why."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed item: its key, URL or path, a reason from REASONS and a readable detail."""
+
+    key: str
+    reason: str
+    detail: str
+    url: str = ""
+    path: str = ""
+    node: str = ""
+    time: float = 0.0
+
+    def as_dict(self) -> dict:
+        """The JSON form: `url` for URL items, `path` for files of a folder."""
+        source = {"path": self.path} if self.path else {"url": self.url}
+        return {
+            "key": self.key,
+            **source,
+            "reason": self.reason,
+            "detail": self.detail,
+            "node": self.node,
+            "time": self.time,
+        }
+
+
+def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
+    """Append a failure to `<directory>/failures_<node>.jsonl` (all of them, unlike Redis)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(failure.as_dict(), ensure_ascii=False) + "\n"
+    path = directory / f"failures_{node.replace('@', '_').replace('/', '_')}.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def now() -> float:
+    """Wall-clock seconds, for failure records."""
+    return round(time.time(), 3)

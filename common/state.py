@@ -4,25 +4,19 @@ Per-item cost: items live in 65,536 hash buckets `<prefix>:i:<4 hex>`, field = t
 14 bytes of the md5, value = a state of 1-3 bytes. Small hashes are listpacks in Redis
 (about 20 bytes per entry); the fleet's Redis runs with `hash-max-listpack-entries 1024`
 so that buckets stay listpacks up to ~60 M items (see README, "Job state in Redis").
+Failure reasons and records are `common/failures.py`; waiting out a lost Redis, `common/retries.py`.
 """
 
 from __future__ import annotations
 
-import errno
-import json
-import logging
-import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from enum import IntEnum
-from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, cast
 
 import redis
-import tenacity
-from kombu.exceptions import OperationalError
 from redis.typing import EncodableT
+
+from common.failures import REASONS, Failure
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -34,22 +28,6 @@ DOWNLOADED = b"d"
 WRITTEN = b"w"
 FAILED = b"f"
 
-REASONS = (
-    "bad_scheme",
-    "invalid_url",
-    "blocked_address",
-    "dns_error",
-    "connection_error",
-    "timeout",
-    "http_error",
-    "too_large",
-    "not_an_image",
-    "truncated",
-    "too_many_pixels",
-    "redirect_loop",
-    "io_error",
-    "internal_error",
-)
 # A producer refreshes its alive key at every chunk and while it holds back; a journaled chunk
 # whose producer's key has expired is orphaned and sent by the next producer.
 PRODUCER_ALIVE_S = 15
@@ -159,85 +137,6 @@ class Registered(IntEnum):
     NEW = 0
     LEFT_PENDING = 1  # pending from an earlier run: sent again only when requeue was asked
     KNOWN = 2  # nothing to do
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One failed item: its key, URL or path, a reason from REASONS and a readable detail."""
-
-    key: str
-    reason: str
-    detail: str
-    url: str = ""
-    path: str = ""
-    node: str = ""
-    time: float = 0.0
-
-    def as_dict(self) -> dict:
-        """The JSON form: `url` for URL items, `path` for files of a folder."""
-        source = {"path": self.path} if self.path else {"url": self.url}
-        return {
-            "key": self.key,
-            **source,
-            "reason": self.reason,
-            "detail": self.detail,
-            "node": self.node,
-            "time": self.time,
-        }
-
-
-log = logging.getLogger("koala.state")
-
-
-def _log_wait(message: str) -> Callable[[tenacity.RetryCallState], None]:
-    """A tenacity before_sleep hook logging `message` with the error and the coming wait."""
-
-    def before_sleep(s: tenacity.RetryCallState) -> None:
-        error = s.outcome.exception() if s.outcome is not None else None  # tenacity sets it first
-        log.warning(message, error, s.upcoming_sleep)
-
-    return before_sleep
-
-
-# A worker that loses Redis waits for it (with backoff, logged) instead of failing its work.
-retry_on_broker = tenacity.retry(
-    retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError, OperationalError)),
-    wait=tenacity.wait_exponential(multiplier=0.5, max=30),
-    before_sleep=_log_wait("Redis unreachable (%s); retrying in %.1fs"),
-    reraise=True,
-)
-
-T = TypeVar("T")
-
-
-def call_retrying(fn: Callable[[], T]) -> tuple[T, bool]:
-    """fn() under retry_on_broker, and whether it took more than one attempt: an attempt whose
-    answer was lost with the connection may already have taken effect in Redis."""
-    attempts = 0
-
-    def attempt() -> T:
-        nonlocal attempts
-        attempts += 1
-        return fn()
-
-    return retry_on_broker(attempt)(), attempts > 1
-
-
-STORAGE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO, errno.EACCES, errno.EPERM}
-
-
-def is_storage_error(e: BaseException) -> bool:
-    """An OSError of the output disk that may pass (full, read-only, quota, I/O), not a bug."""
-    return isinstance(e, OSError) and e.errno in STORAGE_ERRORS
-
-
-# A worker whose output disk refuses writes waits (with backoff, logged) instead of crashing.
-retry_on_disk = tenacity.retry(
-    retry=tenacity.retry_if_exception(is_storage_error),
-    wait=tenacity.wait_exponential(multiplier=0.5, max=30),
-    before_sleep=_log_wait("output disk refuses writes (%s); retrying in %.1fs"),
-    reraise=True,
-)
 
 
 def connect(url: str) -> redis.Redis:
@@ -485,24 +384,8 @@ class JobState:
         return n
 
 
-def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
-    """Append a failure to `<directory>/failures_<node>.jsonl` (all of them, unlike Redis)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(failure.as_dict(), ensure_ascii=False) + "\n"
-    path = directory / f"failures_{node.replace('@', '_').replace('/', '_')}.jsonl"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def room_for(limit: int, depth: int) -> int:
     """Messages a sender may send before looking at a queue again: a tenth of the free room,
     so that several senders together overshoot the high-water mark by little."""
     free = limit - depth
     return min(free, max(1, limit // 10)) if free > 0 else 0
-
-
-def now() -> float:
-    """Wall-clock seconds, for failure records."""
-    return round(time.time(), 3)

@@ -15,8 +15,9 @@ import click
 from tqdm import tqdm
 
 from common.celery_app import make_app
+from common.failures import REASONS
 from common.settings import Settings, get_settings
-from common.state import REASONS, JobState
+from common.state import JobState
 from producer.progress import resend_when_stalled, snapshot, watch, with_rates
 from producer.steps import register as register_steps
 

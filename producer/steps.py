@@ -27,12 +27,11 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common import images, lab, records
-from common.failures import ItemError
+from common.failures import Failure, ItemError, now
 from common.fetch import FetchError, fetch, make_session, policy_from_settings
 from common.settings import Settings, get_settings
 from common.shards import ShardWriter
 from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
-from common.state import Failure, now
 
 T = TypeVar("T")
 R = TypeVar("R")

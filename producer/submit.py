@@ -19,8 +19,10 @@ import msgpack
 from celery import Celery
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
+from common.failures import Failure, append_failure_log, now
 from common.fetch import FetchError
 from common.messages import ChunkItem
+from common.retries import call_retrying, retry_on_broker
 from common.settings import Settings
 from common.sources import (
     READ_ERRORS,
@@ -34,16 +36,7 @@ from common.sources import (
     open_list,
     url_problem,
 )
-from common.state import (
-    Failure,
-    JobState,
-    Registered,
-    append_failure_log,
-    call_retrying,
-    now,
-    retry_on_broker,
-    room_for,
-)
+from common.state import JobState, Registered, room_for
 
 
 @dataclass

@@ -64,7 +64,7 @@ def finish(workers: Workers, state: JobState, n: int, **env: str) -> None:
     proc = workers.start("embed", **null_env(**env))
 
     def done() -> bool:
-        queued = state.r.llen(EMBED_QUEUE) + state.r.hlen("unacked")
+        queued = sum(state.queue_depths([EMBED_QUEUE]).values())  # waiting + unacked
         return state.counts()["written"] == n and not queued
 
     wait_for(done, 90, f"{n} records and every message acked", workers.logs)

@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from common import records, shards
+from common.retries import is_storage_error
 from common.settings import Settings
-from common.state import JobState, is_storage_error
+from common.state import JobState
 from producer.progress import Stall
 from producer.submit import Submitter
 from tests.test_embed_stage import names_in, payload, register, stage

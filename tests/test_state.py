@@ -6,7 +6,8 @@ import hashlib
 
 import pytest
 
-from common.state import Failure, JobState
+from common.failures import Failure
+from common.state import JobState
 
 
 def key(i: int) -> str:

@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
 from common.leases import keep_leases
 from common.messages import EmbedImage, images_of
-from common.state import is_storage_error
+from common.retries import is_storage_error
 from workers.embed import Batch, EmbedStage
 from workers.pipeline import Pipeline, one_line
 

@@ -16,11 +16,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from common import images
 from common.celery_app import EMBED_QUEUE
-from common.failures import ItemError
+from common.failures import Failure, ItemError, append_failure_log, now
 from common.fetch import fetch, make_session, policy_from_settings
 from common.messages import ChunkItem, EmbedImage, embed_image
 from common.settings import Settings
-from common.state import FAILED, WRITTEN, Failure, JobState, append_failure_log, now, room_for
+from common.state import FAILED, WRITTEN, JobState, room_for
 
 log = logging.getLogger("koala.download")
 

@@ -25,21 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from common import images, lab, records
+from common.failures import Failure, append_failure_log, now
 from common.messages import EmbedImage
+from common.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
 from common.settings import Settings
 from common.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
-from common.state import (
-    DOWNLOADED,
-    SUBMITTED,
-    Failure,
-    JobState,
-    append_failure_log,
-    call_retrying,
-    is_storage_error,
-    now,
-    retry_on_broker,
-    retry_on_disk,
-)
+from common.state import DOWNLOADED, SUBMITTED, JobState
 
 log = logging.getLogger("koala.embed")
 

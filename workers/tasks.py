@@ -11,8 +11,9 @@ from celery.signals import worker_ready
 from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
 from common.leases import LeaseKeeper, keep_leases
 from common.messages import ChunkItem, EmbedImage
+from common.retries import retry_on_broker
 from common.settings import get_settings
-from common.state import JobState, retry_on_broker
+from common.state import JobState
 from workers.download import DownloadStage
 
 log = logging.getLogger("koala.worker")
