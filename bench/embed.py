@@ -444,6 +444,7 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     from common import images, lab, records
     from common.settings import Settings
     from common.shards import ShardWriter
+    from common.stages import Model
     from common.state import JobState
     from workers.embed import EmbedStage
 
@@ -453,7 +454,8 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     state = JobState(client, prefix)
     writer = ShardWriter(out, "steps@bench", examples_per_shard=500)
     timers = Timers()
-    stage = EmbedStage(settings, state, "steps@bench", timers.wrap("model", embedder.embed), writer)
+    model = Model(timers.wrap("model", embedder.embed), None, embedder.device, batch_size)
+    stage = EmbedStage(settings, state, "steps@bench", model, writer)
     stage.infer = timers.wrap("infer", stage.infer)  # model + lab wait
     stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
     timers.seconds.clear()

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from common import images, records
+from common.messages import EmbedImage
 from common.settings import Settings
 from common.shards import SHARD_GLOB, ShardWriter, shard_name, split_validation
+from common.stages import Model, record_of
 from common.state import JobState
 from workers.embed import EmbedStage, recover, shard_token
 
@@ -28,6 +30,12 @@ def payload(i: int) -> dict:
     return {"key": key, "name": key, "source": f"http://x/{i}", "pixels": images.encode_pixels(rgb)}
 
 
+def zero_record(p: EmbedImage) -> bytes:
+    """The record of a payload with zeros for its Lab and embedding."""
+    zeros = np.zeros((299, 299), np.float32), np.zeros((299, 299, 2), np.float32), np.zeros(1001, np.float32)
+    return record_of(p["name"], p["key"], p["source"], *zeros)
+
+
 @pytest.fixture
 def state(rclient) -> JobState:
     return JobState(rclient)
@@ -36,7 +44,7 @@ def state(rclient) -> JobState:
 def stage(tmp_path: Path, state: JobState, node: str, per_shard: int = 100) -> EmbedStage:
     settings = Settings(output_dir=tmp_path)
     writer = ShardWriter(tmp_path, node, examples_per_shard=per_shard)
-    return EmbedStage(settings, state, node, fake_embed, writer)
+    return EmbedStage(settings, state, node, Model(fake_embed, None, "test", 8), writer)
 
 
 def names_in(out: Path) -> list[str]:
@@ -69,15 +77,7 @@ def test_two_workers_with_the_same_message_write_it_once(tmp_path, state):
     assert first.process(batch[:2]) == 2
     # the second got all three (a visibility-timeout re-delivery) and checked state before the
     # first claimed: simulate by bypassing the state check with the writer path directly
-    serialized = [
-        second._record(
-            p,
-            np.zeros((299, 299), np.float32),
-            np.zeros((299, 299, 2), np.float32),
-            np.zeros(1001, np.float32),
-        )
-        for p in batch
-    ]
+    serialized = [zero_record(p) for p in batch]
     assert second._write(batch, serialized) == [False, False, True]  # only the third was unclaimed
     first.close()
     second.close()
@@ -108,15 +108,7 @@ def test_recovery_keeps_owned_and_unclaimed_records_once_and_cuts_the_tail(tmp_p
     s.process(batch[:2])  # written and claimed
     temp = s.writer.path
     # a batch appended but not claimed (killed before the claim), then a repeat and half a record
-    serialized = [
-        s._record(
-            p,
-            np.zeros((299, 299), np.float32),
-            np.zeros((299, 299, 2), np.float32),
-            np.zeros(1001, np.float32),
-        )
-        for p in batch[1:]
-    ]
+    serialized = [zero_record(p) for p in batch[1:]]
     s.writer.append(serialized)
     # another shard claimed item 3 first
     state.mark_written_many([batch[3]["key"]], b"zzzz")
