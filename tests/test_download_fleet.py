@@ -16,20 +16,8 @@ import pytest
 
 from common import images as img
 from testkit import ROOT
-from testkit.fleet import Workers, reached, wait_for
+from testkit.fleet import Workers, koala, reached, wait_for
 from testkit.servers import ImageServer, worker_env
-
-
-def koala(redis_url: str, out_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess with the test settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=worker_env(redis_url, out_dir),
-    )
 
 
 def embed_messages(rclient) -> list[dict]:
@@ -97,13 +85,13 @@ def test_submit_download_every_item_accounted_once(
     url_list.write_bytes(data)
     workers.start("download", "-c", "8")
 
-    result = koala(redis_url, workers.out_dir, "submit", str(url_list), "--json")
+    result = koala(workers.env(), "submit", str(url_list), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["new"] == len(good) + len(bad)
 
     def status() -> dict:
-        out = koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0")
+        out = koala(workers.env(), "status", "--json", "--interval", "0")
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)
 
@@ -133,7 +121,7 @@ def test_submit_download_every_item_accounted_once(
         np.testing.assert_array_equal(img.decode_pixels(message["pixels"]), expected, err_msg=url)
 
     # every bad one is in the failures once, with the right reason
-    out = koala(redis_url, workers.out_dir, "failures", "--json")
+    out = koala(workers.env(), "failures", "--json")
     failures = json.loads(out.stdout)
     assert sorted(f["url"] for f in failures) == sorted(bad)
     wrong = {f["url"]: (f["reason"], f["detail"]) for f in failures if f["reason"] != bad[f["url"]]}
@@ -148,14 +136,14 @@ def test_submit_download_every_item_accounted_once(
     assert sorted(f["url"] for f in logged) == sorted(bad)
 
     # submitting the same list again adds nothing
-    again = koala(redis_url, workers.out_dir, "submit", str(url_list), "--json")
+    again = koala(workers.env(), "submit", str(url_list), "--json")
     assert json.loads(again.stdout)["new"] == 0 and json.loads(again.stdout)["requeued"] == 0
     s2 = status()
     assert (s2["submitted"], s2["downloaded"], s2["failed"]) == (s["submitted"], s["downloaded"], s["failed"])
     assert s2["queues"]["download"] == 0 and len(embed_messages(rclient)) == len(good)
 
     # `koala failures --reason` filters
-    only = json.loads(koala(redis_url, workers.out_dir, "failures", "--json", "--reason", "timeout").stdout)
+    only = json.loads(koala(workers.env(), "failures", "--json", "--reason", "timeout").stdout)
     assert [f["url"] for f in only] == [u for u, r in bad.items() if r == "timeout"]
 
 
@@ -168,7 +156,7 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(
     (folder / "sub" / "b.png").write_bytes(images["png_rgba"])
     (folder / "notes.txt").write_bytes(b"not an image at all")
     workers.start("download", "-c", "2")
-    result = koala(redis_url, workers.out_dir, "submit", str(folder), "--json")
+    result = koala(workers.env(), "submit", str(folder), "--json")
     assert result.returncode == 0, result.stderr
     wait_for(
         lambda: len(embed_messages(rclient)) == 2 and rclient.hget("koala:counts", "failed") == b"1",
@@ -180,7 +168,7 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(
     assert set(by_name) == {"a.jpg", "sub/b.png"}
     expected = img.load_rgb(images["png_rgba"], max_pixels=50_000_000)
     np.testing.assert_array_equal(img.decode_pixels(by_name["sub/b.png"]["pixels"]), expected)
-    failures = json.loads(koala(redis_url, workers.out_dir, "failures", "--json").stdout)
+    failures = json.loads(koala(workers.env(), "failures", "--json").stdout)
     assert [(f["path"], f["reason"]) for f in failures] == [("notes.txt", "not_an_image")]
 
 
@@ -190,8 +178,7 @@ def test_url_list_over_http_with_count_and_skip(
     names = ["jpeg_rgb", "png_rgb", "jpeg_small", "png_p", "webp"]
     image_server.files["__list__"] = "\n".join(f"{image_server.base}/img/{n}" for n in names).encode()
     result = koala(
-        redis_url,
-        tmp_path,
+        worker_env(redis_url, tmp_path),
         "submit",
         f"{image_server.base}/list/urls.txt",
         "--skip",
@@ -208,14 +195,7 @@ def test_url_list_over_http_with_count_and_skip(
 def test_submit_reports_unreachable_redis_in_one_line(tmp_path):
     listing = tmp_path / "urls.txt"
     listing.write_text("http://127.0.0.1/x.jpg\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "producer", "submit", str(listing)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=worker_env("redis://127.0.0.1:1/0", tmp_path),
-    )
+    result = koala(worker_env("redis://127.0.0.1:1/0", tmp_path), "submit", listing, timeout=60)
     assert result.returncode != 0
     assert "cannot reach Redis" in result.stderr
 
@@ -234,7 +214,7 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     folder.mkdir()
     (folder / "wide.jpg").write_bytes(images["jpeg_rgb"])
     workers.start("download", "-c", "1", KOALA_RESIZE_MODE=mode)
-    assert koala(redis_url, workers.out_dir, "submit", str(folder)).returncode == 0
+    assert koala(workers.env(), "submit", str(folder)).returncode == 0
     wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "one image", workers.logs)
     got = img.decode_pixels(embed_messages(rclient)[0]["pixels"])
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
@@ -275,7 +255,7 @@ def test_keep_originals_writes_md5_named_files(
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
     workers.start("download", "--keep-originals", str(keep))
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(lambda: len(embed_messages(rclient)) == 2, 60, "two images", workers.logs)
     assert sorted(p.name for p in keep.iterdir()) == sorted([f"{md5(urls[0])}.jpg", f"{md5(urls[1])}.png"])
     assert (keep / f"{md5(urls[0])}.jpg").read_bytes() == images["jpeg_rgb"]
@@ -290,7 +270,7 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(
     listing.write_text("\n".join(urls))
     fast_restore = {"KOALA_VISIBILITY_TIMEOUT": "3"}
     first = workers.start("download", "-c", "2", **fast_restore)
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(lambda: rclient.hlen("unacked") > 0, 30, "a chunk in flight", workers.logs)
     first.kill()  # SIGKILL: no chance to requeue or ack
     first.wait()
@@ -298,7 +278,7 @@ def test_killed_worker_chunk_is_delivered_again_and_counted_once(
     if not reached(lambda: rclient.hget("koala:counts", "downloaded") == b"24", 45):
         # a chunk the killed worker had popped but kombu had not yet recorded as unacked is gone
         # (the Redis transport's BRPOP gap, README "Reliability"); the producer's resend is the cure
-        assert koala(redis_url, workers.out_dir, "submit", str(listing), "--requeue-pending").returncode == 0
+        assert koala(workers.env(), "submit", str(listing), "--requeue-pending").returncode == 0
     wait_for(
         lambda: rclient.hget("koala:counts", "downloaded") == b"24", 90, "all 24 downloaded", workers.logs
     )
@@ -320,7 +300,7 @@ def assert_dropped_and_the_worker_goes_on(
     )
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{image_server.base}/img/png_rgb\n")
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(lambda: len(embed_messages(rclient)) == 1, 30, "the worker to go on working", workers.logs)
     assert worker.poll() is None
 
@@ -348,7 +328,7 @@ def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
     workers.start("download", "-c", "2", **slow_ok)  # a second worker a re-delivery could go to
     listing = tmp_path / "urls.txt"
     listing.write_text(f"{image_server.base}/slow/8\n")
-    assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
     wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "the slow image", workers.logs)
     time.sleep(1)
     received = [ln for ln in workers.logs().splitlines() if "koala.download[" in ln and "received" in ln]
@@ -397,11 +377,11 @@ def test_retry_sends_failed_items_again_after_an_outage(
     workers.start("download", "-c", "4", KOALA_RETRIES="1")
     image_server.behaviour.outage = True
     try:
-        assert koala(redis_url, workers.out_dir, "submit", str(listing)).returncode == 0
+        assert koala(workers.env(), "submit", str(listing)).returncode == 0
         wait_for(lambda: rclient.hget("koala:counts", "failed") == b"4", 60, "4 failures", workers.logs)
     finally:
         image_server.behaviour.outage = False
-    out = koala(redis_url, workers.out_dir, "retry", "--reason", "http_error")
+    out = koala(workers.env(), "retry", "--reason", "http_error")
     assert out.returncode == 0, out.stderr
     assert "4 failed items sent again" in out.stdout
     wait_for(
@@ -413,10 +393,10 @@ def test_retry_sends_failed_items_again_after_an_outage(
         "3 downloads, 1 failure",
         workers.logs,
     )
-    counts = json.loads(koala(redis_url, workers.out_dir, "status", "--json", "--interval", "0").stdout)
+    counts = json.loads(koala(workers.env(), "status", "--json", "--interval", "0").stdout)
     assert (counts["submitted"], counts["retried"], counts["pending"]) == (4, 4, 3)
     assert counts["failures_by_reason"] == {"http_error": 1}
-    failures = json.loads(koala(redis_url, workers.out_dir, "failures", "--json").stdout)
+    failures = json.loads(koala(workers.env(), "failures", "--json").stdout)
     assert [f["url"] for f in failures] == [urls[3]]
 
 
@@ -429,10 +409,10 @@ def test_redis_with_a_password(image_server: ImageServer, tmp_path):
         team.start("download", "-c", "2")
         listing = tmp_path / "urls.txt"
         listing.write_text(f"{image_server.base}/img/png_rgb\n")
-        assert koala(server.url, team.out_dir, "submit", str(listing)).returncode == 0
+        assert koala(team.env(), "submit", str(listing)).returncode == 0
         wait_for(lambda: len(embed_messages(server.client())) == 1, 30, "one image", team.logs)
         no_password = server.url.replace(":s3cret-for-tests@", "")
-        refused = koala(no_password, team.out_dir, "status", "--json", "--interval", "0")
+        refused = koala(worker_env(no_password, team.out_dir), "status", "--json", "--interval", "0")
         assert refused.returncode != 0 and "cannot reach Redis" in refused.stderr
         assert "s3cret" not in refused.stderr  # the password is never printed
     finally:

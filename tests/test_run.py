@@ -16,7 +16,7 @@ import redis
 
 from common.records import iter_examples
 from testkit import ROOT
-from testkit.fleet import wait_for
+from testkit.fleet import koala, wait_for
 from testkit.servers import ImageServer, worker_env
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
@@ -178,22 +178,10 @@ def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path
     _, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-3000:]
 
-    def koala(*args: str) -> None:
-        out = subprocess.run(
-            [sys.executable, "-m", "producer", *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-
-    koala("download", str(listing), str(tmp_path / "original"))
-    koala("resize", str(tmp_path / "original"), str(tmp_path / "resized"))
-    koala(
-        "lab-batch", "-c", str(fake_checkpoint), str(tmp_path / "resized"), str(tmp_path / "steps"), "-b", "4"
-    )
+    koala(env, "download", listing, tmp_path / "original", timeout=400, check=True)
+    koala(env, "resize", tmp_path / "original", tmp_path / "resized", timeout=400, check=True)
+    steps = ("lab-batch", "-c", fake_checkpoint, tmp_path / "resized", tmp_path / "steps", "-b", "4")
+    koala(env, *steps, timeout=400, check=True)
     fleet, steps = read_all(fleet_out), read_all(tmp_path / "steps")
     assert sorted(fleet) == sorted(steps) == sorted(hashlib.md5(u.encode()).hexdigest() for u in good)
     for name, record in fleet.items():

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import click
@@ -21,7 +19,7 @@ from common import lab, records
 from common.dataset import read_dataset
 from common.shards import SHARD_GLOB
 from producer import steps
-from testkit import ROOT
+from testkit.fleet import koala
 from testkit.servers import ImageServer, worker_env
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "png_rgba", "jpeg_exif_rotated", "webp"]
@@ -32,28 +30,15 @@ BAD = {  # route on the image server -> reason
     "/status/404": "http_error",
     "/to-blocked": "blocked_address",
 }
-KOALA = (
-    "from producer.cli import main; from producer.steps import register; "
-    "register(main); main(prog_name='koala')"
-)
 
 
 def md5(text: str) -> str:
     return hashlib.md5(text.encode()).hexdigest()
 
 
-def koala(*args: str | Path, tmp: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`koala ARGS` with the standalone steps registered, in a subprocess (no Redis needed)."""
-    done = subprocess.run(
-        [sys.executable, "-c", KOALA, *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=worker_env("redis://127.0.0.1:9/0", tmp / "unused"),
-    )
-    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    return done
+def no_broker(tmp: Path) -> dict[str, str]:
+    """The test settings for the standalone steps, which need no Redis."""
+    return worker_env("redis://127.0.0.1:9/0", tmp / "unused")
 
 
 def failures_in(directory: Path) -> list[dict]:
@@ -80,9 +65,9 @@ def downloaded(image_server: ImageServer, urls, tmp_path_factory) -> dict:
     lines = ["# a comment", "no-url-here", *(f"n{i:04d}\t{u}" for i, u in enumerate(urls)), *bad]
     listing.write_text("\n".join(lines) + "\n")
     out = tmp / "originals"
-    first = koala("download", listing, out, "--threads", "4", tmp=tmp)
+    first = koala(no_broker(tmp), "download", listing, out, "--threads", "4", check=True)
     failures = failures_in(out)
-    again = koala("download", listing, out, tmp=tmp)
+    again = koala(no_broker(tmp), "download", listing, out, check=True)
     return {"out": out, "first": first.stdout, "failures": failures, "again": again.stdout, "bad": bad}
 
 
@@ -114,8 +99,8 @@ def test_download_again_skips_what_is_there(downloaded):
 def resized(downloaded, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("resize")
     out = tmp / "resized"
-    first = koala("resize", downloaded["out"], out, tmp=tmp)
-    again = koala("resize", downloaded["out"], out, tmp=tmp)
+    first = koala(no_broker(tmp), "resize", downloaded["out"], out, check=True)
+    again = koala(no_broker(tmp), "resize", downloaded["out"], out, check=True)
     return {"out": out, "first": first.stdout, "again": again.stdout}
 
 
@@ -135,7 +120,7 @@ def test_resize_reports_unreadable_files_and_keeps_going(tmp_path, images):
     (src / "sub" / "b.gif").write_bytes(images["gif_transparent"])
     (src / "notes.txt").write_text("not an image")
     dst = tmp_path / "dst"
-    done = koala("resize", src, dst, "--size", "64,48", "--mode", "crop", tmp=tmp_path)
+    done = koala(no_broker(tmp_path), "resize", src, dst, "--size", "64,48", "--mode", "crop", check=True)
     assert "resized 2" in done.stdout
     got = np.asarray(Image.open(dst / "sub" / "b.png"))
     assert np.array_equal(got, img.load_rgb(images["gif_transparent"], size=(64, 48), mode="crop"))
@@ -154,6 +139,7 @@ def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
     """lab-batch of the resized PNGs, 2 records per shard."""
     tmp = tmp_path_factory.mktemp("lab")
     koala(
+        no_broker(tmp),
         "lab-batch",
         "-c",
         fake_checkpoint,
@@ -163,7 +149,7 @@ def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
         "2",
         "--batch-size",
         "2",
-        tmp=tmp,
+        check=True,
     )
     return tmp / "shards"
 
@@ -177,7 +163,17 @@ def batched_originals(downloaded, images, fake_checkpoint, tmp_path_factory) -> 
     (src / "extra").mkdir()
     (src / "extra" / "photo.png").write_bytes(images["png_p"])
     (src / "broken.jpg").write_bytes(images["jpeg_rgb"][:2000])
-    koala("lab-batch", "-c", fake_checkpoint, src, tmp / "shards", "--batch-size", "4", tmp=tmp)
+    koala(
+        no_broker(tmp),
+        "lab-batch",
+        "-c",
+        fake_checkpoint,
+        src,
+        tmp / "shards",
+        "--batch-size",
+        "4",
+        check=True,
+    )
     return tmp / "shards"
 
 
@@ -229,7 +225,7 @@ def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batc
 def test_preview_draws_grey_beside_colour(batched, tmp_path):
     shard = sorted(batched.glob(SHARD_GLOB))[0]
     out = tmp_path / "sheet.png"
-    done = koala("preview", shard, "--out", out, tmp=tmp_path)
+    done = koala(no_broker(tmp_path), "preview", shard, "--out", out, check=True)
     assert done.stdout.strip() == str(out)
     sheet = np.asarray(Image.open(out).convert("RGB"))
     assert sheet.shape[1::-1] == steps.sheet_size(2, 299)

@@ -8,26 +8,12 @@ import gzip
 import hashlib
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import msgpack
 import redis
 
-from testkit import ROOT
+from testkit.fleet import koala
 from testkit.servers import ImageServer, worker_env
-
-
-def koala(redis_url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The real CLI in a subprocess with the test settings."""
-    return subprocess.run(
-        [sys.executable, "-m", "producer", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=worker_env(redis_url, tmp_path / "out"),
-    )
 
 
 def urls(n: int) -> list[str]:
@@ -71,7 +57,7 @@ def submitted(rclient: redis.Redis) -> int:
 def test_gzip_list_with_a_bad_crc_is_reported_in_one_line(redis_url, rclient, tmp_path):
     path = tmp_path / "list.gz"
     path.write_bytes(bad_crc(listing(urls(10))))
-    line = error_line(koala(redis_url, tmp_path, "submit", str(path)))
+    line = error_line(koala(worker_env(redis_url, tmp_path / "out"), "submit", str(path)))
     assert f"{path} is corrupt after line 10 (CRC check failed" in line
     assert "the 10 items before it were submitted; fix the file and submit it again" in line
     assert submitted(rclient) == 10 and queued_urls(rclient) == urls(10)
@@ -82,7 +68,7 @@ def test_truncated_gzip_list_keeps_the_items_before_the_cut_exactly_once(redis_u
     packed = gzip.compress(full)
     path = tmp_path / "list.gz"
     path.write_bytes(packed[: len(packed) // 2])
-    line = error_line(koala(redis_url, tmp_path, "submit", str(path)))
+    line = error_line(koala(worker_env(redis_url, tmp_path / "out"), "submit", str(path)))
     before = submitted(rclient)
     assert 0 < before < 2000
     assert f"is corrupt after line {before} (Compressed file ended" in line
@@ -90,7 +76,7 @@ def test_truncated_gzip_list_keeps_the_items_before_the_cut_exactly_once(redis_u
     assert queued_urls(rclient) == urls(before)
 
     path.write_bytes(packed)  # fixed: submitting again sends only the rest
-    again = koala(redis_url, tmp_path, "submit", str(path), "--json")
+    again = koala(worker_env(redis_url, tmp_path / "out"), "submit", str(path), "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     report = json.loads(again.stdout)
     assert (report["new"], report["known"]) == (2000 - before, before)
@@ -101,14 +87,16 @@ def test_gzip_list_over_http_is_read_and_its_corruption_reported(
     image_server: ImageServer, redis_url, rclient, tmp_path
 ):
     image_server.files["__list__"] = gzip.compress(listing(urls(5)))
-    ok = koala(redis_url, tmp_path, "submit", f"{image_server.base}/list/urls.txt.gz", "--json")
+    ok = koala(
+        worker_env(redis_url, tmp_path / "out"), "submit", f"{image_server.base}/list/urls.txt.gz", "--json"
+    )
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert json.loads(ok.stdout)["new"] == 5
 
     rclient.flushall()
     image_server.files["__list__"] = bad_crc(listing(urls(7)))
     source = f"{image_server.base}/list/urls.txt.gz"
-    line = error_line(koala(redis_url, tmp_path, "submit", source))
+    line = error_line(koala(worker_env(redis_url, tmp_path / "out"), "submit", source))
     assert f"{source} is corrupt after line 7 (CRC check failed" in line
     assert submitted(rclient) == 7 and queued_urls(rclient) == urls(7)
 
@@ -118,7 +106,7 @@ def test_url_list_whose_body_is_cut_off_is_reported_in_one_line(
 ):
     image_server.files["__list__"] = listing(urls(3000))  # over the 64 KiB the reader reads at once
     source = f"{image_server.base}/list-cut/urls.txt"
-    line = error_line(koala(redis_url, tmp_path, "submit", source))
+    line = error_line(koala(worker_env(redis_url, tmp_path / "out"), "submit", source))
     before = submitted(rclient)
     assert 0 < before < 3000
     assert f"{source} could not be read to its end after line {before} (" in line
@@ -130,10 +118,10 @@ def test_ipv6_zone_id_fails_at_submit_as_invalid_url(redis_url, rclient, tmp_pat
     path = tmp_path / "urls.txt"
     zoned = "http://[fe80::1%25eth0]:8080/a.jpg"
     path.write_text(f"{zoned}\nhttp://127.0.0.1:9/b.jpg\n")
-    result = koala(redis_url, tmp_path, "submit", str(path), "--json")
+    result = koala(worker_env(redis_url, tmp_path / "out"), "submit", str(path), "--json")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout)["failed_at_submit"] == 1
-    failures = json.loads(koala(redis_url, tmp_path, "failures", "--json").stdout)
+    failures = json.loads(koala(worker_env(redis_url, tmp_path / "out"), "failures", "--json").stdout)
     assert [(f["url"], f["reason"]) for f in failures] == [(zoned, "invalid_url")]
     assert "IPv6 zone ids are not supported" in failures[0]["detail"]
     assert queued_urls(rclient) == ["http://127.0.0.1:9/b.jpg"]
