@@ -1,9 +1,9 @@
 """The original project's three steps, standalone (no broker, no Redis), plus a preview.
 
-`koala download`, `koala resize` and `koala lab-batch` run the fleet's own functions (guarded
-fetch, decode, resize, Lab, embedding, record serializer, shard writer), so downloading, resizing
-and lab-batching a list gives the fleet's records. `koala preview` draws a contact sheet of a shard.
-TensorFlow is imported only by `lab-batch`.
+`koala download`, `koala resize` and `koala lab-batch` run the fleet's stage functions
+(`common/stages.py`: fetch, decode and resize, model and Lab, record; failures named alike) and its
+shard writer, so downloading, resizing and lab-batching a list gives the fleet's records.
+`koala preview` draws a contact sheet of a shard. TensorFlow is imported only by `lab-batch`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from common import images, lab, records
-from common.failures import Failure, ItemError, now
-from common.fetch import FetchError, fetch, make_session, policy_from_settings
+from common.failures import Failure, now
+from common.fetch import FetchError, make_session, policy_from_settings
 from common.settings import Settings, get_settings
 from common.shards import ShardWriter
 from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
+from common.stages import Model, failure_of, infer, item_bytes, load_model, pixels_of, record_of, start_lab
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -88,6 +89,16 @@ class FailureLog:
             self.counts[reason] += 1
             self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self._file.flush()
+
+    def attempt(self, key: str, step: Callable[[], R], url: str = "", path: str = "") -> R | None:
+        """step()'s result, or None once its failure is recorded with the fleet's reason."""
+        try:
+            result = step()
+        except Exception as e:  # a bug too: the item must still be accounted for
+            self.add(key, *failure_of(e), url=url, path=path)
+            return None
+        self.resolve(key)
+        return result
 
     def resolve(self, key: str) -> None:
         """An item that failed in an earlier run succeeded now."""
@@ -185,7 +196,7 @@ def parse_size(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     return sides[0], sides[1]
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
+def write_png(path: Path, rgb: np.ndarray) -> Path:
     """Save uint8 RGB pixels as a lossless PNG, atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -196,6 +207,7 @@ def write_png(path: Path, rgb: np.ndarray) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 # ---- koala download ------------------------------------------------------------------------------
@@ -220,33 +232,23 @@ class Downloader:
         self.out_dir = out_dir
         self.policy = policy_from_settings(settings)
         self.session = make_session(self.policy, pool_maxsize=threads)
-        self.size = (settings.image_size, settings.image_size)
         self.present = existing_keys(out_dir)
         self.failures = FailureLog(out_dir)
 
     def process(self, item: UrlItem) -> str:
-        """'downloaded', 'skipped' or the failure reason of one URL item."""
-        key, url = item.key, item.url
-        if key in self.present:
+        """'downloaded', 'skipped' or 'failed' (recorded) for one URL item."""
+        if item.key in self.present:
             return "skipped"
-        try:
-            data = fetch(url, self.session, self.policy)
-            images.decode(
-                data, max_pixels=self.settings.max_pixels, draft_for=self.size, mode=self.settings.resize_mode
-            )  # the fleet's acceptance
-            images.save_original(self.out_dir, key, data)
-        except ItemError as e:
-            reason, detail = e.reason, e.detail
-        except OSError as e:
-            reason, detail = "io_error", f"{type(e).__name__}: {e}"
-        except Exception as e:  # a bug must still leave the item accounted for
-            reason, detail = "internal_error", f"{type(e).__name__}: {e}"
-        else:
-            self.present.add(key)
-            self.failures.resolve(key)
-            return "downloaded"
-        self.failures.add(key, reason, detail, url=url)
-        return reason
+        saved = self.failures.attempt(item.key, lambda: self.save(item), url=item.url)
+        return "failed" if saved is None else "downloaded"
+
+    def save(self, item: UrlItem) -> Path:
+        """Fetch an item, check that the fleet would embed it, keep its bytes as <key>.<ext>."""
+        data = item_bytes({"k": item.key, "u": item.url}, self.session, self.policy)
+        pixels_of(data, self.settings)  # the fleet's acceptance: the pixels it would embed
+        path = images.save_original(self.out_dir, item.key, data)
+        self.present.add(item.key)
+        return path
 
 
 @click.command()
@@ -301,23 +303,18 @@ def png_path(image: LocalImage, dst: Path) -> Path:
 
 
 def resize_one(
-    image: LocalImage, dst: Path, size: tuple[int, int], mode: str, max_pixels: int, failures: FailureLog
+    image: LocalImage, dst: Path, size: tuple[int, int], mode: str, settings: Settings, failures: FailureLog
 ) -> str:
-    """'resized', 'skipped' or the failure reason of one file -> DST/<relative stem>.png."""
+    """'resized', 'skipped' or 'failed' (recorded) for one file -> DST/<relative stem>.png."""
     out = png_path(image, dst)
     if out.exists():
         return "skipped"
-    try:
-        rgb = images.load_rgb(image.path.read_bytes(), size=size, mode=mode, max_pixels=max_pixels)
-        write_png(out, rgb)
-    except images.ImageError as e:
-        failures.add(image.key, e.reason, e.detail, path=image.source)
-        return e.reason
-    except OSError as e:
-        failures.add(image.key, "io_error", f"{type(e).__name__}: {e}", path=image.source)
-        return "io_error"
-    failures.resolve(image.key)
-    return "resized"
+    written = failures.attempt(
+        image.key,
+        lambda: write_png(out, pixels_of(image.path.read_bytes(), settings, size, mode)),
+        path=image.source,
+    )
+    return "failed" if written is None else "resized"
 
 
 @click.command()
@@ -350,7 +347,7 @@ def resize(src: Path, dst: Path, size: tuple[int, int] | None, mode: str | None,
     try:
         with tqdm(total=len(files), desc="resizing", unit=" img") as bar:
             for outcome in bounded_map(
-                lambda f: resize_one(f, dst, size, mode, settings.max_pixels, failures), files, threads
+                lambda f: resize_one(f, dst, size, mode, settings, failures), files, threads
             ):
                 outcomes[outcome] += 1
                 bar.update()
@@ -374,7 +371,7 @@ def unique_outputs(
             kept.append(image)
         else:
             failures.add(image.key, "io_error", f"same output as {first}", path=image.source)
-            outcomes["io_error"] += 1
+            outcomes["failed"] += 1
     return kept, outcomes
 
 
@@ -401,16 +398,14 @@ class LabBatcher:
     def __init__(
         self,
         settings: Settings,
-        embed: Callable[[np.ndarray], np.ndarray],
+        model: Model,
         mode: str,
         lab_size: int,
         writer: ShardWriter,
         failures: FailureLog,
-        embed_lab: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     ):
         self.settings = settings
-        self.embed = embed
-        self.embed_lab = embed_lab  # the model and Lab in one call, as the fleet's embed stage runs them
+        self.model = model
         self.mode = mode
         self.lab_size = lab_size
         self.writer = writer
@@ -419,16 +414,11 @@ class LabBatcher:
 
     def load(self, image: LocalImage) -> np.ndarray | None:
         """The 299×299 pixels the fleet would embed (a no-op resize for 299×299 PNGs), or None."""
-        size = (self.settings.image_size, self.settings.image_size)
-        try:
-            return images.load_rgb(
-                image.path.read_bytes(), size=size, mode=self.mode, max_pixels=self.settings.max_pixels
-            )
-        except images.ImageError as e:
-            self.failures.add(image.key, e.reason, e.detail, path=image.source)
-        except OSError as e:
-            self.failures.add(image.key, "io_error", f"{type(e).__name__}: {e}", path=image.source)
-        return None
+        return self.failures.attempt(
+            image.key,
+            lambda: pixels_of(image.path.read_bytes(), self.settings, mode=self.mode),
+            path=image.source,
+        )
 
     def write(
         self, pool: ThreadPoolExecutor, batch: list[LocalImage], pixels: list[np.ndarray | None]
@@ -438,33 +428,14 @@ class LabBatcher:
         if not kept:
             return
         rgb = np.stack([px for _, px in kept])
-        if self.embed_lab is not None and self.lab_size == lab.DEFAULT_SIZE:
-            logits, l_channels, ab_channels = self.embed_lab(rgb)
-            serialized = [
-                self.record(img, l_channel, ab, emb)
-                for (img, _), l_channel, ab, emb in zip(kept, l_channels, ab_channels, logits, strict=True)
-            ]
-        else:
-            labs = [pool.submit(lab.lab_channels, px, self.lab_size) for _, px in kept]
-            logits = self.embed(rgb)
-            serialized = [
-                self.record(img, *f.result(), emb)
-                for (img, _), f, emb in zip(kept, labs, logits, strict=True)
-            ]
+        labs = start_lab(self.model, rgb, self.lab_size, pool)
+        logits, l_channels, ab_channels = infer(self.model, rgb, self.lab_size, labs)
+        serialized = [
+            record_of(img.name, img.key, img.source, l_channel, ab, embedding)
+            for (img, _), l_channel, ab, embedding in zip(kept, l_channels, ab_channels, logits, strict=True)
+        ]
         append_exact(self.writer, serialized)
         self.written += len(serialized)
-
-    @staticmethod
-    def record(image: LocalImage, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray) -> bytes:
-        """One record, fields as the embed stage writes them."""
-        return records.serialize_example(
-            name=image.name.encode("utf-8", "surrogateescape"),
-            key=image.key.encode(),
-            source=image.source.encode("utf-8", "surrogateescape"),
-            l=l_channel,
-            ab=ab,
-            embedding=embedding,
-        )
 
     def run(self, files: list[LocalImage], batch_size: int, bar: tqdm) -> None:
         """All files, batch by batch, the next batch decoded while the current one is embedded."""
@@ -530,41 +501,25 @@ def lab_batch(
     other file gets image_name = its path relative to SRC (key: md5 of its absolute path).
     image_source is the path relative to SRC. Unreadable images go to OUT/failures.jsonl."""
     settings = get_settings()
+    if batch_size:
+        settings = settings.model_copy(update={"batch_size": batch_size})
     checkpoint = checkpoint or settings.checkpoint
-    if not checkpoint:
+    if not checkpoint and not settings.null_model:
         raise click.ClickException("no checkpoint: pass -c PATH|URL or set KOALA_CHECKPOINT")
     files = [identify(p, src) for p in iter_image_files(src, exclude=out)]
     if not files:
         raise click.ClickException(f"no image files under {src}")
-    from common.embedder import Embedder, default_batch_size
-    from common.lab_tf import lab_on_device_default
-
-    batch_size = batch_size or settings.batch_size or default_batch_size()
-    embedder = Embedder(
-        checkpoint,
-        settings.cache_dir,
-        batch_size=batch_size,
-        mixed_precision=settings.mixed_precision,
-        xla=settings.xla,
-    )
+    model = load_model(settings, checkpoint)
     failures = FailureLog(out)
     per_shard = examples_per_shard or settings.examples_per_shard
     writer = ShardWriter(
         out, NODE, examples_per_shard=per_shard, max_age=math.inf, compression=settings.compression
     )
-    on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
-    batcher = LabBatcher(
-        settings,
-        embedder.embed,
-        mode or settings.resize_mode,
-        int(lab_size or settings.lab_size),
-        writer,
-        failures,
-        embedder.embed_lab if on_device else None,
-    )
+    mode = mode or settings.resize_mode
+    batcher = LabBatcher(settings, model, mode, int(lab_size or settings.lab_size), writer, failures)
     try:
         with writer, tqdm(total=len(files), desc="lab-batch", unit=" img") as bar:
-            batcher.run(files, batch_size, bar)
+            batcher.run(files, model.batch_size, bar)
     finally:
         failures.close()
     for path in writer.finalized:

@@ -1,8 +1,8 @@
 """The download stage: fetch (or take the submitted bytes), decode, resize, hand on or fail.
 
 Nothing here knows about Celery: `DownloadStage.run` gets the chunk's items and a `publish`
-function for a list of images (one `embed` message). The standalone `koala download` step
-(producer/steps.py) calls the same fetch and image functions, not this class.
+function for a list of images (one `embed` message). Each item goes through the stage functions
+of `common/stages.py`, which the standalone `koala download` and `koala resize` steps call too.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from common import images
 from common.celery_app import EMBED_QUEUE
-from common.failures import Failure, ItemError, append_failure_log, now
-from common.fetch import fetch, make_session, policy_from_settings
+from common.failures import Failure, append_failure_log, now
+from common.fetch import make_session, policy_from_settings
 from common.messages import ChunkItem, EmbedImage, embed_image
 from common.settings import Settings
+from common.stages import failure_of, item_bytes, pixels_of
 from common.state import FAILED, WRITTEN, JobState, room_for
 
 log = logging.getLogger("koala.download")
@@ -38,7 +39,6 @@ class DownloadStage:
         self.node = node
         self.policy = policy_from_settings(settings)
         self.session = make_session(self.policy, pool_maxsize=settings.per_host_connections)
-        self.size = (settings.image_size, settings.image_size)
         self.pool = ThreadPoolExecutor(settings.download_concurrency, "fetch")
         self._room = 0  # images we may still publish before looking at the queue again
         self._room_lock = threading.Lock()
@@ -76,28 +76,18 @@ class DownloadStage:
         """Download, decode and resize one item: its payload, or None once its failure is recorded."""
         try:
             return self.load(item)
-        except ItemError as e:
-            self.fail(item, e.reason, e.detail)
-        except OSError as e:
-            self.fail(item, "io_error", f"{type(e).__name__}: {e}")
-        except Exception as e:  # a bug must still leave the item accounted for
-            log.exception("unexpected error on %s", item.get("u") or item.get("p"))
-            self.fail(item, "internal_error", f"{type(e).__name__}: {e}")
+        except Exception as e:
+            reason, detail = failure_of(e)
+            if reason == "internal_error":  # a bug: logged whole, and the item still accounted for
+                log.exception("unexpected error on %s", item.get("u") or item.get("p"))
+            self.fail(item, reason, detail)
         return None
 
     def load(self, item: ChunkItem) -> bytes:
         """The lossless 299x299 RGB payload of an item (a URL to fetch, or submitted bytes)."""
-        if "b" in item:
-            data = item["b"]
-        else:
-            data = fetch(item["u"], self.session, self.policy)
-            if self.settings.keep_originals:
-                images.save_original(self.settings.keep_originals, item["k"], data)
+        data = item_bytes(item, self.session, self.policy, self.settings.keep_originals)
         with self._cores:
-            rgb = images.load_rgb(
-                data, size=self.size, mode=self.settings.resize_mode, max_pixels=self.settings.max_pixels
-            )
-            return images.encode_pixels(rgb)
+            return images.encode_pixels(pixels_of(data, self.settings))
 
     def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""

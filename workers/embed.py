@@ -24,19 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from common import images, lab, records
+from common import images, records
 from common.failures import Failure, append_failure_log, now
 from common.messages import EmbedImage
 from common.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
 from common.settings import Settings
 from common.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
+from common.stages import Model, infer, load_model, record_of, start_lab
 from common.state import DOWNLOADED, SUBMITTED, JobState
 
 log = logging.getLogger("koala.embed")
-
-Embed = Callable[[np.ndarray], np.ndarray]
-# uint8 [B, 299, 299, 3] -> (logits [B, 1001], l [B, 299, 299], ab [B, 299, 299, 2]) in one device call
-EmbedLab = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def shard_token(path: Path) -> bytes:
@@ -71,9 +68,9 @@ class Batch:
     todo: list[EmbedImage] = field(default_factory=list)  # pending, deduplicated, decodable images
     pixels: np.ndarray | None = None
     labs: list[Future] = field(default_factory=list)  # CPU Lab, when not computed with the model
-    logits: np.ndarray | None = None
-    l_channels: np.ndarray | list | None = None
-    ab_channels: np.ndarray | list | None = None
+    logits: np.ndarray | list = field(default_factory=list)  # per image of `todo`, once inferred
+    l_channels: list = field(default_factory=list)
+    ab_channels: list = field(default_factory=list)
     written: int = 0
     received: float = field(default_factory=time.monotonic)
 
@@ -88,15 +85,13 @@ class EmbedStage:
         settings: Settings,
         state: JobState,
         node: str,
-        embed: Embed,
+        model: Model,
         writer: ShardWriter,
-        embed_lab: EmbedLab | None = None,
     ):
         self.settings = settings
         self.state = state
         self.node = node
-        self.embed = embed
-        self.embed_lab = embed_lab if settings.lab_size == lab.DEFAULT_SIZE else None
+        self.model = model
         self.writer = writer
         self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "lab")
 
@@ -119,38 +114,35 @@ class EmbedStage:
         if not batch.todo:
             return
         batch.pixels = np.stack([px for px in pixels if px is not None])
-        if self.embed_lab is None:
-            size = self.settings.lab_size
-            batch.labs = [self.lab_pool.submit(lab.lab_channels, px, size) for px in batch.pixels]
+        batch.labs = start_lab(self.model, batch.pixels, self.settings.lab_size, self.lab_pool)
 
     def infer(self, batch: Batch) -> None:
         """The embeddings (and Lab channels) of a prepared batch."""
         if batch.pixels is None:
             return
-        if self.embed_lab is not None:
-            batch.logits, batch.l_channels, batch.ab_channels = self.embed_lab(batch.pixels)
-        else:
-            batch.logits = self.embed(batch.pixels)
-            channels = [f.result() for f in batch.labs]
-            batch.l_channels, batch.ab_channels = [c[0] for c in channels], [c[1] for c in channels]
-            batch.labs = []
+        batch.logits, batch.l_channels, batch.ab_channels = infer(
+            self.model, batch.pixels, self.settings.lab_size, batch.labs
+        )
+        batch.labs = []
         batch.pixels = None  # not needed any more: free it before the write
 
     def write(self, batches: list[Batch]) -> None:
         """Write the records of inferred batches with one append (one fsync) and one claim; sets
         each batch's `written`. Records another shard claimed first are left out."""
-        todo = [b for b in batches if b.todo and b.logits is not None]
-        serialized = [
-            self._record(p, b.l_channels[i], b.ab_channels[i], b.logits[i])  # type: ignore[index]
-            for b in todo
-            for i, p in enumerate(b.todo)
-        ]
+        todo = [b for b in batches if b.todo and len(b.logits)]
+        serialized = []
+        for b in todo:
+            for p, l_channel, ab, embedding in zip(
+                b.todo, b.l_channels, b.ab_channels, b.logits, strict=True
+            ):
+                source = str(p.get("source") or "")
+                serialized.append(record_of(str(p["name"]), p["key"], source, l_channel, ab, embedding))
         if not serialized:
             return
         claimed = self._write([p for b in todo for p in b.todo], serialized)
         for b in todo:
             b.written, claimed = sum(claimed[: len(b.todo)]), claimed[len(b.todo) :]
-            b.logits = b.l_channels = b.ab_channels = None
+            b.logits, b.l_channels, b.ab_channels = [], [], []
 
     def _pixels(self, payload: EmbedImage) -> np.ndarray | None:
         """The image of a payload, or None after recording why it is unusable."""
@@ -159,18 +151,6 @@ class EmbedStage:
         except (ValueError, KeyError, TypeError) as e:
             self.fail(payload, "internal_error", f"unreadable image payload: {e}")
             return None
-
-    def _record(
-        self, payload: EmbedImage, l_channel: np.ndarray, ab: np.ndarray, embedding: np.ndarray
-    ) -> bytes:
-        return records.serialize_example(
-            name=str(payload["name"]).encode(),
-            key=payload["key"].encode(),
-            source=str(payload.get("source") or "").encode(),
-            l=l_channel,
-            ab=ab,
-            embedding=embedding,
-        )
 
     def _write(self, payloads: list[EmbedImage], serialized: list[bytes]) -> list[bool]:
         """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
@@ -268,80 +248,6 @@ def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:
     return keep
 
 
-@dataclass
-class Model:
-    """What the embed stage runs: logits alone, or logits and Lab in one device call."""
-
-    embed: Embed
-    embed_lab: EmbedLab | None  # None: Lab with numpy in the stage's threads
-    device: str
-    batch_size: int
-
-
-class NullModel:
-    """Benchmark only (KOALA_NULL_MODEL=1): a forward pass that costs nothing and returns zeros, so
-    that a benchmark sees the ceiling of everything else (Lab still runs where it would). Its
-    records are useless for training."""
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-
-    def embed(self, rgb: np.ndarray) -> np.ndarray:
-        return np.zeros((len(rgb), records.EMBEDDING_SIZE), np.float32)
-
-    def zeros_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Zeros for the logits and the Lab channels (KOALA_NULL_LAB: a device's work, not the CPU's)."""
-        n, h, w, _ = rgb.shape
-        return self.embed(rgb), np.zeros((n, h, w), np.float32), np.zeros((n, h, w, 2), np.float32)
-
-    def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Zeros and the TensorFlow Lab channels, as `Embedder.embed_lab` gives them."""
-        import tensorflow as tf
-
-        from common.lab_tf import lab_tf_padded
-
-        parts = [
-            lab_tf_padded(tf.constant(rgb[i : i + self.batch_size]), self.batch_size)
-            for i in range(0, len(rgb), self.batch_size)
-        ]
-        return (
-            self.embed(rgb),
-            np.concatenate([p[0].numpy() for p in parts]),
-            np.concatenate([p[1].numpy() for p in parts]),
-        )
-
-
-def load_model(settings: Settings) -> Model:
-    """The settings' model, Lab on its device or not, and its batch size."""
-    from common.embedder import CPU_BATCH_SIZE, default_batch_size
-    from common.lab_tf import lab_on_device_default
-
-    if settings.null_model and settings.null_lab:  # no TensorFlow at all
-        log.warning("KOALA_NULL_MODEL=1, KOALA_NULL_LAB=1: zeros for the logits and Lab (benchmark only)")
-        null = NullModel(settings.batch_size or CPU_BATCH_SIZE)
-        return Model(null.embed, null.zeros_lab, "nothing (null model, null Lab)", null.batch_size)
-    batch_size = settings.batch_size or default_batch_size()
-    on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
-    if settings.null_model:
-        log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
-        null = NullModel(batch_size)
-        return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
-    if settings.null_lab:
-        raise RuntimeError("KOALA_NULL_LAB=1 is for benchmarks, with KOALA_NULL_MODEL=1 only")
-    if not settings.checkpoint:
-        raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
-    from common.embedder import Embedder
-
-    embedder = Embedder(
-        settings.checkpoint,
-        settings.cache_dir,
-        batch_size=batch_size,
-        mixed_precision=settings.mixed_precision,
-        xla=settings.xla,
-    )
-    return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
-
-
 def check_permissions(out: Path) -> None:
     """Refuse to start where this user may not write (a wrong owner does not pass with time, unlike a
     full or read-only disk, which the worker waits out)."""
@@ -388,7 +294,7 @@ def run_embed_worker(node: str) -> None:
             max_age=settings.shard_max_age,
             compression=settings.compression,
         )
-        stage = EmbedStage(settings, state, node, model.embed, writer, model.embed_lab)
+        stage = EmbedStage(settings, state, node, model, writer)
         consumer = BatchConsumer(
             make_app(settings),
             stage,
