@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -96,151 +97,224 @@ class Behaviour:
             return self.hits[path]
 
 
-def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[int]):  # noqa: C901 - its do_GET
-    """A request handler serving `files` under /img/<name> and the misbehaving routes."""
+class Handler(BaseHTTPRequestHandler):
+    """Serves `files` under /img/<name> and the misbehaving routes of ROUTES (first path segment ->
+    method); `make_handler` binds the files, the counters and the port."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"
+    files: dict[str, bytes]
+    behaviour: Behaviour
+    port_ref: list[int]
 
-        def log_message(self, *args) -> None:  # keep test output quiet
+    def log_message(self, *args) -> None:  # keep test output quiet
+        pass
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        head, _, rest = path.strip("/").partition("/")
+        with self.behaviour.lock:
+            self.behaviour.user_agents.append(self.headers.get("User-Agent", ""))
+            self.behaviour.peers.add(self.client_address[:2])
+        ROUTES.get(head, Handler.not_found)(self, path, rest)
+
+    # ---- answers the routes are made of
+
+    def send_body(
+        self, body: bytes, ctype: str = "image/jpeg", code: int = 200, headers: dict | None = None
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def redirect(self, location: str, code: int = 302) -> None:
+        self.send_response(code)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def dribble(self, gap: float, status_at_once: bool = False) -> None:
+        """Each byte arrives well within any read timeout; the whole head takes minutes
+        (`status_at_once`: the status line comes whole, only the headers dribble)."""
+        status = b"HTTP/1.1 200 OK\r\n"
+        head = status + b"Content-Type: image/jpeg\r\nX-Pad: " + b"x" * 600 + b"\r\n\r\n"
+        self.close_connection = True
+        try:
+            if status_at_once:
+                self.wfile.write(status)
+                head = head[len(status) :]
+            for byte in head:
+                self.wfile.write(bytes([byte]))
+                time.sleep(gap)
+        except OSError:
             pass
 
-        def send_body(
-            self, body: bytes, ctype: str = "image/jpeg", code: int = 200, headers: dict | None = None
-        ) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+    def chunked(self, short_length: bool) -> None:
+        """6.5 MB in chunks, over the test limit: the limit must count bytes (`short_length`: with a
+        Content-Length of 100 that the chunks override)."""
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        if short_length:
+            self.send_header("Content-Length", "100")
+        self.end_headers()
+        block = b"\xff" * 65536
+        try:
+            for _ in range(100):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
 
-        def redirect(self, location: str, code: int = 302) -> None:
-            self.send_response(code)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def cut_short(self, body: bytes) -> None:
+        """A Content-Length of twice the body, the body, then the connection closes."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(2 * len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
 
-        def dribble(self, gap: float, status_at_once: bool = False) -> None:
-            """Each byte arrives well within any read timeout; the whole head takes minutes
-            (`status_at_once`: the status line comes whole, only the headers dribble)."""
-            status = b"HTTP/1.1 200 OK\r\n"
-            head = status + b"Content-Type: image/jpeg\r\nX-Pad: " + b"x" * 600 + b"\r\n\r\n"
-            self.close_connection = True
-            try:
-                if status_at_once:
-                    self.wfile.write(status)
-                    head = head[len(status) :]
-                for byte in head:
-                    self.wfile.write(bytes([byte]))
-                    time.sleep(gap)
-            except OSError:
-                pass
+    # ---- the routes: (self, path, rest of the path after the first segment)
 
-        def do_GET(self) -> None:  # noqa: C901 - one branch per misbehaviour is the point
-            path = urlsplit(self.path).path
-            parts = path.strip("/").split("/")
-            head, rest = parts[0], "/".join(parts[1:])
-            port = port_ref[0]
-            with behaviour.lock:
-                behaviour.user_agents.append(self.headers.get("User-Agent", ""))
-                behaviour.peers.add(self.client_address[:2])
-            if head == "img" and rest in files:
-                self.send_body(files[rest], "application/octet-stream")
-            elif head == "counted":  # /counted/<code>/<id>: counts hits, answers <code>
-                behaviour.hit(path)
-                self.send_body(b"counted", "text/plain", code=int(parts[1]))
-            elif head == "concurrent":  # counts downloads in flight at once
-                with behaviour.lock:
-                    behaviour.in_flight += 1
-                    behaviour.max_in_flight = max(behaviour.max_in_flight, behaviour.in_flight)
-                time.sleep(0.2)
-                with behaviour.lock:
-                    behaviour.in_flight -= 1
-                self.send_body(files["jpeg_small"])
-            elif head == "outage":  # 503 while the test says the outage lasts
-                if behaviour.outage:
-                    self.send_body(b"down", "text/plain", code=503)
-                else:
-                    self.send_body(files["png_rgb"], "image/png")
-            elif head == "status":
-                self.send_body(b"no", "text/plain", code=int(rest))
-            elif head == "flaky503":  # 503 twice, then the image
-                if behaviour.hit(path) <= 2:
-                    self.send_body(b"busy", "text/plain", code=503)
-                else:
-                    self.send_body(files["jpeg_rgb"])
-            elif head == "ratelimited":  # 429 with Retry-After once, then the image
-                if behaviour.hit(path) <= 1:
-                    self.send_body(b"slow down", "text/plain", 429, {"Retry-After": "1"})
-                else:
-                    self.send_body(files["png_rgb"], "image/png")
-            elif head == "html":
-                self.send_body(b"<html><body>not an image</body></html>", "text/html")
-            elif head == "html-as-jpeg":
-                self.send_body(b"<!doctype html><html><body>gotcha</body></html>", "image/jpeg")
-            elif head == "empty":
-                self.send_body(b"", "image/jpeg")
-            elif head == "slow":
-                time.sleep(float(rest or 3))
-                self.send_body(files["jpeg_rgb"])
-            elif head == "huge-declared":
-                self.send_response(200)
-                self.send_header("Content-Length", str(10**9))
-                self.end_headers()
-                self.wfile.write(b"\xff" * 1024)
-            elif head in ("huge-chunked", "huge-chunked-short-length"):  # the limit must count bytes
-                self.send_response(200)
-                self.send_header("Transfer-Encoding", "chunked")
-                if head == "huge-chunked-short-length":  # a Content-Length the chunks override
-                    self.send_header("Content-Length", "100")
-                self.end_headers()
-                block = b"\xff" * 65536
-                try:
-                    for _ in range(100):  # 6.5 MB, over the test limit
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
-                    self.wfile.write(b"0\r\n\r\n")
-                except OSError:
-                    pass
-            elif head == "lying-length":  # promises more than it sends, then closes
-                body = files["jpeg_rgb"]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body) * 2))
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = True
-            elif head == "loop":
-                self.redirect(f"/loop/{'b' if rest == 'a' else 'a'}")
-            elif head == "to-file":
-                self.redirect("file:///etc/passwd")
-            elif head == "to-blocked":  # 127.0.0.2 is on KOALA_BLOCKED_NETWORKS in the tests
-                self.redirect(f"http://127.0.0.2:{port}/img/jpeg_rgb")
-            elif head == "to-image":
-                self.redirect(f"/img/{rest}", 301)
-            elif head == "dribble-headers":  # status line and headers one byte per `rest` seconds
-                self.dribble(float(rest or 0.2))
-            elif head == "dribble-after-status":  # the status line at once, then headers dribbled
-                self.dribble(float(rest or 0.2), status_at_once=True)
-            elif head == "slow-hops":  # /slow-hops/<gap>/<n>: wait <gap> s, redirect to hop n-1
-                gap, hops = float(parts[1]), int(parts[2])
-                time.sleep(gap)
-                if hops > 0:
-                    self.redirect(f"/slow-hops/{parts[1]}/{hops - 1}")
-                else:
-                    self.send_body(files["jpeg_rgb"])
-            elif head == "list":  # a URL list served over HTTP
-                self.send_body(files["__list__"], "text/plain")
-            elif head == "list-cut":  # a URL list whose body stops at half its Content-Length
-                self.send_response(200)
-                self.send_header("Content-Length", str(2 * len(files["__list__"])))
-                self.end_headers()
-                self.wfile.write(files["__list__"])
-                self.close_connection = True
-            else:
-                self.send_body(b"not found", "text/plain", 404)
+    def not_found(self, path: str, rest: str) -> None:
+        self.send_body(b"not found", "text/plain", 404)
 
-    return Handler
+    def img(self, path: str, rest: str) -> None:  # /img/<name>: a file, as bytes
+        if rest in self.files:
+            self.send_body(self.files[rest], "application/octet-stream")
+        else:
+            self.not_found(path, rest)
+
+    def counted(self, path: str, rest: str) -> None:  # /counted/<code>/<id>: counts hits, answers <code>
+        self.behaviour.hit(path)
+        self.send_body(b"counted", "text/plain", code=int(rest.split("/")[0]))
+
+    def concurrent(self, path: str, rest: str) -> None:  # counts downloads in flight at once
+        behaviour = self.behaviour
+        with behaviour.lock:
+            behaviour.in_flight += 1
+            behaviour.max_in_flight = max(behaviour.max_in_flight, behaviour.in_flight)
+        time.sleep(0.2)
+        with behaviour.lock:
+            behaviour.in_flight -= 1
+        self.send_body(self.files["jpeg_small"])
+
+    def outage(self, path: str, rest: str) -> None:  # 503 while the test says the outage lasts
+        if self.behaviour.outage:
+            self.send_body(b"down", "text/plain", code=503)
+        else:
+            self.send_body(self.files["png_rgb"], "image/png")
+
+    def status(self, path: str, rest: str) -> None:  # /status/<code>
+        self.send_body(b"no", "text/plain", code=int(rest))
+
+    def flaky503(self, path: str, rest: str) -> None:  # 503 twice, then the image
+        if self.behaviour.hit(path) <= 2:
+            self.send_body(b"busy", "text/plain", code=503)
+        else:
+            self.send_body(self.files["jpeg_rgb"])
+
+    def ratelimited(self, path: str, rest: str) -> None:  # 429 with Retry-After once, then the image
+        if self.behaviour.hit(path) <= 1:
+            self.send_body(b"slow down", "text/plain", 429, {"Retry-After": "1"})
+        else:
+            self.send_body(self.files["png_rgb"], "image/png")
+
+    def html(self, path: str, rest: str) -> None:
+        self.send_body(b"<html><body>not an image</body></html>", "text/html")
+
+    def html_as_jpeg(self, path: str, rest: str) -> None:
+        self.send_body(b"<!doctype html><html><body>gotcha</body></html>", "image/jpeg")
+
+    def empty(self, path: str, rest: str) -> None:
+        self.send_body(b"", "image/jpeg")
+
+    def slow(self, path: str, rest: str) -> None:  # /slow/<seconds> (3), then the image
+        time.sleep(float(rest or 3))
+        self.send_body(self.files["jpeg_rgb"])
+
+    def huge_declared(self, path: str, rest: str) -> None:  # declares 1 GB, sends 1 kB
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**9))
+        self.end_headers()
+        self.wfile.write(b"\xff" * 1024)
+
+    def huge_chunked(self, path: str, rest: str) -> None:
+        self.chunked(short_length=False)
+
+    def huge_chunked_short_length(self, path: str, rest: str) -> None:
+        self.chunked(short_length=True)
+
+    def lying_length(self, path: str, rest: str) -> None:  # promises more than it sends, then closes
+        self.cut_short(self.files["jpeg_rgb"])
+
+    def loop(self, path: str, rest: str) -> None:  # /loop/a <-> /loop/b
+        self.redirect(f"/loop/{'b' if rest == 'a' else 'a'}")
+
+    def to_file(self, path: str, rest: str) -> None:
+        self.redirect("file:///etc/passwd")
+
+    def to_blocked(self, path: str, rest: str) -> None:  # 127.0.0.2 is on KOALA_BLOCKED_NETWORKS in the tests
+        self.redirect(f"http://127.0.0.2:{self.port_ref[0]}/img/jpeg_rgb")
+
+    def to_image(self, path: str, rest: str) -> None:  # /to-image/<name>: 301 to /img/<name>
+        self.redirect(f"/img/{rest}", 301)
+
+    def dribble_headers(self, path: str, rest: str) -> None:  # status and headers one byte per `rest` s
+        self.dribble(float(rest or 0.2))
+
+    def dribble_after_status(self, path: str, rest: str) -> None:  # the status line at once, then dribbled
+        self.dribble(float(rest or 0.2), status_at_once=True)
+
+    def slow_hops(self, path: str, rest: str) -> None:  # /slow-hops/<gap>/<n>: wait <gap> s, redirect to n-1
+        gap, hops = rest.split("/")[:2]
+        time.sleep(float(gap))
+        if int(hops) > 0:
+            self.redirect(f"/slow-hops/{gap}/{int(hops) - 1}")
+        else:
+            self.send_body(self.files["jpeg_rgb"])
+
+    def url_list(self, path: str, rest: str) -> None:  # a URL list served over HTTP
+        self.send_body(self.files["__list__"], "text/plain")
+
+    def url_list_cut(self, path: str, rest: str) -> None:  # a URL list whose body stops at half its length
+        self.cut_short(self.files["__list__"])
+
+
+ROUTES: dict[str, Callable[[Handler, str, str], None]] = {
+    "img": Handler.img,
+    "counted": Handler.counted,
+    "concurrent": Handler.concurrent,
+    "outage": Handler.outage,
+    "status": Handler.status,
+    "flaky503": Handler.flaky503,
+    "ratelimited": Handler.ratelimited,
+    "html": Handler.html,
+    "html-as-jpeg": Handler.html_as_jpeg,
+    "empty": Handler.empty,
+    "slow": Handler.slow,
+    "huge-declared": Handler.huge_declared,
+    "huge-chunked": Handler.huge_chunked,
+    "huge-chunked-short-length": Handler.huge_chunked_short_length,
+    "lying-length": Handler.lying_length,
+    "loop": Handler.loop,
+    "to-file": Handler.to_file,
+    "to-blocked": Handler.to_blocked,
+    "to-image": Handler.to_image,
+    "dribble-headers": Handler.dribble_headers,
+    "dribble-after-status": Handler.dribble_after_status,
+    "slow-hops": Handler.slow_hops,
+    "list": Handler.url_list,
+    "list-cut": Handler.url_list_cut,
+}
+
+
+def make_handler(files: dict[str, bytes], behaviour: Behaviour, port_ref: list[int]) -> type[Handler]:
+    """The Handler class bound to these files, counters and port (a one-element list, set once the
+    server has its port)."""
+    return type("BoundHandler", (Handler,), {"files": files, "behaviour": behaviour, "port_ref": port_ref})
 
 
 class ImageServer:
