@@ -182,6 +182,15 @@ def test_koala_commands_are_real_entry_points(where: str, args: list[str]) -> No
         koala_cli.commands[args[0]].make_context(args[0], list(args[1:]))
 
 
+def test_the_entry_point_check_sees_every_koala_service() -> None:
+    # the parametrized check above would pass on an empty list: it must get each service whose
+    # entrypoint is koala (all of this image's but Flower's), in both configurations, and the docs
+    where = [w for w, _ in koala_commands()]
+    services_seen = {w for w in where if not w.startswith("docs: ")}
+    assert services_seen == {f"{name} in {c}" for name in KOALA_SERVICES - {"flower"} for c in CONFIGS}
+    assert {w.split()[1] for w in where if w.startswith("docs: ")} == {"producer", "koala"}
+
+
 def test_every_service_of_the_koala_image_runs_koala_or_flower() -> None:
     for where, config in CONFIGS.items():
         koala = {name for name, service in services(config).items() if koala_image(service)}
@@ -288,10 +297,12 @@ def test_the_shared_environment_holds_valid_settings() -> None:
     values = {k.removeprefix("KOALA_").lower(): v for k, v in env.items()}
     settings = Settings(_env_file=None, **values)
     assert settings.broker_url.startswith("redis://:${REDIS_PASSWORD:-}@redis:6379/")
-    for name, service in services(WITH_GPU).items():
-        if koala_image(service):  # Flower also gets its credentials, for its start-up guard
-            extra = {"FLOWER_USER", "FLOWER_PASSWORD"} if name == "flower" else set()
-            assert {k: v for k, v in service["environment"].items() if k not in extra} == env, name
+    koala = {name for name, service in services(WITH_GPU).items() if koala_image(service)}
+    assert koala == KOALA_SERVICES  # every one is checked below, none skipped
+    for name in sorted(koala):
+        service = services(WITH_GPU)[name]
+        extra = {"FLOWER_USER", "FLOWER_PASSWORD"} if name == "flower" else set()  # its start-up guard
+        assert {k: v for k, v in service["environment"].items() if k not in extra} == env, name
 
 
 def test_dockerfiles_set_the_same_folders_as_compose() -> None:
