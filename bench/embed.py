@@ -545,7 +545,8 @@ def drain(
 
 def receive_ack(redis_url: str, payloads: list[dict], batch_size: int) -> dict:
     """The worker's queue side alone: the real BatchConsumer draining the messages, steps doing nothing."""
-    fill_embed_queue(redis_url, payloads)
+    # a message per batch: the smoke's 4 images make two batches too (one 16-image message made one)
+    fill_embed_queue(redis_url, payloads, batch_size)
     seen = drain(redis_url, len(payloads), batch_size, "receive@bench", 120)
     # from the first flush to the last: the messages of every batch but the first (no connection set-up)
     return {"images": sum(k for _, k in seen[1:]), "seconds": seen[-1][0] - seen[0][0]}
