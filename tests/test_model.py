@@ -344,10 +344,18 @@ def test_xla_and_mixed_precision_are_opt_in_and_close(fake_checkpoint: Path, emb
     np.testing.assert_allclose(logits, exact, rtol=0.02, atol=0.1)
 
 
-def test_device_is_what_tensorflow_sees(embedder):
+def test_device_is_where_the_model_runs(embedder):
+    """`device` names the kind of device the model's outputs come from (the GPU where TensorFlow has
+    one, else the CPU: the CPU on a machine without one), and the default batch size is that one's."""
     import tensorflow as tf
 
-    assert embedder.device == ("GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+    from common.embedder import CPU_BATCH_SIZE, GPU_BATCH_SIZE, default_batch_size
+
+    out = embedder.model(np.zeros((1, 299, 299, 3), np.float32), training=False)
+    ran_on = tf.DeviceSpec.from_string(out.device).device_type  # from ".../device:CPU:0"
+    assert ran_on in ("CPU", "GPU"), out.device
+    assert embedder.device == ran_on
+    assert default_batch_size() == {"CPU": CPU_BATCH_SIZE, "GPU": GPU_BATCH_SIZE}[ran_on]
 
 
 # ---------------------------------------------------------------- resolving a checkpoint
