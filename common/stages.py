@@ -115,7 +115,7 @@ def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
     batch_size = settings.batch_size or default_batch_size()
     on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
     if settings.null_model:
-        log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmark only)")
+        log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmarks and tests only)")
         null = NullModel(batch_size)
         return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
     if settings.null_lab:

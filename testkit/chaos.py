@@ -33,7 +33,7 @@ import redis
 
 from common import records
 from common.shards import SHARD_GLOB, SHARD_PREFIX
-from testkit.checkpoint import fake_checkpoint_in
+from testkit.checkpoint import cached_fake_checkpoint
 from testkit.servers import ImageServer, RedisServer, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -583,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         type=Path,
         default=None,
-        help="a generated-weights checkpoint (default: written once into --work)",
+        help="a generated-weights checkpoint (default: the one cached by testkit.checkpoint)",
     )
     parser.add_argument("--stop-on-failure", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the folders (logs) of passed trials too")
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     enter_private_namespace()
     args.work.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or fake_checkpoint_in(args.work)
+    checkpoint = args.checkpoint or cached_fake_checkpoint()
     server = corpus_server()
     results: list[TrialResult] = []
     started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from common.checkpoint import IGNORED_VARIABLES, REQUIRED_VARIABLES
+
+CACHE = Path(os.environ.get("KOALA_TEST_CACHE") or Path.home() / ".cache" / "koala-tests")
 
 
 def _fake_tensor(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -93,3 +96,11 @@ def fake_checkpoint_in(folder: Path) -> Path:
         write_fake_checkpoint(tmp)
         os.replace(tmp, path)
     return path
+
+
+def cached_fake_checkpoint() -> Path:
+    """The seed-0 fake checkpoint from the test cache (KOALA_TEST_CACHE, default ~/.cache/koala-tests),
+    written once per version of its generator, variable list and numpy instead of once per test run."""
+    variables = Path(__file__).parent.parent / "common" / "inception_resnet_v2_variables.tsv"
+    source = Path(__file__).read_bytes() + variables.read_bytes() + np.__version__.encode()
+    return fake_checkpoint_in(CACHE / f"checkpoint-{hashlib.sha256(source).hexdigest()[:16]}")

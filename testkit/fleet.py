@@ -36,15 +36,16 @@ def koala(
     return done
 
 
-def embed_env(checkpoint: Path, **extra: str) -> dict[str, str]:
-    """Settings for an embed worker in tests: this checkpoint, shards of 3, batches of 4."""
-    return {
-        "KOALA_CHECKPOINT": str(checkpoint),
-        "KOALA_EXAMPLES_PER_SHARD": "3",
-        "KOALA_BATCH_SIZE": "4",
-        "KOALA_BATCH_WAIT": "0.5",
-        **extra,
-    }
+def embed_env(checkpoint: Path | None, **extra: str) -> dict[str, str]:
+    """Settings for an embed worker in tests, shards of 3, batches of 4: the network of this
+    checkpoint, or with None the stand-in forward pass (KOALA_NULL_MODEL: zeros) and numpy's Lab,
+    no TensorFlow in the process, for tests of everything but the network."""
+    if checkpoint is None:
+        model = {"KOALA_NULL_MODEL": "1", "KOALA_LAB_ON_DEVICE": "0"}
+    else:
+        model = {"KOALA_CHECKPOINT": str(checkpoint)}
+    batches = {"KOALA_EXAMPLES_PER_SHARD": "3", "KOALA_BATCH_SIZE": "4", "KOALA_BATCH_WAIT": "0.5"}
+    return {**model, **batches, **extra}
 
 
 class Workers:

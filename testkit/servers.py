@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 
@@ -181,8 +181,9 @@ class Handler(BaseHTTPRequestHandler):
     def not_found(self, path: str, rest: str) -> None:
         self.send_body(b"not found", "text/plain", 404)
 
-    def img(self, path: str, rest: str) -> None:  # /img/<name>: a file, as bytes
+    def img(self, path: str, rest: str) -> None:  # /img/<name>[?delay=S]: a file, as bytes (S s later)
         if rest in self.files:
+            time.sleep(float(parse_qs(urlsplit(self.path).query).get("delay", ["0"])[0]))
             self.send_body(self.files[rest], "application/octet-stream")
         else:
             self.not_found(path, rest)

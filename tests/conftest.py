@@ -60,10 +60,9 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture(scope="session")
-def fake_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0), written once (~230 MB)."""
-    from testkit.checkpoint import write_fake_checkpoint
+def fake_checkpoint() -> Path:
+    """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0, ~230 MB), cached
+    across runs (testkit.checkpoint.cached_fake_checkpoint)."""
+    from testkit.checkpoint import cached_fake_checkpoint
 
-    path = tmp_path_factory.mktemp("checkpoint") / "inception_resnet_v2_2016_08_30.ckpt"
-    write_fake_checkpoint(path)
-    return path
+    return cached_fake_checkpoint()

@@ -1,5 +1,6 @@
 """End to end through both stages: real Redis, download + embed worker processes, loopback
-server, generated checkpoint; records checked against an independent computation."""
+server. The first test runs the network of the generated checkpoint and checks the records against an
+independent computation; the others, about delivery and not the network, run the stand-in model."""
 
 from __future__ import annotations
 
@@ -98,12 +99,12 @@ def test_urls_become_exactly_one_record_each(
 
 
 def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
-    image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path, fake_checkpoint
+    image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path
 ):
     urls = [f"{image_server.base}/img/{n}?copy={i}" for i in range(3) for n in GOOD[:6]]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
-    env = embed_env(fake_checkpoint, KOALA_BATCH_SIZE="2", KOALA_VISIBILITY_TIMEOUT="5")
+    env = embed_env(None, KOALA_BATCH_SIZE="2", KOALA_VISIBILITY_TIMEOUT="5")  # the stand-in model
     workers.start("download", "-c", "4")
     first = workers.start("embed", "-n", "embed-a@test", **env)
     assert koala(workers.env(), "submit", str(listing)).returncode == 0
@@ -132,12 +133,12 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
 
 
 def test_two_nodes_of_each_kind_share_one_redis_and_one_folder(
-    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path, fake_checkpoint
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):
     urls = [f"{image_server.base}/img/{n}?node={i}" for i in range(2) for n in GOOD]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
-    env = embed_env(fake_checkpoint, KOALA_BATCH_SIZE="2")
+    env = embed_env(None, KOALA_BATCH_SIZE="2")  # the stand-in model
     workers.start("download", "-c", "2", "-n", "download-a@host1")
     workers.start("download", "-c", "2", "-n", "download-b@host2")
     a = workers.start("embed", "-n", "embed-a@host1", **env)

@@ -22,7 +22,7 @@ from testkit.servers import ImageServer, worker_env
 GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "webp"]
 
 
-def run_env(tmp_path: Path) -> dict[str, str]:
+def run_env(tmp_path: Path, network: bool = False) -> dict[str, str]:
     # one image per message and batches of 2: an interrupted run stops between batches
     env = worker_env(
         "unused",
@@ -33,6 +33,8 @@ def run_env(tmp_path: Path) -> dict[str, str]:
         KOALA_BATCH_WAIT="0.5",
         KOALA_CACHE_DIR=str(tmp_path / "cache"),
     )
+    if not network:  # the stand-in model: a test about the run, not the network
+        env.update(KOALA_NULL_MODEL="1", KOALA_LAB_ON_DEVICE="0")
     del env["KOALA_BROKER_URL"]  # no broker configured: koala run starts its own
     return env
 
@@ -86,10 +88,12 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
-def listing_of(server: ImageServer, tmp_path: Path) -> tuple[Path, list[str], list[str]]:
+def listing_of(server: ImageServer, tmp_path: Path, delay: float = 0) -> tuple[Path, list[str], list[str]]:
     """A loopback copy of data/unsplash.txt (its comments and blank lines kept, each photo URL
-    replaced by a loopback image), plus two bad URLs."""
-    good = [f"{server.base}/img/{n}" for n in GOOD]
+    replaced by a loopback image; all but the first two served `delay` seconds late), plus two bad URLs."""
+    good = [
+        f"{server.base}/img/{n}" + (f"?delay={delay}" if delay and i >= 2 else "") for i, n in enumerate(GOOD)
+    ]
     bad = [f"{server.base}/status/404", "ftp://127.0.0.1/x.jpg"]
     shipped = (ROOT / "data" / "unsplash.txt").read_text().splitlines()
     urls = iter(good)
@@ -127,9 +131,11 @@ def test_run_does_the_whole_job_and_leaves_nothing_behind(image_server, tmp_path
 
 
 def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fake_checkpoint):
-    listing, good, bad = listing_of(image_server, tmp_path)
+    # the stand-in model is quick: four images come late, so that the interrupt lands mid-run
+    listing, good, bad = listing_of(image_server, tmp_path, delay=10)
     out = tmp_path / "out"
     env = run_env(tmp_path)
+    env.update(KOALA_READ_TIMEOUT="30", KOALA_DOWNLOAD_DEADLINE="60")  # wait for the late ones
     proc = koala_run(listing, out, fake_checkpoint, env)
     url_file = out / ".redis" / "url"
 
@@ -173,7 +179,7 @@ def test_the_original_three_steps_give_the_fleets_records(image_server, tmp_path
 
     listing, good, _ = listing_of(image_server, tmp_path)
     fleet_out = tmp_path / "fleet"
-    env = run_env(tmp_path)
+    env = run_env(tmp_path, network=True)
     proc = koala_run(listing, fleet_out, fake_checkpoint, env)
     _, stderr = proc.communicate(timeout=400)
     assert proc.returncode == 0, stderr[-3000:]

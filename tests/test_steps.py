@@ -155,39 +155,34 @@ def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def batched_originals(downloaded, images, fake_checkpoint, tmp_path_factory) -> Path:
-    """lab-batch straight on the downloaded originals, plus a file of another name and a broken one."""
+def batched_originals(downloaded, images, tmp_path_factory) -> Path:
+    """lab-batch straight on the downloaded originals, plus a file of another name and a broken one;
+    with the stand-in model (the naming is under test here, the network in the test above)."""
     tmp = tmp_path_factory.mktemp("lab_originals")
     src = tmp / "src"
     shutil.copytree(downloaded["out"], src)
     (src / "extra").mkdir()
     (src / "extra" / "photo.png").write_bytes(images["png_p"])
     (src / "broken.jpg").write_bytes(images["jpeg_rgb"][:2000])
-    koala(
-        no_broker(tmp),
-        "lab-batch",
-        "-c",
-        fake_checkpoint,
-        src,
-        tmp / "shards",
-        "--batch-size",
-        "4",
-        check=True,
-    )
+    env = {**no_broker(tmp), "KOALA_NULL_MODEL": "1", "KOALA_LAB_ON_DEVICE": "0"}
+    koala(env, "lab-batch", src, tmp / "shards", "--batch-size", "4", check=True)
     return tmp / "shards"
 
 
 def check_records(got: list[dict], sources: dict[str, Path], embedder) -> None:
     """Every record is the fleet's: l/ab as the fleet computes them (with the model where the
     fleet would: other batch shapes may round the last bit differently), embedding up to
-    batch-composition noise."""
+    batch-composition noise; with embedder None, the stand-in model's: numpy Lab, zero embedding."""
     from common.lab_tf import lab_on_device_default
 
     assert sorted(r["image_name"].decode() for r in got) == sorted(sources)
     by_name = {r["image_name"].decode(): r for r in got}
     names = sorted(sources)
     pixels = np.stack([img.load_rgb(sources[n].read_bytes()) for n in names])
-    if lab_on_device_default():
+    if embedder is None:
+        reference = np.zeros((len(names), 1001), np.float32)
+        l_all, ab_all = zip(*[lab.lab_channels(rgb) for rgb in pixels], strict=True)
+    elif lab_on_device_default():
         reference, l_all, ab_all = embedder.embed_lab(pixels)
     else:
         reference = embedder.embed(pixels)
@@ -210,13 +205,13 @@ def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched,
     assert {r["image_source"].decode() for r in got} == {f"{k}.png" for k in originals}
 
 
-def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batched_originals, embedder):
+def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batched_originals):
     sources = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
     sources["extra/photo.png"] = batched_originals.parent / "src" / "extra" / "photo.png"
     shards = sorted(batched_originals.glob(SHARD_GLOB))
     assert len(shards) == 1
     got = read_records(str(shards[0]))
-    check_records(got, sources, embedder)
+    check_records(got, sources, None)
     extra = next(r for r in got if r["image_name"] == b"extra/photo.png")
     assert extra["image_key"].decode() == md5(str(sources["extra/photo.png"].resolve()))
     assert [(f["path"], f["reason"]) for f in failures_in(batched_originals)] == [("broken.jpg", "truncated")]
