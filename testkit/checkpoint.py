@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from collections.abc import Sequence
@@ -103,4 +104,8 @@ def cached_fake_checkpoint() -> Path:
     written once per version of its generator, variable list and numpy instead of once per test run."""
     variables = Path(__file__).parent.parent / "common" / "inception_resnet_v2_variables.tsv"
     source = Path(__file__).read_bytes() + variables.read_bytes() + np.__version__.encode()
-    return fake_checkpoint_in(CACHE / f"checkpoint-{hashlib.sha256(source).hexdigest()[:16]}")
+    folder = CACHE / f"checkpoint-{hashlib.sha256(source).hexdigest()[:16]}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_suffix(".lock"), "w") as lock:  # parallel test processes write it once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return fake_checkpoint_in(folder)

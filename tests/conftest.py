@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,12 @@ import redis
 from testkit import corpus
 from testkit.fleet import Workers
 from testkit.servers import ImageServer, RedisServer
+
+# Four test processes share the cores (pytest-xdist, pyproject.toml): one thread each for TensorFlow
+# and BLAS, here and in the workers the tests start (they inherit this environment), not one per core
+# each, which only thrashes.
+for _name in ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "OMP_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +73,11 @@ def fake_checkpoint() -> Path:
     from testkit.checkpoint import cached_fake_checkpoint
 
     return cached_fake_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def embedder(fake_checkpoint: Path):
+    """The network of the fake checkpoint in this process, batches of 2, built once per test process."""
+    from common.embedder import Embedder
+
+    return Embedder(fake_checkpoint, batch_size=2)

@@ -11,7 +11,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pytest
 from skimage.color import rgb2lab
 
 from common import images as img
@@ -45,13 +44,6 @@ def read_records(out_dir: Path) -> list[dict]:
 def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)
-
-
-@pytest.fixture(scope="module")
-def embedder(fake_checkpoint: Path):
-    from common.embedder import Embedder
-
-    return Embedder(fake_checkpoint)
 
 
 def test_urls_become_exactly_one_record_each(
@@ -117,7 +109,7 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     first.wait()
     assert written() < len(urls), "the kill should happen mid-run"
     second = workers.start("embed", "-n", "embed-a@test", **env)
-    if not reached(lambda: written() == len(urls), 120):
+    if not reached(lambda: written() == len(urls), 60):
         # a message the killed worker had popped but kombu had not yet recorded as unacked is gone
         # (the Redis transport's BRPOP gap, README "Reliability"); the producer's resend is the cure
         assert koala(workers.env(), "submit", str(listing), "--requeue-pending").returncode == 0

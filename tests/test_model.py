@@ -164,11 +164,6 @@ def test_aux_logits_are_optional_and_global_step_is_tolerated(tmp_path: Path):
 # ---------------------------------------------------------------- the network
 
 
-@pytest.fixture(scope="module")
-def embedder(fake_checkpoint: Path) -> Embedder:
-    return Embedder(fake_checkpoint, batch_size=2)
-
-
 def test_every_layer_holds_the_checkpoint_tensor_of_its_name(embedder):
     expected = fake_weights(0)
     slim = {"kernel": "weights", "bias": "biases"}

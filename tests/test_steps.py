@@ -128,13 +128,6 @@ def test_resize_reports_unreadable_files_and_keeps_going(tmp_path, images):
 
 
 @pytest.fixture(scope="module")
-def embedder(fake_checkpoint: Path):
-    from common.embedder import Embedder
-
-    return Embedder(fake_checkpoint)
-
-
-@pytest.fixture(scope="module")
 def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
     """lab-batch of the resized PNGs, 2 records per shard."""
     tmp = tmp_path_factory.mktemp("lab")
