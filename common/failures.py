@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.messages import ChunkItem
+
 # Why an item failed for good: counted per reason in Redis; the README's reasons table lists each.
 REASONS = (
     "bad_scheme",
@@ -47,6 +49,12 @@ class Failure:
     path: str = ""
     node: str = ""
     time: float = 0.0
+
+    @classmethod
+    def of_item(cls, item: ChunkItem, reason: str, detail: str, node: str) -> Failure:
+        """The failure, now, of an item of a download chunk."""
+        url, path = item.get("u", ""), item.get("p", "")
+        return cls(key=item["k"], reason=reason, detail=detail, url=url, path=path, node=node, time=now())
 
     def as_dict(self) -> dict:
         """The JSON form: `url` for URL items, `path` for files of a folder."""

@@ -19,7 +19,7 @@ import msgpack
 from celery import Celery
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
-from common.failures import Failure, append_failure_log, now
+from common.failures import Failure, append_failure_log
 from common.fetch import FetchError
 from common.messages import ChunkItem
 from common.retries import call_retrying, retry_on_broker
@@ -218,15 +218,7 @@ class Submitter:
         return None
 
     def _fail(self, item: ChunkItem, reason: str, detail: str) -> None:
-        failure = Failure(
-            key=item["k"],
-            reason=reason,
-            detail=detail,
-            url=item.get("u", ""),
-            path=item.get("p", ""),
-            node=self.node,
-            time=now(),
-        )
+        failure = Failure.of_item(item, reason, detail, self.node)
         if retry_on_broker(self.state.mark_failed)(failure):
             self.report.failed_at_submit += 1
             try:

@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from common import images
 from common.celery_app import EMBED_QUEUE
-from common.failures import Failure, append_failure_log, now
+from common.failures import Failure, append_failure_log
 from common.fetch import make_session, policy_from_settings
 from common.messages import ChunkItem, EmbedImage, embed_image
 from common.settings import Settings
@@ -91,15 +91,7 @@ class DownloadStage:
 
     def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""
-        failure = Failure(
-            key=item["k"],
-            reason=reason,
-            detail=detail,
-            url=item.get("u", ""),
-            path=item.get("p", ""),
-            node=self.node,
-            time=now(),
-        )
+        failure = Failure.of_item(item, reason, detail, self.node)
         if self.state.mark_failed(failure):
             try:
                 append_failure_log(self.settings.output_dir, self.node, failure)
