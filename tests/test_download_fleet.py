@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 from common import images as img
 from testkit import ROOT
 from testkit.fleet import Workers, koala, reached, wait_for
+from testkit.messages import push_pickle_message
 from testkit.servers import ImageServer, worker_env
 
 
@@ -308,7 +308,7 @@ def assert_dropped_and_the_worker_goes_on(
 def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
     image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):
-    from tests.test_embed_pipeline import NOT_KOMBU, bad_base64_envelope
+    from testkit.messages import NOT_KOMBU, bad_base64_envelope
 
     worker = workers.start("download", "-c", "2")
     for entry in [*NOT_KOMBU, bad_base64_envelope("download")]:
@@ -334,27 +334,6 @@ def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
     received = [ln for ln in workers.logs().splitlines() if "koala.download[" in ln and "received" in ln]
     assert len(received) == 1, workers.logs()[-3000:]
     assert rclient.hget("koala:counts", "downloaded") == b"1"
-
-
-class Booby:
-    """Unpickling this makes a directory: the proof that pickle was executed."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.mkdir, (str(self.marker),))
-
-
-def push_pickle_message(redis_url: str, task: str, queue: str, marker: Path) -> None:
-    """Publish a Celery task message serialized with pickle straight into a queue."""
-    from celery import Celery
-
-    sender = Celery("attacker", broker=redis_url)
-    sender.conf.task_serializer = "pickle"
-    sender.send_task(task, args=[Booby(marker)], queue=queue, serializer="pickle")
 
 
 def test_pickle_message_is_refused_and_never_executed(

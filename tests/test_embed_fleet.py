@@ -15,8 +15,8 @@ from skimage.color import rgb2lab
 
 from common import images as img
 from testkit.fleet import Workers, embed_env, koala, reached, wait_for
+from testkit.messages import push_pickle_message
 from testkit.servers import ImageServer
-from tests.test_download_fleet import push_pickle_message
 
 GOOD = [
     "jpeg_rgb",

@@ -18,8 +18,9 @@ from common.shards import SHARD_GLOB
 from common.state import JobState
 from testkit import ROOT
 from testkit.fleet import Workers, wait_for
+from testkit.messages import NOT_KOMBU, bad_base64_envelope
 from testkit.servers import worker_env
-from tests.test_embed_stage import payload
+from testkit.stage import payload
 
 N = 48
 
@@ -143,29 +144,6 @@ def test_the_fast_wire_codecs_write_what_kombu_writes():
     assert json.loads(_envelope_dumps(envelope)) == envelope
     with_date = {"eta": dt.datetime(2026, 1, 1, tzinfo=dt.UTC), "n": 1 << 70}  # orjson refuses the int
     assert "2026-01-01" in str(_envelope_dumps(with_date))
-
-
-NOT_KOMBU = ["not json", '{"a": 1}', "42", '{"properties": {"delivery_tag": 1}}']
-
-
-def bad_base64_envelope(queue_name: str) -> str:
-    """A well-formed kombu envelope whose base64 body is not base64."""
-    import json
-
-    return json.dumps(
-        {
-            "body": "!!!not base64",
-            "content-encoding": "binary",
-            "content-type": "application/x-msgpack",
-            "headers": {},
-            "properties": {
-                "body_encoding": "base64",
-                "delivery_tag": "bad-1",
-                "priority": 0,
-                "delivery_info": {"exchange": queue_name, "routing_key": queue_name},
-            },
-        }
-    )
 
 
 def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(workers, redis_url, rclient):

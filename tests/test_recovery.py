@@ -16,7 +16,7 @@ from common.settings import Settings
 from common.state import JobState
 from producer.progress import Stall
 from producer.submit import Submitter
-from tests.test_embed_stage import names_in, payload, register, stage
+from testkit.stage import names_in, payload, register, stage
 from workers.embed import Batch
 from workers.pipeline import Pipeline
 
