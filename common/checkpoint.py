@@ -262,7 +262,7 @@ def _int_header(response: Any, name: str) -> int | None:
 # ---------------------------------------------------------------- checking and reading it, by name
 
 
-def _listing(names: Iterable[str], limit: int = 5) -> str:
+def name_list(names: Iterable[str], limit: int = 5) -> str:
     """A short comma-separated list of names."""
     names = list(names)
     more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
@@ -274,20 +274,20 @@ def check_variables(shapes: dict[str, tuple[int, ...]]) -> None:
     problems = []
     missing = [n for n in REQUIRED_VARIABLES if n not in shapes]
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {name_list(missing)}")
     known = {**REQUIRED_VARIABLES, **IGNORED_VARIABLES}
     unknown = sorted(
         n for n, s in shapes.items() if n not in known and not (n in TOLERATED_VARIABLES and s == ())
     )
     if unknown:
-        problems.append(f"{len(unknown)} unknown: {_listing(unknown)}")
+        problems.append(f"{len(unknown)} unknown: {name_list(unknown)}")
     misshapen = [
         f"{n} expected {known[n]} found {shapes[n]}"
         for n in known
         if n in shapes and tuple(shapes[n]) != known[n]
     ]
     if misshapen:
-        problems.append(f"{len(misshapen)} misshapen: {_listing(misshapen)}")
+        problems.append(f"{len(misshapen)} misshapen: {name_list(misshapen)}")
     if problems:
         raise CheckpointError("not the Inception-ResNet-v2 checkpoint: " + "; ".join(problems))
 
@@ -305,5 +305,5 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
     dtypes = reader.get_variable_to_dtype_map()
     bad = [f"{n} ({dtypes[n].name})" for n in REQUIRED_VARIABLES if not dtypes[n].is_floating]
     if bad:
-        raise CheckpointError(f"not floating-point: {_listing(bad)}")
+        raise CheckpointError(f"not floating-point: {name_list(bad)}")
     return {n: np.asarray(reader.get_tensor(n), dtype=np.float32) for n in REQUIRED_VARIABLES}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from common.checkpoint import PREFIX, REQUIRED_VARIABLES, CheckpointError, _listing
+from common.checkpoint import PREFIX, REQUIRED_VARIABLES, CheckpointError, name_list
 
 SEP = "."  # stands for "/" of a slim scope in Keras layer names (Keras 3 refuses "/")
 IMAGE_SIZE = 299
@@ -216,7 +216,7 @@ def build_model(weights: dict[str, np.ndarray] | None = None, *, mixed_precision
         raise AssertionError("the model's variables are not the required ones, each once")
     wrong = [n for n, var in pairs if tuple(var.shape) != REQUIRED_VARIABLES[n]]
     if wrong:
-        raise AssertionError(f"the model has other shapes than the checkpoint: {_listing(wrong)}")
+        raise AssertionError(f"the model has other shapes than the checkpoint: {name_list(wrong)}")
     if weights is not None:
         assign_weights(pairs, weights)
     return model
@@ -226,7 +226,7 @@ def assign_weights(pairs: list[tuple[str, Any]], weights: dict[str, np.ndarray])
     """Assign every (slim name, variable) from `weights` by name; each required tensor is used once."""
     missing = [n for n, _ in pairs if n not in weights]
     if missing:
-        raise CheckpointError(f"{len(missing)} missing: {_listing(missing)}")
+        raise CheckpointError(f"{len(missing)} missing: {name_list(missing)}")
     used = set()
     for name, var in pairs:
         value = np.asarray(weights[name], dtype=np.float32)

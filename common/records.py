@@ -39,7 +39,7 @@ def masked_crc32c(data: bytes | memoryview) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _frame_pieces(data: bytes) -> tuple[bytes, bytes, bytes]:
+def frame_pieces(data: bytes) -> tuple[bytes, bytes, bytes]:
     """A TFRecord as (uint64 length + its masked crc, data, masked crc of the data)."""
     header = struct.pack("<Q", len(data))
     return header + struct.pack("<I", masked_crc32c(header)), data, struct.pack("<I", masked_crc32c(data))
@@ -47,7 +47,7 @@ def _frame_pieces(data: bytes) -> tuple[bytes, bytes, bytes]:
 
 def frame_record(data: bytes) -> bytes:
     """One TFRecord: uint64 length, masked crc of it, data, masked crc of the data."""
-    return b"".join(_frame_pieces(data))
+    return b"".join(frame_pieces(data))
 
 
 def _read_records(f: BinaryIO, limit: int = _MAX_RECORD) -> Iterator[tuple[int, int, bytes]]:

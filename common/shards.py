@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from common.records import _frame_pieces, iter_examples, scan_records
+from common.records import frame_pieces, iter_examples, scan_records
 
 SHARD_PREFIX = "lab_images_"
 SHARD_GLOB = "lab_images_*.tfrecord*"  # what training reads: finalized shards only
@@ -269,7 +269,7 @@ class ShardWriter:
         assert self._fd is not None and self.path is not None
         start = self.offset
         try:
-            _writev_all(self._fd, [piece for r in records for piece in _frame_pieces(r)])
+            _writev_all(self._fd, [piece for r in records for piece in frame_pieces(r)])
             os.fsync(self._fd)
         except BaseException:
             try:
