@@ -81,3 +81,21 @@ def embedder(fake_checkpoint: Path):
     from common.embedder import Embedder
 
     return Embedder(fake_checkpoint, batch_size=2)
+
+
+# The files that take longest, longest first (a file runs in one test process: --dist loadfile), so
+# that the four processes end together instead of one finishing a long file alone at the end.
+LONGEST_FIRST = (
+    "test_steps.py",
+    "test_embed_fleet.py",
+    "test_model.py",
+    "test_run.py",
+    "test_download_fleet.py",
+    "test_embed_pipeline.py",
+    "test_lab.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -93,11 +93,19 @@ def test_urls_become_exactly_one_record_each(
 def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     image_server: ImageServer, images, workers: Workers, redis_url, rclient, tmp_path
 ):
-    urls = [f"{image_server.base}/img/{n}?copy={i}" for i in range(3) for n in GOOD[:6]]
+    # the stand-in model is quick: two thirds of the images come 8 s late, so that the kill lands mid-run
+    urls = [
+        f"{image_server.base}/img/{n}?copy={i}" + ("&delay=8" if i else "")
+        for i in range(3)
+        for n in GOOD[:6]
+    ]
     listing = tmp_path / "urls.txt"
     listing.write_text("\n".join(urls))
     env = embed_env(None, KOALA_BATCH_SIZE="2", KOALA_VISIBILITY_TIMEOUT="5")  # the stand-in model
-    workers.start("download", "-c", "4")
+    # the embed worker's visibility timeout: a worker restores every message older than its own
+    # timeout, a holder renews its leases by its own (README, KOALA_VISIBILITY_TIMEOUT: one per fleet)
+    late = {"KOALA_READ_TIMEOUT": "20", "KOALA_DOWNLOAD_DEADLINE": "30", "KOALA_VISIBILITY_TIMEOUT": "5"}
+    workers.start("download", "-c", "4", **late)
     first = workers.start("embed", "-n", "embed-a@test", **env)
     assert koala(workers.env(), "submit", str(listing)).returncode == 0
 

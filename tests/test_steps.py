@@ -1,6 +1,7 @@
 """The standalone steps (download, resize, lab-batch, preview) through the real CLI in subprocesses,
-against the loopback image server and the generated checkpoint; records checked against the fleet's
-functions (load_rgb, lab_channels, Embedder)."""
+against the loopback image server; lab-batch with the stand-in model; records checked against the
+fleet's functions (load_rgb, lab_channels). The slow test_run test compares them with the fleet's
+records under the real network."""
 
 from __future__ import annotations
 
@@ -39,6 +40,11 @@ def md5(text: str) -> str:
 def no_broker(tmp: Path) -> dict[str, str]:
     """The test settings for the standalone steps, which need no Redis."""
     return worker_env("redis://127.0.0.1:9/0", tmp / "unused")
+
+
+def stand_in(tmp: Path) -> dict[str, str]:
+    """no_broker, and the stand-in model for lab-batch (KOALA_NULL_MODEL: zero embeddings, numpy Lab)."""
+    return {**no_broker(tmp), "KOALA_NULL_MODEL": "1", "KOALA_LAB_ON_DEVICE": "0"}
 
 
 def failures_in(directory: Path) -> list[dict]:
@@ -129,10 +135,11 @@ def test_resize_reports_unreadable_files_and_keeps_going(tmp_path, images):
 
 @pytest.fixture(scope="module")
 def batched(resized, fake_checkpoint, tmp_path_factory) -> Path:
-    """lab-batch of the resized PNGs, 2 records per shard."""
+    """lab-batch of the resized PNGs, 2 records per shard, with the stand-in model (the network runs
+    in the model tests, test_embed_fleet's first test and the slow test_run steps-vs-fleet test)."""
     tmp = tmp_path_factory.mktemp("lab")
     koala(
-        no_broker(tmp),
+        stand_in(tmp),
         "lab-batch",
         "-c",
         fake_checkpoint,
@@ -157,43 +164,30 @@ def batched_originals(downloaded, images, tmp_path_factory) -> Path:
     (src / "extra").mkdir()
     (src / "extra" / "photo.png").write_bytes(images["png_p"])
     (src / "broken.jpg").write_bytes(images["jpeg_rgb"][:2000])
-    env = {**no_broker(tmp), "KOALA_NULL_MODEL": "1", "KOALA_LAB_ON_DEVICE": "0"}
-    koala(env, "lab-batch", src, tmp / "shards", "--batch-size", "4", check=True)
+    koala(stand_in(tmp), "lab-batch", src, tmp / "shards", "--batch-size", "4", check=True)
     return tmp / "shards"
 
 
-def check_records(got: list[dict], sources: dict[str, Path], embedder) -> None:
-    """Every record is the fleet's: l/ab as the fleet computes them (with the model where the
-    fleet would: other batch shapes may round the last bit differently), embedding up to
-    batch-composition noise; with embedder None, the stand-in model's: numpy Lab, zero embedding."""
-    from common.lab_tf import lab_on_device_default
-
+def check_records(got: list[dict], sources: dict[str, Path]) -> None:
+    """Every record is the fleet's with the stand-in model: the fleet's pixels of its source, Lab
+    as numpy computes it, a zero embedding of the right size."""
     assert sorted(r["image_name"].decode() for r in got) == sorted(sources)
     by_name = {r["image_name"].decode(): r for r in got}
-    names = sorted(sources)
-    pixels = np.stack([img.load_rgb(sources[n].read_bytes()) for n in names])
-    if embedder is None:
-        reference = np.zeros((len(names), 1001), np.float32)
-        l_all, ab_all = zip(*[lab.lab_channels(rgb) for rgb in pixels], strict=True)
-    elif lab_on_device_default():
-        reference, l_all, ab_all = embedder.embed_lab(pixels)
-    else:
-        reference = embedder.embed(pixels)
-        l_all, ab_all = zip(*[lab.lab_channels(rgb) for rgb in pixels], strict=True)
-    for name, l_channel, ab, emb in zip(names, l_all, ab_all, reference, strict=True):
+    for name, source in sorted(sources.items()):
         record = by_name[name]
-        np.testing.assert_allclose(record["image_l"][..., 0], l_channel, atol=1e-6, rtol=0, err_msg=name)
-        np.testing.assert_allclose(record["image_ab"], ab, atol=1e-6, rtol=0, err_msg=name)
-        np.testing.assert_allclose(record["image_embedding"], emb, atol=1e-3, err_msg=name)
+        l_channel, ab = lab.lab_channels(img.load_rgb(source.read_bytes()))
+        np.testing.assert_array_equal(record["image_l"][..., 0], l_channel, err_msg=name)
+        np.testing.assert_array_equal(record["image_ab"], ab, err_msg=name)
+        np.testing.assert_array_equal(record["image_embedding"], np.zeros(1001, np.float32), err_msg=name)
 
 
-def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched, embedder):
+def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched):
     originals = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
     shards = sorted(batched.glob(SHARD_GLOB))
     assert [len(list(records.iter_examples(s))) for s in shards] == [2, 2, 1], "-b is records per shard"
     assert all(s.name.startswith("lab_images_standalone_") for s in shards)
     got = read_records([str(s) for s in shards])
-    check_records(got, originals, embedder)
+    check_records(got, originals)
     assert all(r["image_key"] == r["image_name"] for r in got)
     assert {r["image_source"].decode() for r in got} == {f"{k}.png" for k in originals}
 
@@ -204,7 +198,7 @@ def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batc
     shards = sorted(batched_originals.glob(SHARD_GLOB))
     assert len(shards) == 1
     got = read_records(str(shards[0]))
-    check_records(got, sources, None)
+    check_records(got, sources)
     extra = next(r for r in got if r["image_name"] == b"extra/photo.png")
     assert extra["image_key"].decode() == md5(str(sources["extra/photo.png"].resolve()))
     assert [(f["path"], f["reason"]) for f in failures_in(batched_originals)] == [("broken.jpg", "truncated")]
