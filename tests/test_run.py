@@ -240,38 +240,13 @@ def test_run_reports_a_corrupt_list_in_one_line_and_keeps_the_items_before_it(tm
     listing = tmp_path / "urls.txt.gz"
     listing.write_bytes(bytes(packed))
     env, out = run_env(tmp_path), tmp_path / "out"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "producer",
-            "run",
-            str(listing),
-            "--out",
-            str(out),
-            "--checkpoint",
-            str(fake_checkpoint),
-            "--download-workers",
-            "1",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr[-3000:]
+    run = koala_run(listing, out, fake_checkpoint, env)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 1 and "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1, stderr[-3000:]
     assert f"{listing} is corrupt after line 5 (CRC check failed" in errors[0]
     assert "the 5 items before it were submitted; fix the file and run the same command again" in errors[0]
-    status = subprocess.run(
-        [sys.executable, "-m", "producer", "status", "--out", str(out), "--json", "--interval", "0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = koala(env, "status", "--out", out, "--json", "--interval", "0", timeout=60)
     assert status.returncode == 0, status.stderr
     assert json.loads(status.stdout)["submitted"] == 5
