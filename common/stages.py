@@ -133,14 +133,14 @@ def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
     return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
 
 
-def lab_on_model(model: Model, lab_size: int) -> bool:
-    """Whether the model's call gives the Lab channels too (it computes them at 299×299 only)."""
-    return model.embed_lab is not None and lab_size == lab.DEFAULT_SIZE
+def lab_with_model(model: Model, lab_size: int) -> EmbedLab | None:
+    """The model's call that gives the Lab channels too, if it serves this Lab size (299×299 only)."""
+    return model.embed_lab if lab_size == lab.DEFAULT_SIZE else None
 
 
 def start_lab(model: Model, pixels: np.ndarray, lab_size: int, pool: Executor) -> list[Future]:
     """The CPU Lab channels of a batch, started on `pool` (none when the model computes them)."""
-    if lab_on_model(model, lab_size):
+    if lab_with_model(model, lab_size) is not None:
         return []
     return [pool.submit(lab.lab_channels, px, lab_size) for px in pixels]
 
@@ -149,8 +149,9 @@ def infer(
     model: Model, pixels: np.ndarray, lab_size: int, labs: list[Future]
 ) -> tuple[np.ndarray, list, list]:
     """(logits, L channels, ab channels) of a batch; `labs` from `start_lab` on the same pixels."""
-    if model.embed_lab is not None and lab_on_model(model, lab_size):
-        logits, l_channels, ab_channels = model.embed_lab(pixels)
+    embed_lab = lab_with_model(model, lab_size)
+    if embed_lab is not None:
+        logits, l_channels, ab_channels = embed_lab(pixels)
         return logits, list(l_channels), list(ab_channels)
     logits = model.embed(pixels)
     channels = [f.result() for f in labs]
