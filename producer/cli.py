@@ -60,6 +60,16 @@ def run_broker(out_dir: Path | None) -> Iterator[str | None]:
         server.stop()
 
 
+# `--out` of the commands that read a job's state: a `koala run` folder holds its embedded Redis
+RUN_FOLDER = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the output folder of a `koala run` (finds its embedded Redis)",
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--broker",
@@ -182,13 +192,7 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
 @click.option("--json", "as_json", is_flag=True, help="a JSON array")
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only this reason")
 @click.option("--limit", type=int, default=None, help="at most N")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="the output folder of a `koala run` (finds its embedded Redis)",
-)
+@RUN_FOLDER
 def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | None) -> None:
     """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
     with run_broker(out_dir) as broker:
@@ -264,13 +268,7 @@ def split(val_fraction: float, directory: Path) -> None:
 
 @main.command()
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only failures of this reason")
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="the output folder of a `koala run` (finds its embedded Redis)",
-)
+@RUN_FOLDER
 def retry(reason: str | None, out_dir: Path | None) -> None:
     """Submit failed URLs again (all, or one reason), e.g. after a network outage."""
     from producer.submit import Submitter
