@@ -36,6 +36,18 @@ BIG = (4000, 3000)
 # ---- inputs -------------------------------------------------------------------------------------
 
 
+def start_submit(listing: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`koala submit LIST --json` in the background, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def write_url_list(path: Path, n: int) -> int:
     """n distinct fall11-style lines `n<synset>_<i><TAB>http://farmX.static.flickr.com/...jpg`; its bytes."""
     with open(path, "w", buffering=1 << 20) as f:
@@ -73,14 +85,7 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     chunks = -(-n // 16)
     env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(chunks + 1000))
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_submit(listing, env)
     first = None
     first_count = 0
     timed_out = False
@@ -147,14 +152,7 @@ def backpressure(client, redis_url: str, tmp: Path, n: int, limit: int, hold_s: 
     write_url_list(listing, n)
     client.flushall()
     env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(limit))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_submit(listing, env)
     try:
         return _backpressure(client, proc, n, limit, hold_s)
     finally:
