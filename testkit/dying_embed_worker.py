@@ -1,6 +1,7 @@
 """`python -m testkit.dying_embed_worker POINT NAME`: a real null-model embed worker that SIGKILLs itself
-at POINT of its second batch: after `prepared`, `inferred`, `appended` (records fsynced, not claimed)
-or `claimed` (claimed, not acked). Test code only: the worker itself has no such hook."""
+at POINT of its second batch (each batch written on its own): after `prepared`, `inferred`, `appended`
+(records fsynced, not claimed) or `claimed` (claimed, not acked). Test code only: the worker itself has
+no such hook."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 
 from common.shards import ShardWriter
-from workers import embed
+from workers import embed, pipeline
 
 
 def die_after(owner: object, attr: str, calls: int) -> None:
@@ -36,5 +37,8 @@ POINTS = {
 
 if __name__ == "__main__":
     point, name = sys.argv[1], sys.argv[2]
+    # one batch per write: the writer groups the batches waiting for it, so on a fast machine the
+    # second write could otherwise never come (every batch in the first)
+    pipeline.MAX_GROUP = 1
     die_after(*POINTS[point], calls=2)
     embed.run_embed_worker(name)

@@ -17,6 +17,9 @@ import redis
 
 from producer.run import free_port, redis_binary
 
+PACE_DIR = Path(__file__).resolve().parent / "pace"  # its sitecustomize.py paces a test's workers
+HOLD_LIMIT = 300.0  # seconds a held answer waits for its gate at most (a test that forgot to open it)
+
 
 class RedisServer:
     """A redis-server process on a free loopback port, state under a directory."""
@@ -89,7 +92,13 @@ class Behaviour:
         self.outage = False
         self.max_in_flight = 0
         self.peers: set[tuple] = set()  # client (address, port) pairs seen: one per connection
+        self.gates: dict[str, threading.Event] = {}  # held /img answers wait for theirs to open
         self.lock = threading.Lock()
+
+    def gate(self, name: str) -> threading.Event:
+        """The gate `name` (closed until `ImageServer.open_gate`)."""
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
 
     def hit(self, path: str) -> int:
         with self.lock:
@@ -181,9 +190,12 @@ class Handler(BaseHTTPRequestHandler):
     def not_found(self, path: str, rest: str) -> None:
         self.send_body(b"not found", "text/plain", 404)
 
-    def img(self, path: str, rest: str) -> None:  # /img/<name>[?delay=S]: a file, as bytes (S s later)
+    def img(self, path: str, rest: str) -> None:
+        """/img/<name>[?hold=G]: a file, as bytes; with `hold`, once the test opened gate G."""
         if rest in self.files:
-            time.sleep(float(parse_qs(urlsplit(self.path).query).get("delay", ["0"])[0]))
+            gate = parse_qs(urlsplit(self.path).query).get("hold")
+            if gate:
+                self.behaviour.gate(gate[0]).wait(HOLD_LIMIT)
             self.send_body(self.files[rest], "application/octet-stream")
         else:
             self.not_found(path, rest)
@@ -344,6 +356,10 @@ class ImageServer:
     def base(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self._port[0]}"
 
+    def open_gate(self, name: str) -> None:
+        """Let the answers held at gate `name` (`/img/<name>?hold=<gate>`) go."""
+        self.behaviour.gate(name).set()
+
     def start(self) -> ImageServer:
         self.thread.start()
         return self
@@ -388,7 +404,7 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path] | None:
 
 def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
     """Environment for worker processes in tests: loopback allowed, 127.0.0.2 blocked, short timeouts."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_") or k.startswith("KOALA_TEST_")}
     env.update(
         {
             "KOALA_BROKER_URL": redis_url,
@@ -406,4 +422,6 @@ def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
         }
     )
     env.update(extra)
+    if env.get("KOALA_TEST_PACE"):  # the worker made artificially fast or slow (testkit/pace)
+        env["PYTHONPATH"] = os.pathsep.join([str(PACE_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

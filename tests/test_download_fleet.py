@@ -220,6 +220,7 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
 
 
+@pytest.mark.timing
 def test_producer_holds_back_at_the_queue_limit(
     image_server: ImageServer, workers: Workers, rclient, redis_url, tmp_path
 ):
@@ -261,6 +262,7 @@ def test_keep_originals_writes_md5_named_files(
     assert (keep / f"{md5(urls[0])}.jpg").read_bytes() == images["jpeg_rgb"]
 
 
+@pytest.mark.timing
 def test_killed_worker_chunk_is_delivered_again_and_counted_once(
     image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):
@@ -319,6 +321,7 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
     assert "not base64" in logs and "Unrecoverable" not in logs
 
 
+@pytest.mark.timing
 def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
     image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):

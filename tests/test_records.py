@@ -215,13 +215,15 @@ def test_full_shard_finalized_by_next_append(tmp_path: Path) -> None:
     assert [len(keys_in(p)) for p in w.finalized] == [2, 1]
 
 
-def test_rotation_by_age(tmp_path: Path) -> None:
+@pytest.mark.timing
+def test_rotation_by_age(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # the writer's clock, moved by the test: no sleep, no dependence on speed
+    monkeypatch.setattr(shards.time, "monotonic", lambda: clock[0])
     w = shards.ShardWriter(tmp_path, "n", examples_per_shard=100, max_age=0.3)
     w.append([record(0)])
+    clock[0] += 0.29
     assert w.maybe_rotate() is None
-    import time
-
-    time.sleep(0.35)
+    clock[0] += 0.02
     final = w.maybe_rotate()
     assert final == tmp_path / "lab_images_n_00000.tfrecord" and w.path is None
     assert w.maybe_rotate() is None  # nothing open

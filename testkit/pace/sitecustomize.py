@@ -1,0 +1,45 @@
+"""Loaded at start by every Python process a test starts while KOALA_TEST_PACE is set (`worker_env` puts
+this folder first on PYTHONPATH): it makes the embed worker artificially fast or slow, to show that
+the tests of kills, interrupts and timeouts trigger on what happened, not on how long things take.
+
+  fast: the Lab channels are zeros (the stand-in model's forward pass already costs nothing)
+  slow: every forward pass, stand-in or real, first waits KOALA_TEST_SLOW_FORWARD seconds (0.5)
+"""
+
+import os
+import time
+
+PACE = os.environ.get("KOALA_TEST_PACE", "")
+
+
+def _slowed(forward):
+    delay = float(os.environ.get("KOALA_TEST_SLOW_FORWARD", "0.5"))
+
+    def slow_forward(*args):
+        time.sleep(delay)
+        return forward(*args)
+
+    return slow_forward
+
+
+if PACE == "fast":
+    import numpy as np
+
+    from common import lab
+
+    def _zeros_lab(rgb, size=lab.DEFAULT_SIZE):
+        return np.zeros((size, size), np.float32), np.zeros((size, size, 2), np.float32)
+
+    lab.lab_channels = _zeros_lab
+elif PACE == "slow":
+    from common import stages
+
+    stages.NullModel.embed = _slowed(stages.NullModel.embed)
+    try:
+        from common import embedder
+
+        embedder.Embedder._run = _slowed(embedder.Embedder._run)  # one model call
+    except ImportError:  # no TensorFlow in this environment
+        pass
+elif PACE:
+    raise SystemExit(f"KOALA_TEST_PACE must be fast or slow, not {PACE!r}")
