@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+LAB_SIZES = (299, 224)  # the dataset guide's size, and what the original training code reads
+
 
 class Settings(BaseSettings):
     """The fleet's settings; each field is the variable KOALA_<FIELD NAME IN CAPITALS>."""
@@ -104,9 +106,11 @@ class Settings(BaseSettings):
         "contain", description="fit inside on white (contain), centre crop (crop) or stretch"
     )
     image_size: int = Field(299, description="side of the square images fed to Inception")
-    lab_size: Literal[299, 224] = Field(
+    # An int checked below, not Literal[299, 224]: a Literal of ints refuses the string "224" that
+    # every environment variable is.
+    lab_size: int = Field(
         299,
-        description="side of the Lab channels in the records (224 = what the latest original training code reads)",
+        description="side of the Lab channels in the records: 299 (the dataset guide), or 224 = what the original training code reads (resized as its record writer does)",
     )
     output_dir: Path = Field(Path("data/tfrecords"), description="where shards and failure logs are written")
     checkpoint: str | None = Field(
@@ -131,6 +135,13 @@ class Settings(BaseSettings):
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("lab_size")
+    @classmethod
+    def _lab_size(cls, value: int) -> int:
+        if value not in LAB_SIZES:
+            raise ValueError(f"must be one of {', '.join(map(str, LAB_SIZES))}")
         return value
 
 
