@@ -26,6 +26,7 @@ REASONS = (
     "redirect_loop",
     "io_error",
     "internal_error",
+    "worker_died",
 )
 
 

@@ -24,9 +24,12 @@ def _log_wait(message: str) -> Callable[[tenacity.RetryCallState], None]:
     return before_sleep
 
 
+# Redis away, or refusing writes for a while (maxmemory reached with noeviction: OutOfMemoryError).
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError, OperationalError)
+
 # A worker that loses Redis waits for it (with backoff, logged) instead of failing its work.
 retry_on_broker = tenacity.retry(
-    retry=tenacity.retry_if_exception_type((redis.ConnectionError, redis.TimeoutError, OperationalError)),
+    retry=tenacity.retry_if_exception_type(BROKER_ERRORS),
     wait=tenacity.wait_exponential(multiplier=0.5, max=30),
     before_sleep=_log_wait("Redis unreachable (%s); retrying in %.1fs"),
     reraise=True,

@@ -359,6 +359,14 @@ class JobState:
             last = batch[-1][0].decode()
         return out[:limit] if limit is not None else out
 
+    def count_delivery(self, message_id: str) -> int:
+        """One more start of a message's work; how many starts it has had (kept until forgotten)."""
+        return int(self.r.hincrby(f"{self.prefix}:deliveries", message_id, 1))
+
+    def forget_delivery(self, message_id: str) -> None:
+        """The message's work is over (done, split or failed): its starts are no longer counted."""
+        self.r.hdel(f"{self.prefix}:deliveries", message_id)
+
     def ping(self) -> None:
         """Raise a redis error when the server does not answer."""
         self.r.ping()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import threading
@@ -289,6 +290,14 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self.send_body(self.files["jpeg_rgb"])
 
+    def poison(self, path: str, rest: str) -> None:
+        """/poison/<id>: SIGKILLs the worker process that asks (as the out-of-memory killer would)."""
+        self.behaviour.hit(path)
+        pid = pid_of_peer(self.client_address[1])
+        if pid is not None and b"workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+        self.send_body(self.files["jpeg_small"])  # to a dead process; anyone else gets an image
+
     def url_list(self, path: str, rest: str) -> None:  # a URL list served over HTTP
         self.send_body(self.files["__list__"], "text/plain")
 
@@ -296,8 +305,26 @@ class Handler(BaseHTTPRequestHandler):
         self.cut_short(self.files["__list__"])
 
 
+def pid_of_peer(port: int) -> int | None:
+    """The process holding the loopback TCP socket bound to local `port` (from /proc), if any."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                return int(fd_dir.parent.name)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return None
+
+
 ROUTES: dict[str, Callable[[Handler, str, str], None]] = {
     "img": Handler.img,
+    "poison": Handler.poison,
     "counted": Handler.counted,
     "concurrent": Handler.concurrent,
     "outage": Handler.outage,

@@ -1,19 +1,28 @@
-"""Celery tasks: thin wrappers that give the stage functions their per-process context."""
+"""Celery tasks: thin wrappers that give the stage functions their per-process context.
+
+A message whose work kills its worker comes back (acks are late); each start is counted in the job
+state. Past `max_deliveries` starts a chunk goes on as one message per item, each run alone in its
+worker (nothing else in flight there), so that a worker dying again names the item that killed it:
+that item fails as `worker_died`, its siblings are written.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 from celery import bootsteps
 from celery.signals import worker_ready
 
-from common.celery_app import DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
+from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
 from common.leases import LeaseKeeper, keep_leases
 from common.messages import ChunkItem, EmbedImage
 from common.retries import retry_on_broker
 from common.settings import get_settings
-from common.state import JobState
+from common.state import SUBMITTED, JobState
 from workers.download import DownloadStage
 
 log = logging.getLogger("koala.worker")
@@ -67,9 +76,83 @@ def publish_embed(images: list[EmbedImage]) -> None:
     )
 
 
+class Alone:
+    """Chunks share a worker process; a suspect item runs alone in it (the others wait)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._alone = False
+        self._waiting = 0  # suspects waiting: new chunks wait behind them
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone and not self._waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            self._cond.wait_for(lambda: not self._alone and not self._shared)
+            self._waiting -= 1
+            self._alone = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+running = Alone()
+
+
 @app.task(name=DOWNLOAD_TASK, bind=True)
-def download(self, items: list[ChunkItem]) -> int:
-    """Download a chunk of items and pass the images on; returns how many it handled."""
+def download(self, items: list[ChunkItem], alone: bool = False) -> int:
+    """Download a chunk of items and pass the images on; returns how many it handled. `alone`: a
+    suspect (its chunk outlived `max_deliveries` workers) run with nothing else in flight here."""
     stage = download_stage(self.request.hostname or "download")
-    retry_on_broker(stage.run)(items, publish_embed)
+    message = str(self.request.id)
+    with running.alone() if alone else running.shared():
+        starts = retry_on_broker(stage.state.count_delivery)(message)
+        if starts > (1 if alone else stage.settings.max_deliveries):
+            give_up_on(stage, items, alone, starts - 1)
+        else:
+            try:
+                retry_on_broker(stage.run)(items, publish_embed)
+            except Exception as e:  # a bug or a starved process: the items still end, as failures
+                log.exception("a chunk of %d items failed", len(items))
+                fail_pending(stage, items, "internal_error", f"{type(e).__name__}: {e}"[:300])
+    retry_on_broker(stage.state.forget_delivery)(message)
     return len(items)
+
+
+def give_up_on(stage: DownloadStage, items: list[ChunkItem], alone: bool, deaths: int) -> None:
+    """A message whose workers died `deaths` times: alone, its item fails; a chunk goes on as one
+    message per item, each to be run alone."""
+    if alone:
+        detail = f"the worker processing it alone died {deaths} time(s) (out of memory? a crash?)"
+        log.error("%s: %s", [i.get("u") or i.get("p") for i in items], detail)
+        fail_pending(stage, items, "worker_died", detail)
+        return
+    log.warning("a chunk outlived %d workers: its %d items go on one by one, each alone", deaths, len(items))
+    for item in items:
+        retry_on_broker(app.send_task)(
+            DOWNLOAD_TASK, args=[[item]], kwargs={"alone": True}, queue=DOWNLOAD_QUEUE, argsrepr="[1 item]"
+        )
+
+
+def fail_pending(stage: DownloadStage, items: list[ChunkItem], reason: str, detail: str) -> None:
+    """Fail the items that are still only submitted (the others were handed on or ended)."""
+    states = retry_on_broker(stage.state.states)([i["k"] for i in items])
+    for item, state in zip(items, states, strict=True):
+        if state == SUBMITTED:
+            retry_on_broker(stage.fail)(item, reason, detail)

@@ -1,0 +1,74 @@
+"""Messages whose work kills the worker (as the out-of-memory killer would): counted, split, and the
+item that kills ends as one failure while its siblings go on; a task that raises still accounts for
+its items. Real worker processes, restarted when they die as a supervisor would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from testkit.fleet import Workers, koala, wait_for
+from testkit.servers import ImageServer
+
+
+def md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def counts(rclient) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
+
+
+def test_a_url_that_kills_its_worker_fails_alone_and_its_chunk_goes_on(
+    image_server: ImageServer, workers: Workers, rclient, tmp_path
+):
+    siblings = [f"{image_server.base}/img/jpeg_small?sibling={i}" for i in range(15)]
+    poison = f"{image_server.base}/poison/1"
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(siblings[:7] + [poison] + siblings[7:]))
+    env = {"KOALA_CHUNK_SIZE": "16", "KOALA_VISIBILITY_TIMEOUT": "3"}  # one chunk; the dead's come back soon
+    worker = workers.start("download", "-c", "4", **env)
+    assert koala(workers.env(**env), "submit", str(listing)).returncode == 0
+    deaths = 0
+
+    def supervised() -> bool:
+        nonlocal worker, deaths
+        if worker.poll() is not None:  # restarted as a supervisor would
+            deaths += 1
+            worker = workers.start("download", "-c", "4", **env)
+        c = counts(rclient)
+        return c.get("downloaded", 0) == 15 and c.get("failed", 0) == 1
+
+    wait_for(supervised, 180, "15 downloads and one failure", workers.logs)
+    failures = json.loads(koala(workers.env(), "failures", "--json", check=True).stdout)
+    assert [(f["url"], f["reason"]) for f in failures] == [(poison, "worker_died")]
+    # killed with its chunk at its first two starts (KOALA_MAX_DELIVERIES=2), then once alone
+    assert deaths == 3, workers.logs()
+    assert counts(rclient)["submitted"] == 16 and not rclient.hlen("koala:deliveries")
+
+
+def test_a_chunk_whose_task_raises_still_ends_every_item(redis_url, rclient, tmp_path, monkeypatch):
+    # one function under test (the task body): the stage's run raises as it did under a memory limit
+    from common.settings import get_settings
+    from common.state import JobState
+    from workers import tasks
+
+    monkeypatch.setenv("KOALA_BROKER_URL", redis_url)
+    monkeypatch.setenv("KOALA_OUTPUT_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    tasks.download_stage.cache_clear()
+    monkeypatch.setattr(
+        tasks.DownloadStage, "run", lambda *a: (_ for _ in ()).throw(RuntimeError("can't start new thread"))
+    )
+    items = [{"k": md5(f"http://127.0.0.1/{i}"), "u": f"http://127.0.0.1/{i}"} for i in range(3)]
+    state = JobState(rclient)
+    state.register([i["k"] for i in items], state.new_run())
+    state.mark_downloaded_many([items[0]["k"]])  # handed on already: not failed
+    try:
+        assert tasks.download.apply(args=[items]).get() == 3
+    finally:
+        get_settings.cache_clear()
+        tasks.download_stage.cache_clear()
+    assert state.states([i["k"] for i in items]) == [b"d", b"f", b"f"]
+    assert {f["reason"] for f in state.failures()} == {"internal_error"}
+    assert "can't start new thread" in state.failures()[0]["detail"]
