@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         60,
         description="seconds after which Redis re-delivers a message whose worker stopped renewing it (a killed worker's work returns this soon)",
     )
+    max_deliveries: int = Field(
+        2,
+        description="times a message may be started by workers that then died; past it a chunk goes on as one message per item, each run alone, and an item that kills its worker alone fails (worker_died)",
+    )
     resend_after: float = Field(
         60.0,
         description="seconds without progress, with nothing queued or unacknowledged, after which `koala submit --wait` sends the still-pending items again (lost messages)",
@@ -122,6 +126,7 @@ class Settings(BaseSettings):
 
     @field_validator(
         "chunk_size",
+        "max_deliveries",
         "download_queue_limit",
         "embed_queue_limit",
         "download_concurrency",
