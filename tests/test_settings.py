@@ -15,6 +15,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "broker_url": ("redis://:pw@broker:6380/2", "redis://:pw@broker:6380/2"),
     "state_prefix": ("job7", "job7"),
     "visibility_timeout": ("90", 90),
+    "max_deliveries": ("3", 3),
     "resend_after": ("12.5", 12.5),
     "failures_kept": ("500", 500),
     "chunk_size": ("4", 4),
