@@ -6,6 +6,7 @@ functions: importing this module costs only numpy.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,8 @@ class Embedder:
         )
         spec = [tf.TensorSpec([None, IMAGE_SIZE, IMAGE_SIZE, 3], tf.uint8)]
         self._embed = tf.function(self._forward, input_signature=spec, jit_compile=xla or None)
-        self._embed_lab = tf.function(self._forward_lab, input_signature=spec, jit_compile=xla or None)
+        self._spec = spec
+        self._embed_lab: dict[int, Any] = {}  # per Lab size, built on first use
 
     def _preprocess(self, rgb: Any) -> Any:
         """TF side of `preprocess`: a lookup table built by numpy, so that every device gives the same bits.
@@ -128,11 +130,12 @@ class Embedder:
 
         return tf.cast(self.model(self._preprocess(rgb), training=False), tf.float32)
 
-    def _forward_lab(self, rgb: Any) -> tuple[Any, Any, Any]:
-        """`_forward` and the Lab channels of the same input, in one function (so on the model's device)."""
+    def _forward_lab(self, rgb: Any, lab_size: int) -> tuple[Any, Any, Any]:
+        """`_forward` and the Lab channels of the same input at `lab_size`, in one function (so on the model's
+        device)."""
         from common.lab_tf import lab_tf_padded
 
-        return (self._forward(rgb), *lab_tf_padded(rgb, self.batch_size))
+        return (self._forward(rgb), *lab_tf_padded(rgb, self.batch_size, lab_size))
 
     @property
     def device(self) -> str:
@@ -146,17 +149,26 @@ class Embedder:
         out = self._batches(self._embed, _checked_images(rgb))
         return out[0] if out else np.zeros((0, NUM_CLASSES), np.float32)
 
-    def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """uint8 RGB [B, 299, 299, 3] -> (logits [B, 1001], l [B, 299, 299], ab [B, 299, 299, 2]), float32.
+    def embed_lab(
+        self, rgb: np.ndarray, lab_size: int = IMAGE_SIZE
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uint8 RGB [B, 299, 299, 3] -> (logits [B, 1001], l [B, S, S], ab [B, S, S, 2]) float32, S lab_size.
 
         One function per `batch_size` images runs the model and the Lab channels of `common.lab.lab_channels`
-        at 299 (`common.lab_tf`, within 1e-4 of skimage) on the same input, so on a GPU the Lab work is done
-        there. Only for Lab at 299: KOALA_LAB_SIZE=224 (Lab of a LANCZOS-resized image) takes `embed` and
-        `lab_channels` on the CPU.
+        (`common.lab_tf`, within 1e-4 of skimage; at 224 of the image resized as the original writer does)
+        on the same input, so on a GPU the Lab work is done there.
         """
-        out = self._batches(self._embed_lab, _checked_images(rgb))
+        if lab_size not in self._embed_lab:
+            import tensorflow as tf
+
+            self._embed_lab[lab_size] = tf.function(
+                functools.partial(self._forward_lab, lab_size=lab_size),
+                input_signature=self._spec,
+                jit_compile=self.xla or None,
+            )
+        out = self._batches(self._embed_lab[lab_size], _checked_images(rgb))
         if not out:
-            s = IMAGE_SIZE
+            s = lab_size
             return (
                 np.zeros((0, NUM_CLASSES), np.float32),
                 np.zeros((0, s, s), np.float32),

@@ -1,25 +1,32 @@
 """The Lab channels of `common.lab.lab_channels` in TensorFlow, to run in the same function as the model.
 
 On a GPU the embed stage computes them on the device with the model, so the CPU does no Lab work.
-Same float32 operations as the numpy path (linearisation table, the 3×3 product element-wise, cube
-root or skimage's linear segment); TensorFlow is imported lazily, inside functions.
+Same float32 operations as the numpy path (linearisation table, or at another size the original
+writer's bilinear resize and the sRGB power curve; the 3×3 product element-wise, cube root or
+skimage's linear segment); TensorFlow is imported lazily, inside functions.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from common.lab import _EPSILON, _KAPPA, _LINEAR_LUT, _M
+from common.lab import _EPSILON, _KAPPA, _LINEAR_LUT, _M, _SRGB_THRESHOLD
 
-_LAB_FUNCTION: Any = None  # lab_tf_compiled's function, built on first use
+_LAB_FUNCTIONS: dict[int | None, Any] = {}  # lab_tf_compiled's functions, built on first use
 TF_LAB_CHEAPER_ON_CPU = True  # without a GPU; decided by: python -m bench.device --lab-only
 
 
-def lab_tf(rgb: Any) -> tuple[Any, Any]:
-    """uint8 RGB [..., 3] tensor -> (l [...] float32 = 2·L/100 − 1, ab [..., 2] float32 = (a, b)/127)."""
+def lab_tf(rgb: Any, size: int | None = None) -> tuple[Any, Any]:
+    """uint8 RGB [..., H, W, 3] tensor -> (l [..., H, W] float32 = 2·L/100 − 1, ab [..., H, W, 2] float32 =
+    (a, b)/127); with `size`, of the images resized to size×size first as the original record writer
+    does (`common.lab.resized`; uint8 [B, H, W, 3] then)."""
     import tensorflow as tf
 
-    lin = tf.gather(tf.constant(_LINEAR_LUT), tf.cast(rgb, tf.int32))
+    if size is None:
+        lin = tf.gather(tf.constant(_LINEAR_LUT), tf.cast(rgb, tf.int32))
+    else:
+        lin = _linear_from_floats(_resized_tf(rgb, size))
     r, g, b = tf.unstack(lin, axis=-1)
     # Element-wise, not a matmul: on recent GPUs TF runs float32 matmuls in TF32 (10-bit mantissa).
     xyz = [(r * _M[i][0] + g * _M[i][1]) + b * _M[i][2] for i in range(3)]  # X/Xn, Y, Z/Zn
@@ -27,6 +34,50 @@ def lab_tf(rgb: Any) -> tuple[Any, Any]:
     l_channel = fy * 2.32 - 1.32  # 116·2/100·fy − (16·2/100 + 1)
     ab = tf.stack([(fx - fy) * (500 / 127), (fy - fz) * (200 / 127)], axis=-1)
     return l_channel, ab
+
+
+def _taps_tf(n_in: Any, n_out: int) -> tuple[Any, Any, Any, Any]:
+    """`common.lab.bilinear_taps` in TensorFlow, for a size known only when the function runs (float64
+    positions as numpy's, float32 weights)."""
+    import tensorflow as tf
+
+    src = (tf.range(n_out, dtype=tf.float64) + 0.5) * (tf.cast(n_in, tf.float64) / n_out) - 0.5
+    floor = tf.floor(src)
+    first = tf.cast(floor, tf.int32)
+    second = first + 1
+    w_second = tf.where(second > n_in - 1, tf.zeros_like(src), src - floor)
+    w_first = tf.where(first < 0, tf.zeros_like(src), 1 - (src - floor))
+    last = n_in - 1
+    return (
+        tf.clip_by_value(first, 0, last),
+        tf.clip_by_value(second, 0, last),
+        tf.cast(w_first, tf.float32),
+        tf.cast(w_second, tf.float32),
+    )
+
+
+def _resized_tf(rgb: Any, size: int) -> Any:
+    """float32 [B, size, size, 3] in [0, 1]: `common.lab.resized` of a uint8 [B, H, W, 3] batch. Gathers
+    and element-wise products (not tf.image.resize: its edges are not the original's mode="constant")."""
+    import tensorflow as tf
+
+    x = tf.cast(rgb, tf.float32)
+    shape = tf.shape(rgb)
+    rows0, rows1, row_w0, row_w1 = _taps_tf(shape[1], size)
+    x = (
+        tf.gather(x, rows0, axis=1) * (row_w0 / 255)[:, None, None]
+        + tf.gather(x, rows1, axis=1) * (row_w1 / 255)[:, None, None]
+    )
+    cols0, cols1, col_w0, col_w1 = _taps_tf(shape[2], size)
+    return tf.gather(x, cols0, axis=2) * col_w0[:, None] + tf.gather(x, cols1, axis=2) * col_w1[:, None]
+
+
+def _linear_from_floats(c: Any) -> Any:
+    """skimage's sRGB -> linear RGB of floats in [0, 1]."""
+    import tensorflow as tf
+
+    power = tf.pow((tf.maximum(c, _SRGB_THRESHOLD) + 0.055) / 1.055, 2.4)
+    return tf.where(c > _SRGB_THRESHOLD, power, c / 12.92)
 
 
 def _cube_root_or_linear(t: Any) -> Any:
@@ -39,38 +90,43 @@ def _cube_root_or_linear(t: Any) -> Any:
     return tf.where(t > _EPSILON, root, t * _KAPPA + 16 / 116)
 
 
-def lab_tf_compiled() -> Any:
-    """`lab_tf` as one XLA-compiled `tf.function` on uint8 [B, H, W, 3] (built once): callable on its own or
-    inside another `tf.function` (the model's), where it runs on that function's device.
+def lab_tf_compiled(size: int | None = None) -> Any:
+    """`lab_tf` (at `size`) as one XLA-compiled `tf.function` on uint8 [B, H, W, 3] (built once per size):
+    callable on its own or inside another `tf.function` (the model's), where it runs on that function's
+    device.
 
     XLA fuses the element-wise steps into one pass (on a CPU several times faster than op by op); it
     compiles once per input shape.
     """
-    global _LAB_FUNCTION
-    if _LAB_FUNCTION is None:
+    if size not in _LAB_FUNCTIONS:
         import tensorflow as tf
 
-        _LAB_FUNCTION = tf.function(
-            lab_tf, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], jit_compile=True
+        _LAB_FUNCTIONS[size] = tf.function(
+            functools.partial(lab_tf, size=size),
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
+            jit_compile=True,
         )
-    return _LAB_FUNCTION
+    return _LAB_FUNCTIONS[size]
 
 
-def lab_tf_padded(rgb: Any, largest: int) -> tuple[Any, Any]:
-    """`lab_tf_compiled` of a uint8 [B, H, W, 3] tensor padded to B's power-of-two bucket (at most `largest`,
-    at least B), results cut back to B: XLA compiles once per bucket, not once per batch size."""
+def lab_tf_padded(rgb: Any, largest: int, size: int | None = None) -> tuple[Any, Any]:
+    """`lab_tf_compiled` (at `size`: resized unless the images already are size×size) of a uint8
+    [B, H, W, 3] tensor padded to B's power-of-two bucket (at most `largest`, at least B), results cut
+    back to B: XLA compiles once per bucket, not once per batch size."""
     import tensorflow as tf
 
+    if size is not None and tuple(rgb.shape[1:3]) == (size, size):
+        size = None  # nothing to resize: the exact table of the uint8 values
     n = tf.shape(rgb)[0]
     buckets = sorted({min(1 << i, largest) for i in range(largest.bit_length() + 1)})
-    size = tf.maximum(tf.gather(buckets, tf.minimum(tf.searchsorted(buckets, [n])[0], len(buckets) - 1)), n)
-    l_channel, ab = lab_tf_compiled()(tf.pad(rgb, [[0, size - n], [0, 0], [0, 0], [0, 0]]))
+    bucket = tf.maximum(tf.gather(buckets, tf.minimum(tf.searchsorted(buckets, [n])[0], len(buckets) - 1)), n)
+    l_channel, ab = lab_tf_compiled(size)(tf.pad(rgb, [[0, bucket - n], [0, 0], [0, 0], [0, 0]]))
     return l_channel[:n], ab[:n]
 
 
 def lab_on_device_default() -> bool:
-    """Whether the embed stage computes the 299 Lab with the model (`Embedder.embed_lab`) by default: always
-    when TensorFlow sees a GPU; on a CPU-only machine when the TF Lab measured cheaper than numpy's."""
+    """Whether the embed stage computes the Lab channels with the model (`Embedder.embed_lab`) by default:
+    always when TensorFlow sees a GPU; on a CPU-only machine when the TF Lab measured cheaper than numpy's."""
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU")) or TF_LAB_CHEAPER_ON_CPU

@@ -27,8 +27,8 @@ from common.settings import Settings
 log = logging.getLogger("koala.stages")
 
 Embed = Callable[[np.ndarray], np.ndarray]  # uint8 [B, 299, 299, 3] -> logits [B, 1001]
-# uint8 [B, 299, 299, 3] -> (logits [B, 1001], l [B, 299, 299], ab [B, 299, 299, 2]) in one device call
-EmbedLab = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# (uint8 [B, 299, 299, 3], Lab size S) -> (logits [B, 1001], l [B, S, S], ab [B, S, S, 2]) in one device call
+EmbedLab = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 
 def failure_of(error: Exception) -> tuple[str, str]:
@@ -80,19 +80,19 @@ class NullModel:
     def embed(self, rgb: np.ndarray) -> np.ndarray:
         return np.zeros((len(rgb), records.EMBEDDING_SIZE), np.float32)
 
-    def zeros_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def zeros_lab(self, rgb: np.ndarray, lab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Zeros for the logits and the Lab channels (KOALA_NULL_LAB: a device's work, not the CPU's)."""
-        n, h, w, _ = rgb.shape
-        return self.embed(rgb), np.zeros((n, h, w), np.float32), np.zeros((n, h, w, 2), np.float32)
+        n, s = len(rgb), lab_size
+        return self.embed(rgb), np.zeros((n, s, s), np.float32), np.zeros((n, s, s, 2), np.float32)
 
-    def embed_lab(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def embed_lab(self, rgb: np.ndarray, lab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Zeros and the TensorFlow Lab channels, as `Embedder.embed_lab` gives them."""
         import tensorflow as tf
 
         from common.lab_tf import lab_tf_padded
 
         parts = [
-            lab_tf_padded(tf.constant(rgb[i : i + self.batch_size]), self.batch_size)
+            lab_tf_padded(tf.constant(rgb[i : i + self.batch_size]), self.batch_size, lab_size)
             for i in range(0, len(rgb), self.batch_size)
         ]
         return (
@@ -133,14 +133,9 @@ def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
     return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
 
 
-def lab_with_model(model: Model, lab_size: int) -> EmbedLab | None:
-    """The model's call that gives the Lab channels too, if it serves this Lab size (299×299 only)."""
-    return model.embed_lab if lab_size == lab.DEFAULT_SIZE else None
-
-
 def start_lab(model: Model, pixels: np.ndarray, lab_size: int, pool: Executor) -> list[Future]:
     """The CPU Lab channels of a batch, started on `pool` (none when the model computes them)."""
-    if lab_with_model(model, lab_size) is not None:
+    if model.embed_lab is not None:
         return []
     return [pool.submit(lab.lab_channels, px, lab_size) for px in pixels]
 
@@ -149,9 +144,8 @@ def infer(
     model: Model, pixels: np.ndarray, lab_size: int, labs: list[Future]
 ) -> tuple[np.ndarray, list, list]:
     """(logits, L channels, ab channels) of a batch; `labs` from `start_lab` on the same pixels."""
-    embed_lab = lab_with_model(model, lab_size)
-    if embed_lab is not None:
-        logits, l_channels, ab_channels = embed_lab(pixels)
+    if model.embed_lab is not None:
+        logits, l_channels, ab_channels = model.embed_lab(pixels, lab_size)
         return logits, list(l_channels), list(ab_channels)
     logits = model.embed(pixels)
     channels = [f.result() for f in labs]

@@ -325,6 +325,13 @@ def test_embed_lab_gives_the_logits_of_embed_and_the_lab_channels(embedder):
     assert [a.shape for a in embedder.embed_lab(rgb[:0])] == [(0, 1001), (0, 299, 299), (0, 299, 299, 2)]
     with pytest.raises(ValueError):
         embedder.embed_lab(rgb[:, :224, :224])
+    # KOALA_LAB_SIZE=224: the same call resizes as the original writer does (tests/test_lab.py: vs skimage)
+    logits_224, l_224, ab_224 = embedder.embed_lab(rgb, 224)
+    np.testing.assert_allclose(logits_224, logits, rtol=1e-5, atol=1e-5)
+    for image, l_one, ab_one in zip(rgb, l_224, ab_224, strict=True):
+        l_ref, ab_ref = lab_channels(image, 224)
+        assert np.abs(l_one - l_ref).max() <= 1e-5 and np.abs(ab_one - ab_ref).max() <= 1e-5
+    assert [a.shape for a in embedder.embed_lab(rgb[:0], 224)] == [(0, 1001), (0, 224, 224), (0, 224, 224, 2)]
 
 
 @pytest.mark.slow  # 43 s: builds the network twice more (XLA, float16); both are opt-in settings
