@@ -291,18 +291,66 @@ def test_every_koala_variable_is_a_real_setting() -> None:
         assert not unknown, f"{name} names settings that do not exist: {sorted(unknown)}"
 
 
-def test_the_shared_environment_holds_valid_settings() -> None:
+def substituted(value: str, variables: dict[str, str]) -> str:
+    """Compose's interpolation of ${VAR:-default} and ${VAR} (empty when unset) in one value."""
+    return re.sub(
+        r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: variables.get(m.group(1)) or (m.group(2) or ""), value
+    )
+
+
+def settings_from_environment(env: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings as a container gets them: every value a string in its environment (no kwargs, which
+    would skip the parsing of environment strings)."""
+    for name in [n for n in os.environ if n.startswith("KOALA_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return Settings(_env_file=None)
+
+
+def test_the_shared_environment_holds_valid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     env = BASE["x-koala-env"]
     assert env and all(k in SETTINGS for k in env), sorted(set(env) - SETTINGS)
-    values = {k.removeprefix("KOALA_").lower(): v for k, v in env.items()}
-    settings = Settings(_env_file=None, **values)
-    assert settings.broker_url.startswith("redis://:${REDIS_PASSWORD:-}@redis:6379/")
+    for variables in ({}, env_example()):  # compose's defaults, and the values .env.example sets
+        values = {k: substituted(str(v), variables) for k, v in env.items()}
+        settings = settings_from_environment(values, monkeypatch)
+        password = variables.get("REDIS_PASSWORD", "")
+        assert settings.broker_url == f"redis://:{password}@redis:6379/0"
     koala = {name for name, service in services(WITH_GPU).items() if koala_image(service)}
     assert koala == KOALA_SERVICES  # every one is checked below, none skipped
     for name in sorted(koala):
         service = services(WITH_GPU)[name]
         extra = {"FLOWER_USER", "FLOWER_PASSWORD"} if name == "flower" else set()  # its start-up guard
         assert {k: v for k, v in service["environment"].items() if k not in extra} == env, name
+
+
+@pytest.mark.parametrize("size", ["224", "299"])
+def test_the_lab_size_of_env_reaches_every_fleet_service(size: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """KOALA_LAB_SIZE in .env (224: what the original training code reads) is every koala container's."""
+    assert "KOALA_LAB_SIZE" in env_example()
+    for name, service in services(WITH_GPU).items():
+        if koala_image(service):
+            env = {
+                k: substituted(str(v), {"KOALA_LAB_SIZE": size}) for k, v in service["environment"].items()
+            }
+            settings = settings_from_environment(env, monkeypatch)
+            assert settings.lab_size == int(size), name
+
+
+def test_every_setting_written_in_the_compose_files_loads_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each `KOALA_X: value` of the compose files and their docs, the commented examples too (a user
+    uncomments them), loads as the string a container gets."""
+    found = [
+        (m.group(1), m.group(2))
+        for path in (COMPOSE, GPU, DOCS)
+        for m in re.finditer(r"^\s*#?\s*(KOALA_[A-Z0-9_]+):\s*(\S+)", path.read_text(), re.M)
+    ]
+    assert {"KOALA_LAB_SIZE", "KOALA_COMPRESSION", "KOALA_MIXED_PRECISION"} <= {name for name, _ in found}
+    for name, text in found:
+        value = substituted(str(yaml.safe_load(text)), {})  # the string compose gives the container
+        settings_from_environment({name: value}, monkeypatch)  # raises a ValidationError naming it
 
 
 def test_dockerfiles_set_the_same_folders_as_compose() -> None:
