@@ -5,12 +5,20 @@ table for the sRGB linearisation (inputs are uint8), the 3×3 product element-wi
 threads), per-thread work arrays (no page faults per call). Thread-safe. No TensorFlow here.
 `common.lab_tf` computes the same channels in TensorFlow, with the model.
 
-Measured on the 2-core dev machine, one image, best of 5 runs (ms per image):
-                        299 (no resize)   224 (incl. ~1.2 ms LANCZOS resize)
-  skimage (reference)        11.6                 6.0
-  `lab_channels`              0.76                2.0
-numpy vectorises cbrt only on AVX-512 CPUs: on an AVX2-only machine the scalar cbrt was most of the cost
-and `lab_channels` at 299 took ~9 ms (python -m bench.device --lab-only compares it with the TF path).
+At another size (224: what the original training code reads) the image is first resized as the
+original record writer does, `skimage.transform.resize(img, (224, 224, 3), mode="constant")` with the
+scikit-image it pinned (0.13: order 1, no anti-aliasing): bilinear on img/255 with pixel-centre
+coordinates, written here as 2-tap gathers (`bilinear_taps`, `resized`); the result is float, so the
+linearisation is the sRGB power curve, not the table. Within 1e-6 of scikit-image (tests/test_lab.py).
+
+Measured on a 2-core AVX-512 VM, one 299×299 photo-like image, best of 5, CPU ms (in brackets: the
+same with numpy's AVX-512 kernels switched off, NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR"):
+                        299 (no resize)   224 (resize included)
+  skimage (reference)     9.4  (13.0)       11.5 (13.6)
+  `lab_channels`          0.84 (2.97)       1.13 (2.85; the resize alone 0.5)
+numpy vectorises cbrt (and pow) only on AVX-512 CPUs: without, the scalar cbrt is most of the cost (on
+the AVX2-only dev VM `lab_channels` at 299 took ~9 ms; python -m bench.device --lab-only compares it
+with the TF path; python -m bench.lab_size measures 224 against 299).
 Largest difference from skimage over all 2^24 sRGB colours: 5.4e-7 in l, 9.9e-7 in ab.
 """
 
