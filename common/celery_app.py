@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 import pybase64
@@ -101,16 +102,34 @@ def _deliver_envelopes(
         )
 
 
+class DeadlineClock:
+    """kombu's Redis transport scores each unacked message with `time()` at delivery and restores it
+    once `time() - visibility_timeout` passes that score: a restorer's own timeout decided when
+    another worker's message was free (one worker at 5 s re-delivered the messages of workers at
+    60 s). With this clock, `time()` + this process's timeout, the score is the holder's deadline
+    and a restorer's test reduces to "the deadline has passed" whatever its own timeout. Leases
+    (`common/leases.py`) renew to the same deadline."""
+
+    timeout = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.timeout
+
+
+deadline_clock = DeadlineClock()
+
 # kombu patched on purpose: ours take other signatures than the ones they replace
 virtual.Channel.codecs["base64"] = FastBase64()  # type: ignore[assignment]
 kombu_redis.dumps = _envelope_dumps  # type: ignore[assignment]
 kombu_redis.loads = _envelope_loads  # type: ignore[assignment]
 kombu_redis.Transport._deliver = _deliver_envelopes  # type: ignore[method-assign]
+kombu_redis.time = deadline_clock
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     """A Celery app for the fleet; tasks are sent by name so senders need not import workers."""
     settings = settings or get_settings()
+    deadline_clock.timeout = settings.visibility_timeout
     app = Celery("koala", broker=settings.broker_url)
     app.conf.update(
         # msgpack carries image bytes natively; pickle is never accepted.

@@ -1,10 +1,11 @@
 """Leases on unacknowledged messages: a live worker keeps what it holds, a dead one's comes back soon.
 
-kombu's Redis transport files every delivered message in the `unacked_index` sorted set, scored by
-its delivery time, and gives it back to its queue once the score is older than the visibility
-timeout. A worker renews the scores of the messages it still holds every few seconds, so the
-timeout can be short (a SIGKILLed worker's messages return within about a minute) however long a
-message's work takes. Renewing with ZADD XX never brings back a message acked meanwhile.
+kombu's Redis transport files every delivered message in the `unacked_index` sorted set, scored
+(with `common.celery_app.DeadlineClock`) by its holder's deadline, and gives it back to its queue
+once that deadline has passed. A worker pushes the deadlines of the messages it still holds every
+few seconds, so the timeout can be short (a SIGKILLed worker's messages return within about a
+minute) however long a message's work takes. Renewing with ZADD XX never brings back a message
+acked meanwhile. (The embed queue has leases of its own: `workers/inbox.py`.)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def keep_leases(app, channel) -> LeaseKeeper:
         held_by(channel),
         renew_every(timeout),
         getattr(channel, "unacked_index_key", UNACKED_INDEX),
+        lease=timeout,
     )
     keeper.start()
     return keeper
@@ -62,8 +64,10 @@ class LeaseKeeper(threading.Thread):
         held: Callable[[], Iterable[str]],
         every: float,
         index_key: str = UNACKED_INDEX,
+        lease: float = 0.0,
     ):
         super().__init__(name="lease-keeper", daemon=True)
+        self.lease = lease
         self.client = client
         self.held = held
         self.every = every
@@ -81,11 +85,11 @@ class LeaseKeeper(threading.Thread):
             self.client.close()  # one keeper per consumer connection: a reconnect starts another
 
     def renew(self) -> int:
-        """Push the held messages' delivery times to now; how many were held."""
+        """Push the held messages' deadlines to now + lease; how many were held."""
         tags = list(self.held())
         if tags:
-            now = time.time()
-            self.client.zadd(self.index_key, dict.fromkeys(tags, now), xx=True)
+            deadline = time.time() + self.lease
+            self.client.zadd(self.index_key, dict.fromkeys(tags, deadline), xx=True)
         return len(tags)
 
     def stop(self) -> None:

@@ -376,13 +376,17 @@ class JobState:
         return self.r.llen(queue)
 
     def queue_depths(self, queues: Sequence[str]) -> dict[str, int]:
-        """Messages waiting in each broker queue (kombu keeps a Redis list per queue)."""
+        """Messages waiting in each broker queue (kombu keeps a Redis list per queue), and those
+        delivered but not acknowledged (`unacked`)."""
         pipe = self.r.pipeline(transaction=False)
         for q in queues:
             pipe.llen(q)
         pipe.hlen("unacked")
-        *depths, unacked = pipe.execute()
-        return {**dict(zip(queues, depths, strict=True)), "unacked": unacked}
+        pipe.smembers(f"{self.prefix}:consumers")
+        *depths, unacked, consumers = pipe.execute()
+        # embed messages held by consumers (workers/inbox.py) are unacknowledged too
+        held = sum(self.r.llen(f"{self.prefix}:held:{c.decode()}") for c in consumers)
+        return {**dict(zip(queues, depths, strict=True)), "unacked": unacked + held}
 
     def reset(self) -> int:
         """Delete every key of this job (items, counters, failures); returns how many went."""

@@ -1,7 +1,7 @@
 """`python -m testkit.dying_embed_worker POINT NAME`: a real null-model embed worker that SIGKILLs itself
-at POINT of its second batch (each batch written on its own): after `prepared`, `inferred`, `appended`
-(records fsynced, not claimed) or `claimed` (claimed, not acked). Test code only: the worker itself has
-no such hook."""
+at POINT of its second batch (each batch written on its own): after `received` (popped, nothing else
+done), `prepared`, `inferred`, `appended` (records fsynced, not claimed) or `claimed` (claimed, not
+acked). Test code only: the worker itself has no such hook."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import signal
 import sys
 
 from common.shards import ShardWriter
-from workers import embed, pipeline
+from workers import embed, inbox, pipeline
 
 
 def die_after(owner: object, attr: str, calls: int) -> None:
-    """Replace owner.attr by a wrapper that kills this process after its `calls`-th return."""
+    """Replace owner.attr by a wrapper that kills this process after its `calls`-th return (for
+    `receive`, the `calls`-th that received something)."""
     original = getattr(owner, attr)
     seen = [0]
 
     def wrapper(*args, **kwargs):
         result = original(*args, **kwargs)
-        seen[0] += 1
+        seen[0] += attr != "receive" or result is not None
         if seen[0] == calls:
             os.kill(os.getpid(), signal.SIGKILL)
         return result
@@ -29,6 +30,7 @@ def die_after(owner: object, attr: str, calls: int) -> None:
 
 
 POINTS = {
+    "received": (inbox.Inbox, "receive"),  # popped from the queue, nothing else done with it
     "prepared": (embed.EmbedStage, "prepare"),
     "inferred": (embed.EmbedStage, "infer"),
     "appended": (ShardWriter, "append"),

@@ -449,6 +449,6 @@ def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
         }
     )
     env.update(extra)
-    if env.get("KOALA_TEST_PACE"):  # the worker made artificially fast or slow (testkit/pace)
+    if env.get("KOALA_TEST_PACE") or env.get("KOALA_TEST_POISON_GREY"):  # test hooks (testkit/pace)
         env["PYTHONPATH"] = os.pathsep.join([str(PACE_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -85,7 +85,7 @@ def test_chunk_and_one_image_messages_both_become_records_once(workers, redis_ur
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("point", ["prepared", "inferred", "appended", "claimed"])
+@pytest.mark.parametrize("point", ["received", "prepared", "inferred", "appended", "claimed"])
 def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, rclient, tmp_path):
     state = JobState(rclient)
     images = [payload(i) for i in range(N)]
@@ -103,10 +103,17 @@ def test_killed_between_steps_every_image_ends_once(point, workers, redis_url, r
     assert dying.returncode == -signal.SIGKILL, (tmp_path / "dying.log").read_text()
     # batches of 8 or 16 images (whole messages up to KOALA_BATCH_SIZE), each written on its own: the
     # kill came after the second batch's step, so at most two batches were claimed, or one before it
-    claimed_batches = {"prepared": (0, 1), "inferred": (0, 1), "appended": (1, 1), "claimed": (2, 2)}[point]
+    claimed_batches = {
+        "received": (0, 1),
+        "prepared": (0, 1),
+        "inferred": (0, 1),
+        "appended": (1, 1),
+        "claimed": (2, 2),
+    }[point]
     low, high = claimed_batches
     assert 8 * low <= state.counts()["written"] <= 16 * high
     # the same node again (embed0@test): it recovers the temp shard, then takes the messages back
+    # (with nothing resent: a message popped by the dead worker was in its held list all along)
     finish(workers, state, N)
     assert keys_in_shards(workers.out_dir) == sorted(p["key"] for p in images)
     assert not list(workers.out_dir.glob(".*.tmp")) and state.counts()["pending"] == 0
@@ -210,3 +217,45 @@ def test_an_output_folder_this_user_may_not_write_stops_the_worker_with_the_fix(
     os.waitpid(pid, 0)
     assert message.startswith(f"cannot write in {out} as uid 65534") and "chown -R APP_UID:APP_GID" in message
     check_permissions(out)  # the owner may
+
+
+@pytest.mark.timing
+def test_an_image_that_kills_the_worker_fails_alone_and_the_rest_is_written(workers, redis_url, rclient):
+    state = JobState(rclient)
+    images = [payload(i) for i in range(16)]  # payload(5) is all grey 50: the stand-in model dies on it
+    queue(redis_url, state, images, per_message=8)
+    env = null_env(KOALA_TEST_POISON_GREY="50")
+    worker, deaths = workers.start("embed", "-n", "embed-p@test", **env), 0
+
+    def supervised() -> bool:
+        nonlocal worker, deaths
+        if worker.poll() is not None:  # restarted as a supervisor would, under the same name
+            deaths += 1
+            worker = workers.start("embed", "-n", "embed-p@test", **env)
+        c = state.counts()
+        return c["written"] == 15 and c["failed"] == 1
+
+    wait_for(supervised, 180, "15 records and one failure", workers.logs)
+    assert [(f["key"], f["reason"]) for f in state.failures()] == [(images[5]["key"], "worker_died")]
+    # killed with its batch at its first two starts (KOALA_MAX_DELIVERIES=2), then once alone
+    assert deaths == 3, workers.logs()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    assert keys_in_shards(workers.out_dir) == sorted(p["key"] for i, p in enumerate(images) if i != 5)
+
+
+def test_a_pipeline_error_stops_the_worker_with_its_cause(workers, redis_url, rclient, tmp_path):
+    # an error that is no image's own (the output folder vanished under a file): logged, exit 1, no spin
+    state = JobState(rclient)
+    proc = workers.start("embed", **null_env())
+    wait_for(lambda: "consuming embed" in workers.logs(), 60, "the consumer", workers.logs)
+    blocker = workers.out_dir
+    import shutil
+
+    shutil.rmtree(blocker)
+    blocker.write_text("not a folder")  # appending a shard now raises NotADirectoryError
+    queue(redis_url, state, [payload(i) for i in range(4)], per_message=4)
+    assert proc.wait(60) != 0
+    logs = workers.logs()
+    assert "the embed pipeline failed" in logs and "NotADirectoryError" in logs, logs[-3000:]
+    assert logs.count("consuming embed") == 1  # no reconnect loop

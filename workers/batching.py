@@ -1,9 +1,13 @@
 """The embed queue's consumer: collects messages into batches (size or maximum wait), hands them
-to the embed stage's pipeline, acks each message once its batch is written. A plain kombu
-consumer, not a Celery task, so that acks follow the durable write exactly and nothing is
-buffered unacked for long.
-It still shows in Flower: it sends Celery's worker and task events (a batch is one
-`koala.embed` task) and answers the control commands Flower asks workers (`inspect`)."""
+to the embed stage's pipeline, acks each message once its batch is written. Not a Celery task:
+messages come through `workers.inbox` (delivery and "in flight" in one Redis step), so acks follow
+the durable write exactly and nothing is lost between a pop and its bookkeeping.
+Each message's starts are counted: past `max_deliveries` a message goes on as one message per
+image, each run alone (nothing else in the pipeline), and an image whose worker died with it alone
+fails as `worker_died`. An error of the pipeline that is not an image's own stops the worker with
+its cause logged (its supervisor restarts it); nothing loops looking alive.
+It still shows in Flower: it sends Celery's worker and task events (a batch is one `koala.embed`
+task) and answers the control commands Flower asks workers (`inspect`)."""
 
 from __future__ import annotations
 
@@ -17,14 +21,13 @@ import uuid
 
 import redis
 from celery import Celery
-from kombu import Message, Queue
-from kombu.exceptions import OperationalError
+from kombu import Queue
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
-from common.leases import keep_leases
-from common.messages import EmbedImage, images_of
-from common.retries import is_storage_error
+from common.retries import BROKER_ERRORS, is_storage_error, retry_on_broker
+from common.state import connect
 from workers.embed import Batch, EmbedStage
+from workers.inbox import Delivery, Inbox
 from workers.pipeline import Pipeline, one_line
 
 log = logging.getLogger("koala.embed")
@@ -45,16 +48,22 @@ class BatchConsumer:
         max_in_flight: int = 4,
     ):
         self.app = app
+        self.stage = stage
         self.hostname = hostname
         self.events: FlowerEvents | None = None
         self.batch_size = batch_size
         self.max_wait = max_wait
+        self.max_deliveries = stage.settings.max_deliveries
         self.stopping = threading.Event()
         self.pipeline = Pipeline(stage, self.stopping, max_in_flight=max_in_flight)
-        self.buffer: list[tuple[list[EmbedImage], Message]] = []  # received, not yet submitted
+        self.inbox = Inbox(
+            connect(stage.settings.broker_url), stage.settings.state_prefix, stage.settings.visibility_timeout
+        )
+        self.buffer: list[Delivery] = []  # received, not yet submitted
         self.buffered = 0  # images in the buffer
         self.written = 0
         self._first = 0.0  # when the buffer's first message came
+        self._swept = 0.0
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: finish the batches in flight, then stop."""
@@ -62,130 +71,154 @@ class BatchConsumer:
             signal.signal(sig, lambda *_: self.stopping.set())
 
     def run(self) -> None:
-        """Consume until stopped, reconnecting with backoff when the broker goes away."""
+        """Consume until stopped, reconnecting with backoff when the broker goes away; raise the
+        pipeline's error (the worker then exits with it logged)."""
         delay = 0.5
-        broker_errors = (
-            *self.app.connection().connection_errors,
-            OperationalError,
-            redis.ConnectionError,
-            redis.TimeoutError,
-        )
+        broker_errors = (*self.app.connection().connection_errors, *BROKER_ERRORS, redis.ResponseError)
+        retry_on_broker(self.inbox.open)()
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set() and self.pipeline.error is None:
                 try:
                     self._consume()
                     delay = 0.5
                 except broker_errors as e:
                     if is_storage_error(e):
                         raise  # not the broker's: the pipeline deals with the disk
-                    # unacked: the broker gives them back after the visibility timeout (already
-                    # written ones are then skipped), so batches in flight are not waited for
-                    self.buffer, self.buffered = [], 0
+                    # what we hold stays ours (the lease is renewed once Redis is back)
                     log.warning("broker unreachable (%s); reconnecting in %.1fs", one_line(e), delay)
                     self.stopping.wait(delay)
                     delay = min(delay * 2, 30)
         finally:
             self.stopping.set()
             self.pipeline.close(timeout=60)
+            self._let_go()
+            try:
+                self.inbox.close()  # what is still held goes back on the queue
+            except redis.RedisError as e:
+                log.warning("cannot give held messages back (%s): they return when the lease ends", e)
         if self.pipeline.error is not None:
+            log.error("stopping: the embed pipeline failed: %s", one_line(self.pipeline.error))
             raise self.pipeline.error
 
     def _consume(self) -> None:
-        with self.app.connection_for_read() as conn:
+        with self.app.connection_for_read() as conn, self.app.connection_for_read() as control_conn:
             conn.ensure_connection(max_retries=1)
-            queue = Queue(EMBED_QUEUE)
             events = self.events = FlowerEvents(self.app, conn, self.hostname)
-            control = control_node(self.app, conn, self.hostname, events)
-            # Flow control is ours (we drain only while there is room); the prefetch limit only
-            # has to exceed what we hold: one-image messages of every batch in flight.
-            prefetch = self.batch_size * (self.pipeline.max_in_flight + 2)
-            with conn.Consumer(
-                queue,
-                callbacks=[self._on_message],
-                accept=["msgpack"],
-                prefetch_count=prefetch,
-                on_decode_error=self._on_decode_error,
-            ) as consumer:
-                log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
-                leases = keep_leases(self.app, consumer.channel)
-                try:
-                    self._loop(conn, events)
-                finally:
-                    leases.stop()
-                    control.cancel()
-                    events.close()
+            control = ControlThread(self.app, control_conn, self.hostname, events)
+            log.info("consuming %s in batches of %d images", EMBED_QUEUE, self.batch_size)
+            try:
+                self._loop(events)
+            finally:
+                control.stop()
+                events.close()
 
-    def _loop(self, conn, events: FlowerEvents) -> None:
-        """Drain messages into the buffer, submit it when full or due, ack what the pipeline wrote;
-        return once stopping and nothing is held."""
-        while True:
-            stopping = self.stopping.is_set()
+    def _loop(self, events: FlowerEvents) -> None:
+        """Receive messages into the buffer, submit it when full or due, ack what the pipeline
+        wrote; return once stopping and nothing is held, or when the pipeline failed."""
+        while not self.stopping.is_set():
             self._ack(self.pipeline.finished())
             if self.pipeline.error is not None:
                 return
-            if not stopping and self.buffered < self.batch_size and self.pipeline.has_room():
-                try:
-                    conn.drain_events(timeout=0.05 if self.pipeline.in_flight else 0.2)
-                except TimeoutError:
-                    pass
-            elif not self.pipeline.has_room():
+            if self.buffered < self.batch_size and self.pipeline.has_room():
+                delivery = self.inbox.receive(timeout=0.05 if self.pipeline.in_flight else 0.2)
+                if delivery is not None:
+                    self._take(delivery)
+            else:
                 self._ack(self.pipeline.finished(timeout=0.05))
             if (
-                not stopping
-                and self.buffer
+                self.buffer
                 and self.pipeline.has_room()
                 and (self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait)
             ):
                 self._submit()
-            events.heartbeat(active=self.buffered + self.pipeline.in_flight)
-            if stopping:
-                self._let_go()
-                if not self.pipeline.in_flight:
-                    return
+            self._housekeeping(events)
 
-    def _on_message(self, body: object, message: Message) -> None:
-        try:
-            images = images_of(body)
-        except ValueError as e:
-            log.error("dropping a malformed embed message (%s): %.200r", e, body)
-            message.ack()
-            return
-        if not self.buffer:
-            self._first = time.monotonic()
-        self.buffer.append((images, message))
-        self.buffered += len(images)
+    def _housekeeping(self, events: FlowerEvents) -> None:
+        """The heartbeat, and the sweep of dead consumers' messages."""
+        events.heartbeat(active=self.buffered + self.pipeline.in_flight)
+        if time.monotonic() - self._swept >= self.inbox.lease_ms / 4000:
+            self._swept = time.monotonic()
+            if back := self.inbox.sweep():
+                log.info("put %d messages of stopped consumers back on the queue", back)
 
-    def _on_decode_error(self, message: Message, error: Exception) -> None:
-        """Refused content (pickle, anything not msgpack) is dropped unexecuted."""
-        log.error("refusing a message with content type %s: %s", message.content_type, error)
-        message.ack()
+    def _take(self, delivery: Delivery) -> None:
+        """Buffer a received message, or deal with one whose workers kept dying."""
+        limit = 1 if delivery.alone else self.max_deliveries
+        if delivery.starts > limit:
+            self._give_up_on(delivery)
+        elif delivery.alone:
+            self._run_alone(delivery)
+        else:
+            if not self.buffer:
+                self._first = time.monotonic()
+            self.buffer.append(delivery)
+            self.buffered += len(delivery.images)
+
+    def _give_up_on(self, delivery: Delivery) -> None:
+        """A message started more often than allowed: alone, its image fails; else its images go on
+        as one message each, to be run alone."""
+        deaths = delivery.starts - 1
+        if delivery.alone:
+            detail = f"the embed worker processing it alone died {deaths} time(s) (out of memory? a crash?)"
+            for image in delivery.images:
+                log.error("%s: %s", image.get("source") or image["key"], detail)
+                retry_on_broker(self.stage.fail)(image, "worker_died", detail)
+        else:
+            log.warning(
+                "a message outlived %d workers: its %d images go on one by one", deaths, len(delivery.images)
+            )
+            for image in delivery.images:
+                retry_on_broker(self.app.send_task)(
+                    EMBED_TASK,
+                    args=[[image]],
+                    kwargs={"alone": True},
+                    queue=EMBED_QUEUE,
+                    argsrepr="[1 image]",
+                )
+        retry_on_broker(self.inbox.ack)(delivery)
+
+    def _run_alone(self, delivery: Delivery) -> None:
+        """Run a suspect message with nothing else in the pipeline, so that a death names it."""
+        if self.buffer:
+            self._submit()
+        self._drain()
+        self.pipeline.submit(Batch(list(delivery.images), [delivery]))
+        self._drain()
+
+    def _drain(self) -> None:
+        """Wait until every submitted batch is written (or the pipeline failed)."""
+        while self.pipeline.in_flight and self.pipeline.error is None:
+            self._ack(self.pipeline.finished(timeout=0.05))
+            self._ack(self.pipeline.let_go())
 
     def _submit(self) -> None:
-        batch = Batch(
-            [image for images, _ in self.buffer for image in images], [message for _, message in self.buffer]
-        )
+        batch = Batch([image for d in self.buffer for image in d.images], list(self.buffer))
         self.buffer, self.buffered = [], 0
         self.pipeline.submit(batch)
 
     def _ack(self, batches: list[Batch]) -> None:
         """Ack the messages of written batches (a failed ack only means a harmless re-delivery)."""
         for batch in batches:
-            for message in batch.messages:
+            for delivery in batch.messages:
                 try:
-                    message.ack()
-                except Exception as e:  # the connection they came on is gone: they come back
-                    log.debug("cannot ack a message: %s", one_line(e))
+                    retry_on_broker(self.inbox.ack)(delivery)
+                except redis.RedisError as e:
+                    log.warning("cannot ack a message (%s): it will be done again", one_line(e))
             self.written += batch.written
             if self.events:
                 self.events.batch(len(batch.payloads), batch.written, time.monotonic() - batch.received)
 
     def _let_go(self) -> None:
-        """Stopping: what was received but not started stays unacked; kombu puts it back on the queue
-        when the connection closes."""
-        held = len(self.buffer) + sum(len(b.messages) for b in self.pipeline.let_go())
+        """Stopping: what was received but not written goes back on the queue, unstarted."""
+        held = self.buffer + [d for b in self.pipeline.let_go() for d in b.messages]
         self.buffer, self.buffered = [], 0
-        if held:
-            log.info("stopping: %d messages left unacknowledged for other workers", held)
+        try:
+            back = self.inbox.give_back(held)
+        except redis.RedisError as e:
+            log.warning("cannot give %d messages back (%s): they return when the lease ends", len(held), e)
+            return
+        if back:
+            log.info("stopping: %d messages given back for other workers", back)
 
 
 class FlowerEvents:
@@ -240,6 +273,36 @@ class FlowerEvents:
     def close(self) -> None:
         self.send("worker-offline")
         self.dispatcher.close()
+
+
+class ControlThread(threading.Thread):
+    """Answers Flower's control commands on a connection of its own, until stopped."""
+
+    def __init__(self, app: Celery, conn, hostname: str, events: FlowerEvents):
+        super().__init__(name="embed-control", daemon=True)
+        self.conn = conn
+        self.stopped = threading.Event()
+        conn.ensure_connection(max_retries=1)
+        self.consumer = control_node(app, conn, hostname, events)
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.conn.drain_events(timeout=0.5)
+            except TimeoutError:
+                pass
+            except Exception as e:  # the dashboard only: the consumer reconnects on its own errors
+                log.debug("control connection: %s", one_line(e))
+                self.stopped.wait(1.0)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(2)
+        try:
+            self.consumer.cancel()
+        except Exception as e:  # the connection is gone already
+            log.debug("cannot cancel the control consumer: %s", one_line(e))
 
 
 def control_node(app: Celery, conn, hostname: str, events: FlowerEvents):

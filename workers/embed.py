@@ -106,7 +106,7 @@ class EmbedStage:
 
     def prepare(self, batch: Batch) -> None:
         """Keep the images still pending (once each), decode them, start their CPU Lab."""
-        states = self.state.states([p["key"] for p in batch.payloads])
+        states = retry_on_broker(self.state.states)([p["key"] for p in batch.payloads])
         pending = [p for p, s in zip(batch.payloads, states, strict=True) if s in (SUBMITTED, DOWNLOADED)]
         todo = dedupe(pending)
         pixels = [self._pixels(p) for p in todo]

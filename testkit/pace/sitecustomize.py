@@ -4,6 +4,9 @@ the tests of kills, interrupts and timeouts trigger on what happened, not on how
 
   fast: the Lab channels are zeros (the stand-in model's forward pass already costs nothing)
   slow: every forward pass, stand-in or real, first waits KOALA_TEST_SLOW_FORWARD seconds (0.5)
+
+KOALA_TEST_POISON_GREY=V (with or without a pace): the stand-in forward pass SIGKILLs its process when
+a batch holds an image whose pixels are all V, as the out-of-memory killer would.
 """
 
 import os
@@ -43,3 +46,18 @@ elif PACE == "slow":
         pass
 elif PACE:
     raise SystemExit(f"KOALA_TEST_PACE must be fast or slow, not {PACE!r}")
+
+if os.environ.get("KOALA_TEST_POISON_GREY"):
+    import signal
+
+    from common import stages as _stages
+
+    _grey = int(os.environ["KOALA_TEST_POISON_GREY"])
+    _forward = _stages.NullModel.embed
+
+    def _poisoned(self, rgb):
+        if any((image == _grey).all() for image in rgb):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _forward(self, rgb)
+
+    _stages.NullModel.embed = _poisoned

@@ -1,0 +1,173 @@
+"""The embed queue's receiving end: delivery and "in flight" in one Redis step, leases that the
+holder decides, and a count of starts per message.
+
+The queue is kombu's Redis list `embed` (download workers publish to it with `send_task`, Flower
+shows its length). A consumer takes an entry with BLMOVE into its own list `<prefix>:held:<id>`:
+the entry is in the queue or in a held list at every instant, so a kill between the pop and any
+bookkeeping loses nothing (kombu's BRPOP + `unacked` record was two steps). Acking removes it from
+the held list. The consumer keeps `<prefix>:consumer:<id>` alive with its own lease; once that key
+has expired, any consumer's sweep puts the dead consumer's held entries back on the queue, so the
+holder's lease, not the restorer's settings, decides when a message is free again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import cast
+
+import msgpack
+import orjson
+import pybase64
+import redis
+
+from common.celery_app import EMBED_QUEUE, is_envelope
+from common.messages import EmbedImage, images_of
+
+log = logging.getLogger("koala.embed")
+
+# Put back every held entry of consumers whose lease key has expired; returns how many went back.
+# KEYS: consumers set, queue. ARGV: prefix.
+_SWEEP = """
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. ':consumer:' .. id) == 0 then
+    local held = ARGV[1] .. ':held:' .. id
+    while redis.call('LMOVE', held, KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return n
+"""
+
+# Give held entries back to the queue (next in line), each only if still held. KEYS: held, queue.
+_GIVE_BACK = """
+local n = 0
+for _, entry in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, entry) == 1 then
+    redis.call('RPUSH', KEYS[2], entry)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+@dataclass
+class Delivery:
+    """One message taken from the queue: its raw entry (to ack), id, images and start count."""
+
+    raw: bytes
+    message_id: str
+    images: list[EmbedImage]
+    starts: int
+    alone: bool
+
+
+def parse(raw: bytes) -> tuple[str, list[EmbedImage], bool]:
+    """(message id, images, alone) of a kombu envelope on the embed queue; ValueError saying what
+    it is instead."""
+    try:
+        envelope = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        envelope = None
+    if not is_envelope(envelope):
+        raise ValueError("that is not a kombu message")
+    if envelope.get("content-type") != "application/x-msgpack":
+        raise ValueError(f"content type {envelope.get('content-type')!r} refused (msgpack only)")
+    try:
+        body = msgpack.unpackb(pybase64.b64decode(envelope["body"] or "", validate=True), raw=False)
+    except (ValueError, TypeError) as e:  # binascii.Error and most of msgpack's are ValueErrors
+        raise ValueError(f"a body that is not base64 msgpack ({e})") from None
+    headers = envelope.get("headers") or {}
+    message_id = str(headers.get("id") or envelope["properties"]["delivery_tag"])
+    kwargs = body[1] if isinstance(body, list | tuple) and len(body) > 1 else {}
+    return message_id, images_of(body), bool(isinstance(kwargs, dict) and kwargs.get("alone"))
+
+
+class Inbox:
+    """One consumer's view of the embed queue (its id, held list and lease)."""
+
+    def __init__(self, client: redis.Redis, prefix: str, lease: float, queue: str = EMBED_QUEUE):
+        self.r = client
+        self.prefix = prefix
+        self.queue = queue
+        self.lease_ms = max(1000, int(lease * 1000))
+        self.id = uuid.uuid4().hex[:12]
+        self.held_key = f"{prefix}:held:{self.id}"
+        self.consumers_key = f"{prefix}:consumers"
+        self.deliveries_key = f"{prefix}:deliveries"
+        self._sweep = client.register_script(_SWEEP)
+        self._give_back = client.register_script(_GIVE_BACK)
+        self._stopped = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def open(self) -> None:
+        """Take the lease and keep it renewed (a quarter of it at a time) until `close`."""
+        self.renew()
+        self._renewer = threading.Thread(target=self._keep_renewing, name="inbox-lease", daemon=True)
+        self._renewer.start()
+
+    def renew(self) -> None:
+        """Push the lease's end to now + lease (and be listed, in case a sweep dropped this id
+        while Redis was away)."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(f"{self.prefix}:consumer:{self.id}", b"1", px=self.lease_ms)
+        pipe.sadd(self.consumers_key, self.id)
+        pipe.execute()
+
+    def _keep_renewing(self) -> None:
+        while not self._stopped.wait(self.lease_ms / 4000):
+            try:
+                self.renew()
+            except redis.RedisError as e:  # the next round tries again
+                log.warning("cannot renew the embed lease: %s", e)
+
+    def receive(self, timeout: float) -> Delivery | None:
+        """The next message (moved into this consumer's held list), or None after `timeout` s.
+        Entries that are not embed messages are logged and dropped."""
+        moved = self.r.blmove(self.queue, self.held_key, timeout, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        raw = cast("bytes | None", moved)  # Redis takes fractional seconds; redis-py's hint says int
+        if raw is None:
+            return None
+        try:
+            message_id, images, alone = parse(raw)
+        except ValueError as e:
+            log.error(
+                "dropped an entry of queue %r that is not an embed message (%s): %.200r", self.queue, e, raw
+            )
+            self.r.lrem(self.held_key, 1, raw)  # type: ignore[arg-type]  # bytes are fine
+            return None
+        starts = int(self.r.hincrby(self.deliveries_key, message_id, 1))
+        return Delivery(raw, message_id, images, starts, alone)
+
+    def ack(self, delivery: Delivery) -> None:
+        """The message's work is over: no longer held, its starts forgotten."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrem(self.held_key, 1, delivery.raw)  # type: ignore[arg-type]
+        pipe.hdel(self.deliveries_key, delivery.message_id)
+        pipe.execute()
+
+    def give_back(self, deliveries: list[Delivery]) -> int:
+        """Put messages this consumer holds unstarted back on the queue (stopping, reconnecting)."""
+        if not deliveries:
+            return 0
+        pipe = self.r.pipeline(transaction=True)
+        for d in deliveries:
+            pipe.hincrby(self.deliveries_key, d.message_id, -1)  # not started after all
+        pipe.execute()
+        return int(self._give_back(keys=[self.held_key, self.queue], args=[d.raw for d in deliveries]))
+
+    def sweep(self) -> int:
+        """Put the held messages of consumers whose lease expired back on the queue."""
+        return int(self._sweep(keys=[self.consumers_key, self.queue], args=[self.prefix]))
+
+    def close(self) -> None:
+        """Stop renewing; what is still held goes back to the queue, and the lease is dropped."""
+        self._stopped.set()
+        if self._renewer is not None:
+            self._renewer.join(5)
+        self.r.delete(f"{self.prefix}:consumer:{self.id}")
+        self.sweep()
