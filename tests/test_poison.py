@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from testkit.fleet import Workers, koala, wait_for
 from testkit.servers import ImageServer
 
@@ -19,6 +21,7 @@ def counts(rclient) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
 
 
+@pytest.mark.timing
 def test_a_url_that_kills_its_worker_fails_alone_and_its_chunk_goes_on(
     image_server: ImageServer, workers: Workers, rclient, tmp_path
 ):

@@ -157,7 +157,9 @@ class Inbox:
         pipe = self.r.pipeline(transaction=True)
         for d in deliveries:
             pipe.hincrby(self.deliveries_key, d.message_id, -1)  # not started after all
-        pipe.execute()
+        unstarted = [d.message_id for d, n in zip(deliveries, pipe.execute(), strict=True) if n <= 0]
+        if unstarted:
+            self.r.hdel(self.deliveries_key, *unstarted)
         return int(self._give_back(keys=[self.held_key, self.queue], args=[d.raw for d in deliveries]))
 
     def sweep(self) -> int:
