@@ -322,6 +322,24 @@ def test_entries_that_are_not_kombu_messages_are_dropped_and_the_worker_lives(
 
 
 @pytest.mark.timing
+def test_a_worker_with_a_shorter_timeout_leaves_other_workers_chunks_alone(
+    image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
+):
+    # the holder (60 s) renews every 15 s; a worker at 2 s restored what it held after 2 s (each
+    # restorer used its own timeout): now the score is the holder's deadline
+    slow_ok = {"KOALA_READ_TIMEOUT": "20", "KOALA_DOWNLOAD_DEADLINE": "40"}
+    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="60", **slow_ok)
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{image_server.base}/slow/8\n")
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.hlen("unacked") == 1, 30, "the chunk held by the first worker", workers.logs)
+    workers.start("download", "-c", "2", KOALA_VISIBILITY_TIMEOUT="2", **slow_ok)
+    wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "the slow image", workers.logs)
+    received = [ln for ln in workers.logs().splitlines() if "koala.download[" in ln and "received" in ln]
+    assert len(received) == 1, workers.logs()[-3000:]
+
+
+@pytest.mark.timing
 def test_a_live_worker_keeps_its_chunk_past_the_visibility_timeout(
     image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):
