@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     )
     max_bytes: int = Field(25_000_000, description="largest image download accepted, in bytes")
     max_pixels: int = Field(89_478_485, description="largest image accepted, in pixels (decompression bombs)")
+    max_jpeg_scans: int = Field(
+        100,
+        description="most scans a JPEG may have, counted from its markers before decoding (each costs a pass over the whole picture; real files have 1 to ~15)",
+    )
     max_redirects: int = Field(5, description="redirect hops followed")
     user_agent: str = Field(
         "koala-fleet/0.1 (image dataset builder)", description="User-Agent header of downloads"
@@ -137,6 +141,7 @@ class Settings(BaseSettings):
         "batch_size",
     )
     @classmethod
+        "max_jpeg_scans",
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")

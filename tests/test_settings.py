@@ -30,6 +30,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "retry_backoff": ("0.25", 0.25),
     "max_bytes": ("1000000", 1_000_000),
     "max_pixels": ("4000000", 4_000_000),
+    "max_jpeg_scans": ("20", 20),
     "max_redirects": ("2", 2),
     "user_agent": ("test-agent/1.0 (x)", "test-agent/1.0 (x)"),
     "allow_private_addresses": ("1", True),
