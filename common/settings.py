@@ -137,11 +137,11 @@ class Settings(BaseSettings):
         "per_host_connections",
         "max_bytes",
         "max_pixels",
+        "max_jpeg_scans",
         "examples_per_shard",
         "batch_size",
     )
     @classmethod
-        "max_jpeg_scans",
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
