@@ -572,6 +572,77 @@ def _unzlib(body: bytes, expected: int) -> bytes:
     return raw
 
 
+# A PNG of the "Up"-filtered rows (filter type 2 on every row: the filter of the payload above),
+# deflated with zlib level 1, strategy Z_RLE: what `compact` records hold (`tf.io.decode_png` reads
+# it). Measured on 299x299 images (mean size, encode ms; 2-core box, python -m bench.records):
+#   natural photos (scikit-image's samples)   Z_RLE 139.6 KB 2.1 ms   default 124.2 KB 2.7 ms
+#   bench.download's corpus                    Z_RLE 137.9 KB 1.9 ms   default 147.1 KB 3.2 ms
+#   testkit.corpus.photo                       Z_RLE 142.8 KB 2.0 ms   default 164.8 KB 3.2 ms
+# (Pillow's adaptive filters: level 1 121-164 KB 5-8 ms, level 6 115-142 KB 13-18 ms.)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_UP = 2  # PNG filter type "Up"
+_IHDR_RGB8 = (8, 2, 0, 0, 0)  # bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """A lossless PNG of a uint8 [H, W, 3] array, every row Up-filtered (see above)."""
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
+    h, w, _ = arr.shape
+    flat = np.ascontiguousarray(arr).reshape(h, w * 3)
+    rows = np.empty((h, 1 + w * 3), np.uint8)
+    rows[:, 0] = _PNG_UP
+    rows[:, 1:] = flat
+    rows[1:, 1:] -= flat[:-1]  # wraps mod 256, as PNG's filters do
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+    idat = deflate.compress(rows.data) + deflate.flush()
+    return b"".join(
+        [
+            PNG_SIGNATURE,
+            _png_chunk(b"IHDR", struct.pack(">II5B", w, h, *_IHDR_RGB8)),
+            _png_chunk(b"IDAT", idat),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
+
+
+def decode_png(data: bytes, max_pixels: int = 1 << 24) -> np.ndarray:
+    """uint8 [H, W, 3] of a PNG written by `encode_png` (chunk CRCs checked); ValueError for any other
+    PNG (Pillow reads those) or a corrupt one."""
+    data = bytes(data)
+    if data[:8] != PNG_SIGNATURE:
+        raise ValueError(f"not a PNG (starts with {data[:8]!r})")
+    pos, header, idat, kind = 8, None, [], b""
+    while pos + 12 <= len(data):
+        (length,), kind = struct.unpack_from(">I", data, pos), data[pos + 4 : pos + 8]
+        body = data[pos + 8 : pos + 8 + length]
+        if len(body) != length or len(data) < pos + 12 + length:
+            break
+        if struct.unpack_from(">I", data, pos + 8 + length)[0] != zlib.crc32(body, zlib.crc32(kind)):
+            raise ValueError(f"corrupt PNG: bad CRC of {kind!r}")
+        pos += 12 + length
+        if kind == b"IHDR":
+            header = struct.unpack(">II5B", body) if length == 13 else None
+        elif kind == b"IDAT":
+            idat.append(body)
+        elif kind == b"IEND":
+            break
+    if header is None or header[2:] != _IHDR_RGB8 or kind != b"IEND":
+        raise ValueError("not a PNG of encode_png (8-bit RGB, not interlaced, complete)")
+    w, h = header[:2]
+    if not 0 < w * h <= max_pixels:
+        raise ValueError(f"the PNG declares {w}x{h} pixels (at most {max_pixels})")
+    raw = _unzlib(b"".join(idat), h * (1 + w * 3))
+    rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + w * 3) if len(raw) == h * (1 + w * 3) else None
+    if rows is None or (rows[:, 0] != _PNG_UP).any():
+        raise ValueError("not a PNG of encode_png (rows of another size or filter)")
+    return undo_up_filter(rows[:, 1:].reshape(h, w, 3))
+
+
 _MAGIC = (
     (b"\xff\xd8\xff", "jpg"),
     (b"\x89PNG\r\n\x1a\n", "png"),

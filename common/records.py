@@ -1,6 +1,9 @@
-"""The record format: a `tf.train.Example` written straight in protobuf wire format, framed as TFRecord.
+"""The record formats: a `tf.train.Example` written straight in protobuf wire format, framed as TFRecord.
 
-Features `image_name`, `image_l`, `image_ab`, `image_embedding`, plus `image_key` and `image_source`.
+`lab` (the original project's schema, the default): features `image_name`, `image_l`, `image_ab`,
+`image_embedding`, plus `image_key` and `image_source`. `compact`: `image_png` (the 299×299 RGB image,
+a PNG from `common.images.encode_png`) instead of `image_l` and `image_ab`; `common/dataset.py` gives
+the `lab` tensors of either.
 Serialized and framed by hand (crc32c from google-crc32c), without TensorFlow: building a
 `tf.train.Example` from float lists copies every value through Python objects, while this writes the
 float arrays' bytes as they are (`bench/records.py` measures both). Shard files are `common/shards.py`;
@@ -27,6 +30,8 @@ if google_crc32c.implementation != "c":
 
 EMBEDDING_SIZE = 1001
 KEY_FEATURE = b"image_key"
+PNG_FEATURE = b"image_png"  # in `compact` records only
+RECORD_FORMATS = ("lab", "compact")
 _MAX_RECORD = 1 << 31  # sanity cap on a record length read from an (already CRC-checked) header
 
 
@@ -193,6 +198,19 @@ def serialize_example(
     )
 
 
+def serialize_compact(name: bytes, key: bytes, source: bytes, png: bytes, embedding: np.ndarray) -> bytes:
+    """One `compact` record: the image as a PNG (not copied until the record is joined), the embedding."""
+    return serialize_features(
+        {
+            b"image_embedding": _float_feature(embedding),
+            b"image_key": _bytes_feature(bytes(key)),
+            b"image_name": _bytes_feature(bytes(name)),
+            PNG_FEATURE: _bytes_feature(png),
+            b"image_source": _bytes_feature(bytes(source)),
+        }
+    )
+
+
 # ---- protobuf wire format: reading one bytes feature ------------------------------------------
 
 
@@ -282,3 +300,12 @@ def example_bytes_feature(serialized: bytes, name: bytes) -> bytes:
 def example_key(serialized: bytes) -> bytes:
     """The `image_key` (md5 item key) of a serialized example."""
     return example_bytes_feature(serialized, KEY_FEATURE)
+
+
+def record_format(serialized: bytes) -> str:
+    """`compact` when the record holds an `image_png`, else `lab`."""
+    try:
+        feature_span(memoryview(serialized), PNG_FEATURE)
+    except KeyError:
+        return "lab"
+    return "compact"

@@ -127,6 +127,10 @@ class Settings(BaseSettings):
     examples_per_shard: int = Field(500, description="records per shard")
     shard_max_age: float = Field(600.0, description="seconds a shard stays open before it is finalized")
     compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
+    record_format: Literal["lab", "compact"] = Field(
+        "lab",
+        description="lab: the original schema (Lab floats); compact: the 299×299 image as a PNG + the embedding, ~7× smaller (common/dataset.py gives the same Lab tensors)",
+    )
 
     @field_validator(
         "chunk_size",

@@ -3,6 +3,7 @@ workers and the standalone steps (`koala download`, `resize`, `lab-batch`) call 
 
     item_bytes (fetch, or the submitted bytes) ─► pixels_of (decode, resize)
         ─► start_lab + infer (model, Lab) ─► record_of (one serialized example)
+    (`compact` records: no Lab; start_png + infer (model) ─► compact_record_of)
 
 `failure_of` names any exception raised on the way in the fleet's vocabulary of reasons.
 Nothing here knows about Celery, Redis or threads of its own.
@@ -68,6 +69,7 @@ class Model:
     embed_lab: EmbedLab | None  # None: Lab with numpy in the caller's threads
     device: str
     batch_size: int
+    lab: bool = True  # False: the records need no Lab channels (KOALA_RECORD_FORMAT=compact)
 
 
 class NullModel:
@@ -108,16 +110,20 @@ def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
     from common.embedder import CPU_BATCH_SIZE, Embedder, default_batch_size
     from common.lab_tf import lab_on_device_default
 
+    lab = settings.record_format == "lab"  # compact records: no Lab at all
     if settings.null_model and settings.null_lab:  # no TensorFlow at all
         log.warning("KOALA_NULL_MODEL=1, KOALA_NULL_LAB=1: zeros for the logits and Lab (benchmark only)")
         null = NullModel(settings.batch_size or CPU_BATCH_SIZE)
-        return Model(null.embed, null.zeros_lab, "nothing (null model, null Lab)", null.batch_size)
+        zeros_lab = null.zeros_lab if lab else None
+        return Model(null.embed, zeros_lab, "nothing (null model, null Lab)", null.batch_size, lab)
     batch_size = settings.batch_size or default_batch_size()
-    on_device = lab_on_device_default() if settings.lab_on_device is None else settings.lab_on_device
+    wanted = settings.lab_on_device
+    on_device = lab and (lab_on_device_default() if wanted is None else wanted)
     if settings.null_model:
         log.warning("KOALA_NULL_MODEL=1: the forward pass is replaced by zeros (benchmarks and tests only)")
         null = NullModel(batch_size)
-        return Model(null.embed, null.embed_lab if on_device else None, "nothing (null model)", batch_size)
+        device_lab = null.embed_lab if on_device else None
+        return Model(null.embed, device_lab, "nothing (null model)", batch_size, lab)
     if settings.null_lab:
         raise RuntimeError("KOALA_NULL_LAB=1 is for benchmarks, with KOALA_NULL_MODEL=1 only")
     checkpoint = checkpoint or settings.checkpoint
@@ -130,20 +136,29 @@ def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
         mixed_precision=settings.mixed_precision,
         xla=settings.xla,
     )
-    return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size)
+    return Model(embedder.embed, embedder.embed_lab if on_device else None, embedder.device, batch_size, lab)
 
 
 def start_lab(model: Model, pixels: np.ndarray, lab_size: int, pool: Executor) -> list[Future]:
-    """The CPU Lab channels of a batch, started on `pool` (none when the model computes them)."""
-    if model.embed_lab is not None:
+    """The CPU Lab channels of a batch, started on `pool` (none when the model computes them, or
+    when the records need none)."""
+    if model.embed_lab is not None or not model.lab:
         return []
     return [pool.submit(lab.lab_channels, px, lab_size) for px in pixels]
+
+
+def start_png(pixels: np.ndarray, pool: Executor) -> list[Future]:
+    """The PNGs of a batch's images for `compact` records (`images.encode_png`), started on `pool`."""
+    return [pool.submit(images.encode_png, px) for px in pixels]
 
 
 def infer(
     model: Model, pixels: np.ndarray, lab_size: int, labs: list[Future]
 ) -> tuple[np.ndarray, list, list]:
-    """(logits, L channels, ab channels) of a batch; `labs` from `start_lab` on the same pixels."""
+    """(logits, L channels, ab channels) of a batch; `labs` from `start_lab` on the same pixels
+    (no channels when the records need none)."""
+    if not model.lab:
+        return model.embed(pixels), [], []
     if model.embed_lab is not None:
         logits, l_channels, ab_channels = model.embed_lab(pixels, lab_size)
         return logits, list(l_channels), list(ab_channels)
@@ -162,5 +177,16 @@ def record_of(
         source=source.encode("utf-8", "surrogateescape"),
         l=l_channel,
         ab=ab,
+        embedding=embedding,
+    )
+
+
+def compact_record_of(name: str, key: str, source: str, png: bytes, embedding: np.ndarray) -> bytes:
+    """One serialized `compact` example (`records.serialize_compact`): the image's PNG, its embedding."""
+    return records.serialize_compact(
+        name=name.encode("utf-8", "surrogateescape"),
+        key=key.encode(),
+        source=source.encode("utf-8", "surrogateescape"),
+        png=png,
         embedding=embedding,
     )

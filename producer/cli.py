@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 from common.celery_app import make_app
 from common.failures import REASONS
+from common.records import RECORD_FORMATS
 from common.settings import Settings, get_settings
 from common.state import JobState
+from producer.convert import convert as convert_command
 from producer.progress import resend_when_stalled, snapshot, watch, with_rates
 from producer.steps import register as register_steps
 
@@ -224,6 +226,12 @@ def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path
 @click.option("--download-workers", type=int, default=2, help="download worker processes")
 @click.option("--flower", is_flag=True, help="also start Flower on http://localhost:5555")
 @click.option("--batch-size", type=int, default=None, help="images per model call")
+@click.option(
+    "--record-format",
+    type=click.Choice(RECORD_FORMATS),
+    default=None,
+    help="lab (the original schema) or compact (a PNG, ~7× smaller); default KOALA_RECORD_FORMAT",
+)
 def run(
     source: str,
     out_dir: Path,
@@ -231,6 +239,7 @@ def run(
     download_workers: int,
     flower: bool,
     batch_size: int | None,
+    record_format: str | None,
 ) -> None:
     """The whole job on this machine: embedded Redis, workers, submit, progress, summary."""
     from producer.run import RunError, run_job
@@ -243,6 +252,7 @@ def run(
             download_workers=download_workers,
             flower=flower,
             batch_size=batch_size,
+            record_format=record_format,
             echo=lambda m: click.echo(m, err=True),
         )
     except RunError as e:
@@ -303,6 +313,7 @@ def reset(yes: bool) -> None:
 
 
 register_steps(main)
+main.add_command(convert_command)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -20,6 +20,7 @@ import redis
 
 OFFICIAL_CHECKPOINT = "http://download.tensorflow.org/models/inception_resnet_v2_2016_08_30.tar.gz"
 RECORD_BYTES = {299: 1_077_000, 224: 610_000}  # uncompressed record: Lab floats + logits + names
+COMPACT_RECORD_BYTES = 160_000  # a compact record: PNG (~125-145 KB on photos) + logits + names
 _PR_SET_PDEATHSIG = 1
 
 
@@ -200,16 +201,18 @@ def count_items(source: str) -> int | None:
     return counts.items
 
 
-def disk_warning(out_dir: Path, items: int | None, lab_size: int) -> str | None:
+def disk_warning(out_dir: Path, items: int | None, lab_size: int, record_format: str = "lab") -> str | None:
     """A warning when the free disk looks too small for the job's records."""
     if not items:
         return None
-    need = items * RECORD_BYTES[lab_size]
+    need = items * (COMPACT_RECORD_BYTES if record_format == "compact" else RECORD_BYTES[lab_size])
     free = shutil.disk_usage(out_dir).free
     if need > free:
         return (
             f"warning: {items:,} records need about {need / 1e9:.1f} GB uncompressed, "
-            f"{free / 1e9:.1f} GB free in {out_dir} (KOALA_COMPRESSION=gzip saves some)"
+            f"{free / 1e9:.1f} GB free in {out_dir} ("
+            + ("--record-format compact needs ~7× less, " if record_format == "lab" else "")
+            + "KOALA_COMPRESSION=gzip saves some)"
         )
     return None
 
@@ -254,6 +257,7 @@ def run_job(
     flower: bool,
     batch_size: int | None,
     echo,
+    record_format: str | None = None,
 ) -> int:
     """The whole job; returns the exit code (0 done, 130 interrupted)."""
     from tqdm import tqdm
@@ -273,7 +277,8 @@ def run_job(
         ckpt = resolve_checkpoint(spec, settings.cache_dir)
     except CheckpointError as e:
         raise RunError(f"no usable Inception checkpoint: {e}") from None
-    warning = disk_warning(out_dir, count_items(source), settings.lab_size)
+    record_format = record_format or settings.record_format
+    warning = disk_warning(out_dir, count_items(source), settings.lab_size, record_format)
     if warning:
         echo(warning)
     embedded = None if "KOALA_BROKER_URL" in os.environ else EmbeddedRedis(out_dir).start()
@@ -283,6 +288,7 @@ def run_job(
         "KOALA_BROKER_URL": broker,
         "KOALA_OUTPUT_DIR": str(out_dir),
         "KOALA_CHECKPOINT": str(ckpt),
+        "KOALA_RECORD_FORMAT": record_format,
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     if batch_size:

@@ -32,7 +32,18 @@ from common.fetch import FetchError, make_session, policy_from_settings
 from common.settings import Settings, get_settings
 from common.shards import ShardWriter
 from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
-from common.stages import Model, failure_of, infer, item_bytes, load_model, pixels_of, record_of, start_lab
+from common.stages import (
+    Model,
+    compact_record_of,
+    failure_of,
+    infer,
+    item_bytes,
+    load_model,
+    pixels_of,
+    record_of,
+    start_lab,
+    start_png,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -429,11 +440,20 @@ class LabBatcher:
             return
         rgb = np.stack([px for _, px in kept])
         labs = start_lab(self.model, rgb, self.lab_size, pool)
+        pngs = [] if self.model.lab else start_png(rgb, pool)  # compact records
         logits, l_channels, ab_channels = infer(self.model, rgb, self.lab_size, labs)
-        serialized = [
-            record_of(img.name, img.key, img.source, l_channel, ab, embedding)
-            for (img, _), l_channel, ab, embedding in zip(kept, l_channels, ab_channels, logits, strict=True)
-        ]
+        if pngs:
+            serialized = [
+                compact_record_of(img.name, img.key, img.source, png.result(), embedding)
+                for (img, _), png, embedding in zip(kept, pngs, logits, strict=True)
+            ]
+        else:
+            serialized = [
+                record_of(img.name, img.key, img.source, l_channel, ab, embedding)
+                for (img, _), l_channel, ab, embedding in zip(
+                    kept, l_channels, ab_channels, logits, strict=True
+                )
+            ]
         append_exact(self.writer, serialized)
         self.written += len(serialized)
 
@@ -484,6 +504,12 @@ class LabBatcher:
     default=None,
     help="resize of images that are not 299×299 yet (default KOALA_RESIZE_MODE)",
 )
+@click.option(
+    "--record-format",
+    type=click.Choice(records.RECORD_FORMATS),
+    default=None,
+    help="lab (the original schema) or compact (a PNG, ~7× smaller); default KOALA_RECORD_FORMAT",
+)
 def lab_batch(
     checkpoint: str | None,
     src: Path,
@@ -492,6 +518,7 @@ def lab_batch(
     batch_size: int | None,
     lab_size: str | None,
     mode: str | None,
+    record_format: str | None,
 ) -> None:
     """Turn the images under SRC (originals, or 299×299 PNGs from `koala resize`) into TFRecord
     shards OUT/lab_images_standalone_<n>.tfrecord, records as the fleet writes them.
@@ -503,6 +530,8 @@ def lab_batch(
     settings = get_settings()
     if batch_size:
         settings = settings.model_copy(update={"batch_size": batch_size})
+    if record_format:
+        settings = settings.model_copy(update={"record_format": record_format})
     checkpoint = checkpoint or settings.checkpoint
     if not checkpoint and not settings.null_model:
         raise click.ClickException("no checkpoint: pass -c PATH|URL or set KOALA_CHECKPOINT")
@@ -531,8 +560,14 @@ def lab_batch(
 
 
 def record_images(serialized: bytes) -> tuple[str, np.ndarray, np.ndarray]:
-    """(name, greyscale L as RGB, colour rebuilt from Lab) of one record."""
+    """(name, greyscale L as RGB, colour rebuilt from Lab, or a compact record's image) of one record."""
     name = records.example_bytes_feature(serialized, b"image_name").decode(errors="replace")
+    if records.record_format(serialized) == "compact":
+        from producer.convert import rgb_of_png
+
+        rgb = rgb_of_png(records.example_bytes_feature(serialized, records.PNG_FEATURE))
+        l_channel, ab = lab.lab_channels(rgb, rgb.shape[0])
+        return name, lab.rgb_from_lab(l_channel, np.zeros_like(ab)), rgb
     l_flat = records.example_floats(serialized, b"image_l")
     side = math.isqrt(l_flat.size)
     if side * side != l_flat.size or side == 0:

@@ -100,6 +100,12 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     help="output folder of the shards (default KOALA_OUTPUT_DIR)",
 )
 @click.option("--examples-per-shard", type=int, default=None, help="records per shard")
+@click.option(
+    "--record-format",
+    type=click.Choice(["lab", "compact"]),
+    default=None,
+    help="lab (the original schema) or compact (a PNG, ~7× smaller); default KOALA_RECORD_FORMAT",
+)
 @click.option("--name", "-n", default=None, help="unique node name (default embed@<host>); names the shards")
 @click.option("--loglevel", "-l", default="INFO")
 def embed(
@@ -107,6 +113,7 @@ def embed(
     checkpoint: str | None,
     out_dir: str | None,
     examples_per_shard: int | None,
+    record_format: str | None,
     name: str | None,
     loglevel: str,
 ) -> None:
@@ -116,6 +123,7 @@ def embed(
         "KOALA_CHECKPOINT": checkpoint,
         "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
         "KOALA_EXAMPLES_PER_SHARD": examples_per_shard,
+        "KOALA_RECORD_FORMAT": record_format,
     }
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter

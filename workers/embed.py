@@ -30,7 +30,7 @@ from common.messages import EmbedImage
 from common.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
 from common.settings import Settings
 from common.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
-from common.stages import Model, infer, load_model, record_of, start_lab
+from common.stages import Model, compact_record_of, infer, load_model, record_of, start_lab, start_png
 from common.state import DOWNLOADED, SUBMITTED, JobState
 
 log = logging.getLogger("koala.embed")
@@ -71,6 +71,7 @@ class Batch:
     logits: np.ndarray | list = field(default_factory=list)  # per image of `todo`, once inferred
     l_channels: list = field(default_factory=list)
     ab_channels: list = field(default_factory=list)
+    pngs: list[Future] = field(default_factory=list)  # compact records: each image's PNG
     written: int = 0
     received: float = field(default_factory=time.monotonic)
 
@@ -117,9 +118,11 @@ class EmbedStage:
         batch.labs = start_lab(self.model, batch.pixels, self.settings.lab_size, self.lab_pool)
 
     def infer(self, batch: Batch) -> None:
-        """The embeddings (and Lab channels) of a prepared batch."""
+        """The embeddings (and Lab channels, or for compact records the PNGs) of a prepared batch."""
         if batch.pixels is None:
             return
+        if not self.model.lab:  # encoded on the pool while the model runs
+            batch.pngs = start_png(batch.pixels, self.lab_pool)
         batch.logits, batch.l_channels, batch.ab_channels = infer(
             self.model, batch.pixels, self.settings.lab_size, batch.labs
         )
@@ -130,19 +133,26 @@ class EmbedStage:
         """Write the records of inferred batches with one append (one fsync) and one claim; sets
         each batch's `written`. Records another shard claimed first are left out."""
         todo = [b for b in batches if b.todo and len(b.logits)]
-        serialized = []
-        for b in todo:
-            for p, l_channel, ab, embedding in zip(
-                b.todo, b.l_channels, b.ab_channels, b.logits, strict=True
-            ):
-                source = str(p.get("source") or "")
-                serialized.append(record_of(str(p["name"]), p["key"], source, l_channel, ab, embedding))
+        serialized = [record for b in todo for record in self._records(b)]
         if not serialized:
             return
         claimed = self._write([p for b in todo for p in b.todo], serialized)
         for b in todo:
             b.written, claimed = sum(claimed[: len(b.todo)]), claimed[len(b.todo) :]
-            b.logits, b.l_channels, b.ab_channels = [], [], []
+            b.logits, b.l_channels, b.ab_channels, b.pngs = [], [], [], []
+
+    def _records(self, b: Batch) -> list[bytes]:
+        """The serialized records of an inferred batch, in the settings' record format."""
+        names = [(str(p["name"]), p["key"], str(p.get("source") or "")) for p in b.todo]
+        if not self.model.lab:
+            return [
+                compact_record_of(*n, png.result(), embedding)
+                for n, png, embedding in zip(names, b.pngs, b.logits, strict=True)
+            ]
+        return [
+            record_of(*n, l_channel, ab, embedding)
+            for n, l_channel, ab, embedding in zip(names, b.l_channels, b.ab_channels, b.logits, strict=True)
+        ]
 
     def _pixels(self, payload: EmbedImage) -> np.ndarray | None:
         """The image of a payload, or None after recording why it is unusable."""
