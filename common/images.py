@@ -4,8 +4,10 @@ JPEG (RGB or grey) is decoded by simplejpeg (libjpeg-turbo) at 1/2, 1/4 or 1/8 s
 cykooz.resizer's SIMD Lanczos-3; every other image, and any JPEG simplejpeg refuses, by Pillow.
 Without those wheels Pillow does it all. No Celery, Redis or TensorFlow here. Every failure to
 decode is an `ImageError` whose `reason` comes from the project's closed vocabulary: not_an_image,
-truncated, too_many_pixels. Icon files (ICO, CUR, ICNS) are refused as not_an_image before any
-decoding. Pillow's peak memory is at most 8 bytes per source pixel plus a few MB (see _to_rgb).
+truncated, too_many_pixels, too_many_scans (a JPEG's scans are counted from its markers before
+decoding: each costs a pass over the whole picture). Icon files (ICO, CUR, ICNS) are refused as
+not_an_image before any decoding. Pillow's peak memory is at most 8 bytes per source pixel plus a
+few MB (see _to_rgb).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -40,6 +43,16 @@ Image.MAX_IMAGE_PIXELS = None
 
 RESIZE_MODES = ("contain", "crop", "stretch")
 DEFAULT_MAX_PIXELS = 89_478_485
+# Scans a JPEG may have (KOALA_MAX_JPEG_SCANS). Encoders write 1 (baseline) to about 10
+# (progressive: Pillow/libjpeg 10, mozjpeg up to ~15); libjpeg-turbo's own tools cap at 500. Each
+# scan costs a pass over the whole picture: 100 scans of an 8000x8000 picture decode in ~1 s here,
+# while 10,000 crafted empty scans (120 KB) took ~100 s.
+DEFAULT_MAX_JPEG_SCANS = 100
+_MAX_JPEG_SEGMENTS = 65_536  # marker segments walked before a JPEG is refused (a real one has < 100)
+# In entropy-coded data, the next marker: 0xFF followed by neither a stuffed 0x00, a restart
+# marker (RST0-7, part of the data) nor another 0xFF (fill).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})  # TEM, SOI, RST0-7: no length
 WHITE = (255, 255, 255)
 LANCZOS = Image.Resampling.LANCZOS
 
@@ -134,7 +147,7 @@ def _icon(data: bytes) -> str | None:
     return kind if all(end <= offset < len(data) for offset in offsets) else None
 
 
-def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
+def _open(data: bytes, max_pixels: int, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> ImageFile.ImageFile:
     if Image.MAX_IMAGE_PIXELS is not None:  # someone restored Pillow's limit: ours applies
         Image.MAX_IMAGE_PIXELS = None
     icon = _icon(data)
@@ -158,7 +171,53 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
         raise ImageError("too_many_pixels", f"{w}x{h} = {w * h} pixels > {max_pixels}")
     if w < 1 or h < 1:
         raise ImageError("not_an_image", f"empty image {w}x{h}")
+    if img.format in ("JPEG", "MPO"):
+        _check_scans(data, max_scans)
     return img
+
+
+def _check_scans(data: bytes, max_scans: int) -> None:
+    """Refuse a JPEG of more than `max_scans` scans before decoding: libjpeg reads every scan over
+    the whole picture, so a few bytes per scan cost seconds each at a large declared size."""
+    scans = jpeg_scans(data, max_scans)
+    if scans < 0:
+        raise ImageError("too_many_scans", f"more than {_MAX_JPEG_SEGMENTS} marker segments")
+    if scans > max_scans:
+        raise ImageError("too_many_scans", f"more than {max_scans} scans (KOALA_MAX_JPEG_SCANS)")
+
+
+def jpeg_scans(data: bytes, stop_after: int = DEFAULT_MAX_JPEG_SCANS) -> int:
+    """The scans (SOS markers) of a JPEG's first image, counted by walking its marker segments
+    from SOI to EOI and searching past each scan's entropy-coded data; counting stops at
+    `stop_after` + 1. -1 when the file holds more than _MAX_JPEG_SEGMENTS segments (so that the
+    walk itself stays cheap: a few ms). A SOS inside another segment (an EXIF thumbnail) is not
+    counted; what libjpeg would call corrupt is walked as it skips it (to the next marker)."""
+    pos, scans, segments, end = 2, 0, 0, len(data)
+    while pos + 1 < end and scans <= stop_after:
+        segments += 1
+        if segments > _MAX_JPEG_SEGMENTS:
+            return -1
+        if data[pos] != 0xFF:  # garbage between segments: libjpeg skips to the next marker
+            found = _JPEG_NEXT_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker == 0xD9:  # EOI: the end of the first image
+            break
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            if marker == 0xDA:  # SOS: its header, then entropy-coded data up to the next marker
+                scans += 1
+                found = _JPEG_NEXT_MARKER.search(data, pos)
+                if found is None:
+                    break
+                pos = found.start()
+    return scans
 
 
 def _orientation(img: Image.Image) -> int:
@@ -310,13 +369,15 @@ def decode(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     draft_for: tuple[int, int] | None = None,
     mode: str = "contain",
+    max_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> Image.Image:
     """Decode bytes to an 8-bit RGB Pillow image (first frame, EXIF applied, alpha on white);
     draft_for=(W,H) allows JPEG draft decoding for that target."""
     _check_mode(mode)
     try:
         data = bytes(data)
-        rgb, orientation, _, _ = _decode_stored(data, _open(data, max_pixels), max_pixels, draft_for, mode)
+        img = _open(data, max_pixels, max_scans)
+        rgb, orientation, _, _ = _decode_stored(data, img, max_pixels, draft_for, mode)
     except (ImageError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -351,20 +412,22 @@ def load_rgb(
     size: tuple[int, int] = (299, 299),
     mode: str = "contain",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_scans: int = DEFAULT_MAX_JPEG_SCANS,
 ) -> np.ndarray:
     """Bytes to uint8 [H, W, 3]: DCT-scaled decode (simplejpeg for JPEG, else Pillow), then Lanczos-3
-    from the exact source box, geometry from the original size. Raises ImageError."""
+    from the exact source box, geometry from the original size. Raises ImageError (pixels over
+    `max_pixels`, a JPEG of more than `max_scans` scans: refused before decoding)."""
     _check_mode(mode)
     try:
-        return _load_rgb(bytes(data), size, mode, max_pixels)
+        return _load_rgb(bytes(data), size, mode, max_pixels, max_scans)
     except (ImageError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
         raise ImageError("not_an_image", f"{type(e).__name__}: {e}") from e
 
 
-def _load_rgb(data: bytes, size: tuple[int, int], mode: str, max_pixels: int) -> np.ndarray:
-    img = _open(data, max_pixels)  # header only: format, size, EXIF; max_pixels checked before decoding
+def _load_rgb(data: bytes, size: tuple[int, int], mode: str, max_pixels: int, max_scans: int) -> np.ndarray:
+    img = _open(data, max_pixels, max_scans)  # header only (and a JPEG's scans counted): nothing decoded
     if simplejpeg is not None and img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L"):
         orientation = _orientation(img)
         scale = _dct_scale(img.size, _need(img.size, orientation, size, mode))
@@ -503,6 +566,9 @@ def _simd_lanczos(pixels: np.ndarray, box: Box, size: tuple[int, int]) -> np.nda
 _TAG_UP_ZSTD = b"Z"
 _TAG_UP_ZLIB = b"U"
 _HEADER = struct.Struct(">HH")
+# Largest image a payload may declare when no exact size is expected: the header allows 65535 x
+# 65535 (12.9 GB decoded), far beyond any image size the fleet sends.
+MAX_PAYLOAD_PIXELS = 4096 * 4096
 _ZSTD = threading.local()  # zstandard (de)compressors are not safe to share between threads
 
 
@@ -524,13 +590,25 @@ def encode_pixels(arr: np.ndarray) -> bytes:
     return _TAG_UP_ZSTD + _HEADER.pack(h, w) + _zstd()[0].compress(delta.data)
 
 
-def decode_pixels(data: bytes) -> np.ndarray:
-    """Exact inverse of encode_pixels; ValueError on a corrupt or unknown payload."""
+class PayloadSizeError(ValueError):
+    """A pixel payload whose header declares a size other than the one expected (or too large)."""
+
+
+def decode_pixels(
+    data: bytes, size: tuple[int, int] | None = None, max_pixels: int = MAX_PAYLOAD_PIXELS
+) -> np.ndarray:
+    """Exact inverse of encode_pixels; ValueError on a corrupt or unknown payload. The size its
+    header declares is checked before anything is decompressed: it must be `size` (width, height)
+    when given, and at most `max_pixels` (PayloadSizeError, a ValueError)."""
     data = bytes(data)
     tag = data[:1]
     if len(data) < 1 + _HEADER.size or tag not in (_TAG_UP_ZSTD, _TAG_UP_ZLIB):
         raise ValueError(f"unknown pixel payload (starts with {data[:8]!r})")
     h, w = _HEADER.unpack_from(data, 1)
+    if size is not None and (w, h) != tuple(size):
+        raise PayloadSizeError(f"the image is {w}x{h}, not {size[0]}x{size[1]}")
+    if h * w > max_pixels:
+        raise PayloadSizeError(f"the payload declares {w}x{h} = {w * h} pixels > {max_pixels}")
     expected = h * w * 3
     body = data[1 + _HEADER.size :]
     raw = _unzstd(body, expected) if tag == _TAG_UP_ZSTD else _unzlib(body, expected)

@@ -58,7 +58,13 @@ def pixels_of(
     """The uint8 RGB pixels the fleet embeds: decoded, oriented, resized (default: the settings'
     299×299 and resize mode). Raises ImageError for what the fleet refuses."""
     size = size or (settings.image_size, settings.image_size)
-    return images.load_rgb(data, size=size, mode=mode or settings.resize_mode, max_pixels=settings.max_pixels)
+    return images.load_rgb(
+        data,
+        size=size,
+        mode=mode or settings.resize_mode,
+        max_pixels=settings.max_pixels,
+        max_scans=settings.max_jpeg_scans,
+    )
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Large and hostile images built cheaply (PNG chunks written by hand, rows streamed through zlib),
-and a peak-memory probe that decodes in a fresh subprocess."""
+"""Large and hostile images built cheaply (PNG chunks written by hand, rows streamed through zlib,
+JPEG marker segments), and a peak-memory probe that decodes in a fresh subprocess."""
 
 from __future__ import annotations
 
@@ -83,6 +83,33 @@ def icns(frame: bytes) -> bytes:
     """An ICNS whose ic10 entry (512x512@2 by its type) holds `frame`."""
     entry = b"ic10" + struct.pack(">I", 8 + len(frame)) + frame
     return b"icns" + struct.pack(">I", 8 + len(entry)) + entry
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes((0xFF, marker)) + struct.pack(">H", len(body) + 2) + body
+
+
+def many_scan_jpeg(scans: int = 10_000, width: int = 8000, height: int = 8000) -> bytes:
+    """A greyscale progressive JPEG of `scans` scans over a large declared size, a few bytes each
+    (the denial of service libjpeg-turbo documents: every scan is a pass over every block).
+
+    One quantization table, two one-symbol Huffman tables (DC: difference 0; AC: an end-of-band
+    run), a DC scan, then AC scans repeating bands 1-63 whose two data bytes leave the rest to
+    libjpeg's zero fill. 10,000 scans = 120 KB; Pillow decodes it (a grey picture) in minutes."""
+    dc_first = _segment(0xDA, bytes((1, 1, 0x00, 0, 0, 0))) + b"\0\0"
+    ac_band = _segment(0xDA, bytes((1, 1, 0x00, 1, 63, 0))) + b"\0\0"
+    return b"".join(
+        [
+            b"\xff\xd8",
+            _segment(0xDB, b"\x00" + bytes([1] * 64)),
+            _segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + bytes((1, 0x11, 0))),
+            _segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00"),
+            _segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + b"\xe0"),
+            dc_first,
+            ac_band * (scans - 1),
+            b"\xff\xd9",
+        ]
+    )
 
 
 def decode_peak(data: bytes, directory: Path) -> dict:

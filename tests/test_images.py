@@ -529,6 +529,70 @@ def test_bomb_is_refused_before_decoding():
     assert time.perf_counter() - start < 0.5
 
 
+def test_a_jpeg_of_many_scans_is_refused_before_decoding():
+    # 10,000 empty scans over 8000x8000 (120 KB): ~100 s of libjpeg before the scans were counted
+    data = hostile.many_scan_jpeg(10_000)
+    assert len(data) < 200_000
+    for call in (lambda: img.load_rgb(data), lambda: img.decode(data)):
+        with pytest.raises(img.ImageError) as info:
+            call()
+        assert info.value.reason == "too_many_scans"
+        assert "more than 100 scans" in info.value.detail
+
+
+def test_the_scan_limit_is_a_parameter_and_a_setting():
+    from common.settings import Settings
+    from common.stages import pixels_of
+
+    data = hostile.many_scan_jpeg(6, 64, 48)
+    assert img.load_rgb(data, max_scans=6).shape == (299, 299, 3)
+    with pytest.raises(img.ImageError, match="more than 5 scans"):
+        img.load_rgb(data, max_scans=5)
+    with pytest.raises(img.ImageError, match="more than 5 scans"):
+        img.decode(data, max_scans=5)
+    assert pixels_of(data, Settings(max_jpeg_scans=6)).shape == (299, 299, 3)
+    with pytest.raises(img.ImageError, match="KOALA_MAX_JPEG_SCANS"):
+        pixels_of(data, Settings(max_jpeg_scans=5))
+
+
+def _jpeg_with_thumbnail() -> bytes:
+    """A progressive JPEG whose EXIF block holds a JPEG thumbnail (with its own scan)."""
+    thumb = io.BytesIO()
+    Image.fromarray(corpus.photo(32, 24, 36)).save(thumb, "JPEG", quality=80)
+    exif = Image.Exif()
+    exif[0x010E] = "a description"  # a text tag, so the thumbnail bytes sit inside APP1
+    app1_body = b"Exif\0\0" + exif.tobytes() + thumb.getvalue()
+    app1 = b"\xff\xe1" + struct.pack(">H", len(app1_body) + 2) + app1_body
+    out = io.BytesIO()
+    Image.fromarray(corpus.photo(320, 240, 37)).save(out, "JPEG", quality=90, progressive=True)
+    return out.getvalue()[:2] + app1 + out.getvalue()[2:]
+
+
+def test_jpeg_scans_counts_the_first_image_s_scans_only():
+    assert img.jpeg_scans(GOOD["jpeg_rgb"]) == 1
+    assert img.jpeg_scans(GOOD["jpeg_progressive"]) == 10  # Pillow's progressive script
+    data = _jpeg_with_thumbnail()
+    assert data.count(b"\xff\xda") == 11 and img.jpeg_scans(data) == 10  # not the thumbnail's
+    assert img.load_rgb(data, max_scans=10).shape == (299, 299, 3)
+    # restart markers and stuffed 0xFF bytes inside a scan's data are not markers
+    restarts = io.BytesIO()
+    Image.fromarray(corpus.photo(64, 64, 38)).save(restarts, "JPEG", quality=100, restart_marker_blocks=1)
+    assert any(restarts.getvalue().count(bytes((0xFF, m))) for m in range(0xD0, 0xD8))
+    assert img.jpeg_scans(restarts.getvalue()) == 1
+    # counting stops past the limit; a cut file counts what it has
+    assert img.jpeg_scans(hostile.many_scan_jpeg(1000), stop_after=50) == 51
+    assert img.jpeg_scans(hostile.many_scan_jpeg(40)[:-300]) < 40
+
+
+def test_a_jpeg_of_too_many_marker_segments_is_refused_without_a_long_walk():
+    comments = b"\xff\xfe\x00\x02" * 70_000  # empty COM segments: cheap for libjpeg, not for a Python loop
+    data = GOOD["jpeg_rgb"][:2] + comments + GOOD["jpeg_rgb"][2:]
+    assert img.jpeg_scans(data) == -1
+    with pytest.raises(img.ImageError, match="marker segments") as info:
+        img.load_rgb(data)
+    assert info.value.reason == "too_many_scans"
+
+
 def _bmp_icon(kind: int) -> bytes:
     """A real 32x32 ICO (kind 1) or CUR (kind 2) with a BMP frame, as Pillow writes icons."""
     buf = io.BytesIO()
@@ -732,6 +796,37 @@ def _corrupt_payloads() -> dict[str, bytes]:
 def test_corrupt_pixel_payload_is_a_value_error(name: str):
     with pytest.raises(ValueError):
         img.decode_pixels(_corrupt_payloads()[name])
+
+
+def _huge_payload(tag: bytes = b"Z") -> bytes:
+    """A payload whose header (and zstd frame) declares 65535x65535: 12.9 GB once decompressed."""
+    size = 65535 * 65535 * 3
+    frame = b"\x28\xb5\x2f\xfd\xe0" + size.to_bytes(8, "little") + b"\x01\x00\x00"  # one empty block
+    return tag + struct.pack(">HH", 65535, 65535) + (frame if tag == b"Z" else zlib.compress(b""))
+
+
+@pytest.mark.parametrize("tag", [b"Z", b"U"])
+def test_a_payload_declaring_a_huge_size_is_refused_before_anything_is_allocated(tag: bytes):
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(img.PayloadSizeError, match="65535x65535"):
+            img.decode_pixels(_huge_payload(tag))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # the old decoder allocated the 12.9 GB its header declared
+
+
+def test_a_payload_of_another_size_than_expected_is_refused_before_decompressing():
+    arr = corpus.photo(40, 30, 33)  # 40 wide, 30 high
+    np.testing.assert_array_equal(img.decode_pixels(img.encode_pixels(arr), (40, 30)), arr)
+    with pytest.raises(img.PayloadSizeError, match="40x30, not 30x40"):
+        img.decode_pixels(img.encode_pixels(arr), (30, 40))
+    with pytest.raises(img.PayloadSizeError):
+        img.decode_pixels(img.encode_pixels(arr), max_pixels=40 * 30 - 1)
+    assert issubclass(img.PayloadSizeError, ValueError)
 
 
 def _zlib_payload(arr: np.ndarray) -> bytes:
