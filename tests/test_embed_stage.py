@@ -120,3 +120,28 @@ def test_a_chunk_with_images_already_written_elsewhere_writes_only_the_others(tm
     s.close()
     assert names_in(tmp_path) == sorted(p["key"] for i, p in enumerate(chunk) if i not in (1, 4))
     assert state.counts()["written"] == 6 and state.counts()["pending"] == 0
+
+
+def test_images_of_another_size_or_a_forged_size_fail_alone_and_the_batch_goes_on(tmp_path, state):
+    import struct
+
+    import numpy as np
+
+    from common import images
+
+    good = [payload(i) for i in range(3)]
+    other = payload(3) | {"pixels": images.encode_pixels(np.zeros((224, 224, 3), np.uint8))}
+    frame = b"\x28\xb5\x2f\xfd\xe0" + (65535 * 65535 * 3).to_bytes(8, "little") + b"\x01\x00\x00"
+    forged = payload(4) | {"pixels": b"Z" + struct.pack(">HH", 65535, 65535) + frame}  # 12.9 GB declared
+    corrupt = payload(5) | {"pixels": payload(5)["pixels"][:-20]}
+    batch = [good[0], other, good[1], forged, corrupt, good[2]]
+    register(state, batch)
+    s = stage(tmp_path, state, "a")
+    assert s.process(batch) == 3
+    s.close()
+    assert names_in(tmp_path) == sorted(p["key"] for p in good)
+    reasons = {f["key"]: (f["reason"], f["detail"]) for f in state.failures()}
+    assert reasons[other["key"]][0] == "wrong_size" and "224x224, not 299x299" in reasons[other["key"]][1]
+    assert reasons[forged["key"]][0] == "wrong_size" and "65535x65535" in reasons[forged["key"]][1]
+    assert reasons[corrupt["key"]][0] == "internal_error"
+    assert state.counts()["written"] == 3 and state.counts()["failed"] == 3 and state.counts()["pending"] == 0

@@ -155,12 +155,21 @@ class EmbedStage:
         ]
 
     def _pixels(self, payload: EmbedImage) -> np.ndarray | None:
-        """The image of a payload, or None after recording why it is unusable."""
+        """The image of a payload at the model's size, or None after recording why it is unusable:
+        whatever goes wrong with one image is that image's failure, never the batch's. The size its
+        header declares is checked before anything is decompressed."""
+        side = self.settings.image_size
         try:
-            return images.decode_pixels(payload["pixels"])
+            return images.decode_pixels(payload["pixels"], (side, side))
+        except images.PayloadSizeError as e:
+            hint = "a download worker with another KOALA_IMAGE_SIZE?"
+            self.fail(payload, "wrong_size", f"{e}: this embed worker takes {side}x{side} ({hint})")
         except (ValueError, KeyError, TypeError) as e:
             self.fail(payload, "internal_error", f"unreadable image payload: {e}")
-            return None
+        except Exception as e:  # MemoryError included: a bug or a forged payload, still one image's
+            log.exception("cannot decode the payload of %s", payload.get("key"))
+            self.fail(payload, "internal_error", f"image payload: {type(e).__name__}: {e}"[:300])
+        return None
 
     def _write(self, payloads: list[EmbedImage], serialized: list[bytes]) -> list[bool]:
         """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
