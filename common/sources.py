@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +30,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CORRUPT_ERRORS",
+    "FileTooLarge",
     "MAX_LINE_BYTES",
     "MAX_URL_CHARS",
     "READ_ERRORS",
     "Kind",
     "ListBroken",
+    "NotRegularFile",
     "ParseCounts",
     "SourceError",
     "UrlItem",
@@ -43,7 +46,9 @@ __all__ = [
     "iter_items",
     "key_of",
     "open_list",
+    "open_regular",
     "parse_line",
+    "read_regular",
     "url_problem",
 ]
 
@@ -318,10 +323,65 @@ def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator
             yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+class NotRegularFile(OSError):
+    """A path that is not a regular file (a FIFO, a device, a socket, a folder, or a link to one)."""
+
+
+def _not_regular(path: str | Path, mode: int) -> NotRegularFile:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return NotRegularFile(f"{path} is {kind}, not a regular file")
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """Open a regular file for reading (binary), or raise NotRegularFile without blocking: a FIFO
+    or a device (also behind a symlink) is refused by its stat before any open, and the opened
+    descriptor is checked again (O_NONBLOCK: a FIFO put in its place meanwhile does not block the
+    open). Other failures raise their OSError."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class FileTooLarge(ValueError):
+    """A file over the byte limit."""
+
+
+def read_regular(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (FileTooLarge past it, also when it grows
+    while read); never blocks on, or reads without end from, a FIFO or a device (NotRegularFile)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise FileTooLarge(f"{size} bytes exceeds {max_bytes}")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(f"more than {max_bytes} bytes (the file grew while it was read)")
+    return data
+
+
 @contextmanager
 def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
     """A binary stream of a URL list: local file (gzip by extension) or http(s) URL (gzip when
-    the body, once its Content-Encoding is undone, starts as gzip does)."""
+    the body, once its Content-Encoding is undone, starts as gzip does). A local source must be
+    a regular file (SourceError otherwise: /dev/zero would be read without end, a FIFO block)."""
     if is_url(source):
         from common.fetch import open_stream, policy_from_settings  # fetch imports url_problem from here
 
@@ -335,9 +395,14 @@ def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
                 return
             with gzip.GzipFile(fileobj=stream) as unzipped:
                 yield unzipped  # type: ignore[misc]  # a binary stream; typeshed's GzipFile is no BinaryIO
-    elif source.endswith(".gz"):
-        with gzip.open(source, "rb") as f:
-            yield f  # type: ignore[misc]  # as above
-    else:
-        with open(source, "rb") as f:
+        return
+    try:
+        f = open_regular(source)
+    except NotRegularFile as e:
+        raise SourceError(f"{e}: a URL list is a file (.gz too) or an http(s) URL") from None
+    with f:
+        if source.endswith(".gz"):
+            with gzip.GzipFile(fileobj=f, mode="rb") as unzipped:
+                yield unzipped  # type: ignore[misc]  # as above
+        else:
             yield f

@@ -7,6 +7,7 @@ journal entry; the next `koala submit` (any source) sends the entry's still-pend
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -22,11 +23,13 @@ from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.failures import Failure, append_failure_log
 from common.fetch import FetchError
 from common.messages import ChunkItem
-from common.retries import call_retrying, retry_on_broker
+from common.retries import BROKER_ERRORS, call_retrying, retry_on_broker
 from common.settings import Settings
 from common.sources import (
     READ_ERRORS,
+    FileTooLarge,
     ListBroken,
+    NotRegularFile,
     ParseCounts,
     SourceError,
     UrlItem,
@@ -34,9 +37,12 @@ from common.sources import (
     iter_folder,
     iter_items,
     open_list,
+    read_regular,
     url_problem,
 )
 from common.state import JobState, Registered, room_for
+
+log = logging.getLogger("koala.submit")
 
 
 @dataclass
@@ -82,17 +88,48 @@ class Submitter:
         self._room = 0  # messages we may still send before looking at the queue again
 
     def recover_orphans(self) -> None:
-        """Send the pending items of chunks that a killed producer journaled but never sent."""
+        """Send the pending items of chunks that a killed producer journaled but never sent. An
+        entry that cannot be recovered is logged, its pending items failed (when it can be read),
+        and dropped: it never blocks the others, nor later submits."""
         for field, packed in retry_on_broker(self.state.orphaned_chunks)():
-            retry_on_broker(self._recover_chunk)(field, packed)
+            try:
+                retry_on_broker(self._recover_chunk)(field, packed)
+            except Exception as e:
+                detail = f"its journaled chunk could not be recovered: {type(e).__name__}: {e}"[:300]
+                log.error("journal entry %s: %s; dropped", field, detail)
+                retry_on_broker(self._fail_entry)(packed, detail)
+                retry_on_broker(self.state.drop_orphan)(field)
 
     def _recover_chunk(self, field: str, packed: bytes) -> None:
         items = msgpack.unpackb(packed, raw=False)
         states = self.state.states([i["k"] for i in items])
         pending = [i for i, s in zip(items, states, strict=True) if s in (b"s", b"d")]
-        self._send([i for i in pending if not self._failed_early(i)])
+        self._send([i for i in pending if not self._failed_early_alone(i)])
         self.report.recovered += len(pending)
         self.state.drop_orphan(field)
+
+    def _failed_early_alone(self, item: ChunkItem) -> bool:
+        """`_failed_early` of a journaled item, whatever it holds: an item whose check raises is
+        failed (internal_error) instead of stopping the recovery of the others."""
+        try:
+            return self._failed_early(item)
+        except BROKER_ERRORS:
+            raise
+        except Exception as e:
+            self._fail(item, "internal_error", f"journaled item: {type(e).__name__}: {e}"[:300])
+            return True
+
+    def _fail_entry(self, packed: bytes, detail: str) -> None:
+        """Fail the still-pending items of a journal entry that could not be recovered, as far as
+        it can be read (an unreadable entry has nothing to fail)."""
+        try:
+            items = [i for i in msgpack.unpackb(packed, raw=False) if isinstance(i.get("k"), str)]
+        except Exception:
+            return
+        states = self.state.states([i["k"] for i in items])
+        for item, s in zip(items, states, strict=True):
+            if s in (b"s", b"d"):
+                self._fail(item, "internal_error", detail)
 
     def submit_urls(self, stream: BinaryIO, skip: int = 0, count: int | None = None) -> None:
         """Submit every item of a URL-list stream. When the stream breaks part way, the items read
@@ -203,16 +240,18 @@ class Submitter:
         return problem is not None
 
     def _problem(self, item: ChunkItem) -> tuple[str, str] | None:
-        """Why an item can't go to the workers (bad URL, unreadable or oversized file), or None."""
+        """Why an item can't go to the workers (bad URL, unreadable, oversized or not a regular
+        file), or None. A file is read only when regular, at most KOALA_MAX_BYTES of it: a FIFO
+        or a device (/dev/zero) never blocks nor fills the producer."""
         if "u" in item:
             return url_problem(item["u"])
         path = item.pop("_path")  # the file's bytes go in the message, not its local path
         try:
-            size = os.path.getsize(path)
-            if size > self.settings.max_bytes:
-                return "too_large", f"{size} bytes exceeds {self.settings.max_bytes}"
-            with open(path, "rb") as f:
-                item["b"] = f.read()
+            item["b"] = read_regular(path, self.settings.max_bytes)
+        except NotRegularFile as e:
+            return "not_a_regular_file", str(e)
+        except FileTooLarge as e:
+            return "too_large", str(e)
         except OSError as e:
             return "io_error", f"cannot read {path}: {e.strerror or e}"
         return None

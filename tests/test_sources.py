@@ -4,20 +4,32 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common.settings import Settings
 from common.sources import (
     MAX_LINE_BYTES,
     MAX_URL_CHARS,
+    FileTooLarge,
+    NotRegularFile,
     ParseCounts,
+    SourceError,
     UrlItem,
     iter_items,
     key_of,
+    open_list,
+    open_regular,
     parse_line,
+    read_regular,
     url_problem,
 )
 
@@ -443,3 +455,92 @@ def _stream(blob: bytes) -> BinaryIO:
 @given(BLOBS)
 def test_iter_items_on_a_buffered_reader(blob: bytes) -> None:
     assert list(iter_items(_stream(blob))) == list(iter_items(io.BytesIO(blob)))
+
+
+# --- local files: regular files only, read within bounds --------------------------------------
+
+
+def _returns(call: Callable[[], object]) -> object:
+    """call() on a thread, failing the test instead of hanging when it blocks (on a FIFO)."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:
+            result.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)  # a guard against a hang, not a speed: each call here takes microseconds
+    assert result, "blocked"
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+@pytest.fixture
+def specials(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO without a writer, a symlink to /dev/zero, a socket, a folder, a regular file and a
+    symlink to it."""
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_bytes(b"12345")
+    (tmp_path / "link").symlink_to(tmp_path / "file")
+    yield {name: tmp_path / name for name in ("fifo", "zero", "sock", "dir", "file", "link")}
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("fifo", "a FIFO"), ("zero", "a character device"), ("sock", "a socket"), ("dir", "a folder")],
+)
+def test_only_regular_files_are_opened(specials: dict[str, Path], name: str, kind: str) -> None:
+    with pytest.raises(NotRegularFile, match=f"is {kind}.*, not a regular file"):
+        _returns(lambda: open_regular(specials[name]))
+    with pytest.raises(NotRegularFile):
+        _returns(lambda: read_regular(specials[name], 100))
+    assert _returns(lambda: read_regular(specials["link"], 100)) == b"12345"  # a link to a file is fine
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_block(
+    specials: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    regular = os.stat(specials["file"])
+    monkeypatch.setattr("common.sources.os.stat", lambda path: regular)  # "it was a file a moment ago"
+    with pytest.raises(NotRegularFile, match="FIFO"):
+        _returns(lambda: open_regular(specials["fifo"]))
+
+
+def test_read_regular_is_bounded(specials: dict[str, Path]) -> None:
+    assert read_regular(specials["file"], 5) == b"12345"
+    with pytest.raises(FileTooLarge, match="5 bytes exceeds 4"):
+        read_regular(specials["file"], 4)
+    with pytest.raises(FileNotFoundError):
+        read_regular(specials["dir"] / "missing", 4)
+
+
+@pytest.mark.parametrize("name", ["fifo", "zero", "sock"])
+def test_a_url_list_must_be_a_regular_file(specials: dict[str, Path], name: str) -> None:
+    def read() -> None:
+        with open_list(str(specials[name]), Settings()) as stream:
+            stream.read(1)
+
+    with pytest.raises(SourceError, match="not a regular file: a URL list is a file"):
+        _returns(read)
+    for source in ("/dev/zero", "/dev/null"):
+        with pytest.raises(SourceError, match="character device"):
+            _returns(lambda source=source: open_list(source, Settings()).__enter__())
+
+
+def test_a_url_list_file_and_its_gzip_still_open(tmp_path: Path) -> None:
+    import gzip
+
+    (tmp_path / "urls.txt").write_bytes(b"http://a/1\n")
+    (tmp_path / "urls.txt.gz").write_bytes(gzip.compress(b"http://a/2\n"))
+    for name, url in (("urls.txt", "http://a/1"), ("urls.txt.gz", "http://a/2")):
+        with open_list(str(tmp_path / name), Settings()) as stream:
+            assert [i.url for i in iter_items(stream)] == [url]

@@ -1,5 +1,6 @@
 """`koala submit` of URL lists that break part way (corrupt or truncated gzip, a body cut off) and
-of URLs refused at submit time: one clear line, and the items before the break kept exactly once."""
+of URLs refused at submit time: one clear line, and the items before the break kept exactly once;
+sources and files that are not regular files (a FIFO, /dev/zero), refused without blocking."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import base64
 import gzip
 import hashlib
 import json
+import os
 import subprocess
 
 import msgpack
 import redis
 
-from testkit.fleet import koala
+from testkit.fleet import Workers, embed_env, koala, wait_for
 from testkit.servers import ImageServer, worker_env
 
 
@@ -125,3 +127,87 @@ def test_ipv6_zone_id_fails_at_submit_as_invalid_url(redis_url, rclient, tmp_pat
     assert [(f["url"], f["reason"]) for f in failures] == [(zoned, "invalid_url")]
     assert "IPv6 zone ids are not supported" in failures[0]["detail"]
     assert queued_urls(rclient) == ["http://127.0.0.1:9/b.jpg"]
+
+
+# --- sources that are not regular files: refused, never read without end -----------------------
+
+
+def counts(rclient: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in rclient.hgetall("koala:counts").items()}
+
+
+def test_a_device_as_the_url_list_is_one_line_error(redis_url, rclient, tmp_path):
+    # /dev/zero was read for ever (one endless line); a FIFO's open blocked
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for source, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        result = koala(worker_env(redis_url, tmp_path / "out"), "submit", source, timeout=120)
+        assert f"{source} is {kind}" in error_line(result)
+    assert submitted(rclient) == 0
+
+
+def test_a_folder_with_a_fifo_and_a_dev_zero_link_ends_with_its_records_and_two_failures(
+    images, workers: Workers, rclient, tmp_path
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.jpg").write_bytes(images["jpeg_small"] + bytes([i]))  # trailing bytes: 5 files
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    workers.start("download", "-c", "2")
+    workers.start("embed", **embed_env(None))
+    result = koala(workers.env(), "submit", str(folder), "--json", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["failed_at_submit"] == 2
+    wait_for(lambda: counts(rclient).get("written") == 5, 120, "5 records", workers.logs)
+    failures = json.loads(koala(workers.env(), "failures", "--json", check=True).stdout)
+    assert sorted((f["path"], f["reason"]) for f in failures) == [
+        ("pipe.jpg", "not_a_regular_file"),
+        ("zero.jpg", "not_a_regular_file"),
+    ]
+    assert "is a character device" in {f["path"]: f["detail"] for f in failures}["zero.jpg"]
+    # a later submit works (nothing journaled was left behind to block it)
+    listing_file = tmp_path / "urls.txt"
+    listing_file.write_bytes(listing(urls(3)))
+    later = koala(workers.env(), "submit", str(listing_file), "--json", timeout=120)
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert json.loads(later.stdout)["new"] == 3
+    assert not rclient.hlen("koala:journal")
+
+
+def test_journal_entries_that_cannot_be_sent_never_block_the_recovery_of_the_others(
+    redis_url, rclient, tmp_path
+):
+    from common.state import JobState
+
+    state = JobState(rclient)
+    run = state.new_run()
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)  # a killed producer journaled it: reading it blocked every later submit
+    entries = {
+        "1": [{"k": hashlib.md5(b"fifo").hexdigest(), "p": "fifo.jpg", "_path": str(fifo)}],
+        "2": [{"k": hashlib.md5(b"odd").hexdigest(), "p": "odd.jpg"}],  # neither a URL nor a path
+        "3": [{"k": hashlib.md5(u.encode()).hexdigest(), "u": u} for u in urls(2)],
+    }
+    for entry, chunk in entries.items():
+        state.register([i["k"] for i in chunk], run, journal=("dead", entry, msgpack.packb(chunk)))
+    rclient.hset("koala:journal", "dead:4", b"\xc1 not msgpack")
+    rclient.delete("koala:producer:dead")  # its producer is gone
+    listing_file = tmp_path / "urls.txt"
+    listing_file.write_bytes(listing(urls(3)[2:]))
+    result = koala(
+        worker_env(redis_url, tmp_path / "out"), "submit", str(listing_file), "--json", timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dead:4" in result.stderr  # logged
+    report = json.loads(result.stdout)
+    assert (report["recovered"], report["new"]) == (4, 1)
+    assert not rclient.hlen("koala:journal")
+    failures = json.loads(koala(worker_env(redis_url, tmp_path / "out"), "failures", "--json").stdout)
+    assert sorted((f["path"], f["reason"]) for f in failures) == [
+        ("fifo.jpg", "not_a_regular_file"),
+        ("odd.jpg", "internal_error"),
+    ]
+    assert queued_urls(rclient) == urls(3)
+    assert counts(rclient)["failed"] == 2 and counts(rclient)["submitted"] == 5
