@@ -204,6 +204,11 @@ class ShardWriter:
     on disk until the shard is finalized without them) or `truncate_to` then `append` the survivors
     (a kill in between loses the survivors). Age rotation happens only in `maybe_rotate` (call it
     after each append and when idle). Not thread-safe.
+
+    Numbers continue after the highest of this node in the folder; with `reserve_number` (the
+    fleet's: a counter in the job state) also after every number handed out before, so shards
+    moved out of the folder (to free space) never have their names, nor their tokens in the job
+    state, used again.
     """
 
     def __init__(
@@ -215,6 +220,7 @@ class ShardWriter:
         max_age: float = 600,
         compression: str = "none",
         compression_level: int = 6,
+        reserve_number: Callable[[int], int] | None = None,
     ):
         if compression not in EXTENSIONS:
             raise ValueError(f"unknown compression {compression!r}; valid: {', '.join(EXTENSIONS)}")
@@ -236,6 +242,9 @@ class ShardWriter:
         self._fd: int | None = None
         self._opened = 0.0
         self._last_number = -1
+        # durable numbering: given the lowest number the folder allows, a number at least that
+        # high never handed out before (JobState.next_shard_number); None: the folder alone decides
+        self._reserve = reserve_number or (lambda lowest: lowest)
         self._unpublished: list[tuple[Path, list[tuple[int, int]] | None]] = []  # closed, not yet renamed
 
     @property
@@ -244,7 +253,7 @@ class ShardWriter:
         return time.monotonic() - self._opened if self._fd is not None else 0.0
 
     def _open(self) -> None:
-        number = max(self._last_number, highest_number(self.out_dir, self.node)) + 1
+        number = self._reserve(max(self._last_number, highest_number(self.out_dir, self.node)) + 1)
         while True:
             final = self.out_dir / shard_name(self.node, number, self.compression)
             path = final.with_name(f".{final.name}.tmp")
@@ -252,7 +261,7 @@ class ShardWriter:
                 self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 break
             except FileExistsError:
-                number += 1
+                number = self._reserve(number + 1)
         _fsync_dir(self.out_dir)
         self._last_number, self.path, self.count, self.offset = number, path, 0, 0
         self._ends, self._discarded = [], set()

@@ -131,6 +131,17 @@ return 1
 """
 
 
+# KEYS[1] the shard-number hash; ARGV: node, lowest number allowed. Hands out the node's next
+# shard number: the one after the last handed out, or the lowest allowed when higher.
+_NEXT_SHARD = """
+local n = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local lowest = tonumber(ARGV[2])
+if n < lowest then n = lowest end
+redis.call('HSET', KEYS[1], ARGV[1], n + 1)
+return n
+"""
+
+
 class Registered(IntEnum):
     """What `JobState.register` found for a key."""
 
@@ -158,6 +169,7 @@ class JobState:
         self._register = client.register_script(_REGISTER % {"alive": PRODUCER_ALIVE_S})
         self._transition = client.register_script(_TRANSITION)
         self._unfail = client.register_script(_UNFAIL % {"alive": PRODUCER_ALIVE_S})
+        self._next_shard = client.register_script(_NEXT_SHARD)
 
     @classmethod
     def from_settings(cls, settings: Settings, broker: str | None = None) -> JobState:
@@ -358,6 +370,11 @@ class JobState:
                     out.append(item)
             last = batch[-1][0].decode()
         return out[:limit] if limit is not None else out
+
+    def next_shard_number(self, node: str, lowest: int = 0) -> int:
+        """A shard number for `node` never handed out before in this job, at least `lowest` (the
+        folder's highest + 1): shards moved away never have their numbers used again."""
+        return int(self._next_shard(keys=[f"{self.prefix}:shards"], args=[node, lowest]))
 
     def count_delivery(self, message_id: str) -> int:
         """One more start of a message's work; how many starts it has had (kept until forgotten)."""

@@ -312,6 +312,7 @@ def run_embed_worker(node: str) -> None:
             examples_per_shard=settings.examples_per_shard,
             max_age=settings.shard_max_age,
             compression=settings.compression,
+            reserve_number=lambda lowest: retry_on_broker(state.next_shard_number)(safe_node(node), lowest),
         )
         stage = EmbedStage(settings, state, node, model, writer)
         consumer = BatchConsumer(
