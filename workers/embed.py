@@ -268,13 +268,18 @@ def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:
 
 
 def check_permissions(out: Path) -> None:
-    """Refuse to start where this user may not write (a wrong owner does not pass with time, unlike a
-    full or read-only disk, which the worker waits out)."""
+    """Refuse to start where this user may not write (a wrong owner does not pass with time); wait
+    out, with a logged warning, a disk that refuses writes for now (read-only, full, I/O errors),
+    as the worker does later on (`retry_on_disk`)."""
+    retry_on_disk(_check_writable)(out)
+
+
+def _check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
-    except PermissionError as e:
+    except PermissionError as e:  # not retried: a RuntimeError is not a storage error
         raise RuntimeError(
             f"cannot write in {out} as uid {os.getuid()} gid {os.getgid()} ({e.strerror}): "
             "give the folder to this user (with docker compose: chown -R "
