@@ -399,10 +399,12 @@ class JobState:
         for q in queues:
             pipe.llen(q)
         pipe.hlen("unacked")
-        pipe.smembers(f"{self.prefix}:consumers")
-        *depths, unacked, consumers = pipe.execute()
-        # embed messages held by consumers (workers/inbox.py) are unacknowledged too
-        held = sum(self.r.llen(f"{self.prefix}:held:{c.decode()}") for c in consumers)
+        for q in queues:
+            pipe.smembers(f"{self.prefix}:consumers:{q}")
+        results = pipe.execute()
+        depths, unacked, consumers = results[: len(queues)], results[len(queues)], results[len(queues) + 1 :]
+        # messages in consumers' held lists (workers/inbox.py) are unacknowledged too
+        held = sum(self.r.llen(f"{self.prefix}:held:{c.decode()}") for ids in consumers for c in ids)
         return {**dict(zip(queues, depths, strict=True)), "unacked": unacked + held}
 
     def reset(self) -> int:

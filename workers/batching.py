@@ -63,7 +63,6 @@ class BatchConsumer:
         self.buffered = 0  # images in the buffer
         self.written = 0
         self._first = 0.0  # when the buffer's first message came
-        self._swept = 0.0
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT: finish the batches in flight, then stop."""
@@ -131,15 +130,7 @@ class BatchConsumer:
                 and (self.buffered >= self.batch_size or time.monotonic() - self._first >= self.max_wait)
             ):
                 self._submit()
-            self._housekeeping(events)
-
-    def _housekeeping(self, events: FlowerEvents) -> None:
-        """The heartbeat, and the sweep of dead consumers' messages."""
-        events.heartbeat(active=self.buffered + self.pipeline.in_flight)
-        if time.monotonic() - self._swept >= self.inbox.lease_ms / 4000:
-            self._swept = time.monotonic()
-            if back := self.inbox.sweep():
-                log.info("put %d messages of stopped consumers back on the queue", back)
+            events.heartbeat(active=self.buffered + self.pipeline.in_flight)
 
     def _take(self, delivery: Delivery) -> None:
         """Buffer a received message, or deal with one whose workers kept dying."""

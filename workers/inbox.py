@@ -8,6 +8,10 @@ bookkeeping loses nothing (kombu's BRPOP + `unacked` record was two steps). Acki
 the held list. The consumer keeps `<prefix>:consumer:<id>` alive with its own lease; once that key
 has expired, any consumer's sweep puts the dead consumer's held entries back on the queue, so the
 holder's lease, not the restorer's settings, decides when a message is free again.
+
+`pop_into` gives a Celery worker's kombu channel (the download queue's) the same atomic pop: its
+BRPOP becomes a BLMOVE into an inbox's held list, left once kombu has recorded the message in its
+own `unacked` hash (whose leases `common/leases.py` keeps).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import logging
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import cast
+from queue import Empty
+from time import monotonic
+from typing import Any, cast
 
 import msgpack
 import orjson
@@ -97,12 +103,15 @@ class Inbox:
         self.lease_ms = max(1000, int(lease * 1000))
         self.id = uuid.uuid4().hex[:12]
         self.held_key = f"{prefix}:held:{self.id}"
-        self.consumers_key = f"{prefix}:consumers"
         self.deliveries_key = f"{prefix}:deliveries"
         self._sweep = client.register_script(_SWEEP)
         self._give_back = client.register_script(_GIVE_BACK)
         self._stopped = threading.Event()
         self._renewer: threading.Thread | None = None
+
+    @property
+    def consumers_key(self) -> str:
+        return f"{self.prefix}:consumers:{self.queue}"
 
     def open(self) -> None:
         """Take the lease and keep it renewed (a quarter of it at a time) until `close`."""
@@ -119,11 +128,14 @@ class Inbox:
         pipe.execute()
 
     def _keep_renewing(self) -> None:
+        """Renew the lease, and sweep the messages of consumers whose lease ended, every quarter."""
         while not self._stopped.wait(self.lease_ms / 4000):
             try:
                 self.renew()
+                if back := self.sweep():
+                    log.info("put %d messages of stopped consumers back on %r", back, self.queue)
             except redis.RedisError as e:  # the next round tries again
-                log.warning("cannot renew the embed lease: %s", e)
+                log.warning("cannot renew the lease on %r: %s", self.queue, e)
 
     def receive(self, timeout: float) -> Delivery | None:
         """The next message (moved into this consumer's held list), or None after `timeout` s.
@@ -173,3 +185,43 @@ class Inbox:
             self._renewer.join(5)
         self.r.delete(f"{self.prefix}:consumer:{self.id}")
         self.sweep()
+
+
+def pop_into(channel: Any, inbox: Inbox) -> bool:
+    """Make a kombu Redis `channel` consuming only `inbox.queue` take each message with BLMOVE into
+    the inbox's held list, and drop it from there once kombu's `unacked` record holds it (a kill in
+    between: the sweep gives it back; at worst it is delivered twice, which every stage shrugs
+    off). Whether the channel was changed (not when it consumes other queues too)."""
+    if list(channel.active_queues) != [inbox.queue]:
+        return False
+    from kombu.transport.redis import loads
+    from kombu.utils.encoding import bytes_to_str
+
+    def start(timeout: float | None = None) -> None:
+        channel._in_poll = channel.client.connection
+        channel._brpop_sent_at = monotonic()
+        timeout = channel.brpop_timeout if timeout is None else timeout
+        channel.client.connection.send_command(
+            "BLMOVE", inbox.queue, inbox.held_key, "RIGHT", "LEFT", timeout or 0
+        )
+
+    def read(**options: Any) -> bool:
+        try:
+            try:
+                item = channel.client.parse_response(channel.client.connection, "BLMOVE", **options)
+            except channel.connection_errors:
+                channel.client.connection.disconnect()
+                raise
+            if not item:
+                raise Empty()
+            channel._queue_cycle.rotate(inbox.queue)
+            channel.connection._deliver(loads(bytes_to_str(item)), inbox.queue)
+            inbox.r.lrem(inbox.held_key, 1, item)
+            return True
+        finally:
+            channel._in_poll = None
+            channel._flush_brpop_reauth()
+
+    channel._brpop_start = start
+    channel.handlers["BRPOP"] = read
+    return True

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
+import redis
 from celery import bootsteps
 from celery.signals import worker_ready
 
@@ -22,8 +23,9 @@ from common.leases import LeaseKeeper, keep_leases
 from common.messages import ChunkItem, EmbedImage
 from common.retries import retry_on_broker
 from common.settings import get_settings
-from common.state import SUBMITTED, JobState
+from common.state import SUBMITTED, JobState, connect
 from workers.download import DownloadStage
+from workers.inbox import Inbox, pop_into
 
 log = logging.getLogger("koala.worker")
 app = make_app()
@@ -33,20 +35,33 @@ app.conf.task_send_sent_event = False
 
 
 class RenewLeases(bootsteps.StartStopStep):
-    """Keep the download messages this worker holds from being re-delivered while it lives."""
+    """Keep the download messages this worker holds from being re-delivered while it lives, and take
+    them from the queue atomically (`workers.inbox.pop_into`)."""
 
     requires = {"celery.worker.consumer.tasks:Tasks"}
 
     def __init__(self, parent, **kwargs) -> None:
         super().__init__(parent, **kwargs)
         self.keeper: LeaseKeeper | None = None
+        self.inbox: Inbox | None = None
 
     def start(self, parent) -> None:
-        self.keeper = keep_leases(parent.app, parent.task_consumer.channel)
+        channel = parent.task_consumer.channel
+        self.keeper = keep_leases(parent.app, channel)
+        settings = get_settings()
+        client = connect(settings.broker_url)
+        self.inbox = Inbox(client, settings.state_prefix, settings.visibility_timeout, DOWNLOAD_QUEUE)
+        retry_on_broker(self.inbox.open)()
+        pop_into(channel, self.inbox)  # popped and in flight in one step
 
     def stop(self, parent) -> None:
         if self.keeper is not None:
             self.keeper.stop()
+        if self.inbox is not None:
+            try:
+                self.inbox.close()
+            except redis.RedisError as e:  # the sweep of a live worker gives them back later
+                log.warning("cannot give held messages back: %s", e)
 
 
 app.steps["consumer"].add(RenewLeases)
