@@ -3,6 +3,9 @@
 Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json]
 The records hold the Lab channels of 16 photo-like generated images (testkit/corpus.photo), so that
 the compressed sizes mean something (uniform noise would not compress at all).
+`--compact` instead compares the record formats side by side (issue 20): bytes per record and codec
+costs on three corpora, a real null-model embed worker's CPU per image writing each format (rounds
+alternating), and tf.data reading each from local disk (examples per CPU-second of this process).
 Ratios, not absolute times, are what to compare: the machine is shared and noisy.
 """
 
@@ -80,11 +83,164 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
     }
 
 
+def corpora() -> dict[str, list[np.ndarray]]:
+    """299×299 images as the fleet makes them: photos (scikit-image's samples), bench.download's JPEGs,
+    testkit's photo-like ones."""
+    import skimage
+
+    from bench.download import make_jpeg
+    from common.images import load_rgb
+    from testkit.corpus import photo
+
+    folder = Path(skimage.__file__).parent / "data"
+    names = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg")
+    return {
+        "photos (scikit-image)": [
+            load_rgb((folder / f).read_bytes()) for f in names + ("color.png", "hubble_deep_field.jpg")
+        ],
+        "bench.download corpus": [load_rgb(make_jpeg(i)) for i in range(24)],
+        "testkit photo": [photo(299, 299, seed) for seed in range(8)],
+    }
+
+
+def ms_each(fn, items: list) -> float:
+    """Best of 3 of the mean ms of fn over items."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for x in items:
+            fn(x)
+        best = min(best, (time.perf_counter() - start) / len(items))
+    return round(1000 * best, 2)
+
+
+def formats_sizes() -> dict:
+    """Mean bytes of a record of each format, and the per-image codec costs (one thread)."""
+    from common import images, lab
+
+    out = {}
+    emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
+    for name, rgbs in corpora().items():
+        names = (b"0" * 32, b"0" * 32, b"http://example.com/some/photo.jpg")
+        size = {
+            "lab 299": np.mean(
+                [len(records.serialize_example(*names, *lab.lab_channels(x), emb)) for x in rgbs]
+            ),
+            "lab 224": np.mean(
+                [len(records.serialize_example(*names, *lab.lab_channels(x, 224), emb)) for x in rgbs]
+            ),
+            "compact": np.mean(
+                [len(records.serialize_compact(*names, images.encode_png(x), emb)) for x in rgbs]
+            ),
+        }
+        pngs, payloads = [images.encode_png(x) for x in rgbs], [images.encode_pixels(x) for x in rgbs]
+        out[name] = {
+            "images": len(rgbs),
+            "bytes_per_record": {k: round(v) for k, v in size.items()},
+            "lab299_over_compact": round(size["lab 299"] / size["compact"], 2),
+            "ms": {
+                "encode_png": ms_each(images.encode_png, rgbs),
+                "decode_png": ms_each(images.decode_png, pngs),
+                "encode_pixels (zstd payload)": ms_each(images.encode_pixels, rgbs),
+                "decode_pixels (zstd payload)": ms_each(images.decode_pixels, payloads),
+                "lab_channels 299": ms_each(lab.lab_channels, rgbs),
+            },
+        }
+    return out
+
+
+def embed_cpu(n: int, rounds: int) -> dict:
+    """A real null-model embed worker writing each format, the same queue each time, rounds alternating."""
+    import statistics
+
+    from bench.embed import make_images, null_round, payloads_of
+    from testkit.servers import RedisServer
+
+    variants = {
+        "lab, numpy Lab": {"KOALA_LAB_ON_DEVICE": "0"},
+        "lab, TF Lab (default)": {},
+        "compact": {"KOALA_RECORD_FORMAT": "compact"},
+    }
+    payloads = payloads_of(make_images(n))
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="koala-bench-formats-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            for _ in range(rounds):
+                for v, env in variants.items():
+                    out = Path(__file__).parent / "results" / "tmp" / "formats"
+                    runs[v].append(null_round(server, payloads, out, 32, Path(tmp) / "w.log", env, 64))
+        finally:
+            server.stop()
+    keys = ("cpu_ms_per_image", "images_per_s", "record_mb", "machine_busy_cores")
+    return {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
+
+
+def reading(n: int) -> dict:
+    """tf.data reading n records of each format from local disk: examples/s and per CPU-second."""
+    import tensorflow as tf
+
+    from common import images, lab
+    from common.dataset import read_dataset
+    from testkit.corpus import photo
+
+    rgbs = [photo(299, 299, seed) for seed in range(16)]
+    emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
+    folder = Path(__file__).parent / "results" / "tmp" / "reading"
+    folder.mkdir(parents=True, exist_ok=True)
+    made = {
+        "lab 299": [records.serialize_example(b"n", b"k", b"s", *lab.lab_channels(x), emb) for x in rgbs],
+        "lab 224": [
+            records.serialize_example(b"n", b"k", b"s", *lab.lab_channels(x, 224), emb) for x in rgbs
+        ],
+        "compact": [records.serialize_compact(b"n", b"k", b"s", images.encode_png(x), emb) for x in rgbs],
+    }
+    for name, data in made.items():
+        (folder / name.replace(" ", "")).write_bytes(
+            b"".join(records.frame_record(data[i % 16]) for i in range(n))
+        )
+    cases = {
+        "lab 299, record_format=lab (FixedLen, as before)": ("lab299", 299, "lab"),
+        "lab 299, either format (per record)": ("lab299", 299, None),
+        "lab 224, record_format=lab": ("lab224", 224, "lab"),
+        "compact -> 299 (decode_png + Lab)": ("compact", 299, "compact"),
+        "compact -> 224 (decode_png + resize + Lab)": ("compact", 224, "compact"),
+    }
+    out = {}
+    for name, (file, size, fmt) in cases.items():
+        ds = read_dataset(str(folder / file), lab_size=size, record_format=fmt).batch(32).prefetch(2)
+        for _ in ds.take(2):  # tracing, warm caches
+            pass
+        start, cpu = time.perf_counter(), time.process_time()
+        count = sum(int(b["image_l"].shape[0]) for b in ds)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        out[name] = {"examples_per_s": round(count / seconds, 1), "examples_per_cpu_s": round(count / cpu, 1)}
+    tf.keras.backend.clear_session()
+    return out
+
+
+def compact_main(n: int, rounds: int, json_path: str | None) -> None:
+    import os
+
+    result = {"load_before": os.getloadavg(), "sizes": formats_sizes(), "embed_worker": embed_cpu(n, rounds)}
+    result["reading"] = reading(n)
+    result["load_after"] = os.getloadavg()
+    click.echo(json.dumps(result, indent=2))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
 @click.command()
 @click.option("--n", default=500, help="records per measurement (and per shard: 500 as the default shard)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def main(n: int, json_path: str | None) -> None:
+@click.option("--compact", is_flag=True, help="the record formats side by side instead (issue 20)")
+@click.option("--rounds", default=3, help="--compact: rounds of the embed worker per format")
+def main(n: int, json_path: str | None, compact: bool, rounds: int) -> None:
     """Print and optionally save the records benchmark."""
+    if compact:
+        compact_main(n, rounds, json_path)
+        return
     made = [
         (f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode(), *lab)
         for i, lab in enumerate(samples())

@@ -53,6 +53,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "examples_per_shard": ("7", 7),
     "shard_max_age": ("5", 5.0),
     "compression": ("gzip", "gzip"),
+    "record_format": ("compact", "compact"),
 }
 
 
