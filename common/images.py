@@ -652,11 +652,12 @@ def _unzlib(body: bytes, expected: int) -> bytes:
 
 # A PNG of the "Up"-filtered rows (filter type 2 on every row: the filter of the payload above),
 # deflated with zlib level 1, strategy Z_RLE: what `compact` records hold (`tf.io.decode_png` reads
-# it). Measured on 299x299 images (mean size, encode ms; 2-core box, python -m bench.records):
-#   natural photos (scikit-image's samples)   Z_RLE 139.6 KB 2.1 ms   default 124.2 KB 2.7 ms
-#   bench.download's corpus                    Z_RLE 137.9 KB 1.9 ms   default 147.1 KB 3.2 ms
-#   testkit.corpus.photo                       Z_RLE 142.8 KB 2.0 ms   default 164.8 KB 3.2 ms
-# (Pillow's adaptive filters: level 1 121-164 KB 5-8 ms, level 6 115-142 KB 13-18 ms.)
+# it). Measured once on 299x299 images, 10 to 30 of each corpus (mean size, encode ms; 2-core VM):
+#   scikit-image's photos (10, textures too)   Z_RLE 139.6 KB 2.1 ms   default strategy 124.2 KB 2.7 ms
+#   bench.download's corpus                    Z_RLE 137.9 KB 1.9 ms   default strategy 147.1 KB 3.2 ms
+#   testkit.corpus.photo                       Z_RLE 142.8 KB 2.0 ms   default strategy 164.8 KB 3.2 ms
+# Pillow's PNG (adaptive filters): level 1 121-164 KB in 5-8 ms, level 6 115-142 KB in 13-18 ms.
+# `python -m bench.records --compact` measures the records of each format.
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_UP = 2  # PNG filter type "Up"
 _IHDR_RGB8 = (8, 2, 0, 0, 0)  # bit depth 8, colour type 2 (RGB), deflate, adaptive filtering, no interlace
