@@ -426,3 +426,14 @@ def test_lab_batch_writes_compact_records(tmp_path: Path) -> None:
     for i, rgb in enumerate(rgbs):
         png = records.example_bytes_feature(by[f"{i}.png"], records.PNG_FEATURE)
         np.testing.assert_array_equal(images.decode_png(png), rgb)
+
+
+def test_preview_draws_compact_records(fleet: dict, tmp_path: Path) -> None:
+    shard = finished_shards(fleet["outs"]["compact", 299])[0]
+    count = sum(1 for _ in records.iter_examples(shard))
+    env = worker_env("redis://127.0.0.1:9/0", tmp_path)
+    koala(env, "preview", shard, "--out", tmp_path / "sheet.png", "--columns", "1", check=True)
+    from producer.steps import sheet_size
+
+    with Image.open(tmp_path / "sheet.png") as sheet:
+        assert sheet.size == sheet_size(min(count, 16), 299, 1)
