@@ -449,6 +449,7 @@ def worker_env(redis_url: str, out_dir: Path, **extra: str) -> dict[str, str]:
         }
     )
     env.update(extra)
-    if env.get("KOALA_TEST_PACE") or env.get("KOALA_TEST_POISON_GREY"):  # test hooks (testkit/pace)
+    if any(env.get(f"KOALA_TEST_{hook}") for hook in ("PACE", "POISON_GREY", "DIE_ON_DELIVERY")):
+        # test hooks in the workers (testkit/pace/sitecustomize.py)
         env["PYTHONPATH"] = os.pathsep.join([str(PACE_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env

@@ -75,3 +75,19 @@ def test_a_chunk_whose_task_raises_still_ends_every_item(redis_url, rclient, tmp
     assert state.states([i["k"] for i in items]) == [b"d", b"f", b"f"]
     assert {f["reason"] for f in state.failures()} == {"internal_error"}
     assert "can't start new thread" in state.failures()[0]["detail"]
+
+
+def test_a_worker_killed_between_the_pop_and_its_bookkeeping_loses_nothing(
+    image_server: ImageServer, workers: Workers, rclient, tmp_path
+):
+    # the first worker dies the moment kombu hands it the chunk, before kombu records it as unacked
+    urls = [f"{image_server.base}/img/jpeg_small?pop={i}" for i in range(4)]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    short = {"KOALA_VISIBILITY_TIMEOUT": "3"}
+    dying = workers.start("download", "-c", "2", KOALA_TEST_DIE_ON_DELIVERY="download", **short)
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
+    assert dying.wait(60) == -9
+    assert rclient.llen("download") == 0 and not rclient.hlen("unacked")  # popped: only its held list has it
+    workers.start("download", "-c", "2", **short)  # sweeps the dead one's held list once its lease ends
+    wait_for(lambda: counts(rclient).get("downloaded") == 4, 60, "4 downloads, nothing resent", workers.logs)

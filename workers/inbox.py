@@ -187,17 +187,22 @@ class Inbox:
         self.sweep()
 
 
-def pop_into(channel: Any, inbox: Inbox) -> bool:
-    """Make a kombu Redis `channel` consuming only `inbox.queue` take each message with BLMOVE into
-    the inbox's held list, and drop it from there once kombu's `unacked` record holds it (a kill in
-    between: the sweep gives it back; at worst it is delivered twice, which every stage shrugs
-    off). Whether the channel was changed (not when it consumes other queues too)."""
-    if list(channel.active_queues) != [inbox.queue]:
-        return False
+def pop_into(channel: Any, inbox: Inbox) -> None:
+    """Make a kombu Redis `channel` take each message of `inbox.queue` with BLMOVE into the inbox's
+    held list, and drop it from there once kombu's `unacked` record holds it (a kill in between:
+    the sweep gives it back; at worst it is delivered twice, which every stage shrugs off). While
+    the channel consumes other queues too, kombu's own BRPOP is used."""
     from kombu.transport.redis import loads
     from kombu.utils.encoding import bytes_to_str
 
+    brpop_start, brpop_read = channel._brpop_start, channel.handlers["BRPOP"]
+    sent = [""]  # which command the pending reply answers
+
     def start(timeout: float | None = None) -> None:
+        if list(channel.active_queues) != [inbox.queue]:
+            sent[0] = "BRPOP"
+            return brpop_start(timeout)
+        sent[0] = "BLMOVE"
         channel._in_poll = channel.client.connection
         channel._brpop_sent_at = monotonic()
         timeout = channel.brpop_timeout if timeout is None else timeout
@@ -206,6 +211,8 @@ def pop_into(channel: Any, inbox: Inbox) -> bool:
         )
 
     def read(**options: Any) -> bool:
+        if sent[0] != "BLMOVE":
+            return brpop_read(**options)
         try:
             try:
                 item = channel.client.parse_response(channel.client.connection, "BLMOVE", **options)
@@ -224,4 +231,3 @@ def pop_into(channel: Any, inbox: Inbox) -> bool:
 
     channel._brpop_start = start
     channel.handlers["BRPOP"] = read
-    return True

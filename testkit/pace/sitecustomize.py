@@ -5,6 +5,9 @@ the tests of kills, interrupts and timeouts trigger on what happened, not on how
   fast: the Lab channels are zeros (the stand-in model's forward pass already costs nothing)
   slow: every forward pass, stand-in or real, first waits KOALA_TEST_SLOW_FORWARD seconds (0.5)
 
+KOALA_TEST_DIE_ON_DELIVERY=QUEUE: the worker SIGKILLs itself when kombu hands it its first message of
+QUEUE, before any record of it (the moment a BRPOP-based consumer lost it).
+
 KOALA_TEST_POISON_GREY=V (with or without a pace): the stand-in forward pass SIGKILLs its process when
 a batch holds an image whose pixels are all V, as the out-of-memory killer would.
 """
@@ -61,3 +64,20 @@ if os.environ.get("KOALA_TEST_POISON_GREY"):
         return _forward(self, rgb)
 
     _stages.NullModel.embed = _poisoned
+
+if os.environ.get("KOALA_TEST_DIE_ON_DELIVERY"):
+    import signal
+
+    from kombu.transport import redis as _kombu_redis
+
+    import common.celery_app  # noqa: F401  (its patches first)
+
+    _queue = os.environ["KOALA_TEST_DIE_ON_DELIVERY"]
+    _deliver = _kombu_redis.Transport._deliver
+
+    def _dying_deliver(transport, message, queue):
+        if queue == _queue:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _deliver(transport, message, queue)
+
+    _kombu_redis.Transport._deliver = _dying_deliver
