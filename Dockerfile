@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # The dependencies first, in their own layer (a code change does not download them again), read from
 # pyproject.toml; then the project itself, from a copy of what `pip install .` needs (the metadata,
-# the README it names, the three packages with common/*.tsv). No test extras; the sources are
+# the README it names, the three packages with common/model/*.tsv). No test extras; the sources are
 # removed after the install, so the code runs from site-packages only.
 COPY pyproject.toml /src/
 RUN python3 -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\\n')" \

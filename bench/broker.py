@@ -27,8 +27,8 @@ CHUNK = 16  # images per message, as download workers publish a chunk (KOALA_CHU
 
 def chunk_images(chunk: int) -> list[dict]:
     """`chunk` distinct photo-like images as download workers publish them."""
-    from common.images import encode_pixels
     from common.messages import embed_image
+    from common.pictures.images import encode_pixels
 
     return [embed_image(item_of(i), encode_pixels(img)) for i, img in enumerate(make_images(chunk, chunk))]
 

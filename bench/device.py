@@ -15,7 +15,8 @@ call alone (`Embedder.embed`); the same call while the numpy `lab_channels` of t
 of up to 4 threads, as the embed worker runs them; `Embedder.embed_lab` (the TF Lab inside the model's
 function); and each Lab path alone. Wall and process CPU time. The extra time per image over the
 model alone (median of differences paired by repetition) is often within the model call's variation
-on a shared machine; the CPU work of each Lab path alone is what `common.lab_tf.lab_on_device_default`
+on a shared machine; the CPU work of each Lab path alone is what
+`common.pictures.lab_tf.lab_on_device_default`
 was decided on for a machine without a GPU.
 """
 
@@ -43,7 +44,7 @@ def model_gflops_per_image() -> float:
     import tensorflow as tf
     from tensorflow.python.profiler import model_analyzer, option_builder
 
-    from common.inception_resnet_v2 import IMAGE_SIZE, build_model
+    from common.model.inception_resnet_v2 import IMAGE_SIZE, build_model
 
     model = build_model()
     graph = (
@@ -77,7 +78,7 @@ def matmul_tflops(dtype: str, n: int, seconds: float) -> float:
 
 def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: bool) -> dict:
     """images/s of Embedder.embed with these options (after a warm-up call that compiles)."""
-    from common.embedder import Embedder
+    from common.model.embedder import Embedder
 
     started = time.perf_counter()
     embedder = Embedder(checkpoint, batch_size=batch, mixed_precision=mixed, xla=xla)
@@ -109,9 +110,9 @@ def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
 def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> dict:
     """Extra time per image that the Lab channels add to a model call: numpy in a thread pool beside it,
     or TensorFlow inside it (medians of `reps` interleaved repetitions, wall and CPU)."""
-    from common.embedder import Embedder
-    from common.lab import lab_channels
-    from common.lab_tf import lab_tf_compiled
+    from common.model.embedder import Embedder
+    from common.pictures.lab import lab_channels
+    from common.pictures.lab_tf import lab_tf_compiled
 
     embedder = Embedder(checkpoint, batch_size=batch)
     images = rgb[:batch]

@@ -25,7 +25,7 @@ The two tools alternate, `--rounds` times each. Per run: images/s, CPU-seconds p
 processes of the tool: img2dataset's whole process tree; our workers + redis-server + producer),
 peak RSS (sum over the tool's processes, sampled every 0.2 s), successes. Then single-thread costs
 of each step of our path on the same corpus (the clean scenario only), among them the CPU per
-response of common.fetch and of a bare http.client GET, and a markdown table.
+response of common.fetching.fetch and of a bare http.client GET, and a markdown table.
 Ratios, not absolute numbers, are what to compare: the machine is shared and noisy.
 """
 
@@ -700,8 +700,8 @@ class Fleet:
 
     def run(self, url_list: Path, n: int, server: CorpusServer, timeout: float) -> dict:
         """Submit the list, drain `embed` until every item is downloaded or failed."""
-        from common import images
-        from common.state import JobState
+        from common.pictures import images
+        from common.state.job import JobState
 
         self.reset()
         state = JobState(self.client)
@@ -856,12 +856,12 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback)."""
     import msgpack
 
-    from common import images
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
-    from common.fetch import fetch, make_session, policy_from_settings
+    from common.fetching.fetch import fetch, make_session, policy_from_settings
     from common.messages import embed_image
+    from common.pictures import images
     from common.settings import Settings
-    from common.state import JobState, connect
+    from common.state.job import JobState, connect
 
     size = (SIZE, SIZE)
     datas = [p.read_bytes() for p in files]
@@ -904,7 +904,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
 
 
 def fetch_costs(urls: list[str], policy, session, fetch: Callable) -> dict:
-    """CPU per response over loopback keep-alive (no latency), in one run: common.fetch on urllib3
+    """CPU per response over loopback keep-alive (no latency), in one run: common.fetching.fetch on urllib3
     and a bare http.client GET (the floor)."""
     urls = [u + "?nolatency" for u in urls]
     floor = http_client_get(urls[0])

@@ -174,8 +174,8 @@ def item_of(i: int) -> dict:
 def payloads_of(rgb: np.ndarray) -> list[dict]:
     """The embed messages' images, exactly as download workers build them (each distinct image
     encoded once)."""
-    from common.images import encode_pixels
     from common.messages import embed_image
+    from common.pictures.images import encode_pixels
 
     encoded: dict[bytes, bytes] = {}
     out = []
@@ -215,7 +215,7 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
     """model(x) in a tf.function on preprocessed float32 input (the preprocessing left out)."""
     import tensorflow as tf
 
-    from common.embedder import preprocess
+    from common.model.embedder import preprocess
 
     model = embedder.model
     call = tf.function(
@@ -235,7 +235,7 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
 
 def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> None:
     """Register the items and mark them downloaded, as the producer and download workers would."""
-    from common.state import JobState
+    from common.state.job import JobState
 
     state = JobState(client, prefix)
     keys = [p["key"] for p in payloads]
@@ -378,8 +378,8 @@ def watch_worker(worker: EmbedWorker, client, n: int, batch_size: int, timeout: 
 
 def count_records(out: Path) -> dict:
     """Records and distinct keys in the finalized shards (no TensorFlow), and leftover temp shards."""
-    from common import records
-    from common.shards import SHARD_GLOB
+    from common.output import records
+    from common.output.shards import SHARD_GLOB
 
     keys = []
     shards = sorted(out.glob(SHARD_GLOB))
@@ -441,11 +441,12 @@ STEPS = [  # (name, what it is); main-thread steps add up to the process time, w
 
 def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_size: int, out: Path) -> dict:
     """EmbedStage.process on the batches with its parts timed, in this process."""
-    from common import images, lab, records
+    from common.output import records
+    from common.output.shards import ShardWriter
+    from common.pictures import images, lab
     from common.settings import Settings
-    from common.shards import ShardWriter
     from common.stages import Model
-    from common.state import JobState
+    from common.state.job import JobState
     from workers.embed import EmbedStage
 
     prefix = "benchsteps"
@@ -602,7 +603,7 @@ def run(n: int, batch_size: int, smoke: bool, cache: Path) -> dict:
             worker = start_worker() if smoke else None
             import tensorflow as tf
 
-            from common.embedder import Embedder
+            from common.model.embedder import Embedder
 
             started = time.perf_counter()
             embedder = Embedder(checkpoint, batch_size=batch_size)
@@ -751,7 +752,7 @@ def markdown(result: dict) -> str:
             "(lab in threads)",
             s["lab_threads_ms_per_image"],
             "overlaps the model",
-            "common.lab.lab_channels in the stage's thread pool",
+            "common.pictures.lab.lab_channels in the stage's thread pool",
         ]
     )
     t3 = md_table(["step", "ms/image", "share", "what"], rows)

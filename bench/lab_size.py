@@ -34,8 +34,8 @@ def lab_alone(batch: int, reps: int) -> dict[str, list[float]]:
     """CPU-ms per image of each (path, size) over `reps` interleaved repetitions."""
     import tensorflow as tf
 
-    from common.lab import lab_channels
-    from common.lab_tf import lab_tf_padded
+    from common.pictures.lab import lab_channels
+    from common.pictures.lab_tf import lab_tf_padded
 
     images = make_images(batch)
     tensor = tf.constant(images)

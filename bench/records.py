@@ -19,13 +19,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from common import records
-from common.shards import ShardWriter
+from common.output import records
+from common.output.shards import ShardWriter
 
 
 def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(L, ab, logits) of photo-like 299x299 images, as the embed stage would store them."""
-    from common.lab import lab_channels
+    from common.pictures.lab import lab_channels
     from testkit.corpus import photo
 
     rng = np.random.default_rng(0)
@@ -89,7 +89,7 @@ def corpora() -> dict[str, list[np.ndarray]]:
     import skimage
 
     from bench.download import make_jpeg
-    from common.images import load_rgb
+    from common.pictures.images import load_rgb
     from testkit.corpus import photo
 
     folder = Path(skimage.__file__).parent / "data"
@@ -116,7 +116,7 @@ def ms_each(fn, items: list) -> float:
 
 def formats_sizes() -> dict:
     """Mean bytes of a record of each format, and the per-image codec costs (one thread)."""
-    from common import images, lab
+    from common.pictures import images, lab
 
     out = {}
     emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
@@ -180,8 +180,8 @@ def reading(n: int) -> dict:
     """tf.data reading n records of each format from local disk: examples/s and per CPU-second."""
     import tensorflow as tf
 
-    from common import images, lab
-    from common.dataset import read_dataset
+    from common.output.dataset import read_dataset
+    from common.pictures import images, lab
     from testkit.corpus import photo
 
     rgbs = [photo(299, 299, seed) for seed in range(16)]

@@ -4,7 +4,7 @@ Run: .venv/bin/python -m bench.resize [--images 200] [--repeat 3] [--mode contai
 
 Corpus: scikit-image's bundled colour photos (no network), each scaled to cover a random size of
 about 0.5-2 Mpix (odd sizes included), cropped, given sensor-like noise and re-encoded as JPEG at
-quality 85-92 (4:2:0, a fifth 4:4:4). Paths, all through common.images:
+quality 85-92 (4:2:0, a fifth 4:4:4). Paths, all through common.pictures.images:
   - pillow_full: Pillow full decode + Pillow LANCZOS (`resize(decode(data))`)
   - pillow_draft: Pillow draft decode + LANCZOS from the exact box (`load_rgb` without simplejpeg)
   - simplejpeg_pillow: simplejpeg DCT-scaled decode + Pillow LANCZOS (where cykooz.resizer has no wheel)
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from bench.embed import default_json, log, md_table, save_json
-from common import images
+from common.pictures import images
 
 NAME = "resize"
 PHOTOS = (
@@ -104,7 +104,7 @@ def describe(corpus: list[bytes]) -> dict:
 
 
 class _Without:
-    """Within the block, common.images runs as if the named optional module were not installed."""
+    """Within the block, common.pictures.images runs as if the named optional module were not installed."""
 
     def __init__(self, *names: str):
         self.names = names

@@ -108,7 +108,7 @@ class DeadlineClock:
     another worker's message was free (one worker at 5 s re-delivered the messages of workers at
     60 s). With this clock, `time()` + this process's timeout, the score is the holder's deadline
     and a restorer's test reduces to "the deadline has passed" whatever its own timeout. Leases
-    (`common/leases.py`) renew to the same deadline."""
+    (`common/state/leases.py`) renew to the same deadline."""
 
     timeout = 0.0
 

@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     )
     lab_on_device: bool | None = Field(
         None,
-        description="1 computes the Lab channels in the model's TensorFlow function (on its device), 0 with numpy in threads; default: 1 on a GPU, on a CPU whichever measured cheaper (common/lab_tf.py)",
+        description="1 computes the Lab channels in the model's TensorFlow function (on its device), 0 with numpy in threads; default: 1 on a GPU, on a CPU whichever measured cheaper (common/pictures/lab_tf.py)",
     )
     batch_wait: float = Field(
         2.0, description="seconds an embed worker waits to fill a batch before running a partial one"
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
     record_format: Literal["lab", "compact"] = Field(
         "lab",
-        description="lab: the original schema (Lab floats); compact: the 299×299 image as a PNG + the embedding, ~7× smaller (common/dataset.py gives the same Lab tensors)",
+        description="lab: the original schema (Lab floats); compact: the 299×299 image as a PNG + the embedding, ~7× smaller (common/output/dataset.py gives the same Lab tensors)",
     )
 
     @field_validator(

@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import images, lab, records
-from common.failures import ItemError
-from common.fetch import Client, Policy, fetch
+from common.fetching.fetch import Client, Policy, fetch
 from common.messages import ChunkItem
+from common.output import records
+from common.pictures import images, lab
 from common.settings import Settings
+from common.state.failures import ItemError
 
 log = logging.getLogger("koala.stages")
 
@@ -97,7 +98,7 @@ class NullModel:
         """Zeros and the TensorFlow Lab channels, as `Embedder.embed_lab` gives them."""
         import tensorflow as tf
 
-        from common.lab_tf import lab_tf_padded
+        from common.pictures.lab_tf import lab_tf_padded
 
         parts = [
             lab_tf_padded(tf.constant(rgb[i : i + self.batch_size]), self.batch_size, lab_size)
@@ -113,8 +114,8 @@ class NullModel:
 def load_model(settings: Settings, checkpoint: str | None = None) -> Model:
     """The settings' model (the checkpoint given, else KOALA_CHECKPOINT), Lab on its device or
     not, and its batch size. TensorFlow is imported here, not before."""
-    from common.embedder import CPU_BATCH_SIZE, Embedder, default_batch_size
-    from common.lab_tf import lab_on_device_default
+    from common.model.embedder import CPU_BATCH_SIZE, Embedder, default_batch_size
+    from common.pictures.lab_tf import lab_on_device_default
 
     lab = settings.record_format == "lab"  # compact records: no Lab at all
     if settings.null_model and settings.null_lab:  # no TensorFlow at all

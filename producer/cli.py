@@ -15,10 +15,10 @@ import click
 from tqdm import tqdm
 
 from common.celery_app import make_app
-from common.failures import REASONS
-from common.records import RECORD_FORMATS
+from common.output.records import RECORD_FORMATS
 from common.settings import Settings, get_settings
-from common.state import JobState
+from common.state.failures import REASONS
+from common.state.job import JobState
 from producer.convert import convert as convert_command
 from producer.progress import resend_when_stalled, snapshot, watch, with_rates
 from producer.steps import register as register_steps
@@ -101,7 +101,7 @@ def submit(
     source: str, count: int | None, skip: int, wait: bool, requeue_pending: bool, as_json: bool
 ) -> None:
     """Enqueue SOURCE: a URL-list file (.gz too), an http(s) URL of one, or a folder of images."""
-    from common.sources import SourceError, is_url
+    from common.fetching.sources import SourceError, is_url
     from producer.submit import Submitter, submit_source
 
     if not is_url(source) and not os.path.exists(source):
@@ -265,7 +265,7 @@ def run(
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def split(val_fraction: float, directory: Path) -> None:
     """Rename a deterministic choice of finalized shards in DIRECTORY to val_... (idempotent)."""
-    from common.shards import split_validation
+    from common.output.shards import split_validation
 
     try:
         renamed = split_validation(directory, val_fraction)

@@ -6,7 +6,7 @@ interruption converts what is left and never writes a record twice. Records alre
 format are copied as they are.
 
 `lab` -> `compact` needs the 299×299 RGB image, which a `lab` record holds only as Lab floats: the
-image is rebuilt with `common.lab.rgb_from_lab` (exact for every 8-bit sRGB colour from the fleet's
+image is rebuilt with `common.pictures.lab.rgb_from_lab` (exact for every 8-bit sRGB colour from the fleet's
 Lab, numpy or TensorFlow: all 2^24 checked) and accepted only when its Lab is the record's within
 1e-6. Records at 224 (a resized image) or whose channels are not the Lab of an 8-bit image are refused
 with the reason. No TensorFlow here.
@@ -27,9 +27,10 @@ import click
 import numpy as np
 from PIL import Image
 
-from common import images, lab, records
+from common.output import records
+from common.output.shards import finished_shards
+from common.pictures import images, lab
 from common.settings import LAB_SIZES, get_settings
-from common.shards import finished_shards
 
 TOLERANCE = 1e-6  # the Lab of the rebuilt image against the record's channels
 SIDE = 299  # of the image a compact record holds

@@ -10,9 +10,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE
-from common.retries import retry_on_broker
-from common.shards import finished_shards
-from common.state import JobState
+from common.output.shards import finished_shards
+from common.state.job import JobState
+from common.state.retries import retry_on_broker
 
 STAGES = ("downloaded", "written", "failed")
 

@@ -182,14 +182,14 @@ def check_output_dir(out_dir: Path) -> None:
 def count_items(source: str) -> int | None:
     """How many items a local source holds (None for a URL, unknown before reading it, and for a
     list that breaks part way: submitting it says so)."""
-    from common.sources import READ_ERRORS, is_url, iter_folder, open_list
+    from common.fetching.sources import READ_ERRORS, is_url, iter_folder, open_list
 
     if is_url(source):
         return None
     if Path(source).is_dir():
         return sum(1 for _ in iter_folder(Path(source)))
+    from common.fetching.sources import ParseCounts, iter_items
     from common.settings import get_settings
-    from common.sources import ParseCounts, iter_items
 
     counts = ParseCounts()
     try:
@@ -219,7 +219,7 @@ def disk_warning(out_dir: Path, items: int | None, lab_size: int, record_format:
 
 def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: dict) -> dict:
     """What summary.json holds."""
-    from common.shards import finished_shards
+    from common.output.shards import finished_shards
 
     shards = finished_shards(out_dir)
     return {
@@ -262,9 +262,9 @@ def run_job(
     """The whole job; returns the exit code (0 done, 130 interrupted)."""
     from tqdm import tqdm
 
-    from common.checkpoint import CheckpointError, resolve_checkpoint
+    from common.fetching.sources import is_url
+    from common.model.checkpoint import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
-    from common.sources import is_url
     from producer.progress import resend_when_stalled, watch
 
     settings = get_settings()
@@ -335,7 +335,7 @@ def run_job(
 
 
 def _state(broker: str, settings):
-    from common.state import JobState
+    from common.state.job import JobState
 
     state = JobState.from_settings(settings, broker)
     try:
@@ -348,7 +348,7 @@ def _state(broker: str, settings):
 def _submit(source: str, state, settings, broker: str, tqdm) -> float:
     """Submit with a progress bar; returns the seconds it took."""
     from common.celery_app import make_app
-    from common.sources import ListBroken, SourceError
+    from common.fetching.sources import ListBroken, SourceError
     from producer.submit import Submitter, submit_source
 
     started = time.time()

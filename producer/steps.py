@@ -26,12 +26,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from common import images, lab, records
-from common.failures import Failure, now
-from common.fetch import FetchError, make_session, policy_from_settings
+from common.fetching.fetch import FetchError, make_session, policy_from_settings
+from common.fetching.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
+from common.output import records
+from common.output.shards import ShardWriter
+from common.pictures import images, lab
 from common.settings import Settings, get_settings
-from common.shards import ShardWriter
-from common.sources import ParseCounts, UrlItem, file_key, is_url, iter_items, open_list
 from common.stages import (
     Model,
     compact_record_of,
@@ -44,6 +44,7 @@ from common.stages import (
     start_lab,
     start_png,
 )
+from common.state.failures import Failure, now
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -20,12 +20,8 @@ import msgpack
 from celery import Celery
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
-from common.failures import Failure, append_failure_log
-from common.fetch import FetchError
-from common.messages import ChunkItem
-from common.retries import BROKER_ERRORS, call_retrying, retry_on_broker
-from common.settings import Settings
-from common.sources import (
+from common.fetching.fetch import FetchError
+from common.fetching.sources import (
     READ_ERRORS,
     FileTooLarge,
     ListBroken,
@@ -38,9 +34,13 @@ from common.sources import (
     iter_items,
     open_list,
     read_regular,
-    url_problem,
 )
-from common.state import JobState, Registered, room_for
+from common.fetching.urls import url_problem
+from common.messages import ChunkItem
+from common.settings import Settings
+from common.state.failures import Failure, append_failure_log
+from common.state.job import JobState, Registered, room_for
+from common.state.retries import BROKER_ERRORS, call_retrying, retry_on_broker
 
 log = logging.getLogger("koala.submit")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import redis
 
-from common import records
-from common.shards import SHARD_GLOB, SHARD_PREFIX
+from common.output import records
+from common.output.shards import SHARD_GLOB, SHARD_PREFIX
 from testkit.checkpoint import cached_fake_checkpoint
 from testkit.servers import ImageServer, RedisServer, worker_env
 
@@ -384,7 +384,7 @@ def check_shard(path: Path, seen: Counter, owner: dict[str, bytes]) -> list[str]
 
 def check_states(fleet: Fleet, good: set[str], bad: set[str], owner: dict[str, bytes]) -> list[str]:
     """Redis agrees: good items written into the shard that holds them, bad items failed."""
-    from common.state import JobState
+    from common.state.job import JobState
 
     state = JobState(fleet.client())
     keys = sorted(good | bad)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.checkpoint import IGNORED_VARIABLES, REQUIRED_VARIABLES
+from common.model.checkpoint import IGNORED_VARIABLES, REQUIRED_VARIABLES
 
 CACHE = Path(os.environ.get("KOALA_TEST_CACHE") or Path.home() / ".cache" / "koala-tests")
 
@@ -102,7 +102,7 @@ def fake_checkpoint_in(folder: Path) -> Path:
 def cached_fake_checkpoint() -> Path:
     """The seed-0 fake checkpoint from the test cache (KOALA_TEST_CACHE, default ~/.cache/koala-tests),
     written once per version of its generator, variable list and numpy instead of once per test run."""
-    variables = Path(__file__).parent.parent / "common" / "inception_resnet_v2_variables.tsv"
+    variables = Path(__file__).parent.parent / "common" / "model" / "inception_resnet_v2_variables.tsv"
     source = Path(__file__).read_bytes() + variables.read_bytes() + np.__version__.encode()
     folder = CACHE / f"checkpoint-{hashlib.sha256(source).hexdigest()[:16]}"
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -171,8 +171,8 @@ class Stack:
         self.compose("up", "-d", "--pull", "never", "--wait", "--wait-timeout", "300", *args, timeout=420)
 
     def shard_keys(self) -> Counter:
-        from common import records
-        from common.shards import SHARD_GLOB
+        from common.output import records
+        from common.output.shards import SHARD_GLOB
 
         out = self.data / "tfrecords"
         return Counter(

@@ -1,7 +1,7 @@
 """Deterministic generated test images (good and bad) and an independent reference decoder.
 
 Everything is built from fixed numpy seeds, with no network. `good_images()` covers every mode
-and format `common.images` supports; `bad_images()` gives bytes with the failure reason expected
+and format `common.pictures.images` supports; `bad_images()` gives bytes with the failure reason expected
 from it; `reference_rgb` is a plain, slow re-implementation used to check the fast path.
 """
 
@@ -277,7 +277,7 @@ def bomb_png(w: int = 20_000, h: int = 20_000) -> bytes:
 
 @functools.cache
 def bad_images() -> dict[str, tuple[bytes, str]]:
-    """Name -> (bytes, reason common.images must fail with, given max_pixels=50_000_000)."""
+    """Name -> (bytes, reason common.pictures.images must fail with, given max_pixels=50_000_000)."""
     good = good_images()
     html = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head><body></body></html>"
     return {

@@ -9,8 +9,8 @@ import os
 import signal
 import sys
 
-from common.shards import ShardWriter
-from workers import embed, inbox, pipeline
+from common.output.shards import ShardWriter
+from workers import embed, embed_worker, inbox, pipeline
 
 
 def die_after(owner: object, attr: str, calls: int) -> None:
@@ -43,4 +43,4 @@ if __name__ == "__main__":
     # second write could otherwise never come (every batch in the first)
     pipeline.MAX_GROUP = 1
     die_after(*POINTS[point], calls=2)
-    embed.run_embed_worker(name)
+    embed_worker.run_embed_worker(name)

@@ -15,7 +15,7 @@ import numpy as np
 _PNG_COLOUR = {"RGB": 2, "RGBA": 6}
 _PROBE = """
 import json, sys, time
-from common import images
+from common.pictures import images
 
 def hwm_kb():
     with open("/proc/self/status") as f:

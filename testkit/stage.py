@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-from common import images, records
 from common.messages import EmbedImage
+from common.output import records
+from common.output.shards import SHARD_GLOB, ShardWriter
+from common.pictures import images
 from common.settings import Settings
-from common.shards import SHARD_GLOB, ShardWriter
 from common.stages import Model, record_of
-from common.state import JobState
+from common.state.job import JobState
 from workers.embed import EmbedStage
 
 

@@ -78,7 +78,7 @@ def fake_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def embedder(fake_checkpoint: Path):
     """The network of the fake checkpoint in this process, batches of 2, built once per test process."""
-    from common.embedder import Embedder
+    from common.model.embedder import Embedder
 
     return Embedder(fake_checkpoint, batch_size=2)
 

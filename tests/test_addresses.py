@@ -1,4 +1,4 @@
-"""Unit tests of common.addresses: which IP addresses may be fetched (pure: no sockets, no DNS)."""
+"""Unit tests of common.fetching.addresses: which IP addresses may be fetched (pure: no sockets, no DNS)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.addresses import classify, parse_networks
+from common.fetching.addresses import classify, parse_networks
 
 PUBLIC = [
     "8.8.8.8",

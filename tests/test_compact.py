@@ -18,12 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images, lab, records
 from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
 from common.messages import embed_image
+from common.output import records
+from common.output.shards import SHARD_GLOB, finished_shards
+from common.pictures import images, lab
 from common.settings import Settings
-from common.shards import SHARD_GLOB, finished_shards
-from common.state import JobState
+from common.state.job import JobState
 from testkit import ROOT
 from testkit.corpus import photo
 from testkit.fleet import koala, reached
@@ -199,7 +200,7 @@ def test_compact_serializer_byte_identical_to_tf_and_told_apart() -> None:
 
 @pytest.mark.parametrize("size", [299, 224])
 def test_compact_records_read_as_the_lab_records_the_fleet_writes(fleet: dict, size: int) -> None:
-    from common.dataset import read_dataset
+    from common.output.dataset import read_dataset
 
     compact = shard_files(fleet["outs"]["compact", 299])
     got = by_name(read_dataset(compact, lab_size=size))
@@ -237,7 +238,7 @@ def readme_snippet() -> str:
 
 
 def test_the_readme_snippet_is_the_reader_module() -> None:
-    source = (ROOT / "common" / "compact_reader.py").read_text()
+    source = (ROOT / "common" / "output" / "compact_reader.py").read_text()
     body = source[source.index("import numpy as np") :]
     assert readme_snippet().strip() == body.strip()
 
@@ -246,7 +247,7 @@ def test_the_readme_snippet_is_the_reader_module() -> None:
 def test_the_pasted_map_function_on_a_plain_tfrecord_dataset(fleet: dict, size: int) -> None:
     import tensorflow as tf
 
-    from common.dataset import compact_to_lab, read_dataset
+    from common.output.dataset import compact_to_lab, read_dataset
 
     pasted: dict = {}
     exec(compile(readme_snippet(), "README.md", "exec"), pasted)  # as a user pastes it
@@ -272,7 +273,7 @@ def keys_of(folder: Path) -> list[bytes]:
 
 
 def test_convert_lab_to_compact_and_back_exactly_once(fleet: dict, tmp_path: Path) -> None:
-    from common.dataset import read_dataset
+    from common.output.dataset import read_dataset
 
     env = worker_env("redis://127.0.0.1:9/0", tmp_path)
     for lab_path in ("numpy", "tensorflow"):

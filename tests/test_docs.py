@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.failures import REASONS
 from common.settings import Settings
+from common.state.failures import REASONS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

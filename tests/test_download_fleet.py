@@ -13,7 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from common import images as img
+from common.pictures import images as img
 from testkit import ROOT
 from testkit.fleet import Workers, koala, wait_for
 from testkit.messages import push_pickle_message

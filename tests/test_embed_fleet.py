@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from skimage.color import rgb2lab
 
-from common import images as img
+from common.pictures import images as img
 from testkit.fleet import Workers, embed_env, koala, wait_for
 from testkit.messages import push_pickle_message
 from testkit.servers import ImageServer
@@ -36,7 +36,7 @@ def md5(text: str) -> str:
 
 
 def read_records(out_dir: Path) -> list[dict]:
-    from common.dataset import read_dataset
+    from common.output.dataset import read_dataset
 
     files = sorted(str(p) for p in out_dir.glob("lab_images_*.tfrecord*"))
     return [{k: v.numpy() for k, v in r.items()} for r in read_dataset(files)] if files else []

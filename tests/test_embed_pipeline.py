@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from common import records
 from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.output import records
+from common.output.shards import SHARD_GLOB
 from common.settings import Settings
-from common.shards import SHARD_GLOB
-from common.state import JobState
+from common.state.job import JobState
 from testkit import ROOT
 from testkit.fleet import Workers, wait_for
 from testkit.messages import NOT_KOMBU, bad_base64_envelope

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from common import records
-from common.shards import shard_name, split_validation
-from common.state import JobState
+from common.output import records
+from common.output.shards import shard_name, split_validation
+from common.state.job import JobState
 from testkit.stage import names_in, payload, register, stage, zero_record
 from workers.embed import recover, shard_token
 
@@ -127,7 +127,7 @@ def test_images_of_another_size_or_a_forged_size_fail_alone_and_the_batch_goes_o
 
     import numpy as np
 
-    from common import images
+    from common.pictures import images
 
     good = [payload(i) for i in range(3)]
     other = payload(3) | {"pixels": images.encode_pixels(np.zeros((224, 224, 3), np.uint8))}

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from common import fetch as fetch_module
-from common.addresses import parse_networks
-from common.fetch import FetchError, Policy, fetch, make_session, open_stream
+from common.fetching import fetch as fetch_module
+from common.fetching.addresses import parse_networks
+from common.fetching.fetch import FetchError, Policy, fetch, make_session, open_stream
 from testkit.servers import ImageServer, self_signed_cert
 
 
@@ -140,7 +140,7 @@ def test_open_stream_reads_a_url_list(image_server: ImageServer, policy):
 
 
 def test_open_stream_reads_lines_to_the_end(image_server: ImageServer, policy):
-    from common.sources import iter_items
+    from common.fetching.sources import iter_items
 
     lines = b"".join(b"n%05d http://example.com/%05d.jpg\n" % (i, i) for i in range(5000))
     image_server.files["__list__"] = lines

@@ -1,4 +1,4 @@
-"""Unit tests of common.images: decoding every mode, resizing, failures, fuzzing, payloads."""
+"""Unit tests of common.pictures.images: decoding every mode, resizing, failures, fuzzing, payloads."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from common import images as img
+from common.pictures import images as img
 from testkit import corpus, hostile
 
 pytestmark = pytest.mark.filterwarnings("ignore:Corrupt EXIF data")

@@ -14,7 +14,7 @@ import pytest
 from skimage.color import lab2rgb, rgb2lab
 from skimage.transform import resize
 
-from common import lab
+from common.pictures import lab
 from testkit.corpus import photo
 
 TOL = 1e-5
@@ -141,7 +141,7 @@ def test_the_resize_is_scikit_images_order_1_constant_without_anti_aliasing() ->
 def test_tensorflow_at_224_matches_the_original_writer() -> None:
     """Every TensorFlow path (op by op, compiled, padded to a bucket; the stand-in model's `embed_lab`, as
     the fleet runs it with KOALA_NULL_MODEL=1) against scikit-image, to the same 1e-5 as numpy."""
-    from common.lab_tf import lab_tf, lab_tf_padded
+    from common.pictures.lab_tf import lab_tf, lab_tf_padded
     from common.stages import NullModel
 
     names = sorted([*_sharp_images(), *_photos()])
@@ -211,14 +211,14 @@ def test_every_srgb_colour_matches_skimage_in_numpy_and_tensorflow() -> None:
 
 
 def _compiled_tf_lab(size: int | None = None) -> Any:
-    """`common.lab_tf.lab_tf_compiled(size)`, imported here: the other tests stay TensorFlow-free."""
-    from common.lab_tf import lab_tf_compiled
+    """`common.pictures.lab_tf.lab_tf_compiled(size)`, imported here: the other tests stay TensorFlow-free."""
+    from common.pictures.lab_tf import lab_tf_compiled
 
     return lab_tf_compiled(size)
 
 
 def test_tensorflow_lab_op_by_op_compiled_and_padded_on_any_batch_shape() -> None:
-    from common.lab_tf import lab_tf, lab_tf_padded
+    from common.pictures.lab_tf import lab_tf, lab_tf_padded
 
     rgb = np.stack([*_edge_images().values()])[:, :120, :200]  # non-square, every edge colour
     expected = [_skimage_scaled(img) for img in rgb]
@@ -234,7 +234,7 @@ def test_tensorflow_lab_op_by_op_compiled_and_padded_on_any_batch_shape() -> Non
 def test_lab_on_the_device_by_default_with_a_gpu() -> None:
     import tensorflow as tf
 
-    from common.lab_tf import TF_LAB_CHEAPER_ON_CPU, lab_on_device_default
+    from common.pictures.lab_tf import TF_LAB_CHEAPER_ON_CPU, lab_on_device_default
 
     assert lab_on_device_default() == (bool(tf.config.list_physical_devices("GPU")) or TF_LAB_CHEAPER_ON_CPU)
 
@@ -289,5 +289,5 @@ def test_inverse_matches_skimage_out_of_gamut() -> None:
 
 
 def test_no_tensorflow_at_import() -> None:
-    code = "import sys, common.lab, common.records; assert 'tensorflow' not in sys.modules"
+    code = "import sys, common.pictures.lab, common.output.records; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

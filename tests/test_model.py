@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.checkpoint import (
+from common.model.checkpoint import (
     IGNORED_VARIABLES,
     REQUIRED_VARIABLES,
     CheckpointError,
     load_weights,
     resolve_checkpoint,
 )
-from common.embedder import Embedder, grayscale_uint8, preprocess, scale_grey
+from common.model.embedder import Embedder, grayscale_uint8, preprocess, scale_grey
 from testkit import ROOT
 from testkit.checkpoint import (
     fake_weights,
@@ -44,14 +44,14 @@ def read_tsv(path: Path) -> dict[str, tuple[int, ...]]:
 
 def test_importing_the_model_modules_does_not_load_tensorflow():
     code = (
-        "import sys, common.checkpoint, common.inception_resnet_v2, common.embedder; "
+        "import sys, common.model.checkpoint, common.model.inception_resnet_v2, common.model.embedder; "
         "assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_variable_lists():
-    package = read_tsv(ROOT / "common" / "inception_resnet_v2_variables.tsv")
+    package = read_tsv(ROOT / "common" / "model" / "inception_resnet_v2_variables.tsv")
     assert len(REQUIRED_VARIABLES) == 898 and len(IGNORED_VARIABLES) == 10
     assert {**REQUIRED_VARIABLES, **IGNORED_VARIABLES} == package
     assert all(n.startswith(P + "AuxLogits/") for n in IGNORED_VARIABLES)
@@ -59,7 +59,7 @@ def test_variable_lists():
     assert len(biases) == 41  # 40 residual up-projections + Logits/Logits
     reference = REFERENCE.read_text()
     assert len(reference.splitlines()) == 1 + 908  # the header, then every variable of the checkpoint
-    assert reference == (ROOT / "common" / "inception_resnet_v2_variables.tsv").read_text()
+    assert reference == (ROOT / "common" / "model" / "inception_resnet_v2_variables.tsv").read_text()
 
 
 # ---------------------------------------------------------------- greyscale and preprocessing
@@ -312,7 +312,7 @@ def test_embed_preprocesses_inside_and_batches(embedder):
 
 
 def test_embed_lab_gives_the_logits_of_embed_and_the_lab_channels(embedder):
-    from common.lab import lab_channels
+    from common.pictures.lab import lab_channels
 
     rgb = test_images(3)  # batch_size 2: two model calls, the second short
     logits, l_channel, ab = embedder.embed_lab(rgb)
@@ -351,7 +351,7 @@ def test_device_is_where_the_model_runs(embedder):
     one, else the CPU: the CPU on a machine without one), and the default batch size is that one's."""
     import tensorflow as tf
 
-    from common.embedder import CPU_BATCH_SIZE, GPU_BATCH_SIZE, default_batch_size
+    from common.model.embedder import CPU_BATCH_SIZE, GPU_BATCH_SIZE, default_batch_size
 
     out = embedder.model(np.zeros((1, 299, 299, 3), np.float32), training=False)
     ran_on = tf.DeviceSpec.from_string(out.device).device_type  # from ".../device:CPU:0"

@@ -22,7 +22,7 @@ from PIL import Image
 from skimage.color import rgb2lab
 from skimage.transform import resize
 
-from common.images import load_rgb
+from common.pictures.images import load_rgb
 from testkit.corpus import photo
 from testkit.fleet import koala
 from testkit.servers import worker_env

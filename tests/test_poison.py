@@ -53,7 +53,7 @@ def test_a_url_that_kills_its_worker_fails_alone_and_its_chunk_goes_on(
 def test_a_chunk_whose_task_raises_still_ends_every_item(redis_url, rclient, tmp_path, monkeypatch):
     # one function under test (the task body): the stage's run raises as it did under a memory limit
     from common.settings import get_settings
-    from common.state import JobState
+    from common.state.job import JobState
     from workers import tasks
 
     monkeypatch.setenv("KOALA_BROKER_URL", redis_url)

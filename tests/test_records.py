@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common import dataset, lab, records, shards
+from common.output import dataset, records, shards
+from common.pictures import lab
 
 S = 16  # small Lab images keep the writer tests fast; the format does not depend on S
 

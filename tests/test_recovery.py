@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import records, shards
-from common.retries import is_storage_error
+from common.output import records, shards
 from common.settings import Settings
-from common.state import JobState
+from common.state.job import JobState
+from common.state.retries import is_storage_error
 from producer.progress import Stall
 from producer.submit import Submitter
 from testkit.stage import names_in, payload, register, stage

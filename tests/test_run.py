@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.records import iter_examples
+from common.output.records import iter_examples
 from testkit import ROOT
 from testkit.fleet import koala, reached, wait_for
 from testkit.servers import ImageServer, worker_env
@@ -69,7 +69,7 @@ def _default_sigint() -> None:
 
 
 def record_names(out: Path) -> list[str]:
-    from common.records import example_bytes_feature
+    from common.output.records import example_bytes_feature
 
     return sorted(
         example_bytes_feature(data, b"image_name").decode()
@@ -170,7 +170,7 @@ def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fak
 
 
 def read_all(out: Path) -> dict[str, dict]:
-    from common.dataset import read_dataset
+    from common.output.dataset import read_dataset
 
     files = sorted(str(p) for p in out.glob("lab_images_*.tfrecord"))
     return {

@@ -45,7 +45,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "null_lab": ("1", True),
     "cache_dir": ("/tmp/koala-cache", Path("/tmp/koala-cache")),
     "resize_mode": ("crop", "crop"),
-    # the only side Inception takes (common/inception_resnet_v2.py), so the default's string
+    # the only side Inception takes (common/model/inception_resnet_v2.py), so the default's string
     "image_size": ("299", 299),
     "lab_size": ("224", 224),
     "output_dir": ("/tmp/shards", Path("/tmp/shards")),

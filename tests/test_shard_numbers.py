@@ -7,9 +7,9 @@ import signal
 from pathlib import Path
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.output.shards import SHARD_GLOB, ShardWriter, highest_number
 from common.settings import Settings
-from common.shards import SHARD_GLOB, ShardWriter, highest_number
-from common.state import JobState
+from common.state.job import JobState
 from testkit.fleet import Workers, embed_env, wait_for
 from testkit.stage import payload
 from workers.embed import shard_token

@@ -1,4 +1,4 @@
-"""Unit tests of common.sources: URL-list lines to items, URL checks, the streaming reader."""
+"""Unit tests of common.fetching.sources: URL-list lines to items, URL checks, the streaming reader."""
 
 from __future__ import annotations
 
@@ -15,10 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.settings import Settings
-from common.sources import (
+from common.fetching.sources import (
     MAX_LINE_BYTES,
-    MAX_URL_CHARS,
     FileTooLarge,
     NotRegularFile,
     ParseCounts,
@@ -30,8 +28,9 @@ from common.sources import (
     open_regular,
     parse_line,
     read_regular,
-    url_problem,
 )
+from common.fetching.urls import MAX_URL_CHARS, url_problem
+from common.settings import Settings
 
 FLICKR = "http://farm1.static.flickr.com/145/430300483_21e993670c.jpg"
 
@@ -510,7 +509,9 @@ def test_a_fifo_swapped_in_after_the_check_does_not_block(
     specials: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     regular = os.stat(specials["file"])
-    monkeypatch.setattr("common.sources.os.stat", lambda path: regular)  # "it was a file a moment ago"
+    monkeypatch.setattr(
+        "common.fetching.sources.os.stat", lambda path: regular
+    )  # "it was a file a moment ago"
     with pytest.raises(NotRegularFile, match="FIFO"):
         _returns(lambda: open_regular(specials["fifo"]))
 

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from common.failures import Failure
-from common.state import JobState
+from common.state.failures import Failure
+from common.state.job import JobState
 
 
 def key(i: int) -> str:

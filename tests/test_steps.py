@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import images as img
-from common import lab, records
-from common.dataset import read_dataset
-from common.shards import SHARD_GLOB
+from common.output import records
+from common.output.dataset import read_dataset
+from common.output.shards import SHARD_GLOB
+from common.pictures import images as img
+from common.pictures import lab
 from producer import steps
 from testkit.fleet import koala
 from testkit.servers import ImageServer, worker_env

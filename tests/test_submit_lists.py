@@ -179,7 +179,7 @@ def test_a_folder_with_a_fifo_and_a_dev_zero_link_ends_with_its_records_and_two_
 def test_journal_entries_that_cannot_be_sent_never_block_the_recovery_of_the_others(
     redis_url, rclient, tmp_path
 ):
-    from common.state import JobState
+    from common.state.job import JobState
 
     state = JobState(rclient)
     run = state.new_run()

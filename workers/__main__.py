@@ -128,8 +128,8 @@ def embed(
     os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
-    from common.checkpoint import CheckpointError
-    from workers.embed import run_embed_worker
+    from common.model.checkpoint import CheckpointError
+    from workers.embed_worker import run_embed_worker
 
     try:
         run_embed_worker(name or f"embed@{socket.gethostname()}")

@@ -24,8 +24,8 @@ from celery import Celery
 from kombu import Queue
 
 from common.celery_app import EMBED_QUEUE, EMBED_TASK
-from common.retries import BROKER_ERRORS, is_storage_error, retry_on_broker
-from common.state import connect
+from common.state.job import connect
+from common.state.retries import BROKER_ERRORS, is_storage_error, retry_on_broker
 from workers.embed import Batch, EmbedStage
 from workers.inbox import Delivery, Inbox
 from workers.pipeline import Pipeline, one_line

@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from common import images
 from common.celery_app import EMBED_QUEUE
-from common.failures import Failure, append_failure_log
-from common.fetch import make_session, policy_from_settings
+from common.fetching.fetch import make_session, policy_from_settings
 from common.messages import ChunkItem, EmbedImage, embed_image
+from common.pictures import images
 from common.settings import Settings
 from common.stages import failure_of, item_bytes, pixels_of
-from common.state import FAILED, WRITTEN, JobState, room_for
+from common.state.failures import Failure, append_failure_log
+from common.state.job import FAILED, WRITTEN, JobState, room_for
 
 log = logging.getLogger("koala.download")
 

@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import images, records
-from common.failures import Failure, append_failure_log, now
 from common.messages import EmbedImage
-from common.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
+from common.output import records
+from common.output.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
+from common.pictures import images
 from common.settings import Settings
-from common.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
-from common.stages import Model, compact_record_of, infer, load_model, record_of, start_lab, start_png
-from common.state import DOWNLOADED, SUBMITTED, JobState
+from common.stages import Model, compact_record_of, infer, record_of, start_lab, start_png
+from common.state.failures import Failure, append_failure_log, now
+from common.state.job import DOWNLOADED, SUBMITTED, JobState
+from common.state.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
 
 log = logging.getLogger("koala.embed")
 
@@ -285,53 +286,3 @@ def _check_writable(out: Path) -> None:
             "give the folder to this user (with docker compose: chown -R "
             "APP_UID:APP_GID ./data, the values of .env)"
         ) from e
-
-
-def run_embed_worker(node: str) -> None:
-    """Recover this node's leftovers, then consume the embed queue until SIGTERM/SIGINT."""
-    from common.celery_app import make_app
-    from common.settings import get_settings
-    from workers.batching import BatchConsumer
-
-    settings = get_settings()
-    if not settings.checkpoint and not settings.null_model:
-        raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
-    out = settings.output_dir
-    state = JobState.from_settings(settings)
-    check_permissions(out)
-    lock = retry_on_disk(NodeLock)(out, node)
-    try:
-        done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)
-        if done["shards"]:
-            log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
-        model = load_model(settings)
-        log.info(
-            "model ready on %s, batches of %d, Lab %s",
-            model.device,
-            model.batch_size,
-            "with the model" if model.embed_lab else "with numpy",
-        )
-        writer = ShardWriter(
-            out,
-            node,
-            examples_per_shard=settings.examples_per_shard,
-            max_age=settings.shard_max_age,
-            compression=settings.compression,
-            reserve_number=lambda lowest: retry_on_broker(state.next_shard_number)(safe_node(node), lowest),
-        )
-        stage = EmbedStage(settings, state, node, model, writer)
-        consumer = BatchConsumer(
-            make_app(settings),
-            stage,
-            batch_size=model.batch_size,
-            max_wait=settings.batch_wait,
-            hostname=node,
-        )
-        consumer.install_signal_handlers()
-        try:
-            consumer.run()
-        finally:
-            stage.close()
-        log.info("stopped after writing %d records", consumer.written)
-    finally:
-        lock.release()

@@ -11,7 +11,7 @@ holder's lease, not the restorer's settings, decides when a message is free agai
 
 `pop_into` gives a Celery worker's kombu channel (the download queue's) the same atomic pop: its
 BRPOP becomes a BLMOVE into an inbox's held list, left once kombu has recorded the message in its
-own `unacked` hash (whose leases `common/leases.py` keeps).
+own `unacked` hash (whose leases `common/state/leases.py` keeps).
 """
 
 from __future__ import annotations

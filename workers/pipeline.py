@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from common.retries import is_storage_error
+from common.state.retries import is_storage_error
 from workers.embed import Batch, EmbedStage
 
 log = logging.getLogger("koala.embed")

@@ -19,11 +19,11 @@ from celery import bootsteps
 from celery.signals import worker_ready
 
 from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
-from common.leases import LeaseKeeper, keep_leases
 from common.messages import ChunkItem, EmbedImage
-from common.retries import retry_on_broker
 from common.settings import get_settings
-from common.state import SUBMITTED, JobState, connect
+from common.state.job import SUBMITTED, JobState, connect
+from common.state.leases import LeaseKeeper, keep_leases
+from common.state.retries import retry_on_broker
 from workers.download import DownloadStage
 from workers.inbox import Inbox, pop_into
 

@@ -31,7 +31,7 @@ def _slowed(forward):
 if PACE == "fast":
     import numpy as np
 
-    from common import lab
+    from common.pictures import lab
 
     def _zeros_lab(rgb, size=lab.DEFAULT_SIZE):
         return np.zeros((size, size), np.float32), np.zeros((size, size, 2), np.float32)
@@ -42,7 +42,7 @@ elif PACE == "slow":
 
     stages.NullModel.embed = _slowed(stages.NullModel.embed)
     try:
-        from common import embedder
+        from common.model import embedder
 
         embedder.Embedder._run = _slowed(embedder.Embedder._run)  # one model call
     except ImportError:  # no TensorFlow in this environment

@@ -33,7 +33,7 @@ class CheckpointError(Exception):
 
 def _read_variable_list() -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
     """(required, ignored) name -> shape, from the package's copy of the slim variable list."""
-    text = resources.files("common").joinpath("inception_resnet_v2_variables.tsv").read_text()
+    text = resources.files("common.model").joinpath("inception_resnet_v2_variables.tsv").read_text()
     required: dict[str, tuple[int, ...]] = {}
     ignored: dict[str, tuple[int, ...]] = {}
     for line in text.splitlines()[1:]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from common.checkpoint import PREFIX, REQUIRED_VARIABLES, CheckpointError, name_list
+from common.model.checkpoint import PREFIX, REQUIRED_VARIABLES, CheckpointError, name_list
 
 SEP = "."  # stands for "/" of a slim scope in Keras layer names (Keras 3 refuses "/")
 IMAGE_SIZE = 299

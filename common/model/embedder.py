@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from common.checkpoint import load_weights, resolve_checkpoint
-from common.inception_resnet_v2 import IMAGE_SIZE, NUM_CLASSES, build_model
+from common.model.checkpoint import load_weights, resolve_checkpoint
+from common.model.inception_resnet_v2 import IMAGE_SIZE, NUM_CLASSES, build_model
 
 # ---------------------------------------------------------------- greyscale, exactly as TF on uint8
 
@@ -133,7 +133,7 @@ class Embedder:
     def _forward_lab(self, rgb: Any, lab_size: int) -> tuple[Any, Any, Any]:
         """`_forward` and the Lab channels of the same input at `lab_size`, in one function (so on the model's
         device)."""
-        from common.lab_tf import lab_tf_padded
+        from common.pictures.lab_tf import lab_tf_padded
 
         return (self._forward(rgb), *lab_tf_padded(rgb, self.batch_size, lab_size))
 
@@ -154,9 +154,9 @@ class Embedder:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uint8 RGB [B, 299, 299, 3] -> (logits [B, 1001], l [B, S, S], ab [B, S, S, 2]) float32, S lab_size.
 
-        One function per `batch_size` images runs the model and the Lab channels of `common.lab.lab_channels`
-        (`common.lab_tf`, within 1e-4 of skimage; at 224 of the image resized as the original writer does)
-        on the same input, so on a GPU the Lab work is done there.
+        One function per `batch_size` images runs the model and the Lab channels of
+        `common.pictures.lab.lab_channels` (`common.pictures.lab_tf`, within 1e-4 of skimage; at 224 of the
+        image resized as the original writer does) on the same input, so on a GPU the Lab work is done there.
         """
         if lab_size not in self._embed_lab:
             import tensorflow as tf

@@ -2,7 +2,7 @@
 temp shards, and the train / validation split.
 
 A shard is written as a hidden, uncompressed `.<name>.tmp` and published under its final name
-`lab_images_<node>_<n>.tfrecord[.gz|.zlib]` only when complete; records are `common/records.py`'s.
+`lab_images_<node>_<n>.tfrecord[.gz|.zlib]` only when complete; records are `common/output/records.py`'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from common.records import frame_pieces, iter_examples, scan_records
+from common.output.records import frame_pieces, iter_examples, scan_records
 
 SHARD_PREFIX = "lab_images_"
 SHARD_GLOB = "lab_images_*.tfrecord*"  # what training reads: finalized shards only

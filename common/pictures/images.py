@@ -26,7 +26,7 @@ import numpy as np
 import zstandard
 from PIL import Image, ImageFile
 
-from common.failures import ItemError
+from common.state.failures import ItemError
 
 try:
     import simplejpeg

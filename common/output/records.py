@@ -2,12 +2,13 @@
 
 `lab` (the original project's schema, the default): features `image_name`, `image_l`, `image_ab`,
 `image_embedding`, plus `image_key` and `image_source`. `compact`: `image_png` (the 299×299 RGB image,
-a PNG from `common.images.encode_png`) instead of `image_l` and `image_ab`; `common/dataset.py` gives
+a PNG from `common.pictures.images.encode_png`) instead of `image_l` and `image_ab`;
+`common/output/dataset.py` gives
 the `lab` tensors of either.
 Serialized and framed by hand (crc32c from google-crc32c), without TensorFlow: building a
 `tf.train.Example` from float lists copies every value through Python objects, while this writes the
-float arrays' bytes as they are (`bench/records.py` measures both). Shard files are `common/shards.py`;
-the training reader is `common/dataset.py`.
+float arrays' bytes as they are (`bench/records.py` measures both). Shard files are `common/output/shards.py`;
+the training reader is `common/output/dataset.py`.
 """
 
 from __future__ import annotations

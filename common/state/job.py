@@ -4,7 +4,8 @@ Per-item cost: items live in 65,536 hash buckets `<prefix>:i:<4 hex>`, field = t
 14 bytes of the md5, value = a state of 1-3 bytes. Small hashes are listpacks in Redis
 (about 20 bytes per entry); the fleet's Redis runs with `hash-max-listpack-entries 1024`
 so that buckets stay listpacks up to ~60 M items (see README, "Job state in Redis").
-Failure reasons and records are `common/failures.py`; waiting out a lost Redis, `common/retries.py`.
+Failure reasons and records are `common/state/failures.py`; waiting out a lost Redis,
+`common/state/retries.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import redis
 from redis.typing import EncodableT
 
-from common.failures import REASONS, Failure
+from common.state.failures import REASONS, Failure
 
 if TYPE_CHECKING:
     from common.settings import Settings

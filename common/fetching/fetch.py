@@ -30,10 +30,10 @@ from urllib3.exceptions import (
 )
 from urllib3.util.ssl_ import create_urllib3_context
 
-from common.addresses import classify, parse_networks
-from common.failures import ItemError
+from common.fetching.addresses import classify, parse_networks
+from common.fetching.urls import url_problem
 from common.settings import Settings
-from common.sources import url_problem
+from common.state.failures import ItemError
 
 _READ = 64 * 1024
 _DRAIN = 64 * 1024  # error and redirect bodies up to this size are read so the connection is kept

@@ -2,9 +2,9 @@
 
 Everything below the docstring is the README's reader snippet, verbatim (tests/test_compact.py checks),
 so that it can be pasted into any training code: it needs TensorFlow and numpy only. Imported lazily
-by `common.dataset` (it imports TensorFlow).
+by `common.output.dataset` (it imports TensorFlow).
 
-The Lab steps are those of `common.lab.lab_channels` (numpy) in the same float32 operations, except
+The Lab steps are those of `common.pictures.lab.lab_channels` (numpy) in the same float32 operations, except
 the powers (the sRGB curve at 224, the cube root), computed in float64 and rounded once: the fleet's
 numpy and TensorFlow (XLA) Lab each round those a little differently, and only a correctly rounded
 reader stays within 1e-6 of both (measured in tests/test_compact.py; `common.lab_tf.lab_tf` came to
@@ -14,7 +14,7 @@ reader stays within 1e-6 of both (measured in tests/test_compact.py; `common.lab
 import numpy as np
 import tensorflow as tf
 
-# scikit-image's rgb2lab constants (D65), as common/lab.py uses them in float32
+# scikit-image's rgb2lab constants (D65), as common/pictures/lab.py uses them in float32
 _XYZ = np.array(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
 )

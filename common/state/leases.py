@@ -41,7 +41,7 @@ def held_by(channel) -> Callable[[], list[str]]:
 
 def keep_leases(app, channel) -> LeaseKeeper:
     """Start renewing the messages a Celery app's kombu `channel` holds; `.stop()` when it closes."""
-    from common.state import connect
+    from common.state.job import connect
 
     timeout = app.conf.broker_transport_options.get("visibility_timeout", 3600)
     keeper = LeaseKeeper(

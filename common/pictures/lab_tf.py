@@ -1,4 +1,5 @@
-"""The Lab channels of `common.lab.lab_channels` in TensorFlow, to run in the same function as the model.
+"""The Lab channels of `common.pictures.lab.lab_channels` in TensorFlow, to run in the same function as the
+model.
 
 On a GPU the embed stage computes them on the device with the model, so the CPU does no Lab work.
 Same float32 operations as the numpy path (linearisation table, or at another size the original
@@ -11,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from common.lab import _EPSILON, _KAPPA, _LINEAR_LUT, _M, _SRGB_THRESHOLD
+from common.pictures.lab import _EPSILON, _KAPPA, _LINEAR_LUT, _M, _SRGB_THRESHOLD
 
 _LAB_FUNCTIONS: dict[int | None, Any] = {}  # lab_tf_compiled's functions, built on first use
 TF_LAB_CHEAPER_ON_CPU = True  # without a GPU; decided by: python -m bench.device --lab-only
@@ -20,7 +21,7 @@ TF_LAB_CHEAPER_ON_CPU = True  # without a GPU; decided by: python -m bench.devic
 def lab_tf(rgb: Any, size: int | None = None) -> tuple[Any, Any]:
     """uint8 RGB [..., H, W, 3] tensor -> (l [..., H, W] float32 = 2·L/100 − 1, ab [..., H, W, 2] float32 =
     (a, b)/127); with `size`, of the images resized to size×size first as the original record writer
-    does (`common.lab.resized`; uint8 [B, H, W, 3] then)."""
+    does (`common.pictures.lab.resized`; uint8 [B, H, W, 3] then)."""
     import tensorflow as tf
 
     if size is None:
@@ -43,7 +44,7 @@ def lab_of_linear(lin: Any) -> tuple[Any, Any]:
 
 def linear_resized(rgb: Any, size: int) -> Any:
     """Linear RGB [B, size, size, 3] float32 of a uint8 [B, H, W, 3] batch resized as the original writer
-    does: `common.lab.resized`, then skimage's sRGB curve, ((c + 0.055)/1.055)^2.4 above 0.04045 (as
+    does: `common.pictures.lab.resized`, then skimage's sRGB curve, ((c + 0.055)/1.055)^2.4 above 0.04045 (as
     exp(2.4·log): XLA's pow measured 3× slower on a CPU), c/12.92 at or below."""
     import tensorflow as tf
 
@@ -53,8 +54,8 @@ def linear_resized(rgb: Any, size: int) -> Any:
 
 
 def _taps_tf(n_in: Any, n_out: int) -> tuple[Any, Any, Any, Any]:
-    """`common.lab.bilinear_taps` in TensorFlow, for a size known only when the function runs (float64
-    positions as numpy's, float32 weights)."""
+    """`common.pictures.lab.bilinear_taps` in TensorFlow, for a size known only when the function runs
+    (float64 positions as numpy's, float32 weights)."""
     import tensorflow as tf
 
     src = (tf.range(n_out, dtype=tf.float64) + 0.5) * (tf.cast(n_in, tf.float64) / n_out) - 0.5
@@ -73,8 +74,9 @@ def _taps_tf(n_in: Any, n_out: int) -> tuple[Any, Any, Any, Any]:
 
 
 def _resized_tf(rgb: Any, size: int) -> Any:
-    """float32 [B, size, size, 3] in [0, 1]: `common.lab.resized` of a uint8 [B, H, W, 3] batch. Gathers
-    and element-wise products (not tf.image.resize: its edges are not the original's mode="constant")."""
+    """float32 [B, size, size, 3] in [0, 1]: `common.pictures.lab.resized` of a uint8 [B, H, W, 3] batch.
+    Gathers and element-wise products (not tf.image.resize: its edges are not the original's
+    mode="constant")."""
     import tensorflow as tf
 
     x = tf.cast(rgb, tf.float32)

@@ -3,7 +3,7 @@
 The reference is scikit-image's `rgb2lab`; `lab_channels` computes the same in float32: a lookup
 table for the sRGB linearisation (inputs are uint8), the 3×3 product element-wise (no BLAS
 threads), per-thread work arrays (no page faults per call). Thread-safe. No TensorFlow here.
-`common.lab_tf` computes the same channels in TensorFlow, with the model.
+`common.pictures.lab_tf` computes the same channels in TensorFlow, with the model.
 
 At another size (224: what the original training code reads) the image is first resized as the
 original record writer does, `skimage.transform.resize(img, (224, 224, 3), mode="constant")` with the

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from common.records import EMBEDDING_SIZE, RECORD_FORMATS
+from common.output.records import EMBEDDING_SIZE, RECORD_FORMATS
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -60,8 +60,8 @@ def compact_to_lab(serialized: Any, lab_size: int = 299) -> dict[str, Any]:
     """A tf.data map function: one serialized `compact` record -> the `lab` record's tensors
     image_name, image_l [S,S,1], image_ab [S,S,2] (S = lab_size: 299 or 224), image_embedding [1001],
     image_key, image_source; within 1e-6 of the `lab` record the fleet writes of the same image
-    (`common/compact_reader.py`, the README's snippet)."""
-    from common.compact_reader import compact_to_lab as to_lab
+    (`common/output/compact_reader.py`, the README's snippet)."""
+    from common.output.compact_reader import compact_to_lab as to_lab
 
     return to_lab(serialized, lab_size)
 
@@ -70,7 +70,7 @@ def _either_to_lab(serialized: Any, lab_size: int) -> dict[str, Any]:
     """The `lab` tensors of a record of either format (told apart by its `image_png`)."""
     import tensorflow as tf
 
-    from common.compact_reader import lab_of_rgb
+    from common.output.compact_reader import lab_of_rgb
 
     s = lab_size
     example = tf.io.parse_single_example(serialized, _spec(None, lab_size))

@@ -1,0 +1,65 @@
+"""`koala worker embed`: an embed worker's life. It recovers what a killed predecessor of its node
+name left, loads the model, then runs the stage (`workers.embed`) through its pipeline
+(`workers.pipeline`) on the messages of the embed queue (`workers.batching`) until stopped."""
+
+from __future__ import annotations
+
+import logging
+
+from common.celery_app import make_app
+from common.output.shards import ShardWriter, safe_node
+from common.settings import get_settings
+from common.stages import load_model
+from common.state.job import JobState
+from common.state.retries import retry_on_broker, retry_on_disk
+from workers.batching import BatchConsumer
+from workers.embed import EmbedStage, NodeLock, check_permissions, recover
+
+log = logging.getLogger("koala.embed")
+
+
+def run_embed_worker(node: str) -> None:
+    """Recover this node's leftovers, then consume the embed queue until SIGTERM/SIGINT."""
+    settings = get_settings()
+    if not settings.checkpoint and not settings.null_model:
+        raise RuntimeError("no checkpoint: pass --checkpoint PATH|URL or set KOALA_CHECKPOINT")
+    out = settings.output_dir
+    state = JobState.from_settings(settings)
+    check_permissions(out)
+    lock = retry_on_disk(NodeLock)(out, node)
+    try:
+        done = retry_on_disk(retry_on_broker(recover))(out, node, state, settings.compression)
+        if done["shards"]:
+            log.info("recovered %(shards)d shards (%(kept)d records kept, %(dropped)d dropped)", done)
+        model = load_model(settings)
+        lab = "with the model" if model.embed_lab else "with numpy"
+        log.info(
+            "model ready on %s, batches of %d, Lab %s",
+            model.device,
+            model.batch_size,
+            lab if model.lab else "none (compact records)",
+        )
+        writer = ShardWriter(
+            out,
+            node,
+            examples_per_shard=settings.examples_per_shard,
+            max_age=settings.shard_max_age,
+            compression=settings.compression,
+            reserve_number=lambda lowest: retry_on_broker(state.next_shard_number)(safe_node(node), lowest),
+        )
+        stage = EmbedStage(settings, state, node, model, writer)
+        consumer = BatchConsumer(
+            make_app(settings),
+            stage,
+            batch_size=model.batch_size,
+            max_wait=settings.batch_wait,
+            hostname=node,
+        )
+        consumer.install_signal_handlers()
+        try:
+            consumer.run()
+        finally:
+            stage.close()
+        log.info("stopped after writing %d records", consumer.written)
+    finally:
+        lock.release()
