@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from common.celery_app import make_app
 from common.output.records import RECORD_FORMATS
@@ -20,7 +19,7 @@ from common.settings import Settings, get_settings
 from common.state.failures import REASONS
 from common.state.job import JobState
 from producer.convert import convert as convert_command
-from producer.progress import resend_when_stalled, snapshot, watch, with_rates
+from producer.progress import progress_bar, resend_when_stalled, snapshot, watch, with_rates
 from producer.steps import register as register_steps
 
 
@@ -108,7 +107,7 @@ def submit(
         raise click.ClickException(f"no such file or folder: {source}")
     settings = get_settings()
     state = job_state(settings)
-    with tqdm(desc="submitting", unit=" items", disable=as_json, dynamic_ncols=True) as bar:
+    with progress_bar(desc="submitting", unit=" items", disable=as_json) as bar:
         submitter = Submitter(
             make_app(settings),
             state,

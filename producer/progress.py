@@ -1,11 +1,15 @@
 """The job's progress: one snapshot of counts, queues and shards, and the live bars of
-`koala submit --wait` and `koala run`."""
+`koala submit --wait` and `koala run` (`progress_bar`: a redrawn bar on a terminal, a line every
+few seconds in a log)."""
 
 from __future__ import annotations
 
+import re
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
@@ -15,6 +19,32 @@ from common.state.job import JobState
 from common.state.retries import retry_on_broker
 
 STAGES = ("downloaded", "written", "failed")
+LOG_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+_CURSOR_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class LogLines:
+    """A stream for tqdm when stderr is not a terminal: each redraw becomes one line of its own
+    (no carriage returns, no cursor moves), so `koala submit 2>log` reads as a log."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = _CURSOR_CODES.sub("", text).replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(**options: Any) -> tqdm:
+    """A tqdm bar on stderr: redrawn on a terminal; elsewhere a plain line every `LOG_EVERY` s."""
+    if sys.stderr.isatty():
+        return tqdm(dynamic_ncols=True, **options)
+    options.pop("position", None)
+    return tqdm(file=LogLines(sys.stderr), mininterval=LOG_EVERY, ncols=100, ascii=True, **options)
 
 
 def snapshot(state: JobState, out_dir: Path) -> dict:
@@ -46,14 +76,7 @@ def watch(
     read = retry_on_broker(snapshot)
     first = read(state, out_dir)
     bars = {
-        name: tqdm(
-            desc=f"{name:>10}",
-            total=first["submitted"],
-            unit=" img",
-            position=i,
-            dynamic_ncols=True,
-            leave=True,
-        )
+        name: progress_bar(desc=f"{name:>10}", total=first["submitted"], unit=" img", position=i, leave=True)
         for i, name in enumerate(STAGES)
     }
     try:

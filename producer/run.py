@@ -260,8 +260,6 @@ def run_job(
     record_format: str | None = None,
 ) -> int:
     """The whole job; returns the exit code (0 done, 130 interrupted)."""
-    from tqdm import tqdm
-
     from common.fetching.sources import is_url
     from common.model.checkpoint import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
@@ -306,7 +304,7 @@ def run_job(
                 "flower", [sys.executable, "-m", "celery", "-A", "common.celery_app", "flower", "--port=5555"]
             )
             echo("Flower: http://localhost:5555")
-        times["submit"] = _submit(source, state, settings, broker, tqdm)
+        times["submit"] = _submit(source, state, settings, broker)
         t0 = time.time()
         resend = resend_when_stalled(
             lambda: _resend(source, state, settings, broker, echo), settings.resend_after
@@ -345,7 +343,7 @@ def _state(broker: str, settings):
     return state
 
 
-def _submit(source: str, state, settings, broker: str, tqdm) -> float:
+def _submit(source: str, state, settings, broker: str) -> float:
     """Submit with a progress bar; returns the seconds it took."""
     from common.celery_app import make_app
     from common.fetching.sources import ListBroken, SourceError
@@ -353,7 +351,9 @@ def _submit(source: str, state, settings, broker: str, tqdm) -> float:
 
     started = time.time()
     app = make_app(settings.model_copy(update={"broker_url": broker}))
-    with tqdm(desc="submitting", unit=" items", dynamic_ncols=True) as bar:
+    from producer.progress import progress_bar
+
+    with progress_bar(desc="submitting", unit=" items") as bar:
         submitter = Submitter(app, state, settings, node=f"run-{socket.gethostname()}", on_item=bar.update)
         try:
             submit_source(source, submitter)

@@ -45,6 +45,7 @@ from common.stages import (
     start_png,
 )
 from common.state.failures import Failure, now
+from producer.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -288,7 +289,7 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
     counts = ParseCounts()
     outcomes: Counter[str] = Counter()
     try:
-        with open_list(source, settings) as stream, tqdm(desc="downloading", unit=" img") as bar:
+        with open_list(source, settings) as stream, progress_bar(desc="downloading", unit=" img") as bar:
             for outcome in bounded_map(
                 loader.process, iter_items(stream, counts, skip=skip, count=count), threads
             ):
@@ -357,7 +358,7 @@ def resize(src: Path, dst: Path, size: tuple[int, int] | None, mode: str | None,
         [identify(p, src) for p in iter_image_files(src, exclude=dst)], dst, failures
     )
     try:
-        with tqdm(total=len(files), desc="resizing", unit=" img") as bar:
+        with progress_bar(total=len(files), desc="resizing", unit=" img") as bar:
             for outcome in bounded_map(
                 lambda f: resize_one(f, dst, size, mode, settings, failures), files, threads
             ):
@@ -548,7 +549,7 @@ def lab_batch(
     mode = mode or settings.resize_mode
     batcher = LabBatcher(settings, model, mode, int(lab_size or settings.lab_size), writer, failures)
     try:
-        with writer, tqdm(total=len(files), desc="lab-batch", unit=" img") as bar:
+        with writer, progress_bar(total=len(files), desc="lab-batch", unit=" img") as bar:
             batcher.run(files, model.batch_size, bar)
     finally:
         failures.close()

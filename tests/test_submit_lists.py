@@ -211,3 +211,25 @@ def test_journal_entries_that_cannot_be_sent_never_block_the_recovery_of_the_oth
     ]
     assert queued_urls(rclient) == urls(3)
     assert counts(rclient)["failed"] == 2 and counts(rclient)["submitted"] == 5
+
+
+def test_progress_in_a_log_is_lines_not_a_redraw_stream(redis_url, tmp_path):
+    # stderr is a pipe here, as in `koala submit list 2>log`: lines, no carriage returns or cursor codes
+    path = tmp_path / "urls.txt"
+    path.write_bytes(listing(urls(300)))
+    done = koala(worker_env(redis_url, tmp_path), "submit", str(path), check=True)
+    assert "\r" not in done.stderr and "\x1b[" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "submitting" in line]
+    assert lines and "300" in lines[-1], done.stderr
+
+
+def test_log_lines_turn_each_redraw_into_one_line():
+    import io
+
+    from producer.progress import LogLines
+
+    out = io.StringIO()
+    stream = LogLines(out)
+    for text in ["\rsubmitting: 10 items", "\x1b[A", "\r", "\n\x1b[2Asubmitting: 20 items"]:
+        stream.write(text)
+    assert out.getvalue() == "submitting: 10 items\nsubmitting: 20 items\n"

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tarfile
 from collections.abc import Iterable
 from importlib import resources
@@ -241,7 +242,14 @@ def _fetch(url: str, part: Path) -> None:
             offset, total = 0, _int_header(r, "Content-Length")
         with (
             open(part, "ab" if offset else "wb") as f,
-            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5]) as bar,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name[:-5],
+                disable=not sys.stderr.isatty(),  # no redraw stream in a log
+            ) as bar,
         ):
             for chunk in r.raw.stream(_CHUNK, decode_content=False):
                 f.write(chunk)
