@@ -29,7 +29,7 @@ def test_register_counts_new_and_duplicates(state: JobState):
 def test_requeue_sends_again_what_an_earlier_run_left_pending(state: JobState):
     first = state.new_run()
     state.register([key(1), key(2), key(3)], first)
-    state.mark_downloaded(key(2))
+    state.mark_downloaded_many([key(2)])[0]
     state.mark_failed(Failure(key(3), "http_error", "HTTP 404", url="u3"))
     second = state.new_run()
     assert second != first
@@ -57,18 +57,18 @@ def test_journaled_chunk_is_orphaned_only_when_its_producer_is_gone(state: JobSt
 def test_transitions_are_one_way_and_counted_once(state: JobState):
     run = state.new_run()
     state.register([key(1), key(2)], run)
-    assert state.mark_downloaded(key(1)) is True
-    assert state.mark_downloaded(key(1)) is False
-    assert state.mark_written(key(1)) is True
-    assert state.mark_written(key(1)) is False
+    assert state.mark_downloaded_many([key(1)])[0] is True
+    assert state.mark_downloaded_many([key(1)])[0] is False
+    assert state.mark_written_many([key(1)], b"")[0] is True
+    assert state.mark_written_many([key(1)], b"")[0] is False
     failure = Failure(key(1), "timeout", "late", url="u1")
     assert state.mark_failed(failure) is False  # written is final
     # written straight from submitted (the embed stage overtook the download ack) counts both
-    assert state.mark_written(key(2)) is True
-    assert state.mark_downloaded(key(2)) is False
+    assert state.mark_written_many([key(2)], b"")[0] is True
+    assert state.mark_downloaded_many([key(2)])[0] is False
     c = state.counts()
     assert (c["downloaded"], c["written"], c["failed"], c["pending"]) == (2, 2, 0, 0)
-    assert state.mark_downloaded(key(99)) is False  # unknown keys are never invented
+    assert state.mark_downloaded_many([key(99)])[0] is False  # unknown keys are never invented
 
 
 def test_failures_are_kept_with_reason_and_detail(state: JobState):
@@ -94,4 +94,4 @@ def test_unknown_reason_is_refused(state: JobState):
 def test_reset_forgets_the_job(state: JobState):
     state.register([key(1)], state.new_run())
     assert state.reset() > 0
-    assert state.counts()["submitted"] == 0 and state.state(key(1)) is None
+    assert state.counts()["submitted"] == 0 and state.states([key(1)]) == [None]

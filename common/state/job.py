@@ -264,12 +264,6 @@ class JobState:
         if n:
             self.r.hincrby(self.counts_key, counter, n)
 
-    def state(self, key: str) -> bytes | None:
-        """The state letter of an item (s, d, w, f) or None when unknown."""
-        bucket, field = self._slot(key)
-        v = cast("bytes | None", self.r.hget(bucket, field))  # bytes: the client does not decode
-        return v[:1] if v else None
-
     def states(self, keys: Sequence[str]) -> list[bytes | None]:
         """State letters of many items in one round trip."""
         return [v[:1] if v else None for v in self._values(keys)]
@@ -300,24 +294,17 @@ class JobState:
         args = [self.counts_key, field, target, sources, *extra]
         return bool(self._transition(keys=[bucket], args=args))
 
-    def mark_downloaded(self, key: str) -> bool:
-        """submitted -> downloaded; False when the item was not pending submission."""
-        return self._move(key, DOWNLOADED, SUBMITTED)
-
     def mark_downloaded_many(self, keys: Sequence[str]) -> list[bool]:
-        """mark_downloaded for many items, in one round trip."""
+        """submitted -> downloaded, per item (False when it was not pending submission); one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             bucket, field = self._slot(key)
             self._transition(keys=[bucket], args=[self.counts_key, field, DOWNLOADED, SUBMITTED], client=pipe)
         return [bool(x) for x in pipe.execute()]
 
-    def mark_written(self, key: str, shard: bytes = b"") -> bool:
-        """submitted/downloaded -> written into `shard` (a short token); False when already final."""
-        return self._move(key, WRITTEN + shard, SUBMITTED + DOWNLOADED)
-
     def mark_written_many(self, keys: Sequence[str], shard: bytes) -> list[bool]:
-        """mark_written for a batch, in one round trip."""
+        """submitted/downloaded -> written into `shard` (a short token), per item (False when already
+        final); one round trip."""
         pipe = self.r.pipeline(transaction=False)
         for key in keys:
             bucket, field = self._slot(key)
