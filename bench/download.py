@@ -892,7 +892,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
             ),
             messages,
         ),
-        "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded(pending.pop()), keys),
+        "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded_many([pending.pop()]), keys),
         "Redis PING round trip": _cost(lambda k: client.ping(), keys),
         **fetch_costs(urls, policy, session, fetch),
     }
