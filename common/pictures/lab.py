@@ -192,19 +192,6 @@ def lab_channels(rgb: np.ndarray, size: int = DEFAULT_SIZE) -> tuple[np.ndarray,
     return l_channel.reshape(size, size), ab
 
 
-def lab_channels_skimage(rgb: np.ndarray, size: int = DEFAULT_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """The reference, as the original record writer computes it: scikit-image's float64 `resize` (order 1,
-    mode "constant", no anti-aliasing; skipped at S×S) and `rgb2lab` (10× slower)."""
-    from skimage.color import rgb2lab
-    from skimage.transform import resize
-
-    rgb = _checked(rgb)
-    if rgb.shape[:2] != (size, size):
-        rgb = resize(rgb, (size, size, 3), order=1, mode="constant", anti_aliasing=False)
-    lab = rgb2lab(rgb)
-    return (lab[..., 0] * (2 / 100) - 1).astype(np.float32), (lab[..., 1:] / 127).astype(np.float32)
-
-
 def rgb_from_lab(l: np.ndarray, ab: np.ndarray) -> np.ndarray:  # noqa: E741
     """uint8 RGB [S,S,3] from the scaled channels (skimage's `lab2rgb`, no warnings): for previews."""
     l_channel = np.asarray(l, np.float64).reshape(np.shape(ab)[:2])
