@@ -259,3 +259,21 @@ def test_a_pipeline_error_stops_the_worker_with_its_cause(workers, redis_url, rc
     logs = workers.logs()
     assert "the embed pipeline failed" in logs and "NotADirectoryError" in logs, logs[-3000:]
     assert logs.count("consuming embed") == 1  # no reconnect loop
+
+
+def test_a_redis_out_of_memory_is_waited_out(workers, redis_url, rclient):
+    # maxmemory reached with noeviction: every write is refused until it is lifted
+    state = JobState(rclient)
+    proc = workers.start("embed", **null_env())
+    wait_for(lambda: "consuming embed" in workers.logs(), 60, "the consumer", workers.logs)
+    rclient.config_set("maxmemory-policy", "noeviction")
+    rclient.config_set("maxmemory", "1")
+    try:
+        wait_for(lambda: "OutOfMemoryError" in workers.logs(), 60, "the refusal to be noticed", workers.logs)
+        assert proc.poll() is None
+    finally:
+        rclient.config_set("maxmemory", "0")
+    images = [payload(i) for i in range(8)]
+    queue(redis_url, state, images, per_message=4)
+    wait_for(lambda: state.counts()["written"] == 8, 90, "8 records once Redis accepts writes", workers.logs)
+    assert proc.poll() is None

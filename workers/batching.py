@@ -73,7 +73,7 @@ class BatchConsumer:
         """Consume until stopped, reconnecting with backoff when the broker goes away; raise the
         pipeline's error (the worker then exits with it logged)."""
         delay = 0.5
-        broker_errors = (*self.app.connection().connection_errors, *BROKER_ERRORS, redis.ResponseError)
+        broker_errors = (*self.app.connection().connection_errors, *BROKER_ERRORS)
         retry_on_broker(self.inbox.open)()
         try:
             while not self.stopping.is_set() and self.pipeline.error is None:

@@ -24,8 +24,15 @@ def _log_wait(message: str) -> Callable[[tenacity.RetryCallState], None]:
     return before_sleep
 
 
-# Redis away, or refusing writes for a while (maxmemory reached with noeviction: OutOfMemoryError).
-BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError, OperationalError)
+# Redis away, or refusing writes for a while: maxmemory reached with noeviction (OutOfMemoryError), a
+# replica during a failover (ReadOnlyError). Other Redis errors are bugs: they are not waited out.
+BROKER_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.OutOfMemoryError,
+    redis.ReadOnlyError,
+    OperationalError,
+)
 
 # A worker that loses Redis waits for it (with backoff, logged) instead of failing its work.
 retry_on_broker = tenacity.retry(
