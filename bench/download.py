@@ -858,7 +858,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
 
     from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
     from common.fetching.fetch import fetch, make_session, policy_from_settings
-    from common.messages import embed_image
+    from common.messages import EMBED_QUEUE, EMBED_TASK, embed_image
     from common.pictures import images
     from common.settings import Settings
     from common.state.job import JobState, connect

@@ -12,14 +12,10 @@ from kombu import Queue
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 
+from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, is_envelope
 from common.settings import Settings, get_settings
 
 log = logging.getLogger("koala.broker")
-
-DOWNLOAD_QUEUE = "download"
-EMBED_QUEUE = "embed"
-DOWNLOAD_TASK = "koala.download"
-EMBED_TASK = "koala.embed"
 
 
 class BrokerLossInOneLine(logging.Filter):
@@ -70,19 +66,6 @@ def _envelope_loads(s: str | bytes, _kombu_loads=kombu_redis.loads) -> object:
         return _kombu_loads(s)
     except ValueError:
         return s if isinstance(s, str) else s.decode("utf-8", "replace")
-
-
-def is_envelope(message: object) -> bool:
-    """Whether a queue entry has what kombu reads from a message before any handler sees it."""
-    if not isinstance(message, dict) or not isinstance(props := message.get("properties"), dict):
-        return False
-    info, body = props.get("delivery_info"), message.get("body")
-    return (
-        isinstance(props.get("delivery_tag"), str)
-        and isinstance(info, dict)
-        and {"exchange", "routing_key"} <= info.keys()
-        and isinstance(body, str | None)
-    )
 
 
 def _deliver_envelopes(

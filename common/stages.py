@@ -16,11 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from common.fetching.fetch import Client, Policy, fetch
-from common.messages import ChunkItem
+from common.messages import ChunkItem, FileItem, is_fetch
 from common.output import records
 from common.pictures import images, lab
 from common.settings import Settings
@@ -45,8 +46,8 @@ def failure_of(error: Exception) -> tuple[str, str]:
 def item_bytes(item: ChunkItem, client: Client, policy: Policy, keep_originals: Path | None = None) -> bytes:
     """The image file of a chunk item: its submitted bytes, or its URL fetched (and kept in
     `keep_originals` as <key>.<ext> when set)."""
-    if "b" in item:
-        return item["b"]
+    if not is_fetch(item):
+        return cast(FileItem, item)["b"]
     data = fetch(item["u"], client, policy)
     if keep_originals:
         images.save_original(keep_originals, item["k"], data)

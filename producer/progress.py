@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from common.celery_app import DOWNLOAD_QUEUE, EMBED_QUEUE
+from common.messages import DOWNLOAD_QUEUE, EMBED_QUEUE
 from common.output.shards import finished_shards
 from common.state.job import JobState
 from common.state.retries import retry_on_broker

@@ -11,20 +11,20 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import msgpack
 from celery import Celery
 
-from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK
 from common.fetching.fetch import FetchError
 from common.fetching.sources import (
     READ_ERRORS,
     FileTooLarge,
     ListBroken,
+    LocalFile,
     NotRegularFile,
     ParseCounts,
     SourceError,
@@ -36,13 +36,22 @@ from common.fetching.sources import (
     read_regular,
 )
 from common.fetching.urls import url_problem
-from common.messages import ChunkItem
+from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, ChunkItem, FetchItem
 from common.settings import Settings
-from common.state.failures import Failure, append_failure_log
+from common.state.failures import Failure, record_failure
 from common.state.job import JobState, Registered, room_for
 from common.state.retries import BROKER_ERRORS, call_retrying, retry_on_broker
 
 log = logging.getLogger("koala.submit")
+
+Submitted = FetchItem | LocalFile  # an item as the producer journals it (a file's bytes not read yet)
+
+
+def _journaled(item: dict) -> Submitted:
+    """A journal entry's item (producers before `LocalFile` named the local path `_path`)."""
+    if "_path" in item:
+        item["path"] = item.pop("_path")
+    return cast(Submitted, item)
 
 
 @dataclass
@@ -104,20 +113,21 @@ class Submitter:
         items = msgpack.unpackb(packed, raw=False)
         states = self.state.states([i["k"] for i in items])
         pending = [i for i, s in zip(items, states, strict=True) if s in (b"s", b"d")]
-        self._send([i for i in pending if not self._failed_early_alone(i)])
+        ready = [self._ready_alone(_journaled(i)) for i in pending]
+        self._send([r for r in ready if r is not None])
         self.report.recovered += len(pending)
         self.state.drop_orphan(field)
 
-    def _failed_early_alone(self, item: ChunkItem) -> bool:
-        """`_failed_early` of a journaled item, whatever it holds: an item whose check raises is
-        failed (internal_error) instead of stopping the recovery of the others."""
+    def _ready_alone(self, item: Submitted) -> ChunkItem | None:
+        """`_ready` of a journaled item, whatever it holds: an item whose check raises is failed
+        (internal_error) instead of stopping the recovery of the others."""
         try:
-            return self._failed_early(item)
+            return self._ready(item)
         except BROKER_ERRORS:
             raise
         except Exception as e:
             self._fail(item, "internal_error", f"journaled item: {type(e).__name__}: {e}"[:300])
-            return True
+            return None
 
     def _fail_entry(self, packed: bytes, detail: str) -> None:
         """Fail the still-pending items of a journal entry that could not be recovered, as far as
@@ -135,7 +145,7 @@ class Submitter:
         """Submit every item of a URL-list stream. When the stream breaks part way, the items read
         before the break are submitted, then ListBroken is raised."""
         counts = ParseCounts()
-        chunk: list[ChunkItem] = []
+        chunk: list[Submitted] = []
         read_before = self.report.read
         broken: ListBroken | None = None
         try:
@@ -155,12 +165,12 @@ class Submitter:
 
     def submit_folder(self, root: Path, skip: int = 0, count: int | None = None) -> None:
         """Submit every file under root; the bytes travel in the message (no shared disk)."""
-        chunk: list[ChunkItem] = []
+        chunk: list[Submitted] = []
         size = 0
         limit = max(1, min(self.settings.chunk_size, 64))
         for item in iter_folder(root, skip, count):
             chunk.append(item)
-            size += os.path.getsize(item["_path"]) if os.path.exists(item["_path"]) else 0
+            size += os.path.getsize(item["path"]) if os.path.exists(item["path"]) else 0
             if len(chunk) >= limit or size >= 8_000_000:
                 self._send_chunk(chunk)
                 chunk, size = [], 0
@@ -188,7 +198,7 @@ class Submitter:
             self.on_item(len(part))
         self.report.known += len(failures) - len(items)
 
-    def _send_chunk(self, chunk: list[ChunkItem]) -> None:
+    def _send_chunk(self, chunk: Sequence[Submitted]) -> None:
         """Register and journal a chunk; send what is new (or requeued); fail bad ones."""
         if not chunk:
             return
@@ -206,8 +216,8 @@ class Submitter:
                 self.report.new += 1
             else:
                 self.report.requeued += 1
-            if not self._failed_early(item):
-                outgoing.append(item)
+            if (ready := self._ready(item)) is not None:
+                outgoing.append(ready)
         retry_on_broker(self._send)(outgoing)
         retry_on_broker(self.state.unjournal)(self.producer, entry)
         self.on_item(len(chunk))
@@ -232,38 +242,37 @@ class Submitter:
             self._wait_for_room()
             self.app.send_task(DOWNLOAD_TASK, args=[items], queue=DOWNLOAD_QUEUE)
 
-    def _failed_early(self, item: ChunkItem) -> bool:
-        """Record the failure of an item that can't go to the workers; loads a file's bytes."""
-        problem = self._problem(item)
+    def _ready(self, item: Submitted) -> ChunkItem | None:
+        """The item as it goes to the workers (a file's bytes read), or None once the failure of an
+        item that can't go is recorded."""
+        ready, problem = self._wire(item)
         if problem:
             self._fail(item, *problem)
-        return problem is not None
+        return ready
 
-    def _problem(self, item: ChunkItem) -> tuple[str, str] | None:
-        """Why an item can't go to the workers (bad URL, unreadable, oversized or not a regular
-        file), or None. A file is read only when regular, at most KOALA_MAX_BYTES of it: a FIFO
+    def _wire(self, item: Submitted) -> tuple[ChunkItem | None, tuple[str, str] | None]:
+        """(the item on the wire, None) or (None, why it can't go: bad URL, unreadable, oversized or
+        not a regular file). A file is read only when regular, at most KOALA_MAX_BYTES of it: a FIFO
         or a device (/dev/zero) never blocks nor fills the producer."""
         if "u" in item:
-            return url_problem(item["u"])
-        path = item.pop("_path")  # the file's bytes go in the message, not its local path
+            fetch = cast(FetchItem, item)
+            problem = url_problem(fetch["u"])
+            return (None, problem) if problem else (fetch, None)
+        local = cast(LocalFile, item)
         try:
-            item["b"] = read_regular(path, self.settings.max_bytes)
+            data = read_regular(local["path"], self.settings.max_bytes)
         except NotRegularFile as e:
-            return "not_a_regular_file", str(e)
+            return None, ("not_a_regular_file", str(e))
         except FileTooLarge as e:
-            return "too_large", str(e)
+            return None, ("too_large", str(e))
         except OSError as e:
-            return "io_error", f"cannot read {path}: {e.strerror or e}"
-        return None
+            return None, ("io_error", f"cannot read {local['path']}: {e.strerror or e}")
+        return {"k": local["k"], "p": local["p"], "b": data}, None
 
-    def _fail(self, item: ChunkItem, reason: str, detail: str) -> None:
+    def _fail(self, item: Submitted, reason: str, detail: str) -> None:
         failure = Failure.of_item(item, reason, detail, self.node)
-        if retry_on_broker(self.state.mark_failed)(failure):
+        if record_failure(failure, retry_on_broker(self.state.mark_failed), self.settings.output_dir):
             self.report.failed_at_submit += 1
-            try:
-                append_failure_log(self.settings.output_dir, self.node, failure)
-            except OSError:
-                pass  # Redis holds the failure; the local log is a convenience here
 
     def _wait_for_room(self) -> None:
         """Hold back while the download queue is at its high-water mark."""

@@ -27,7 +27,13 @@ def fake_embed(batch: np.ndarray) -> np.ndarray:
 def payload(i: int) -> dict:
     rgb = np.full((299, 299, 3), i * 10 % 256, np.uint8)
     key = hashlib.md5(f"http://x/{i}".encode()).hexdigest()
-    return {"key": key, "name": key, "source": f"http://x/{i}", "pixels": images.encode_pixels(rgb)}
+    return {
+        "key": key,
+        "name": key,
+        "source": f"http://x/{i}",
+        "kind": "url",
+        "pixels": images.encode_pixels(rgb),
+    }
 
 
 def zero_record(p: EmbedImage) -> bytes:

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
-from common.messages import embed_image
+from common.celery_app import make_app
+from common.messages import EMBED_QUEUE, EMBED_TASK, embed_image
 from common.output import records
 from common.output.shards import SHARD_GLOB, finished_shards
 from common.pictures import images, lab

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.celery_app import make_app
+from common.messages import EMBED_QUEUE, EMBED_TASK
 from common.output import records
 from common.output.shards import SHARD_GLOB
 from common.settings import Settings

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.celery_app import make_app
+from common.messages import EMBED_QUEUE, EMBED_TASK
 from common.settings import Settings
 from testkit.stage import payload
 from workers.inbox import Inbox

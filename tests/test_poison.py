@@ -91,3 +91,40 @@ def test_a_worker_killed_between_the_pop_and_its_bookkeeping_loses_nothing(
     assert rclient.llen("download") == 0 and not rclient.hlen("unacked")  # popped: only its held list has it
     workers.start("download", "-c", "2", **short)  # sweeps the dead one's held list once its lease ends
     wait_for(lambda: counts(rclient).get("downloaded") == 4, 60, "4 downloads, nothing resent", workers.logs)
+
+
+@pytest.mark.slow
+def test_at_default_settings_a_poison_url_ends_within_5_minutes(
+    image_server: ImageServer, workers: Workers, rclient, tmp_path
+):
+    # the check: default visibility timeout and delivery limit, workers restarted when they
+    # die, one chunk of 16 with a URL that kills its worker; records written by a real embed worker
+    import time
+
+    siblings = [f"{image_server.base}/img/jpeg_small?default={i}" for i in range(15)]
+    poison = f"{image_server.base}/poison/default"
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(siblings[:3] + [poison] + siblings[3:]))
+    defaults = {"KOALA_CHUNK_SIZE": "16"}  # the default chunk size, which the test environment lowers
+    embed = {"KOALA_NULL_MODEL": "1", "KOALA_LAB_ON_DEVICE": "0"}
+    names = {"download": "download-d@test", "embed": "embed-d@test"}
+    procs = {kind: workers.start(kind, "-n", name, **defaults, **embed) for kind, name in names.items()}
+    start = time.monotonic()
+    assert koala(workers.env(**defaults), "submit", str(listing)).returncode == 0
+    deaths = 0
+
+    def supervised() -> bool:
+        nonlocal deaths
+        for kind, proc in procs.items():
+            if proc.poll() is not None:
+                deaths += 1
+                procs[kind] = workers.start(kind, "-n", names[kind], **defaults, **embed)
+        c = counts(rclient)
+        return c.get("written", 0) == 15 and c.get("failed", 0) == 1
+
+    wait_for(supervised, 300, "15 records and one failure within 5 minutes", workers.logs)
+    took = time.monotonic() - start
+    print(f"poison URL at default settings: done {took:.0f} s after submit, {deaths} worker deaths")
+    assert [f["reason"] for f in json.loads(koala(workers.env(), "failures", "--json").stdout)] == [
+        "worker_died"
+    ]

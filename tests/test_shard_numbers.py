@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+from common.celery_app import make_app
+from common.messages import EMBED_QUEUE, EMBED_TASK
 from common.output.shards import SHARD_GLOB, ShardWriter, highest_number
 from common.settings import Settings
 from common.state.job import JobState

@@ -23,7 +23,7 @@ import redis
 from celery import Celery
 from kombu import Queue
 
-from common.celery_app import EMBED_QUEUE, EMBED_TASK
+from common.messages import EMBED_QUEUE, EMBED_TASK
 from common.state.job import connect
 from common.state.retries import BROKER_ERRORS, is_storage_error, retry_on_broker
 from workers.embed import Batch, EmbedStage

@@ -14,13 +14,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-from common.celery_app import EMBED_QUEUE
 from common.fetching.fetch import make_session, policy_from_settings
-from common.messages import ChunkItem, EmbedImage, embed_image
+from common.messages import EMBED_QUEUE, ChunkItem, EmbedImage, embed_image, source_of
 from common.pictures import images
 from common.settings import Settings
 from common.stages import failure_of, item_bytes, pixels_of
-from common.state.failures import Failure, append_failure_log
+from common.state.failures import Failure, record_failure
 from common.state.job import FAILED, WRITTEN, JobState, room_for
 
 log = logging.getLogger("koala.download")
@@ -79,7 +78,7 @@ class DownloadStage:
         except Exception as e:
             reason, detail = failure_of(e)
             if reason == "internal_error":  # a bug: logged whole, and the item still accounted for
-                log.exception("unexpected error on %s", item.get("u") or item.get("p"))
+                log.exception("unexpected error on %s", "".join(source_of(item)))
             self.fail(item, reason, detail)
         return None
 
@@ -92,11 +91,7 @@ class DownloadStage:
     def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""
         failure = Failure.of_item(item, reason, detail, self.node)
-        if self.state.mark_failed(failure):
-            try:
-                append_failure_log(self.settings.output_dir, self.node, failure)
-            except OSError as e:
-                log.warning("cannot append to the failure log in %s: %s", self.settings.output_dir, e)
+        record_failure(failure, self.state.mark_failed, self.settings.output_dir)
 
     def wait_for_room(self, n: int) -> None:
         """Hold back while the embed queue is at its high-water mark (counted in images)."""

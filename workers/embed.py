@@ -30,7 +30,7 @@ from common.output.shards import ShardWriter, finalize_temp, recover_temp_shards
 from common.pictures import images
 from common.settings import Settings
 from common.stages import Model, compact_record_of, infer, record_of, start_lab, start_png
-from common.state.failures import Failure, append_failure_log, now
+from common.state.failures import Failure, now, record_failure
 from common.state.job import DOWNLOADED, SUBMITTED, JobState
 from common.state.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
 
@@ -208,21 +208,12 @@ class EmbedStage:
     def fail(self, payload: EmbedImage, reason: str, detail: str) -> None:
         """Record an item that cannot become a record."""
         source = str(payload.get("source") or "")
-        is_url = "://" in source
-        failure = Failure(
-            key=payload["key"],
-            reason=reason,
-            detail=detail,
-            url=source if is_url else "",
-            path="" if is_url else source,
-            node=self.node,
-            time=now(),
+        url, path = (source, "") if payload.get("kind") == "url" else ("", source)
+        failure = Failure(payload["key"], reason, detail, url=url, path=path, node=self.node, time=now())
+        pending = SUBMITTED + DOWNLOADED  # the embed stage may fail a downloaded item too
+        record_failure(
+            failure, lambda f: self.state.mark_failed(f, from_states=pending), self.settings.output_dir
         )
-        if self.state.mark_failed(failure, from_states=SUBMITTED + DOWNLOADED):
-            try:
-                append_failure_log(self.settings.output_dir, self.node, failure)
-            except OSError as e:
-                log.warning("cannot append to the failure log: %s", e)
 
     def close(self) -> None:
         """Finalize the open shard."""

@@ -29,8 +29,7 @@ import orjson
 import pybase64
 import redis
 
-from common.celery_app import EMBED_QUEUE, is_envelope
-from common.messages import EmbedImage, images_of
+from common.messages import EMBED_QUEUE, EmbedImage, images_of, is_envelope
 
 log = logging.getLogger("koala.embed")
 

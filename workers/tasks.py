@@ -18,8 +18,17 @@ import redis
 from celery import bootsteps
 from celery.signals import worker_ready
 
-from common.celery_app import DOWNLOAD_QUEUE, DOWNLOAD_TASK, EMBED_QUEUE, EMBED_TASK, make_app
-from common.messages import ChunkItem, EmbedImage
+from common.celery_app import make_app
+from common.messages import (
+    DOWNLOAD_QUEUE,
+    DOWNLOAD_TASK,
+    EMBED_QUEUE,
+    EMBED_TASK,
+    ChunkItem,
+    EmbedImage,
+    items_of,
+    source_of,
+)
 from common.settings import get_settings
 from common.state.job import SUBMITTED, JobState, connect
 from common.state.leases import LeaseKeeper, keep_leases
@@ -134,6 +143,11 @@ running = Alone()
 def download(self, items: list[ChunkItem], alone: bool = False) -> int:
     """Download a chunk of items and pass the images on; returns how many it handled. `alone`: a
     suspect (its chunk outlived `max_deliveries` workers) run with nothing else in flight here."""
+    try:
+        items = items_of(items)
+    except ValueError as e:  # nothing in it can be accounted for: dropped, as kombu drops non-messages
+        log.error("dropping a malformed download message: %s", e)
+        return 0
     stage = download_stage(self.request.hostname or "download")
     message = str(self.request.id)
     with running.alone() if alone else running.shared():
@@ -155,7 +169,7 @@ def give_up_on(stage: DownloadStage, items: list[ChunkItem], alone: bool, deaths
     message per item, each to be run alone."""
     if alone:
         detail = f"the worker processing it alone died {deaths} time(s) (out of memory? a crash?)"
-        log.error("%s: %s", [i.get("u") or i.get("p") for i in items], detail)
+        log.error("%s: %s", ["".join(source_of(i)) for i in items], detail)
         fail_pending(stage, items, "worker_died", detail)
         return
     log.warning("a chunk outlived %d workers: its %d items go on one by one, each alone", deaths, len(items))

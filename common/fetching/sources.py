@@ -17,12 +17,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal, TypedDict
 
 from urllib3.exceptions import DecodeError, HTTPError
 
 from common.fetching.urls import SCHEME
-from common.messages import ChunkItem
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -214,7 +213,16 @@ def file_key(path: Path) -> str:
     return hashlib.md5(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[ChunkItem]:
+class LocalFile(TypedDict):
+    """A file of a folder being submitted, as the producer journals it: its key, its path in the
+    folder and on this machine (the bytes are read when it is sent: `FileItem` on the wire)."""
+
+    k: str
+    p: str
+    path: str
+
+
+def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator[LocalFile]:
     """Items of every file under root, sorted, without their bytes (read when sent)."""
     seen = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -228,7 +236,7 @@ def iter_folder(root: Path, skip: int = 0, count: int | None = None) -> Iterator
             if count is not None and seen > skip + count:
                 return
             path = Path(dirpath) / name
-            yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "_path": str(path)}
+            yield {"k": file_key(path), "p": path.relative_to(root).as_posix(), "path": str(path)}
 
 
 _KINDS = (

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from common.messages import ChunkItem
+log = logging.getLogger("koala.failures")
 
 # Why an item failed for good: counted per reason in Redis; the README's reasons table lists each.
 REASONS = (
@@ -55,8 +58,8 @@ class Failure:
     time: float = 0.0
 
     @classmethod
-    def of_item(cls, item: ChunkItem, reason: str, detail: str, node: str) -> Failure:
-        """The failure, now, of an item of a download chunk."""
+    def of_item(cls, item: Mapping[str, Any], reason: str, detail: str, node: str) -> Failure:
+        """The failure, now, of an item of a chunk (`u` its URL, or `p` its path in the folder)."""
         url, path = item.get("u", ""), item.get("p", "")
         return cls(key=item["k"], reason=reason, detail=detail, url=url, path=path, node=node, time=now())
 
@@ -82,6 +85,19 @@ def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def record_failure(failure: Failure, mark: Callable[[Failure], bool], log_dir: Path) -> bool:
+    """The one way a fleet stage records a failed item: `mark` moves it to failed in the job state
+    (`JobState.mark_failed`, with the states it may leave), then the node's JSON Lines log gets
+    the line. Whether it was recorded now (False: the item had ended already)."""
+    if not mark(failure):
+        return False
+    try:
+        append_failure_log(log_dir, failure.node, failure)
+    except OSError as e:  # Redis holds the failure; the log is a convenience
+        log.warning("cannot append to the failure log in %s: %s", log_dir, e)
+    return True
 
 
 def now() -> float:
