@@ -434,7 +434,7 @@ def test_preview_draws_compact_records(fleet: dict, tmp_path: Path) -> None:
     count = sum(1 for _ in records.iter_examples(shard))
     env = worker_env("redis://127.0.0.1:9/0", tmp_path)
     koala(env, "preview", shard, "--out", tmp_path / "sheet.png", "--columns", "1", check=True)
-    from producer.steps import sheet_size
+    from producer.steps.preview import sheet_size
 
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size == sheet_size(min(count, 16), 299, 1)

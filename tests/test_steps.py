@@ -20,7 +20,9 @@ from common.output.dataset import read_dataset
 from common.output.shards import SHARD_GLOB
 from common.pictures import images as img
 from common.pictures import lab
-from producer import steps
+from producer.steps import register
+from producer.steps.files import FAILURES_FILE
+from producer.steps.preview import SHEET_PAD, record_images, sheet_size
 from testkit.fleet import koala
 from testkit.servers import ImageServer, worker_env
 
@@ -49,7 +51,7 @@ def stand_in(tmp: Path) -> dict[str, str]:
 
 
 def failures_in(directory: Path) -> list[dict]:
-    path = directory / steps.FAILURES_FILE
+    path = directory / FAILURES_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -80,7 +82,7 @@ def downloaded(image_server: ImageServer, urls, tmp_path_factory) -> dict:
 
 def test_download_keeps_the_images_the_fleet_accepts(downloaded, urls, images):
     expected = {f"{md5(u)}.{img.guess_extension(images[n])}": images[n] for u, n in urls.items()}
-    on_disk = {p.name: p.read_bytes() for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
+    on_disk = {p.name: p.read_bytes() for p in downloaded["out"].iterdir() if p.name != FAILURES_FILE}
     assert on_disk == expected
     assert "downloaded 5, skipped 0" in downloaded["first"]
     assert "1 lines rejected" in downloaded["first"]
@@ -112,7 +114,7 @@ def resized(downloaded, tmp_path_factory) -> dict:
 
 
 def test_resize_writes_the_fleets_pixels_losslessly(downloaded, resized):
-    originals = sorted(p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE)
+    originals = sorted(p for p in downloaded["out"].iterdir() if p.name != FAILURES_FILE)
     assert sorted(p.name for p in resized["out"].iterdir()) == sorted(f"{p.stem}.png" for p in originals)
     for original in originals:
         png = resized["out"] / f"{original.stem}.png"
@@ -183,7 +185,7 @@ def check_records(got: list[dict], sources: dict[str, Path]) -> None:
 
 
 def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched):
-    originals = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
+    originals = {p.stem: p for p in downloaded["out"].iterdir() if p.name != FAILURES_FILE}
     shards = sorted(batched.glob(SHARD_GLOB))
     assert [len(list(records.iter_examples(s))) for s in shards] == [2, 2, 1], "-b is records per shard"
     assert all(s.name.startswith("lab_images_standalone_") for s in shards)
@@ -194,7 +196,7 @@ def test_download_resize_lab_batch_gives_the_fleets_records(downloaded, batched)
 
 
 def test_lab_batch_on_originals_names_other_files_by_their_path(downloaded, batched_originals):
-    sources = {p.stem: p for p in downloaded["out"].iterdir() if p.name != steps.FAILURES_FILE}
+    sources = {p.stem: p for p in downloaded["out"].iterdir() if p.name != FAILURES_FILE}
     sources["extra/photo.png"] = batched_originals.parent / "src" / "extra" / "photo.png"
     shards = sorted(batched_originals.glob(SHARD_GLOB))
     assert len(shards) == 1
@@ -211,10 +213,10 @@ def test_preview_draws_grey_beside_colour(batched, tmp_path):
     done = koala(no_broker(tmp_path), "preview", shard, "--out", out, check=True)
     assert done.stdout.strip() == str(out)
     sheet = np.asarray(Image.open(out).convert("RGB"))
-    assert sheet.shape[1::-1] == steps.sheet_size(2, 299)
+    assert sheet.shape[1::-1] == sheet_size(2, 299)
     _, _, data = next(records.iter_examples(shard))
-    name, grey, colour = steps.record_images(data)
-    pad = steps.SHEET_PAD
+    name, grey, colour = record_images(data)
+    pad = SHEET_PAD
     assert np.array_equal(sheet[pad : pad + 299, pad + 299 : pad + 598], colour)
     assert np.array_equal(sheet[pad : pad + 299, pad : pad + 299], grey)
     assert np.ptp(grey.astype(int), axis=-1).max() <= 1, "the input is grey"
@@ -230,5 +232,5 @@ def test_preview_parses_floats_as_written():
 
 def test_register_adds_the_commands():
     group = click.Group("koala")
-    steps.register(group)
+    register(group)
     assert {"download", "resize", "lab-batch", "preview"} <= set(group.commands)
