@@ -13,46 +13,34 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import statistics
-import tempfile
 from pathlib import Path
 
 import click
 
-from bench.embed import cpu_seconds, default_json, drain, item_of, log, make_images, md_table, save_json
+from bench.common import (
+    cpu_seconds,
+    drain,
+    finish,
+    log,
+    make_images,
+    md_table,
+    medians,
+    payloads_of,
+    redis_server,
+)
+from bench.common import send_chunks as send
 
-NAME = "broker"
 CHUNK = 16  # images per message, as download workers publish a chunk (KOALA_CHUNK_SIZE's default)
-
-
-def chunk_images(chunk: int) -> list[dict]:
-    """`chunk` distinct photo-like images as download workers publish them."""
-    from common.messages import embed_image
-    from common.pictures.images import encode_pixels
-
-    return [embed_image(item_of(i), encode_pixels(img)) for i, img in enumerate(make_images(chunk, chunk))]
-
-
-def send(redis_url: str, images: list[dict], messages: int) -> None:
-    """Publish `messages` messages of the chunk's images (a sender process)."""
-    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
-    from common.settings import Settings
-
-    app = make_app(Settings(broker_url=redis_url))
-    for _ in range(messages):
-        app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
-    app.close()
 
 
 def one_round(server, images: list[dict], n: int, senders: int) -> dict:
     """Senders and the consumer at once until n images went through; images/s and Redis CPU."""
     server.client().flushall()
     messages = n // len(images) // senders
-    total = messages * len(images) * senders
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=send, args=(server.url, images, messages)) for _ in range(senders)]
+    procs = [ctx.Process(target=send, args=(server.url, [images] * messages)) for _ in range(senders)]
     redis_cpu = cpu_seconds(server.proc.pid) or 0.0
-    seen = drain(server.url, total, 128, "broker@bench", 600, start=lambda: [p.start() for p in procs])
+    seen = drain(server.url, messages * len(images) * senders, 128, 600, lambda: [p.start() for p in procs])
     for p in procs:
         p.join()
     received = sum(k for _, k in seen)
@@ -68,78 +56,38 @@ def one_round(server, images: list[dict], n: int, senders: int) -> dict:
     }
 
 
-def run(n: int, senders: int, rounds: int) -> dict:
-    from testkit.servers import RedisServer
-
-    images = chunk_images(CHUNK)
-    payload_kb = sum(len(i["pixels"]) for i in images) / len(images) / 1000
-    runs: list[dict] = []
-    result: dict = {
-        "bench": NAME,
-        "images": n,
-        "senders": senders,
-        "rounds": rounds,
-        "payload_kb_per_image": round(payload_kb, 1),
-        "load_average_before": os.getloadavg(),
-    }
-    with tempfile.TemporaryDirectory(prefix="koala-bench-broker-") as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        try:
-            for r in range(rounds):
-                runs.append(one_round(server, images, n, senders))
-                log(f"round {r + 1}/{rounds}: {runs[-1]}")
-        finally:
-            server.stop()
-    keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
-    result["median"] = {k: statistics.median(x[k] for x in runs) for k in keys}
-    result["runs"] = runs
-    result["load_average_after"] = os.getloadavg()
-    return result
-
-
-def markdown(result: dict) -> str:
-    """The table of a broker result."""
-    median = result["median"]
-    row = [
-        f"chunk ({CHUNK} images per message)",
-        median["images_per_s"],
-        median["redis_cpu_ms_per_image"],
-        median["redis_bound_images_per_s"],
-    ]
-    head = (
-        f"### Broker: the `embed` queue on one Redis ({result['images']} images of "
-        f"{result['payload_kb_per_image']} kB, {result['senders']} senders + 1 consumer on this machine, "
-        f"medians of {result['rounds']} rounds)"
-    )
-    return (
-        head
-        + "\n\n"
-        + md_table(
-            [
-                "message format",
-                "images/s through the queue",
-                "redis-server CPU-ms/image",
-                "one Redis core's bound (images/s)",
-            ],
-            [row],
-        )
-    )
-
-
 @click.command()
-@click.option("--images", "n", type=int, default=None, help="images per round (default 8000; smoke 320)")
+@click.option("--images", "n", type=int, help="images per round (default 8000; smoke 320)")
 @click.option("--senders", type=int, default=2, show_default=True, help="sender processes")
 @click.option("--rounds", type=int, default=3, show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")
 def main(n: int | None, senders: int, rounds: int, json_path: Path | None, smoke: bool) -> None:
     """Images/s one Redis carries on the embed queue, and the bound its own CPU sets."""
-    result = run(n or (320 if smoke else 8000), senders, 1 if smoke else rounds)
-    path = json_path or default_json(NAME, smoke)
-    save_json(result, path)
-    text = markdown(result)
-    path.with_suffix(".md").write_text(text + "\n")
-    click.echo(text)
+    n, rounds = n or (320 if smoke else 8000), 1 if smoke else rounds
+    images = payloads_of(make_images(CHUNK, CHUNK))  # distinct photo-like images, as workers send them
+    kb = round(sum(len(i["pixels"]) for i in images) / len(images) / 1000, 1)
+    result: dict = {"bench": "broker", "images": n, "senders": senders, "rounds": rounds}
+    result.update(payload_kb_per_image=kb, load_average_before=os.getloadavg(), runs=[])
+    with redis_server("broker") as server:
+        for r in range(rounds):
+            result["runs"].append(one_round(server, images, n, senders))
+            log(f"round {r + 1}/{rounds}: {result['runs'][-1]}")
+    keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
+    result.update(median=medians(result["runs"], keys), load_average_after=os.getloadavg())
+    head = (
+        f"### Broker: the `embed` queue on one Redis ({n} images of {kb} kB, {senders} senders + 1 "
+        f"consumer on this machine, medians of {rounds} rounds)"
+    )
+    cols = ["message format", "images/s through the queue", "redis-server CPU-ms/image"]
+    row = [f"chunk ({CHUNK} images per message)", *(result["median"][k] for k in keys)]
+    finish(
+        "broker",
+        result,
+        json_path,
+        smoke,
+        head + "\n\n" + md_table([*cols, "one Redis core's bound (images/s)"], [row]),
+    )
 
 
 if __name__ == "__main__":

@@ -16,27 +16,31 @@ of up to 4 threads, as the embed worker runs them; `Embedder.embed_lab` (the TF 
 function); and each Lab path alone. Wall and process CPU time. The extra time per image over the
 model alone (median of differences paired by repetition) is often within the model call's variation
 on a shared machine; the CPU work of each Lab path alone is what
-`common.pictures.lab_tf.lab_on_device_default`
-was decided on for a machine without a GPU.
+`common.pictures.lab_tf.lab_on_device_default` was decided on for a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
 import numpy as np
 
-from bench.embed import CACHE, default_json, ensure_checkpoint, log, make_images, md_table, quiet_tensorflow
-
-NAME = "device"
+from bench.common import (
+    ensure_checkpoint,
+    finish,
+    interleaved,
+    log,
+    make_images,
+    md_table,
+    paired,
+    quiet_tensorflow,
+)
 
 
 def model_gflops_per_image() -> float:
@@ -47,16 +51,10 @@ def model_gflops_per_image() -> float:
     from common.model.inception_resnet_v2 import IMAGE_SIZE, build_model
 
     model = build_model()
-    graph = (
-        tf.function(lambda x: model(x, training=False))
-        .get_concrete_function(tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32))
-        .graph
-    )
-    options = (
-        option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
-        .with_empty_output()
-        .build()
-    )
+    spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
+    builder = option_builder.ProfileOptionBuilder
+    options = builder(builder.float_operation()).with_empty_output().build()
     return model_analyzer.profile(graph, options=options).total_float_ops / 1e9
 
 
@@ -88,23 +86,9 @@ def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: 
     start = time.perf_counter()
     for i in range(calls):
         embedder.embed(rgb[(i * batch) % len(rgb) :][:batch])
-    seconds = time.perf_counter() - start
-    return {
-        "batch": batch,
-        "mixed_precision": mixed,
-        "xla": xla,
-        "images": calls * batch,
-        "img_s": round(calls * batch / seconds, 2),
-        "load_and_compile_s": round(ready, 1),
-        "device": embedder.device,
-    }
-
-
-def _seconds(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds over all its threads) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    img_s = calls * batch / (time.perf_counter() - start)
+    row = {"batch": batch, "mixed_precision": mixed, "xla": xla, "images": calls * batch}
+    return row | {"img_s": round(img_s, 2), "load_and_compile_s": round(ready, 1), "device": embedder.device}
 
 
 def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> dict:
@@ -131,22 +115,18 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
         "numpy_lab_alone": lambda: [lab_channels(image) for image in images],
         "tf_lab_alone": lambda: [t.numpy() for t in lab_tf_compiled()(images)],
     }
-    for call in calls.values():
-        call()  # warm-up: tracing, compiling, per-thread work arrays
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
-            times[name].append(_seconds(call))
+    times = interleaved(calls, reps)
     pool.shutdown()
     result: dict = {"batch": batch, "reps": reps, "device": embedder.device}
     for i, kind in enumerate(("wall", "cpu")):
         per_image = {name: [1000 * t[i] / batch for t in ts] for name, ts in times.items()}
         result[kind] = {name: round(statistics.median(v), 2) for name, v in per_image.items()}
         for path in ("numpy", "tf"):  # paired with the model-alone call of the same repetition
-            with_lab, alone = per_image[f"model_{path}_lab"], per_image["model"]
-            diffs = sorted(w - m for w, m in zip(with_lab, alone, strict=True))
-            result[kind][f"{path}_extra"] = round(statistics.median(diffs), 2)
-            result[kind][f"{path}_extra_range"] = [round(diffs[0], 2), round(diffs[-1], 2)]
+            extra = paired(per_image[f"model_{path}_lab"], per_image["model"], 2)
+            result[kind][f"{path}_extra"], result[kind][f"{path}_extra_range"] = (
+                extra["median"],
+                extra["range"],
+            )
     # Within a model call the Lab's few ms per image are often below the call's variation on a shared
     # machine (see the ranges); the CPU work of each Lab path alone, measured in the same run, decides.
     result["tf_cheaper"] = result["cpu"]["tf_lab_alone"] < result["cpu"]["numpy_lab_alone"]
@@ -154,26 +134,24 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
     return result
 
 
-def grid(kind: str, on_gpu: bool, batches: list[int]) -> list[tuple[int, bool, bool]]:
-    """(batch, mixed precision, XLA) combinations to measure."""
-    if kind == "full" or (kind == "auto" and on_gpu):
-        return list(itertools.product(batches, (False, True), (False, True)))
-    return [(batches[0], False, False)]
-
-
 def run(
-    batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, cache: Path, lab_reps: int
+    batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, lab_reps: int
 ) -> dict:
     """Measure the grid, the model's FLOPs, the device's matmul peak and the Lab comparison."""
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    checkpoint = ensure_checkpoint(cache)
+    checkpoint = ensure_checkpoint()
     rgb = make_images(max(images, max(batches)))
     gflops = model_gflops_per_image()
     log(f"model: {gflops:.2f} GFLOPs per image; measuring the matmul peak")
     peak = {"float32": round(matmul_tflops("float32", matmul_n, peak_seconds), 3)}
-    combos = grid(kind, on_gpu, batches)
+    full = kind == "full" or (kind == "auto" and on_gpu)  # (batch, mixed precision, XLA) to measure
+    combos = (
+        list(itertools.product(batches, (False, True), (False, True)))
+        if full
+        else [(batches[0], False, False)]
+    )
     if any(mixed for _, mixed, _ in combos):
         peak["float16"] = round(matmul_tflops("float16", matmul_n, peak_seconds), 3)
     rows = []
@@ -185,7 +163,7 @@ def run(
         rows.append(row)
     log(f"Lab: numpy beside the model vs TF inside it, batch {batches[0]}, {lab_reps} repetitions")
     return {
-        "bench": NAME,
+        "bench": "device",
         "device": "GPU" if on_gpu else "CPU",
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
         "model_gflops_per_image": round(gflops, 2),
@@ -203,29 +181,10 @@ def lab_markdown(lab: dict) -> str:
         f"### Lab channels on the {lab['device']}: numpy beside the model or TensorFlow inside it "
         f"(batch {lab['batch']}, medians of {lab['reps']}, ms per image)"
     )
-    names = [
-        "model",
-        "model_numpy_lab",
-        "model_tf_lab",
-        "numpy_extra",
-        "tf_extra",
-        "numpy_lab_alone",
-        "tf_lab_alone",
-    ]
-    rows = [[kind, *(lab[kind][n] for n in names)] for kind in ("wall", "cpu")]
-    table = md_table(
-        [
-            "ms per image",
-            "model alone",
-            "model + numpy Lab (≤4 threads)",
-            "model + TF Lab (`embed_lab`)",
-            "numpy extra",
-            "TF extra",
-            "numpy Lab alone",
-            "TF Lab alone",
-        ],
-        rows,
-    )
+    names = "model model_numpy_lab model_tf_lab numpy_extra tf_extra numpy_lab_alone tf_lab_alone".split()
+    cols = ["ms per image", "model alone", "model + numpy Lab (≤4 threads)", "model + TF Lab (`embed_lab`)"]
+    cols += ["numpy extra", "TF extra", "numpy Lab alone", "TF Lab alone"]
+    table = md_table(cols, [[kind, *(lab[kind][n] for n in names)] for kind in ("wall", "cpu")])
     cpu = lab["cpu"]
     last = (
         f"Extra CPU ms per image, range over the repetitions: numpy {cpu['numpy_extra_range']}, TF "
@@ -242,28 +201,27 @@ def markdown(result: dict) -> str:
         f"### Embed options on the {result['device']} — model {result['model_gflops_per_image']} GFLOPs "
         f"per image; measured matmul peak ({result['matmul_n']}²): {peak}"
     )
+    yes = lambda b: "yes" if b else "no"  # noqa: E731
     rows = [
-        [
-            r["batch"],
-            "yes" if r["mixed_precision"] else "no",
-            "yes" if r["xla"] else "no",
-            r["img_s"],
-            r["model_tflops"],
-            f"{100 * r['share_of_peak']:.1f} %",
-            r["load_and_compile_s"],
-        ]
+        [r["batch"], yes(r["mixed_precision"]), yes(r["xla"]), r["img_s"], r["model_tflops"]]
+        + [f"{100 * r['share_of_peak']:.1f} %", r["load_and_compile_s"]]
         for r in result["rows"]
     ]
-    table = md_table(
-        ["batch", "mixed precision", "XLA", "images/s", "model TFLOP/s", "share of peak", "load + compile s"],
-        rows,
-    )
+    cols = [
+        "batch",
+        "mixed precision",
+        "XLA",
+        "images/s",
+        "model TFLOP/s",
+        "share of peak",
+        "load + compile s",
+    ]
     best = result["best"]
     last = (
         f"Best: {best['img_s']} images/s (batch {best['batch']}, mixed precision "
         f"{best['mixed_precision']}, XLA {best['xla']})."
     )
-    return "\n\n".join([head, table, last, lab_markdown(result["lab"])])
+    return "\n\n".join([head, md_table(cols, rows), last, lab_markdown(result["lab"])])
 
 
 @click.command()
@@ -281,23 +239,10 @@ def markdown(result: dict) -> str:
 @click.option("--images", type=int, default=256, show_default=True, help="images per measurement")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--smoke", is_flag=True, help="batch 2, 4 images, a small matmul: checks the path works")
-@click.option(
-    "--cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=CACHE,
-    help="where the generated checkpoint is kept",
-)
 @click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
 @click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
 def main(
-    batches: str,
-    kind: str,
-    images: int,
-    json_path: Path | None,
-    smoke: bool,
-    cache: Path,
-    lab_reps: int,
-    lab_only: bool,
+    batches: str, kind: str, images: int, json_path: Path | None, smoke: bool, lab_reps: int, lab_only: bool
 ) -> None:
     """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
     quiet_tensorflow()
@@ -305,24 +250,16 @@ def main(
     if smoke:
         sizes, images, kind, lab_reps = [2], 4, "single", 1
     if lab_only:
-        lab = lab_comparison(ensure_checkpoint(cache), make_images(sizes[0]), sizes[0], lab_reps)
-        path = json_path or default_json(NAME + "_lab", smoke)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(lab, indent=2) + "\n")
-        click.echo(lab_markdown(lab))
+        lab = lab_comparison(ensure_checkpoint(), make_images(sizes[0]), sizes[0], lab_reps)
+        finish("device_lab", lab, json_path, smoke, lab_markdown(lab))
         return
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     matmul_n = 8192 if on_gpu else (512 if smoke else 2048)
-    result = run(sizes, kind, images, matmul_n, 1.0 if smoke else 5.0, cache, lab_reps)
+    result = run(sizes, kind, images, matmul_n, 1.0 if smoke else 5.0, lab_reps)
     result["smoke"] = smoke
-    path = json_path or default_json(NAME, smoke)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    path.with_suffix(".md").write_text(text + "\n")
-    click.echo(text)
+    finish("device", result, json_path, smoke, markdown(result))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from urllib.parse import urlsplit
 import click
 import numpy as np
 
-from bench.embed import machine_cpu_s
+from bench.common import machine_cpu_s
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

@@ -7,14 +7,13 @@ Two measures, each interleaving the sizes so that both see the same load: (1) th
 process CPU-ms per image of each path as the worker runs it: numpy `lab_channels` one image at a time
 (its thread pool), and the TensorFlow Lab of a batch (`lab_tf_padded`, XLA; what the model's function
 adds on a CPU-only machine; on a GPU it runs on the device); (2) a real embed worker with the stand-in
-forward pass (`bench.embed`'s ceiling round: the queue pre-filled, first record to last), worker
-CPU-ms per image, numpy and TF Lab. Reported: medians, and the difference 224 − 299 paired by
-repetition (median and range).
+forward pass (the ceiling's round, `bench.common.null_round`: the queue pre-filled, first record to
+last), worker CPU-ms per image, numpy and TF Lab. Reported: medians, and the difference 224 − 299
+paired by repetition (median and range).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import tempfile
@@ -22,10 +21,8 @@ from pathlib import Path
 
 import click
 
-from bench.device import _seconds
-from bench.embed import default_json, log, make_images, md_table, null_round, payloads_of, quiet_tensorflow
+from bench.common import finish, interleaved, make_images, md_table, null_rounds, paired, quiet_tensorflow
 
-NAME = "lab_size"
 SIZES = (299, 224)
 PATHS = {"numpy Lab": {"KOALA_LAB_ON_DEVICE": "0"}, "TF Lab": {"KOALA_LAB_ON_DEVICE": "1"}}
 
@@ -43,67 +40,27 @@ def lab_alone(batch: int, reps: int) -> dict[str, list[float]]:
         **{f"numpy Lab {s}": (lambda s=s: [lab_channels(i, s) for i in images]) for s in SIZES},
         **{f"TF Lab {s}": (lambda s=s: [t.numpy() for t in lab_tf_padded(tensor, batch, s)]) for s in SIZES},
     }
-    for call in calls.values():
-        call()  # warm-up: compiling, work arrays
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(reps):
-        for name, call in calls.items():
-            times[name].append(1000 * _seconds(call)[1] / batch)
-    return times
+    return {name: [1000 * cpu / batch for _, cpu in ts] for name, ts in interleaved(calls, reps).items()}
+
+
+def worker(n: int, batch: int, rounds: int) -> dict[str, list[float]]:
+    """Embed worker CPU-ms per image (null model) of each (path, size), rounds interleaved."""
+    with tempfile.TemporaryDirectory(prefix="koala-bench-labsize-") as tmp:
+        variants = {
+            f"{p} {s}": (Path(tmp) / "out", {**env, "KOALA_LAB_SIZE": str(s)})
+            for p, env in PATHS.items()
+            for s in SIZES
+        }
+        runs = null_rounds("labsize", n, batch, rounds, variants)
+    return {name: [r["cpu_ms_per_image"] for r in rs] for name, rs in runs.items()}
 
 
 def summary(times: dict[str, list[float]]) -> dict:
     """Medians, and 224 − 299 paired by repetition, per path."""
     out: dict = {"median": {k: round(statistics.median(v), 3) for k, v in times.items()}}
-    for path in PATHS:
-        diffs = sorted(a - b for a, b in zip(times[f"{path} 224"], times[f"{path} 299"], strict=True))
-        out[f"{path}: 224 - 299"] = {
-            "median": round(statistics.median(diffs), 3),
-            "range": [round(diffs[0], 3), round(diffs[-1], 3)],
-        }
+    for p in PATHS:
+        out[f"{p}: 224 - 299"] = paired(times[f"{p} 224"], times[f"{p} 299"])
     return out
-
-
-def worker(n: int, batch: int, rounds: int) -> dict[str, list[float]]:
-    """Embed worker CPU-ms per image (null model) of each (path, size), rounds interleaved."""
-    from testkit.servers import RedisServer
-
-    payloads = payloads_of(make_images(n))
-    times: dict[str, list[float]] = {f"{p} {s}": [] for p in PATHS for s in SIZES}
-    with tempfile.TemporaryDirectory(prefix="koala-bench-labsize-") as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        try:
-            for r in range(rounds):
-                for name in times:
-                    path, size = name.rsplit(" ", 1)
-                    extra = {**PATHS[path], "KOALA_LAB_SIZE": size}
-                    run = null_round(
-                        server, payloads, Path(tmp) / "out", batch, Path(tmp) / "w.log", extra, 64
-                    )
-                    times[name].append(run["cpu_ms_per_image"])
-                    log(f"round {r + 1}/{rounds} {name}: {run['cpu_ms_per_image']} CPU-ms/image")
-        finally:
-            server.stop()
-    return times
-
-
-def markdown(result: dict) -> str:
-    rows = []
-    for what in ("lab_alone", "worker"):
-        s = result[what]
-        rows += [
-            [what.replace("_", " "), path]
-            + [s["median"][f"{path} {size}"] for size in SIZES]
-            + [s[f"{path}: 224 - 299"]["median"], s[f"{path}: 224 - 299"]["range"]]
-            for path in PATHS
-        ]
-    head = (
-        f"### KOALA_LAB_SIZE=224 vs 299: CPU-ms per image (Lab alone: batch {result['batch']}, "
-        f"{result['reps']} reps; worker: {result['images']} images, {result['rounds']} rounds; load "
-        f"{result['load_before']} before, {result['load_after']} after)"
-    )
-    table = md_table(["measure", "path", "299", "224", "224 − 299 (median)", "range"], rows)
-    return head + "\n\n" + table
 
 
 @click.command()
@@ -118,17 +75,24 @@ def main(images: int, rounds: int, batch: int, reps: int, json_path: Path | None
     quiet_tensorflow()
     if smoke:
         images, rounds, batch, reps = 32, 1, 8, 1
-    result: dict = {"bench": NAME, "images": images, "rounds": rounds, "batch": batch, "reps": reps}
+    result: dict = {"bench": "lab_size", "images": images, "rounds": rounds, "batch": batch, "reps": reps}
     result["load_before"] = [round(v, 2) for v in os.getloadavg()]
     result["lab_alone"] = summary(lab_alone(batch, reps))
     result["worker"] = summary(worker(images, batch, rounds))
     result["load_after"] = [round(v, 2) for v in os.getloadavg()]
-    path = json_path or default_json(NAME, smoke)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    text = markdown(result)
-    path.with_suffix(".md").write_text(text + "\n")
-    click.echo(text)
+    rows = [
+        [what.replace("_", " "), p, *(result[what]["median"][f"{p} {s}"] for s in SIZES)]
+        + [result[what][f"{p}: 224 - 299"]["median"], result[what][f"{p}: 224 - 299"]["range"]]
+        for what in ("lab_alone", "worker")
+        for p in PATHS
+    ]
+    head = (
+        f"### KOALA_LAB_SIZE=224 vs 299: CPU-ms per image (Lab alone: batch {batch}, {reps} reps; "
+        f"worker: {images} images, {rounds} rounds; load {result['load_before']} before, "
+        f"{result['load_after']} after)"
+    )
+    table = md_table(["measure", "path", "299", "224", "224 − 299 (median)", "range"], rows)
+    finish("lab_size", result, json_path, smoke, head + "\n\n" + table)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression.
 
-Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json]
+Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json] [--smoke]
+     .venv/bin/python -m bench.records --compact [--n 500] [--rounds 3]
 The records hold the Lab channels of 16 photo-like generated images (testkit/corpus.photo), so that
 the compressed sizes mean something (uniform noise would not compress at all).
 `--compact` instead compares the record formats side by side (issue 20): bytes per record and codec
@@ -11,7 +12,7 @@ Ratios, not absolute times, are what to compare: the machine is shared and noisy
 
 from __future__ import annotations
 
-import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,40 +20,21 @@ from pathlib import Path
 import click
 import numpy as np
 
+from bench.common import RESULTS, finish, medians, null_rounds
 from common.output import records
 from common.output.shards import ShardWriter
 
-
-def samples(count: int = 16) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(L, ab, logits) of photo-like 299x299 images, as the embed stage would store them."""
-    from common.pictures.lab import lab_channels
-    from testkit.corpus import photo
-
-    rng = np.random.default_rng(0)
-    return [
-        (*lab_channels(photo(299, 299, seed)), rng.normal(size=1001).astype(np.float32))
-        for seed in range(count)
-    ]
+NAMES = (b"0" * 32, b"0" * 32, b"http://example.com/some/photo.jpg")  # name, key, source of a record
 
 
 def tf_example(name: bytes, key: bytes, source: bytes, l, ab, emb) -> bytes:  # noqa: E741
     """The straightforward construction users would write."""
     import tensorflow as tf
 
-    def floats(a: np.ndarray) -> tf.train.Feature:
-        return tf.train.Feature(float_list=tf.train.FloatList(value=a.ravel()))
-
-    def raw(b: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))
-
-    feature = {
-        "image_name": raw(name),
-        "image_key": raw(key),
-        "image_source": raw(source),
-        "image_l": floats(l),
-        "image_ab": floats(ab),
-        "image_embedding": floats(emb),
-    }
+    floats = lambda a: tf.train.Feature(float_list=tf.train.FloatList(value=a.ravel()))  # noqa: E731
+    raw = lambda b: tf.train.Feature(bytes_list=tf.train.BytesList(value=[b]))  # noqa: E731
+    feature = {"image_name": raw(name), "image_key": raw(key), "image_source": raw(source)}
+    feature |= {"image_l": floats(l), "image_ab": floats(ab), "image_embedding": floats(emb)}
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -74,13 +56,31 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
         final = writer.close()
         seconds = time.perf_counter() - start
         size = final.stat().st_size
-    return {
-        "compression": compression,
-        "records": n,
-        "seconds": round(seconds, 3),
-        "mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1),
-        "shard_mb": round(size / 1e6, 1),
+    mb_per_s = round(n * len(data[0]) / 1e6 / seconds, 1)
+    return {"compression": compression, "records": n, "seconds": round(seconds, 3), "mb_per_s": mb_per_s} | {
+        "shard_mb": round(size / 1e6, 1)
     }
+
+
+def serializer(n: int) -> dict:
+    """Examples per second of ours and of tf.train.Example, and shard writing per compression."""
+    from common.pictures.lab import lab_channels
+    from testkit.corpus import photo
+
+    rng = np.random.default_rng(0)
+    made = [
+        (f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode())
+        + (*lab_channels(photo(299, 299, i)), rng.normal(size=1001).astype(np.float32))
+        for i in range(16)
+    ]
+    ours = per_second(lambda: records.serialize_example(*made[0]), n)
+    theirs = per_second(lambda: tf_example(*made[0]), max(5, n // 10))
+    serialized = [records.serialize_example(*made[i % len(made)]) for i in range(n)]
+    speed = {"ours": round(ours), "tf_train_example": round(theirs, 1), "ratio": round(ours / theirs, 1)}
+    return {"serialize_per_s": speed, "write": [writing(n, c, serialized) for c in ("none", "gzip", "zlib")]}
+
+
+# ---- --compact: the record formats side by side -------------------------------------------------
 
 
 def corpora() -> dict[str, list[np.ndarray]]:
@@ -93,10 +93,10 @@ def corpora() -> dict[str, list[np.ndarray]]:
     from testkit.corpus import photo
 
     folder = Path(skimage.__file__).parent / "data"
-    names = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "rocket.jpg", "retina.jpg")
+    names = "astronaut.png chelsea.png coffee.png motorcycle_left.png rocket.jpg retina.jpg color.png"
     return {
         "photos (scikit-image)": [
-            load_rgb((folder / f).read_bytes()) for f in names + ("color.png", "hubble_deep_field.jpg")
+            load_rgb((folder / f).read_bytes()) for f in names.split() + ["hubble_deep_field.jpg"]
         ],
         "bench.download corpus": [load_rgb(make_jpeg(i)) for i in range(24)],
         "testkit photo": [photo(299, 299, seed) for seed in range(8)],
@@ -121,16 +121,15 @@ def formats_sizes() -> dict:
     out = {}
     emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
     for name, rgbs in corpora().items():
-        names = (b"0" * 32, b"0" * 32, b"http://example.com/some/photo.jpg")
         size = {
             "lab 299": np.mean(
-                [len(records.serialize_example(*names, *lab.lab_channels(x), emb)) for x in rgbs]
+                [len(records.serialize_example(*NAMES, *lab.lab_channels(x), emb)) for x in rgbs]
             ),
             "lab 224": np.mean(
-                [len(records.serialize_example(*names, *lab.lab_channels(x, 224), emb)) for x in rgbs]
+                [len(records.serialize_example(*NAMES, *lab.lab_channels(x, 224), emb)) for x in rgbs]
             ),
             "compact": np.mean(
-                [len(records.serialize_compact(*names, images.encode_png(x), emb)) for x in rgbs]
+                [len(records.serialize_compact(*NAMES, images.encode_png(x), emb)) for x in rgbs]
             ),
         }
         pngs, payloads = [images.encode_png(x) for x in rgbs], [images.encode_pixels(x) for x in rgbs]
@@ -151,29 +150,14 @@ def formats_sizes() -> dict:
 
 def embed_cpu(n: int, rounds: int) -> dict:
     """A real null-model embed worker writing each format, the same queue each time, rounds alternating."""
-    import statistics
-
-    from bench.embed import make_images, null_round, payloads_of
-    from testkit.servers import RedisServer
-
+    out = RESULTS / "tmp" / "formats"
     variants = {
-        "lab, numpy Lab": {"KOALA_LAB_ON_DEVICE": "0"},
-        "lab, TF Lab (default)": {},
-        "compact": {"KOALA_RECORD_FORMAT": "compact"},
+        "lab, numpy Lab": (out, {"KOALA_LAB_ON_DEVICE": "0"}),
+        "lab, TF Lab (default)": (out, {}),
+        "compact": (out, {"KOALA_RECORD_FORMAT": "compact"}),
     }
-    payloads = payloads_of(make_images(n))
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
-    with tempfile.TemporaryDirectory(prefix="koala-bench-formats-") as tmp:
-        server = RedisServer(Path(tmp) / "redis").start()
-        try:
-            for _ in range(rounds):
-                for v, env in variants.items():
-                    out = Path(__file__).parent / "results" / "tmp" / "formats"
-                    runs[v].append(null_round(server, payloads, out, 32, Path(tmp) / "w.log", env, 64))
-        finally:
-            server.stop()
     keys = ("cpu_ms_per_image", "images_per_s", "record_mb", "machine_busy_cores")
-    return {v: {k: statistics.median(r[k] for r in rs) for k in keys} for v, rs in runs.items()}
+    return {v: medians(rs, keys) for v, rs in null_rounds("formats", n, 32, rounds, variants).items()}
 
 
 def reading(n: int) -> dict:
@@ -186,19 +170,16 @@ def reading(n: int) -> dict:
 
     rgbs = [photo(299, 299, seed) for seed in range(16)]
     emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
-    folder = Path(__file__).parent / "results" / "tmp" / "reading"
+    folder = RESULTS / "tmp" / "reading"
     folder.mkdir(parents=True, exist_ok=True)
+    nks = (b"n", b"k", b"s")
     made = {
-        "lab 299": [records.serialize_example(b"n", b"k", b"s", *lab.lab_channels(x), emb) for x in rgbs],
-        "lab 224": [
-            records.serialize_example(b"n", b"k", b"s", *lab.lab_channels(x, 224), emb) for x in rgbs
-        ],
-        "compact": [records.serialize_compact(b"n", b"k", b"s", images.encode_png(x), emb) for x in rgbs],
+        "lab299": [records.serialize_example(*nks, *lab.lab_channels(x), emb) for x in rgbs],
+        "lab224": [records.serialize_example(*nks, *lab.lab_channels(x, 224), emb) for x in rgbs],
+        "compact": [records.serialize_compact(*nks, images.encode_png(x), emb) for x in rgbs],
     }
     for name, data in made.items():
-        (folder / name.replace(" ", "")).write_bytes(
-            b"".join(records.frame_record(data[i % 16]) for i in range(n))
-        )
+        (folder / name).write_bytes(b"".join(records.frame_record(data[i % 16]) for i in range(n)))
     cases = {
         "lab 299, record_format=lab (FixedLen, as before)": ("lab299", 299, "lab"),
         "lab 299, either format (per record)": ("lab299", 299, None),
@@ -219,47 +200,23 @@ def reading(n: int) -> dict:
     return out
 
 
-def compact_main(n: int, rounds: int, json_path: str | None) -> None:
-    import os
-
-    result = {"load_before": os.getloadavg(), "sizes": formats_sizes(), "embed_worker": embed_cpu(n, rounds)}
-    result["reading"] = reading(n)
-    result["load_after"] = os.getloadavg()
-    click.echo(json.dumps(result, indent=2))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
-
-
 @click.command()
-@click.option("--n", default=500, help="records per measurement (and per shard: 500 as the default shard)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
+@click.option("--n", type=int, help="records per measurement (and per shard: 500 as the default shard)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--smoke", is_flag=True, help="--n 20 (--compact: 96, one round): checks the path works")
 @click.option("--compact", is_flag=True, help="the record formats side by side instead (issue 20)")
 @click.option("--rounds", default=3, help="--compact: rounds of the embed worker per format")
-def main(n: int, json_path: str | None, compact: bool, rounds: int) -> None:
-    """Print and optionally save the records benchmark."""
+def main(n: int | None, json_path: Path | None, smoke: bool, compact: bool, rounds: int) -> None:
+    """The records benchmark, saved and printed as tables."""
+    n = n or ((96 if compact else 20) if smoke else 500)
     if compact:
-        compact_main(n, rounds, json_path)
-        return
-    made = [
-        (f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode(), *lab)
-        for i, lab in enumerate(samples())
-    ]
-    ours = per_second(lambda: records.serialize_example(*made[0]), n)
-    theirs = per_second(lambda: tf_example(*made[0]), max(5, n // 10))
-    serialized = [records.serialize_example(*made[i % len(made)]) for i in range(n)]
-    result = {
-        "serialize_per_s": {
-            "ours": round(ours),
-            "tf_train_example": round(theirs, 1),
-            "ratio": round(ours / theirs, 1),
-        },
-        "write": [writing(n, c, serialized) for c in ("none", "gzip", "zlib")],
-    }
-    click.echo(json.dumps(result, indent=2))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        result = {"load_before": os.getloadavg(), "sizes": formats_sizes()}
+        result["embed_worker"] = embed_cpu(n, 1 if smoke else rounds)
+        result["reading"] = reading(n)
+        result["load_after"] = os.getloadavg()
+        finish("records-compact", result, json_path, smoke)
+    else:
+        finish("records", serializer(n), json_path, smoke)
 
 
 if __name__ == "__main__":

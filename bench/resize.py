@@ -9,11 +9,11 @@ quality 85-92 (4:2:0, a fifth 4:4:4). Paths, all through common.pictures.images:
   - pillow_draft: Pillow draft decode + LANCZOS from the exact box (`load_rgb` without simplejpeg)
   - simplejpeg_pillow: simplejpeg DCT-scaled decode + Pillow LANCZOS (where cykooz.resizer has no wheel)
   - fast: simplejpeg DCT-scaled decode + cykooz.resizer SIMD Lanczos-3 (`load_rgb`, the default)
-  - opencv_area: OpenCV full decode + INTER_AREA (img2dataset's way), when cv2 is importable
 Cost: CPU time of this thread per image (the machine may be shared: CPU time is steadier than wall
 time), the least of --repeat runs, median over images; paths interleaved image by image. Quality:
 PSNR against a float32 Lanczos-3 resize (Pillow 'F' mode, per channel) of the full decode with the
-exact geometry, over the picture's area (not the white letterbox).
+exact geometry, over the picture's area (not the white letterbox). The floor: the same JPEGs decoded
+at 1/8 scale (entropy decoding, almost no IDCT), what any exact decode of these files costs at least.
 """
 
 from __future__ import annotations
@@ -26,47 +26,29 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import click
 import numpy as np
 from PIL import Image
 
-from bench.embed import default_json, log, md_table, save_json
+from bench.common import finish, log, md_table
 from common.pictures import images
 
-NAME = "resize"
-PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "rocket",
-    "stereo_motorcycle",
-)
+PHOTOS = "astronaut chelsea coffee hubble_deep_field immunohistochemistry retina rocket stereo_motorcycle"
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4)
+SIZE = (299, 299)
 TARGET_MS = 4.5
-
-
-# ---- corpus -------------------------------------------------------------------------------------
-
-
-def photos() -> list[np.ndarray]:
-    """The colour photos bundled with scikit-image, as uint8 RGB arrays."""
-    from skimage import data
-
-    out = []
-    for name in PHOTOS:
-        arr = getattr(data, name)()
-        out.append(arr[0] if name == "stereo_motorcycle" else arr)  # (left, right, disparity)
-    return [np.ascontiguousarray(a[..., :3]) for a in out]
 
 
 def make_corpus(n: int, seed: int = 0) -> list[bytes]:
     """n photo JPEGs of 0.5-2 Mpix: a bundled photo scaled to cover, cropped, noised, re-encoded."""
+    from skimage import data
+
     rng = np.random.default_rng(seed)
-    sources = [Image.fromarray(p) for p in photos()]
+    arrays = [getattr(data, name)() for name in PHOTOS.split()]  # stereo_motorcycle: (left, right, disparity)
+    arrays = [a[0] if isinstance(a, tuple) else a for a in arrays]
+    sources = [Image.fromarray(np.ascontiguousarray(a[..., :3])) for a in arrays]
     out = []
     for _ in range(n):
         src = sources[rng.integers(len(sources))]
@@ -74,8 +56,9 @@ def make_corpus(n: int, seed: int = 0) -> list[bytes]:
         aspect = ASPECTS[rng.integers(len(ASPECTS))] ** (1 if rng.random() < 0.7 else -1)
         w, h = round(math.sqrt(pixels * aspect)), round(math.sqrt(pixels / aspect))
         scale = max(w / src.width, h / src.height) * rng.uniform(1.0, 1.3)
-        cover = (math.ceil(src.width * scale), math.ceil(src.height * scale))
-        big = src.resize(cover, Image.Resampling.LANCZOS)
+        big = src.resize(
+            (math.ceil(src.width * scale), math.ceil(src.height * scale)), Image.Resampling.LANCZOS
+        )
         x, y = rng.integers(big.width - w + 1), rng.integers(big.height - h + 1)
         crop = np.asarray(big.crop((x, y, x + w, y + h)), np.float32)
         noisy = crop + rng.normal(0, rng.uniform(1.5, 4.0), crop.shape)
@@ -87,10 +70,16 @@ def make_corpus(n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-def describe(corpus: list[bytes]) -> dict:
+def describe(corpus: list[bytes], mode: str) -> dict:
+    """Sizes of the corpus, and how many images decode at 1/1, 1/2, 1/4, 1/8 (the rule both DCT-scaled
+    paths use)."""
     sizes = [Image.open(io.BytesIO(d)).size for d in corpus]
     mpix = [w * h / 1e6 for w, h in sizes]
-    return {
+    scales: dict[str, int] = {}
+    for stored in sizes:
+        k = images._dct_scale(stored, images._need(stored, 1, SIZE, mode))
+        scales[f"1/{k}"] = scales.get(f"1/{k}", 0) + 1
+    corpus_info = {
         "images": len(corpus),
         "mpix_median": round(statistics.median(mpix), 2),
         "mpix_min": round(min(mpix), 2),
@@ -98,90 +87,47 @@ def describe(corpus: list[bytes]) -> dict:
         "odd_width_or_height": sum(w % 2 or h % 2 for w, h in sizes),
         "kb_median": round(statistics.median(len(d) for d in corpus) / 1024, 1),
     }
+    return {"corpus": corpus_info, "dct_scales": dict(sorted(scales.items()))}
 
 
-# ---- paths --------------------------------------------------------------------------------------
-
-
-class _Without:
-    """Within the block, common.pictures.images runs as if the named optional module were not installed."""
-
-    def __init__(self, *names: str):
-        self.names = names
-
-    def __enter__(self) -> None:
-        self.saved = {n: getattr(images, n) for n in self.names}
-        for n in self.names:
-            setattr(images, n, None)
-
-    def __exit__(self, *exc: object) -> None:
-        for n, v in self.saved.items():
-            setattr(images, n, v)
-
-
-def _without(fn: Callable[[bytes], np.ndarray], *names: str) -> Callable[[bytes], np.ndarray]:
-    def run(data: bytes) -> np.ndarray:
-        with _Without(*names):
-            return fn(data)
-
-    return run
-
-
-def paths(size: tuple[int, int], mode: str) -> dict[str, Callable[[bytes], np.ndarray]]:
+def paths(mode: str) -> dict[str, Callable[[bytes], np.ndarray]]:
     """The decode + resize paths to compare, by name."""
 
     def load(data: bytes) -> np.ndarray:
-        return images.load_rgb(data, size=size, mode=mode)
+        return images.load_rgb(data, size=SIZE, mode=mode)
+
+    def without(name: str) -> Callable[[bytes], np.ndarray]:  # as if that optional module were not installed
+        def run(data: bytes) -> np.ndarray:
+            with mock.patch.object(images, name, None):
+                return load(data)
+
+        return run
 
     out = {
-        "pillow_full": lambda d: images.resize(images.decode(d), size, mode),
-        "pillow_draft": _without(load, "simplejpeg"),
-        "simplejpeg_pillow": _without(load, "Resizer"),
+        "pillow_full": lambda d: images.resize(images.decode(d), SIZE, mode),
+        "pillow_draft": without("simplejpeg"),
+        "simplejpeg_pillow": without("Resizer"),
         "fast": load,
     }
     if images.simplejpeg is None:
         del out["simplejpeg_pillow"], out["fast"]
     elif images.Resizer is None:
         del out["fast"]
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        return out
-    if mode == "contain":
-        out["opencv_area"] = lambda d: opencv_area(d, size)
     return out
 
 
-def opencv_area(data: bytes, size: tuple[int, int]) -> np.ndarray:
-    """img2dataset's way: full decode, INTER_AREA to the inner size, white letterbox."""
-    import cv2
-
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    h, w = bgr.shape[:2]
-    _, inner, (x, y) = images._layout((w, h), size, "contain")
-    rgb = cv2.cvtColor(cv2.resize(bgr, inner, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
-    out = np.full((size[1], size[0], 3), 255, np.uint8)
-    out[y : y + inner[1], x : x + inner[0]] = rgb
-    return out
-
-
-# ---- quality ------------------------------------------------------------------------------------
-
-
-def reference(data: bytes, size: tuple[int, int], mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+def reference(data: bytes, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
     """Float Lanczos-3 of the full decode with the exact geometry: the picture (float [h, w, 3]) and
     its offset on the canvas."""
     rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
-    box, inner, offset = images._layout(rgb.shape[1::-1], size, mode)
+    box, inner, offset = images._layout(rgb.shape[1::-1], SIZE, mode)
     channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
-                inner, Image.Resampling.LANCZOS, box=box
-            )
+        Image.fromarray(np.ascontiguousarray(rgb[..., c]), "F").resize(
+            inner, Image.Resampling.LANCZOS, box=box
         )
         for c in range(3)
     ]
-    return np.stack(channels, axis=-1), offset
+    return np.stack([np.asarray(c) for c in channels], axis=-1), offset
 
 
 def psnr(out: np.ndarray, ref: tuple[np.ndarray, tuple[int, int]]) -> float:
@@ -191,9 +137,6 @@ def psnr(out: np.ndarray, ref: tuple[np.ndarray, tuple[int, int]]) -> float:
     diff = out[y : y + h, x : x + w].astype(np.float64) - np.clip(picture, 0, 255)
     mse = float(np.mean(diff * diff))
     return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
-# ---- measuring ----------------------------------------------------------------------------------
 
 
 def cost_ms(fn: Callable[[bytes], np.ndarray], data: bytes, repeat: int) -> tuple[float, float, np.ndarray]:
@@ -206,17 +149,17 @@ def cost_ms(fn: Callable[[bytes], np.ndarray], data: bytes, repeat: int) -> tupl
     return cpu * 1e3, wall * 1e3, out
 
 
-def measure(corpus: list[bytes], size: tuple[int, int], mode: str, repeat: int) -> dict[str, dict]:
+def measure(corpus: list[bytes], mode: str, repeat: int) -> dict[str, dict]:
     """Per path: median CPU and wall ms per image, PSNR mean and min."""
-    fns = paths(size, mode)
+    fns = paths(mode)
     for fn in fns.values():  # warm-up: imports, thread-local resizers
         fn(corpus[0])
     rows: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "wall": [], "psnr": []} for n in fns}
     for i, data in enumerate(corpus):
-        ref = reference(data, size, mode)
+        ref = reference(data, mode)
         for name, fn in fns.items():
             cpu, wall, out = cost_ms(fn, data, repeat)
-            assert out.shape == (size[1], size[0], 3) and out.dtype == np.uint8, (name, out.shape)
+            assert out.shape == (SIZE[1], SIZE[0], 3) and out.dtype == np.uint8, (name, out.shape)
             rows[name]["cpu"].append(cpu)
             rows[name]["wall"].append(wall)
             rows[name]["psnr"].append(psnr(out, ref))
@@ -234,59 +177,29 @@ def measure(corpus: list[bytes], size: tuple[int, int], mode: str, repeat: int) 
     }
 
 
-def entropy_floor(corpus: list[bytes], repeat: int) -> float:
-    """Median CPU ms of a 1/8-scale decode (entropy decoding, almost no IDCT): what any exact
-    decode of these files costs at least."""
-
-    def eighth(data: bytes) -> np.ndarray:
-        return images.simplejpeg.decode_jpeg(data, min_factor=8, min_height=1, min_width=1)
-
-    return round(statistics.median(cost_ms(eighth, data, repeat)[0] for data in corpus), 3)
-
-
-def scales(corpus: list[bytes], size: tuple[int, int], mode: str) -> dict[str, int]:
-    """How many images decode at 1/1, 1/2, 1/4, 1/8 (the rule both DCT-scaled paths use)."""
-    counts: dict[str, int] = {}
-    for data in corpus:
-        stored = Image.open(io.BytesIO(data)).size
-        k = images._dct_scale(stored, images._need(stored, 1, size, mode))
-        counts[f"1/{k}"] = counts.get(f"1/{k}", 0) + 1
-    return dict(sorted(counts.items()))
-
-
 def markdown(result: dict) -> str:
-    rows = result["paths"]
+    rows, corpus = result["paths"], result["corpus"]
     base = rows["pillow_full"]["cpu_ms_median"]
     body = [
-        [
-            name,
-            r["cpu_ms_median"],
-            r["wall_ms_median"],
-            f"{base / r['cpu_ms_median']:.2f}x",
-            r["psnr_mean"],
-            r["psnr_min"],
-        ]
+        [name, r["cpu_ms_median"], r["wall_ms_median"], f"{base / r['cpu_ms_median']:.2f}x", r["psnr_mean"]]
+        + [r["psnr_min"]]
         for name, r in rows.items()
     ]
-    corpus = result["corpus"]
+    cols = [
+        "path",
+        "CPU ms (median)",
+        "wall ms (median)",
+        "speed vs pillow_full",
+        "PSNR mean dB",
+        "PSNR min dB",
+    ]
     lines = [
         f"# resize: JPEG -> {result['config']['size']} ({result['config']['mode']}), one thread",
         f"{corpus['images']} photo JPEGs, median {corpus['mpix_median']} Mpix "
-        f"({corpus['mpix_min']}-{corpus['mpix_max']}), "
-        f"{corpus['odd_width_or_height']} with an odd side; "
+        f"({corpus['mpix_min']}-{corpus['mpix_max']}), {corpus['odd_width_or_height']} with an odd side; "
         f"DCT scales {result['dct_scales']}; load average at start {result['load_average']}.",
         "",
-        md_table(
-            [
-                "path",
-                "CPU ms (median)",
-                "wall ms (median)",
-                "speed vs pillow_full",
-                "PSNR mean dB",
-                "PSNR min dB",
-            ],
-            body,
-        ),
+        md_table(cols, body),
     ]
     if "fast" in rows:
         fast = rows["fast"]["cpu_ms_median"]
@@ -296,53 +209,42 @@ def markdown(result: dict) -> str:
             f"{rows['pillow_draft']['cpu_ms_median'] / fast:.2f}x faster than pillow_draft.",
         ]
     if "floor_ms" in result:
-        lines += [
+        lines.append(
             f"floor: the same JPEGs decoded at 1/8 scale (entropy decoding alone, nearly) cost "
             f"{result['floor_ms']} ms CPU median."
-        ]
-    return "\n".join(lines) + "\n"
+        )
+    return "\n".join(lines)
 
 
 @click.command()
 @click.option("--images", "n", type=int, default=200, show_default=True, help="corpus size")
 @click.option("--repeat", type=int, default=3, show_default=True, help="runs per image and path (least kept)")
 @click.option("--mode", type=click.Choice(images.RESIZE_MODES), default="contain", show_default=True)
-@click.option("--size", type=int, default=299, show_default=True, help="square target side")
 @click.option("--smoke", is_flag=True, help="12 images, 1 run each: checks that it works")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="default bench/results/resize.json (smoke: bench/results/smoke/resize.json)",
-)
-def main(n: int, repeat: int, mode: str, size: int, smoke: bool, json_path: Path | None) -> None:
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def main(n: int, repeat: int, mode: str, smoke: bool, json_path: Path | None) -> None:
     """Decode + resize cost and quality of each path on a photo JPEG corpus."""
     if smoke:
         n, repeat = 12, 1
-    target = (size, size)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     log(f"making {n} photo JPEGs ...")
     corpus = make_corpus(n)
-    result = {
-        "config": {
-            "command": "python -m bench.resize " + " ".join(sys.argv[1:]),
-            "images": n,
-            "repeat": repeat,
-            "mode": mode,
-            "size": list(target),
-            "smoke": smoke,
-        },
-        "load_average": load,
-        "corpus": describe(corpus),
-        "dct_scales": scales(corpus, target, mode),
+    command = "python -m bench.resize " + " ".join(sys.argv[1:])
+    config = {
+        "command": command,
+        "images": n,
+        "repeat": repeat,
+        "mode": mode,
+        "size": list(SIZE),
+        "smoke": smoke,
     }
-    result["paths"] = measure(corpus, target, mode, repeat)
+    result = {"config": config, "load_average": load, **describe(corpus, mode)}
+    result["paths"] = measure(corpus, mode, repeat)
     if images.simplejpeg is not None:
-        result["floor_ms"] = entropy_floor(corpus, repeat)
+        eighth = lambda d: images.simplejpeg.decode_jpeg(d, min_factor=8, min_height=1, min_width=1)  # noqa: E731
+        result["floor_ms"] = round(statistics.median(cost_ms(eighth, d, repeat)[0] for d in corpus), 3)
     result["load_average_after"] = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    save_json(result, json_path or default_json(NAME, smoke))
-    print(markdown(result))
+    finish("resize", result, json_path, smoke, markdown(result))
 
 
 if __name__ == "__main__":

@@ -16,61 +16,63 @@ Run: .venv/bin/python -m bench.scale [--sizes 10000,100000,1000000] [--json PATH
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-from bench.embed import CACHE, ROOT, PeakSampler, default_json, log, md_table, proc_kb, save_json
+from bench.common import CACHE, ROOT, PeakSampler, finish, log, md_table, proc_kb, redis_server, stop
 
 TARGET_BYTES_PER_URL = 100
-NAME = "scale"
 BIG = (4000, 3000)
+DOWNLOAD_ENV = {  # the download worker of part 3: room for 4000x3000 JPEGs of a few MB, 32 at once
+    "KOALA_MAX_BYTES": "25000000",
+    "KOALA_CONNECT_TIMEOUT": "10",
+    "KOALA_READ_TIMEOUT": "20",
+    "KOALA_DOWNLOAD_DEADLINE": "60",
+    "KOALA_PER_HOST_CONNECTIONS": "32",
+    "KOALA_EMBED_QUEUE_LIMIT": "100000",
+}
 
 
-# ---- inputs -------------------------------------------------------------------------------------
+def submit(listing: Path, redis_url: str, out: Path, **env: str) -> subprocess.Popen:
+    """`koala submit LIST --json` in the background (chunks of 16, the default), its output piped."""
+    from testkit.servers import worker_env
 
-
-def start_submit(listing: Path, env: dict[str, str]) -> subprocess.Popen:
-    """`koala submit LIST --json` in the background, its output piped."""
+    env = worker_env(redis_url, out, **{"KOALA_CHUNK_SIZE": "16", **env})
+    command = [sys.executable, "-m", "producer", "submit", str(listing), "--json"]
     return subprocess.Popen(
-        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
-def write_url_list(path: Path, n: int) -> int:
-    """n distinct fall11-style lines `n<synset>_<i><TAB>http://farmX.static.flickr.com/...jpg`; its bytes."""
+def report_of(proc: subprocess.Popen, timeout: float = 60) -> dict:
+    """The producer's JSON report, once it has exited."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"koala submit failed ({proc.returncode}): {stderr[-2000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def write_url_list(path: Path, n: int) -> Path:
+    """n distinct fall11-style lines `n<synset>_<i><TAB>http://farmX.static.flickr.com/...jpg`."""
     with open(path, "w", buffering=1 << 20) as f:
         for start in range(0, n, 10_000):
-            f.write(
-                "".join(
-                    f"n{1440764 + i // 1300:08d}_{i}\t"
-                    f"http://farm{1 + i % 9}.static.flickr.com/{1000 + i % 9000}/"
-                    f"{i}_{(i * 2654435761) & 0xFFFFFFFFFF:010x}.jpg\n"
-                    for i in range(start, min(n, start + 10_000))
-                )
+            f.writelines(
+                f"n{1440764 + i // 1300:08d}_{i}\thttp://farm{1 + i % 9}.static.flickr.com/{1000 + i % 9000}/"
+                f"{i}_{(i * 2654435761) & 0xFFFFFFFFFF:010x}.jpg\n"
+                for i in range(start, min(n, start + 10_000))
             )
-    return path.stat().st_size
+    return path
 
 
-def producer_env(redis_url: str, out: Path, **extra: str) -> dict[str, str]:
-    from testkit.servers import worker_env
-
-    return worker_env(redis_url, out, **{"KOALA_CHUNK_SIZE": "16", **extra})  # 16: the default chunk size
-
-
-def used_memory(client) -> int:
-    return int(client.info("memory")["used_memory"])
+def counted(client, name: str) -> int:
+    return int(client.hget("koala:counts", name) or 0)
 
 
 # ---- 1. submission memory, RSS, rate ------------------------------------------------------------
@@ -78,49 +80,33 @@ def used_memory(client) -> int:
 
 def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> dict:
     """Submit n URLs with the queue limit above every chunk; memory per URL, producer RSS and rate."""
-    listing = tmp / f"urls_{n}.txt"
-    list_bytes = write_url_list(listing, n)
+    listing = write_url_list(tmp / f"urls_{n}.txt", n)
     client.flushall()
-    baseline = used_memory(client)
-    chunks = -(-n // 16)
-    env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(chunks + 1000))
+    baseline = client.info("memory")["used_memory"]
     started = time.monotonic()
-    proc = start_submit(listing, env)
-    first = None
-    first_count = 0
-    timed_out = False
+    proc = submit(listing, redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(-(-n // 16) + 1000))
+    first, first_count, timed_out = 0.0, 0, False
     try:
         with PeakSampler(proc.pid) as rss:
-            while proc.poll() is None:
-                count = int(client.hget("koala:counts", "submitted") or 0)
-                if count and first is None:
-                    first, first_count = time.monotonic(), count
-                if time.monotonic() - started > timeout:
-                    timed_out = True
-                    proc.terminate()
-                    break
+            while proc.poll() is None and not timed_out:
+                if (c := counted(client, "submitted")) and not first:
+                    first, first_count = time.monotonic(), c
+                timed_out = time.monotonic() - started > timeout  # then its rate is reported
                 time.sleep(0.05)
-        stdout, stderr = proc.communicate(timeout=60)
+        report = {} if timed_out else report_of(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc, 60)
     ended = time.monotonic()
-    if proc.returncode != 0 and not timed_out:
-        raise RuntimeError(f"koala submit failed ({proc.returncode}): {stderr[-2000:]}")
-    report = json.loads(stdout.strip().splitlines()[-1]) if not timed_out and stdout.strip() else {}
-    submitted = int(client.hget("koala:counts", "submitted") or 0)
-    depth = client.llen("download")
+    submitted, depth = counted(client, "submitted"), client.llen("download")
     queue_bytes = client.memory_usage("download", samples=0) or 0
-    total = used_memory(client)
+    total = client.info("memory")["used_memory"] - baseline
     client.delete("download")
-    state_only = used_memory(client)
+    state = client.info("memory")["used_memory"] - baseline
     bucket = next(client.scan_iter(match="koala:i:*", count=1000), None)
-    seconds = ended - started
-    steady = (submitted - first_count) / (ended - first) if first and ended > first else None
+    seconds, per_url = ended - started, lambda b: round(b / max(submitted, 1), 1)
     return {
         "urls": n,
-        "list_mb": round(list_bytes / 1e6, 1),
+        "list_mb": round(listing.stat().st_size / 1e6, 1),
         "submitted": submitted,
         "timed_out": timed_out,
         "chunks_queued": depth,
@@ -128,14 +114,14 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
         "held_back_s": report.get("held_back_s"),
         "seconds": round(seconds, 1),
         "urls_per_s": round(submitted / seconds),
-        "urls_per_s_after_startup": round(steady) if steady else None,
+        "urls_per_s_after_startup": round((submitted - first_count) / (ended - first)) if first else None,
         "producer_peak_rss_mb": round(rss.peak_kb / 1024, 1),
-        "redis_delta_total_bytes": total - baseline,
+        "redis_delta_total_bytes": total,
         "redis_queue_bytes": queue_bytes,
-        "redis_delta_state_bytes": state_only - baseline,
-        "bytes_per_url_total": round((total - baseline) / max(submitted, 1), 1),
-        "bytes_per_url_state": round((state_only - baseline) / max(submitted, 1), 1),
-        "bytes_per_url_queue": round(queue_bytes / max(submitted, 1), 1),
+        "redis_delta_state_bytes": state,
+        "bytes_per_url_total": per_url(total),
+        "bytes_per_url_state": per_url(state),
+        "bytes_per_url_queue": per_url(queue_bytes),
         "keys": client.dbsize(),
         "bucket_encoding": client.object("encoding", bucket).decode() if bucket else None,
         "journal_left": client.hlen("koala:journal"),
@@ -148,74 +134,53 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
 def backpressure(client, redis_url: str, tmp: Path, n: int, limit: int, hold_s: float) -> dict:
     """Submit n URLs with queue limit `limit`: sample the depth while nothing consumes, then while a
     stand-in consumer pops a few messages every 50 ms, until the producer is done."""
-    listing = tmp / f"urls_bp_{n}.txt"
-    write_url_list(listing, n)
+    listing = write_url_list(tmp / f"urls_bp_{n}.txt", n)
     client.flushall()
-    env = producer_env(redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(limit))
-    proc = start_submit(listing, env)
-    try:
-        return _backpressure(client, proc, n, limit, hold_s)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _backpressure(client, proc: subprocess.Popen, n: int, limit: int, hold_s: float) -> dict:
-    samples = []
-    max_depth = 0
-    popped = 0
+    proc = submit(listing, redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(limit))
+    samples: list[int] = []
+    popped, chunks = 0, -(-n // 16)
 
     def sample() -> int:
-        nonlocal max_depth
-        depth = client.llen("download")
-        samples.append(depth)
-        max_depth = max(max_depth, depth)
-        return depth
+        samples.append(client.llen("download"))
+        return samples[-1]
 
-    deadline = time.monotonic() + 60
-    while sample() < limit and proc.poll() is None:  # fill up to the limit
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the producer never filled the queue to its limit")
-        time.sleep(0.01)
-    held_from = time.monotonic()
-    submitted_at_hold = int(client.hget("koala:counts", "submitted") or 0)
-    while time.monotonic() - held_from < hold_s:  # nobody consumes: the producer must wait
-        sample()
-        time.sleep(0.01)
-    alive_after_hold = proc.poll() is None
-    submitted_after_hold = int(client.hget("koala:counts", "submitted") or 0)
-    deadline = time.monotonic() + 300
-    i = 0
-    while proc.poll() is None:  # a consumer of about 100 chunks/s
-        if i % 5 == 0:
-            popped += len(client.rpop("download", 5) or [])
-        sample()
-        i += 1
-        time.sleep(0.01)
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the producer did not finish while its queue was consumed")
-    stdout, stderr = proc.communicate(timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"koala submit failed ({proc.returncode}): {stderr[-2000:]}")
-    report = json.loads(stdout.strip().splitlines()[-1])
-    remaining = client.llen("download")
+    try:
+        deadline = time.monotonic() + 60
+        while sample() < limit and proc.poll() is None:  # fill up to the limit
+            if time.monotonic() > deadline:
+                raise RuntimeError("the producer never filled the queue to its limit")
+            time.sleep(0.01)
+        held_from, at_hold = time.monotonic(), counted(client, "submitted")
+        while time.monotonic() - held_from < hold_s:  # nobody consumes: the producer must wait
+            sample()
+            time.sleep(0.01)
+        waiting, after_hold = proc.poll() is None, counted(client, "submitted")
+        deadline, i = time.monotonic() + 300, 0
+        while proc.poll() is None:  # a consumer of about 100 chunks/s
+            popped += len(client.rpop("download", 5) or []) if i % 5 == 0 else 0
+            sample()
+            i += 1
+            time.sleep(0.01)
+            if time.monotonic() > deadline:
+                raise RuntimeError("the producer did not finish while its queue was consumed")
+        report = report_of(proc, 30)
+    finally:
+        stop(proc, 0)  # killed if it is still running
+    left = client.llen("download")
     return {
         "urls": n,
-        "chunks": -(-n // 16),
+        "chunks": chunks,
         "limit": limit,
-        "max_depth": max_depth,
-        "over_limit_by": max(0, max_depth - limit),
+        "max_depth": max(samples),
+        "over_limit_by": max(0, max(samples) - limit),
         "samples": len(samples),
         "hold_s": hold_s,
-        "producer_waiting_after_hold": alive_after_hold,
-        "submitted_at_hold_start": submitted_at_hold,
-        "submitted_at_hold_end": submitted_after_hold,
+        "producer_waiting_after_hold": waiting,
+        "submitted_at_hold_start": at_hold,
+        "submitted_at_hold_end": after_hold,
         "popped_by_stand_in_consumer": popped,
-        "left_in_queue": remaining,
-        "all_chunks_sent": popped + remaining == -(-n // 16),
+        "left_in_queue": left,
+        "all_chunks_sent": popped + left == chunks,
         "producer_held_back_s": report.get("held_back_s"),
         "submitted": report.get("new"),
     }
@@ -224,15 +189,13 @@ def _backpressure(client, proc: subprocess.Popen, n: int, limit: int, hold_s: fl
 # ---- 3. download worker on 4000x3000 JPEGs ------------------------------------------------------
 
 
-def big_jpegs(count: int, cache: Path) -> dict[str, bytes]:
+def big_jpegs(count: int) -> dict[str, bytes]:
     """`count` 4000x3000 photo-like JPEGs (quality 90, a few MB each), generated once into the cache."""
-    import io
-
     from PIL import Image
 
     from testkit.corpus import photo
 
-    folder = cache / "big-jpegs"
+    folder = CACHE / "big-jpegs"
     folder.mkdir(parents=True, exist_ok=True)
     files = {}
     for seed in range(count):
@@ -245,111 +208,71 @@ def big_jpegs(count: int, cache: Path) -> dict[str, bytes]:
             arr = np.clip(arr + np.tile(tile, (BIG[1] // 500, BIG[0] // 500, 1)), 0, 255).astype(np.uint8)
             buf = io.BytesIO()
             Image.fromarray(arr, "RGB").save(buf, "JPEG", quality=90)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(buf.getvalue())
-            tmp.replace(path)
+            path.with_suffix(".tmp").write_bytes(buf.getvalue())
+            path.with_suffix(".tmp").replace(path)
         files[path.name] = path.read_bytes()
     return files
 
 
-def wait_for_log(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"no {text!r} from the worker:\n{path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.1)
+def rss_mb(pid: int) -> dict:
+    return {
+        k: round((proc_kb(pid, f) or 0) / 1024, 1) for k, f in (("rss_mb", "VmRSS"), ("peak_rss_mb", "VmHWM"))
+    }
 
 
-def download_round(
-    client, redis_url: str, tmp: Path, urls: list[str], worker: subprocess.Popen, timeout: float
-) -> dict:
+def download_round(client, redis_url: str, tmp: Path, urls: list[str], worker: subprocess.Popen) -> dict:
     """Submit urls (one per chunk) and wait until each is downloaded or failed; the worker's peak RSS."""
     listing = tmp / f"big_{len(urls)}_{time.monotonic_ns()}.txt"
     listing.write_text("\n".join(urls) + "\n")
-    before = {k: int(client.hget("koala:counts", k) or 0) for k in ("downloaded", "failed")}
-    env = producer_env(redis_url, tmp / "out", KOALA_CHUNK_SIZE="1")
+    before = {k: counted(client, k) for k in ("downloaded", "failed")}
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "producer", "submit", str(listing), "--json"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"koala submit failed: {done.stderr[-2000:]}")
-    deadline = time.monotonic() + timeout
-    while True:
-        now = {k: int(client.hget("koala:counts", k) or 0) - before[k] for k in before}
-        if now["downloaded"] + now["failed"] >= len(urls):
-            break
+    report_of(submit(listing, redis_url, tmp / "out", KOALA_CHUNK_SIZE="1"), 120)
+    deadline = time.monotonic() + 60 + 10 * len(urls)
+    while sum((now := {k: counted(client, k) - before[k] for k in before}).values()) < len(urls):
         if worker.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"download worker: {now} of {len(urls)} (exit {worker.poll()})")
         time.sleep(0.1)
     seconds = time.monotonic() - started
-    return {
-        "images": len(urls),
-        "downloaded": now["downloaded"],
-        "failed": now["failed"],
-        "seconds": round(seconds, 1),
-        "img_s": round(len(urls) / seconds, 2),
-        "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1),
-        "rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1),
-    }
+    done = {"images": len(urls), **now, "seconds": round(seconds, 1), "img_s": round(len(urls) / seconds, 2)}
+    return done | rss_mb(worker.pid)
 
 
-def download_memory(
-    client, redis_url: str, tmp: Path, count: int, copies: tuple[int, int], cache: Path
-) -> dict:
+def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple[int, int]) -> dict:
     """A download worker (-c 32) fed `count` 4000x3000 JPEGs, `copies[0]`x then `copies[1]`x more."""
     from testkit.servers import ImageServer, worker_env
 
-    files = big_jpegs(count, cache)
+    files = big_jpegs(count)
     server = ImageServer(files).start()
     client.flushall()
     log_path = tmp / "download-worker.log"
-    env = worker_env(
-        redis_url,
-        tmp / "out",
-        KOALA_MAX_BYTES="25000000",
-        KOALA_CONNECT_TIMEOUT="10",
-        KOALA_READ_TIMEOUT="20",
-        KOALA_DOWNLOAD_DEADLINE="60",
-        KOALA_PER_HOST_CONNECTIONS="32",
-        KOALA_EMBED_QUEUE_LIMIT="100000",
-    )
+    env = worker_env(redis_url, tmp / "out", **DOWNLOAD_ENV)
+    command = [sys.executable, "-m", "workers", "download", "-c", "32", "-n", "download@bench"]
     with open(log_path, "wb") as log_file:
-        command = [sys.executable, "-m", "workers", "download", "-c", "32", "-n", "download@bench"]
         worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_for_log(log_path, "ready", worker, 120)
-            time.sleep(1)
-            idle = {
-                "rss_mb": round((proc_kb(worker.pid, "VmRSS") or 0) / 1024, 1),
-                "peak_rss_mb": round((proc_kb(worker.pid, "VmHWM") or 0) / 1024, 1),
-            }
-            names = sorted(files)
-            rounds = []
-            for r, k in enumerate(copies):
-                urls = [f"{server.base}/img/{name}?round={r}&copy={c}" for c in range(k) for name in names]
-                rounds.append(
-                    download_round(client, redis_url, tmp, urls, worker, timeout=60 + 10 * len(urls))
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in log_path.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the worker is not ready:\n{log_path.read_text(errors='replace')[-3000:]}"
                 )
-        finally:
-            worker.terminate()
-            try:
-                worker.wait(60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-            server.stop()
-    sizes = [len(b) for b in files.values()]
+            time.sleep(0.1)
+        time.sleep(1)
+        idle = rss_mb(worker.pid)
+        rounds = []
+        for r, k in enumerate(copies):
+            urls = [
+                f"{server.base}/img/{name}?round={r}&copy={c}" for c in range(k) for name in sorted(files)
+            ]
+            rounds.append(download_round(client, redis_url, tmp, urls, worker))
+    finally:
+        stop(worker, 60)
+        server.stop()
     full_decode_mb = BIG[0] * BIG[1] * 3 / 2**20
     return {
         "jpegs": count,
         "resolution": f"{BIG[0]}x{BIG[1]}",
-        "jpeg_mb_mean": round(np.mean(sizes) / 1e6, 2),
+        "jpeg_mb_mean": round(np.mean([len(b) for b in files.values()]) / 1e6, 2),
         "concurrency": 32,
         "per_host_connections": 32,
         "idle": idle,
@@ -363,40 +286,26 @@ def download_memory(
 # ---- the benchmark ------------------------------------------------------------------------------
 
 
-def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
-    from testkit.servers import RedisServer
-
+def run(sizes: list[int], smoke: bool, timeout: float) -> dict:
     result: dict = {
         "bench": "scale",
         "smoke": smoke,
         "chunk_size": 16,
         "target_bytes_per_url": TARGET_BYTES_PER_URL,
     }
-    with tempfile.TemporaryDirectory(prefix="koala-bench-scale-") as tmp_name:
-        tmp = Path(tmp_name)
-        server = RedisServer(tmp / "redis").start()
-        try:
-            client = server.client()
-            result["redis_version"] = client.info("server")["redis_version"]
-            result["submit"] = []
-            for n in sizes:
-                log(f"submitting {n} URLs")
-                result["submit"].append(submit_size(client, server.url, tmp, n, timeout))
-            log("backpressure")
-            result["backpressure"] = backpressure(
-                client,
-                server.url,
-                tmp,
-                1000 if smoke else 4000,
-                limit=20 if smoke else 50,
-                hold_s=1.0 if smoke else 3.0,
-            )
-            log("download worker on 4000x3000 JPEGs")
-            result["download_rss"] = download_memory(
-                client, server.url, tmp, 4 if smoke else 20, (1, 2) if smoke else (2, 4), cache
-            )
-        finally:
-            server.stop()
+    with redis_server("scale") as server:
+        client, tmp = server.client(), server.directory.parent
+        result["redis_version"] = client.info("server")["redis_version"]
+        result["submit"] = []
+        for n in sizes:
+            log(f"submitting {n} URLs")
+            result["submit"].append(submit_size(client, server.url, tmp, n, timeout))
+        log("backpressure")
+        bp = (1000, 20, 1.0) if smoke else (4000, 50, 3.0)
+        result["backpressure"] = backpressure(client, server.url, tmp, *bp)
+        log("download worker on 4000x3000 JPEGs")
+        big = (4, (1, 2)) if smoke else (20, (2, 4))
+        result["download_rss"] = download_memory(client, server.url, tmp, *big)
     subs = result["submit"]
     big = max(subs, key=lambda s: s["submitted"])
     result["targets"] = {
@@ -416,132 +325,72 @@ def run(sizes: list[int], smoke: bool, cache: Path, timeout: float) -> dict:
 def markdown(result: dict) -> str:
     """The tables of a scale result."""
     head = f"### Scale{' (SMOKE)' if result['smoke'] else ''} — Redis {result['redis_version']}, chunks of 16"
-    rows = []
-    for s in result["submit"]:
-        rows.append(
-            [
-                f"{s['urls']:,}" + (" (timed out)" if s["timed_out"] else ""),
-                f"{s['submitted']:,}",
-                s["bytes_per_url_state"],
-                s["bytes_per_url_queue"],
-                s["bytes_per_url_total"],
-                s["bucket_encoding"],
-                s["producer_peak_rss_mb"],
-                s["seconds"],
-                f"{s['urls_per_s']:,}",
-                f"{s['urls_per_s_after_startup'] or 0:,}",
-            ]
-        )
-    t1 = md_table(
-        [
-            "URLs",
-            "submitted",
-            "B/URL job state",
-            "B/URL queue",
-            "B/URL total",
-            "bucket encoding",
-            "producer peak RSS MB",
-            "submit s",
-            "URLs/s",
-            "URLs/s after start-up",
-        ],
-        rows,
-    )
-    t = result["targets"]
-    first = result["submit"][0]
-    t1b = md_table(
-        ["target", "measured", "met"],
-        [
-            [
-                f"job state ≤ {result['target_bytes_per_url']} B/URL (largest size)",
-                t["bytes_per_url_state_at_largest"],
-                "yes" if t["bytes_per_url_met"] else "no",
-            ],
-            [
-                f"producer RSS flat: largest / {first['urls']:,} URLs",
-                t["producer_rss_ratio_largest_vs_smallest"],
-                "yes" if t["producer_rss_ratio_largest_vs_smallest"] <= 1.1 else "no",
-            ],
-        ],
-    )
+    cols = ["URLs", "submitted", "B/URL job state", "B/URL queue", "B/URL total", "bucket encoding"]
+    cols += ["producer peak RSS MB", "submit s", "URLs/s", "URLs/s after start-up"]
+    keys = ["bytes_per_url_state", "bytes_per_url_queue", "bytes_per_url_total", "bucket_encoding"]
+    rows = [
+        [f"{s['urls']:,}" + (" (timed out)" if s["timed_out"] else ""), f"{s['submitted']:,}"]
+        + [s[k] for k in (*keys, "producer_peak_rss_mb", "seconds")]
+        + [f"{s['urls_per_s']:,}", f"{s['urls_per_s_after_startup'] or 0:,}"]
+        for s in result["submit"]
+    ]
+    t, yes = result["targets"], lambda b: "yes" if b else "no"
+    ratio = t["producer_rss_ratio_largest_vs_smallest"]
+    targets = [
+        [f"job state ≤ {result['target_bytes_per_url']} B/URL (largest size)"]
+        + [t["bytes_per_url_state_at_largest"], yes(t["bytes_per_url_met"])],
+        [f"producer RSS flat: largest / {result['submit'][0]['urls']:,} URLs", ratio, yes(ratio <= 1.1)],
+    ]
     b = result["backpressure"]
-    t2 = md_table(
-        ["backpressure (nobody consuming, then a stand-in consumer)", "value"],
+    backpressure = [
+        ["URLs / chunks / KOALA_DOWNLOAD_QUEUE_LIMIT", f"{b['urls']} / {b['chunks']} / {b['limit']}"],
+        ["max `download` depth observed (samples)", f"**{b['max_depth']}** ({b['samples']})"],
+        ["over the limit by", b["over_limit_by"]],
         [
-            ["URLs / chunks / KOALA_DOWNLOAD_QUEUE_LIMIT", f"{b['urls']} / {b['chunks']} / {b['limit']}"],
-            ["max `download` depth observed (samples)", f"**{b['max_depth']}** ({b['samples']})"],
-            ["over the limit by", b["over_limit_by"]],
-            [
-                f"producer still waiting after {b['hold_s']} s with nobody consuming",
-                b["producer_waiting_after_hold"],
-            ],
-            [
-                "submitted at start / end of that hold",
-                f"{b['submitted_at_hold_start']} / {b['submitted_at_hold_end']}",
-            ],
-            ["producer's own held-back time", f"{b['producer_held_back_s']:.1f} s"],
-            ["every chunk sent in the end", b["all_chunks_sent"]],
+            f"producer still waiting after {b['hold_s']} s with nobody consuming",
+            b["producer_waiting_after_hold"],
         ],
-    )
+        [
+            "submitted at start / end of that hold",
+            f"{b['submitted_at_hold_start']} / {b['submitted_at_hold_end']}",
+        ],
+        ["producer's own held-back time", f"{b['producer_held_back_s']:.1f} s"],
+        ["every chunk sent in the end", b["all_chunks_sent"]],
+    ]
     d = result["download_rss"]
-    rows = [["idle (after start)", "-", "-", "-", d["idle"]["rss_mb"], d["idle"]["peak_rss_mb"]]]
-    total = 0
+    download = [["idle (after start)", "-", "-", "-", d["idle"]["rss_mb"], d["idle"]["peak_rss_mb"]]]
     for i, r in enumerate(d["rounds"], 1):
-        total += r["images"]
-        rows.append(
-            [
-                f"round {i} (total {total})",
-                r["images"],
-                f"{r['downloaded']} / {r['failed']}",
-                r["img_s"],
-                r["rss_mb"],
-                r["peak_rss_mb"],
-            ]
-        )
-    t3 = md_table(
-        [
-            "download worker -c 32",
-            "images",
-            "downloaded / failed",
-            "images/s",
-            "RSS MB",
-            "peak RSS (VmHWM) MB",
-        ],
-        rows,
-    )
+        total = sum(x["images"] for x in d["rounds"][:i])
+        download.append([f"round {i} (total {total})", r["images"], f"{r['downloaded']} / {r['failed']}"])
+        download[-1] += [r["img_s"], r["rss_mb"], r["peak_rss_mb"]]
     note = (
         f"{d['jpegs']} distinct {d['resolution']} JPEGs (mean {d['jpeg_mb_mean']} MB), per-host "
         f"limit {d['per_host_connections']}; peak after the last round / after the first: "
         f"{d['peak_growth_ratio']}. A full decode is {d['full_decode_mb_per_image']} MB per image "
         f"({d['full_decode_mb_x32']} MB for 32 at once)."
     )
-    return "\n\n".join([head, t1, t1b, t2, t3, note])
+    download_cols = ["download worker -c 32", "images", "downloaded / failed", "images/s", "RSS MB"]
+    tables = [
+        md_table(cols, rows),
+        md_table(["target", "measured", "met"], targets),
+        md_table(["backpressure (nobody consuming, then a stand-in consumer)", "value"], backpressure),
+        md_table([*download_cols, "peak RSS (VmHWM) MB"], download),
+    ]
+    return "\n\n".join([head, *tables, note])
 
 
 @click.command()
-@click.option(
-    "--sizes", default=None, help="URL counts to submit, comma separated (default 10000,100000,1000000)"
-)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--sizes", help="URL counts to submit, comma separated (default 10000,100000,1000000)")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")
 @click.option(
-    "--timeout", type=float, default=300.0, help="seconds allowed per submission (then its rate is reported)"
+    "--timeout", type=float, default=300.0, help="seconds per submission (then its rate is reported)"
 )
-@click.option(
-    "--cache",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=CACHE,
-    help="where the generated JPEGs are kept",
-)
-def main(sizes: str | None, json_path: Path | None, smoke: bool, timeout: float, cache: Path) -> None:
+def main(sizes: str | None, json_path: Path | None, smoke: bool, timeout: float) -> None:
     """Redis bytes per URL, producer memory and backpressure, download worker memory."""
     sizes = sizes or ("1000,5000" if smoke else "10000,100000,1000000")
-    result = run([int(s) for s in sizes.split(",")], smoke, cache, timeout)
-    path = json_path or default_json(NAME, smoke)
-    save_json(result, path)
-    text = markdown(result)
-    path.with_suffix(".md").write_text(text + "\n")  # beside the JSON: `python -m bench --reuse` reads it
-    click.echo(text)
+    result = run([int(s) for s in sizes.split(",")], smoke, timeout)
+    finish("scale", result, json_path, smoke, markdown(result))
 
 
 if __name__ == "__main__":

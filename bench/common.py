@@ -1,0 +1,451 @@
+"""What the benchmarks share: paths, logging, result files, CPU and memory readings, photo-like inputs,
+a Redis of their own, the embed queue filled and drained as the fleet does, and a real embed worker
+with the stand-in forward pass (KOALA_NULL_MODEL=1: the ceiling's round, used by embed, lab_size and
+records)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+CACHE = RESULTS / "cache"
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in obj.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def json_tables(obj: dict) -> str:
+    """Markdown of a result without tables of its own: scalars as key/value rows, each list of
+    objects as a table."""
+    cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
+    scalars, tables = [], []
+    for key, value in _flatten(obj).items():
+        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            rows = [_flatten(x) for x in value]
+            cols = list(dict.fromkeys(c for r in rows for c in r))
+            tables.append(
+                f"`{key}`:\n\n" + md_table(cols, [[cell(r.get(c, "")) for c in cols] for r in rows])
+            )
+        else:
+            scalars.append([f"`{key}`", cell(value)])
+    return "\n\n".join(([md_table(["measurement", "value"], scalars)] if scalars else []) + tables)
+
+
+def finish(name: str, result: dict, json_path: Path | None, smoke: bool, text: str | None = None) -> None:
+    """Write the result (default bench/results/<name>.json; smoke runs under smoke/, never replacing a
+    real one) and its markdown beside it (`python -m bench --reuse` reads that); print the markdown."""
+    path = json_path or (RESULTS / "smoke" if smoke else RESULTS) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    text = json_tables(result) if text is None else text
+    path.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+def paired(a: list[float], b: list[float], digits: int = 3) -> dict:
+    """Median and range of a - b, paired by repetition."""
+    d = sorted(x - y for x, y in zip(a, b, strict=True))
+    return {
+        "median": round(statistics.median(d), digits),
+        "range": [round(d[0], digits), round(d[-1], digits)],
+    }
+
+
+def medians(runs: list[dict], keys: Iterable[str]) -> dict:
+    return {k: statistics.median(r[k] for r in runs) for k in keys}
+
+
+# ---- CPU and memory -----------------------------------------------------------------------------
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(CPU seconds the whole machine spent busy since boot, all cores, idle and iowait excluded;
+    of which stolen by the hypervisor), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """user + system CPU seconds of a process so far (all its threads), from /proc/<pid>/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def proc_kb(pid: int, field: str) -> int | None:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
+class PeakSampler:
+    """Samples VmHWM (peak RSS) of a process in a thread until stopped; keeps the largest value."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval, self.peak_kb = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> int:
+        self.peak_kb = max(self.peak_kb, proc_kb(self.pid, "VmHWM") or 0)
+        return self.peak_kb
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all its threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[float, float]]]:
+    """`timed` of each call over `reps` repetitions, the calls interleaved (the same load for all),
+    after one warm-up call each (tracing, compiling, work arrays)."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    return times
+
+
+def stop(proc: subprocess.Popen, timeout: float = 120) -> float:
+    """SIGTERM (an embed worker finishes its batch and finalizes its shard), killed after `timeout`;
+    the time it had exited."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return time.monotonic()
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def ensure_checkpoint(cache: Path = CACHE) -> Path:
+    """The generated checkpoint (testkit.checkpoint, ~230 MB; the model's cost does not depend on the
+    weights), written once into the cache folder."""
+    from testkit.checkpoint import fake_checkpoint_in
+
+    if not (cache / "inception_resnet_v2_2016_08_30.ckpt").exists():
+        log(f"writing a generated checkpoint into {cache} (once, ~230 MB)")
+    return fake_checkpoint_in(cache)
+
+
+def make_images(n: int, distinct: int = 16) -> np.ndarray:
+    """n photo-like uint8 299x299 RGB images (`distinct` different ones, repeated)."""
+    from testkit.corpus import photo
+
+    base = [photo(299, 299, seed) for seed in range(min(n, distinct))]
+    return np.stack([base[i % len(base)] for i in range(n)])
+
+
+def item_of(i: int) -> dict:
+    url = f"http://bench.invalid/embed/{i}.jpg"
+    return {"k": hashlib.md5(url.encode()).hexdigest(), "u": url}
+
+
+def payloads_of(rgb: np.ndarray) -> list[dict]:
+    """The embed messages' images as download workers build them (each distinct image encoded once)."""
+    from common.messages import embed_image
+    from common.pictures.images import encode_pixels
+
+    encoded: dict[bytes, bytes] = {}
+    out = []
+    for i, img in enumerate(rgb):
+        digest = hashlib.md5(img.tobytes()).digest()
+        pixels = encoded[digest] = encoded.get(digest) or encode_pixels(img)
+        out.append(embed_image(item_of(i), pixels))
+    return out
+
+
+# ---- Redis and the embed queue ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server(name: str) -> Iterator:
+    """A redis-server of the benchmark's own, in a temporary folder (`server.directory.parent`)."""
+    from testkit.servers import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix=f"koala-bench-{name}-") as tmp:
+        server = RedisServer(Path(tmp) / "redis").start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> None:
+    """Register the items and mark them downloaded, as the producer and download workers would."""
+    from common.state.job import JobState
+
+    state = JobState(client, prefix)
+    keys = [p["key"] for p in payloads]
+    for i in range(0, len(keys), 1000):
+        state.register(keys[i : i + 1000], state.new_run())
+        state.mark_downloaded_many(keys[i : i + 1000])
+
+
+def send_chunks(redis_url: str, chunks: Iterable[list[dict]]) -> None:
+    """One `koala.embed` message per chunk of images, sent as workers.tasks.publish_embed sends a
+    download chunk's."""
+    from common.celery_app import make_app
+    from common.messages import EMBED_QUEUE, EMBED_TASK
+    from common.settings import Settings
+
+    app = make_app(Settings(broker_url=redis_url))
+    try:
+        for images in chunks:
+            app.send_task(EMBED_TASK, args=[images], queue=EMBED_QUEUE, argsrepr="[images]", kwargsrepr="{}")
+    finally:
+        app.close()
+
+
+def fill_embed_queue(redis_url: str, payloads: list[dict], chunk: int = 16) -> None:
+    send_chunks(redis_url, (payloads[i : i + chunk] for i in range(0, len(payloads), chunk)))
+
+
+class NoStage:
+    """Stands in for EmbedStage to time the queue side alone: each step does nothing."""
+
+    def __init__(self, n: int, settings) -> None:
+        self.n, self.settings, self.consumer = n, settings, None
+        self.seen: list[tuple[float, int]] = []  # (time, images) of each batch
+
+    def prepare(self, batch) -> None:
+        self.seen.append((time.perf_counter(), len(batch.payloads)))
+        if sum(k for _, k in self.seen) >= self.n:
+            self.consumer.stopping.set()
+
+    def infer(self, batch) -> None: ...
+
+    def write(self, batches: list) -> None: ...
+
+    def rotate(self) -> None: ...
+
+
+def drain(
+    redis_url: str, n: int, batch_size: int, timeout: float, start: Callable[[], object] = lambda: None
+) -> list[tuple[float, int]]:
+    """The real BatchConsumer, its steps doing nothing, until n images came through (`start` runs
+    just before it consumes); (time, images) of each batch."""
+    from common.celery_app import make_app
+    from common.settings import Settings
+    from workers.batching import BatchConsumer
+
+    settings = Settings(broker_url=redis_url)
+    app = make_app(settings)
+    stage = NoStage(n, settings)
+    consumer = stage.consumer = BatchConsumer(
+        app,
+        stage,
+        batch_size=batch_size,
+        max_wait=0.2,
+        hostname="drain@bench",  # type: ignore
+    )
+    start()
+    guard = threading.Timer(timeout, consumer.stopping.set)  # never hang the benchmark
+    guard.start()
+    try:
+        consumer.run()
+    finally:
+        guard.cancel()
+        app.close()
+    return stage.seen
+
+
+# ---- a real embed worker ------------------------------------------------------------------------
+
+
+def start_embed_worker(
+    redis_url: str, out: Path, batch_size: int, log_path: Path, **env: str
+) -> subprocess.Popen:
+    """`python -m workers embed` against the bench's Redis and output folder, its output in log_path."""
+    from testkit.servers import worker_env
+
+    env = worker_env(
+        redis_url,
+        out,
+        KOALA_BATCH_SIZE=str(batch_size),
+        KOALA_BATCH_WAIT="0.2",
+        KOALA_EXAMPLES_PER_SHARD="500",
+        **env,
+    )
+    command = [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"]
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def watch_written(
+    client, proc: subprocess.Popen, n: int, batch: int, timeout: float, log_path: Path, poll: float = 0.01
+) -> list[tuple[float, int, float, float]]:
+    """Poll `written` until n; (time, written, the worker's CPU s, the machine's busy CPU s) at its
+    first record, once `written` >= batch, and at n."""
+    marks: list[tuple[float, int, float, float]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        written, t = int(client.hget("koala:counts", "written") or 0), time.monotonic()
+        while len(marks) < 3 and written >= (1, batch, n)[len(marks)]:
+            marks.append((t, written, cpu_seconds(proc.pid) or 0.0, machine_cpu_s()[0]))
+        if len(marks) == 3:
+            return marks
+        if proc.poll() is not None or t > deadline:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the embed worker wrote {written}/{n} (exit {proc.poll()}):\n{tail}")
+        time.sleep(poll)
+
+
+def count_records(out: Path) -> dict:
+    """Records and distinct keys in the finalized shards (no TensorFlow), and leftover temp shards."""
+    from common.output import records
+    from common.output.shards import SHARD_GLOB
+
+    shards = sorted(out.glob(SHARD_GLOB))
+    keys = [records.example_key(data) for shard in shards for _, _, data in records.iter_examples(shard)]
+    return {
+        "records": len(keys),
+        "distinct": len(set(keys)),
+        "shards": len(shards),
+        "temp_shards": len(list(out.glob(".*.tmp"))),
+    }
+
+
+def disk_write_mb_s(folder: Path, mb: int) -> float:
+    """MB/s of a sequential write of `mb` MB in 8 MB blocks ended by fdatasync (`dd ... conv=fdatasync`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".disk-rate.tmp"
+    block = np.random.default_rng(0).integers(0, 256, 8 << 20, np.uint8).tobytes()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for _ in range(mb // 8):
+            os.write(fd, block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return mb / seconds
+
+
+def null_round(
+    server, payloads: list[dict], out: Path, batch_size: int, env: dict[str, str], disk_mb: int
+) -> dict:
+    """One ceiling measurement: the queue pre-filled, a null-model embed worker started, first record
+    to last; the output folder's own write rate measured just before."""
+    client = server.client()
+    client.flushall()
+    shutil.rmtree(out, ignore_errors=True)
+    disk = disk_write_mb_s(out, disk_mb)
+    register_downloaded(client, payloads)
+    fill_embed_queue(server.url, payloads)
+    n, log_path = len(payloads), server.directory.parent / "embed-worker.log"
+    proc = start_embed_worker(server.url, out, batch_size, log_path, KOALA_NULL_MODEL="1", **env)
+    try:
+        first, _, last = watch_written(client, proc, n, 1, 60 + n / 20, log_path)
+    finally:
+        stop(proc)
+    images, seconds = last[1] - first[1], last[0] - first[0]
+    counted = count_records(out)
+    record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, counted["records"]) / 1e6
+    shutil.rmtree(out, ignore_errors=True)
+    img_s = images / seconds
+    return {
+        "images": n,
+        "timed_images": images,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(img_s, 1),
+        "cpu_ms_per_image": round(1000 * (last[2] - first[2]) / images, 3),
+        "machine_busy_cores": round((last[3] - first[3]) / seconds, 2),
+        "disk_mb_per_s": round(disk, 1),
+        "record_mb": round(record_mb, 4),
+        "records_mb_per_s": round(img_s * record_mb, 1),
+        "records_vs_disk": round(img_s * record_mb / disk, 3),
+        **counted,
+    }
+
+
+def null_rounds(
+    name: str,
+    n: int,
+    batch_size: int,
+    rounds: int,
+    variants: dict[str, tuple[Path, dict[str, str]]],
+    disk_mb: int = 64,
+) -> dict[str, list[dict]]:
+    """`null_round` of each variant (its output folder, its worker's environment) on the same n
+    photo-like images, `rounds` times, the variants alternating within each round."""
+    payloads = payloads_of(make_images(n))
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    with redis_server(name) as server:
+        for r in range(rounds):
+            for v, (out, env) in variants.items():
+                runs[v].append(null_round(server, payloads, out, batch_size, env, disk_mb))
+                x = runs[v][-1]
+                log(f"round {r + 1}/{rounds}, {v}: {x['images_per_s']} img/s, {x['cpu_ms_per_image']} CPU-ms")
+    return runs
