@@ -45,7 +45,7 @@ def _safe_url(url: str) -> str:
 def run_broker(out_dir: Path | None) -> Iterator[str | None]:
     """The Redis of a `koala run` in out_dir: its running server, or started from its state for
     the duration (None when out_dir holds no run or a broker is configured explicitly)."""
-    if out_dir is None or not (out_dir / ".redis").is_dir() or "KOALA_BROKER_URL" in os.environ:
+    if out_dir is None or not (out_dir / ".redis").is_dir() or broker_given():
         yield None
         return
     url_file = out_dir / ".redis" / "url"
@@ -78,11 +78,22 @@ RUN_FOLDER = click.option(
     default=None,
     help="Redis URL (default KOALA_BROKER_URL or redis://127.0.0.1:6379/0)",
 )
-def main(broker: str | None) -> None:
+@click.pass_context
+def main(ctx: click.Context, broker: str | None) -> None:
     """Koala fleet: URL lists and image folders to Lab + Inception TFRecord shards."""
-    if broker:
-        os.environ["KOALA_BROKER_URL"] = broker
-        get_settings.cache_clear()
+    settings = get_settings()
+    ctx.obj = settings.model_copy(update={"broker_url": broker}) if broker else settings
+    ctx.meta["koala.broker_given"] = broker is not None  # --broker or KOALA_BROKER_URL
+
+
+def current_settings() -> Settings:
+    """The settings of this `koala` command: the KOALA_* variables, with --broker applied."""
+    return click.get_current_context().find_root().obj
+
+
+def broker_given() -> bool:
+    """Whether a broker was named (--broker or KOALA_BROKER_URL): `koala run` then starts none."""
+    return bool(click.get_current_context().meta.get("koala.broker_given"))
 
 
 @main.command()
@@ -105,7 +116,7 @@ def submit(
 
     if not is_url(source) and not os.path.exists(source):
         raise click.ClickException(f"no such file or folder: {source}")
-    settings = get_settings()
+    settings = current_settings()
     state = job_state(settings)
     with progress_bar(desc="submitting", unit=" items", disable=as_json) as bar:
         submitter = Submitter(
@@ -159,7 +170,7 @@ def submit(
 @click.option("--interval", type=float, default=1.0, help="seconds between the two reads for rates (0: none)")
 def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
     """Counts, queue depths, rates, shards and failures by reason."""
-    settings = get_settings()
+    settings = current_settings()
     with run_broker(out_dir) as broker:
         state = job_state(settings, broker)
         out_dir = out_dir or settings.output_dir
@@ -197,7 +208,7 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
 def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | None) -> None:
     """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
     with run_broker(out_dir) as broker:
-        items = job_state(get_settings(), broker).failures(reason, limit)
+        items = job_state(current_settings(), broker).failures(reason, limit)
     if as_json:
         click.echo(json.dumps(items, ensure_ascii=False))
         return
@@ -253,6 +264,8 @@ def run(
             batch_size=batch_size,
             record_format=record_format,
             echo=lambda m: click.echo(m, err=True),
+            settings=current_settings(),
+            broker_given=broker_given(),
         )
     except RunError as e:
         raise click.ClickException(str(e)) from None
@@ -282,7 +295,7 @@ def retry(reason: str | None, out_dir: Path | None) -> None:
     """Submit failed URLs again (all, or one reason), e.g. after a network outage."""
     from producer.submit import Submitter
 
-    settings = get_settings()
+    settings = current_settings()
     with run_broker(out_dir) as broker:
         state = job_state(settings, broker)
         failed = state.failures(reason)
@@ -304,7 +317,7 @@ def retry(reason: str | None, out_dir: Path | None) -> None:
 @click.option("--yes", is_flag=True, help="do not ask")
 def reset(yes: bool) -> None:
     """Forget the job: item states, counters and failures (queues are left alone)."""
-    settings = get_settings()
+    settings = current_settings()
     state = job_state(settings)
     if not yes:
         click.confirm(f"Delete every {settings.state_prefix}:* key?", abort=True)

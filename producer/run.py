@@ -18,6 +18,8 @@ from pathlib import Path
 
 import redis
 
+from common.settings import Settings
+
 OFFICIAL_CHECKPOINT = "http://download.tensorflow.org/models/inception_resnet_v2_2016_08_30.tar.gz"
 RECORD_BYTES = {299: 1_077_000, 224: 610_000}  # uncompressed record: Lab floats + logits + names
 COMPACT_RECORD_BYTES = 160_000  # a compact record: PNG (~125-145 KB on photos) + logits + names
@@ -258,14 +260,17 @@ def run_job(
     batch_size: int | None,
     echo,
     record_format: str | None = None,
+    settings: Settings | None = None,
+    broker_given: bool = False,
 ) -> int:
-    """The whole job; returns the exit code (0 done, 130 interrupted)."""
+    """The whole job; returns the exit code (0 done, 130 interrupted). With `broker_given` the
+    settings' broker is used, else an embedded Redis is started."""
     from common.fetching.sources import is_url
     from common.model.checkpoint import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
     from producer.progress import resend_when_stalled, watch
 
-    settings = get_settings()
+    settings = settings or get_settings()
     out_dir = out_dir.resolve()
     if not is_url(source) and not Path(source).exists():
         raise RunError(f"no such file or folder: {source}")
@@ -279,7 +284,7 @@ def run_job(
     warning = disk_warning(out_dir, count_items(source), settings.lab_size, record_format)
     if warning:
         echo(warning)
-    embedded = None if "KOALA_BROKER_URL" in os.environ else EmbeddedRedis(out_dir).start()
+    embedded = None if broker_given else EmbeddedRedis(out_dir).start()
     broker = embedded.url if embedded else settings.broker_url
     env = {
         **os.environ,

@@ -233,3 +233,16 @@ def test_log_lines_turn_each_redraw_into_one_line():
     for text in ["\rsubmitting: 10 items", "\x1b[A", "\r", "\n\x1b[2Asubmitting: 20 items"]:
         stream.write(text)
     assert out.getvalue() == "submitting: 10 items\nsubmitting: 20 items\n"
+
+
+def test_the_broker_option_reaches_the_command_without_the_environment(redis_url, rclient, tmp_path):
+    # --broker is passed to the command as settings (nothing written back into os.environ)
+    path = tmp_path / "urls.txt"
+    path.write_bytes(listing(urls(3)))
+    env = worker_env("redis://127.0.0.1:1/0", tmp_path)  # nothing listens there
+    assert koala(env, "submit", str(path)).returncode != 0
+    koala(env, "--broker", redis_url, "submit", str(path), check=True)
+    status = json.loads(
+        koala(env, "--broker", redis_url, "status", "--json", "--interval", "0", check=True).stdout
+    )
+    assert status["submitted"] == 3

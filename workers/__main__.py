@@ -118,24 +118,25 @@ def embed(
     loglevel: str,
 ) -> None:
     """Consume the embed queue: Inception + Lab -> rotating TFRecord shards."""
-    overrides = {
-        "KOALA_BATCH_SIZE": batch_size,
-        "KOALA_CHECKPOINT": checkpoint,
-        "KOALA_OUTPUT_DIR": out_dir and os.path.abspath(out_dir),
-        "KOALA_EXAMPLES_PER_SHARD": examples_per_shard,
-        "KOALA_RECORD_FORMAT": record_format,
-    }
-    os.environ.update({k: str(v) for k, v in overrides.items() if v is not None})
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
     from workers.embed_worker import run_embed_worker
 
     try:
-        run_embed_worker(name or f"embed@{socket.gethostname()}")
+        run_embed_worker(name or f"embed@{socket.gethostname()}", settings)
     except (RuntimeError, OSError, CheckpointError) as e:
+    from common.settings import Settings
         raise click.ClickException(str(e)) from e
 
+    options = {
+        "batch_size": batch_size,
+        "checkpoint": checkpoint,
+        "output_dir": out_dir and os.path.abspath(out_dir),
+        "examples_per_shard": examples_per_shard,
+        "record_format": record_format,
+    }
+    settings = Settings(**{k: v for k, v in options.items() if v is not None})  # the options over KOALA_*
 
 if __name__ == "__main__":
     main()
