@@ -13,7 +13,13 @@ a batch holds an image whose pixels are all V, as the out-of-memory killer would
 """
 
 import os
+import sys
 import time
+from pathlib import Path
+
+# Site start-up runs before `python -m` puts the working directory on sys.path: import the hooks'
+# own checkout, not whatever copy of the project is installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PACE = os.environ.get("KOALA_TEST_PACE", "")
 
