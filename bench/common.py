@@ -44,21 +44,32 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def _rows(v: object) -> list[dict] | None:
+    """The rows of a table, where `v` is one: a list of objects, or an object of flat objects (its
+    keys the first column)."""
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return [_flatten(x) for x in v]
+    flat = lambda x: isinstance(x, dict) and not any(isinstance(y, dict) for y in x.values())  # noqa: E731
+    if isinstance(v, dict) and len(v) > 1 and all(flat(x) for x in v.values()):
+        return [{"": k, **x} for k, x in v.items()]
+    return None
+
+
 def _flatten(obj: dict, prefix: str = "") -> dict:
     out: dict = {}
     for k, v in obj.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        nested = isinstance(v, dict) and _rows(v) is None
+        out.update(_flatten(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
     return out
 
 
 def json_tables(obj: dict) -> str:
     """Markdown of a result without tables of its own: scalars as key/value rows, each list of
-    objects as a table."""
+    objects (or object of flat objects) as a table."""
     cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
     scalars, tables = [], []
     for key, value in _flatten(obj).items():
-        if isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-            rows = [_flatten(x) for x in value]
+        if rows := _rows(value):
             cols = list(dict.fromkeys(c for r in rows for c in r))
             tables.append(
                 f"`{key}`:\n\n" + md_table(cols, [[cell(r.get(c, "")) for c in cols] for r in rows])
@@ -124,32 +135,6 @@ def proc_kb(pid: int, field: str) -> int | None:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return None
-
-
-class PeakSampler:
-    """Samples VmHWM (peak RSS) of a process in a thread until stopped; keeps the largest value."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        self.pid, self.interval, self.peak_kb = pid, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval)
-
-    def sample(self) -> int:
-        self.peak_kb = max(self.peak_kb, proc_kb(self.pid, "VmHWM") or 0)
-        return self.peak_kb
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, float]:
@@ -288,6 +273,11 @@ class NoStage:
 
     def rotate(self) -> None: ...
 
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def settled(self, batches: list) -> list:
+        return batches
+
 
 def drain(
     redis_url: str, n: int, batch_size: int, timeout: float, start: Callable[[], object] = lambda: None
@@ -322,27 +312,8 @@ def drain(
 # ---- a real embed worker ------------------------------------------------------------------------
 
 
-def start_embed_worker(
-    redis_url: str, out: Path, batch_size: int, log_path: Path, **env: str
-) -> subprocess.Popen:
-    """`python -m workers embed` against the bench's Redis and output folder, its output in log_path."""
-    from testkit.servers import worker_env
-
-    env = worker_env(
-        redis_url,
-        out,
-        KOALA_BATCH_SIZE=str(batch_size),
-        KOALA_BATCH_WAIT="0.2",
-        KOALA_EXAMPLES_PER_SHARD="500",
-        **env,
-    )
-    command = [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"]
-    with open(log_path, "wb") as log_file:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-
-
 def watch_written(
-    client, proc: subprocess.Popen, n: int, batch: int, timeout: float, log_path: Path, poll: float = 0.01
+    client, proc: subprocess.Popen, n: int, batch: int, timeout: float, log_path: Path, poll: float
 ) -> list[tuple[float, int, float, float]]:
     """Poll `written` until n; (time, written, the worker's CPU s, the machine's busy CPU s) at its
     first record, once `written` >= batch, and at n."""
@@ -358,6 +329,39 @@ def watch_written(
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"the embed worker wrote {written}/{n} (exit {proc.poll()}):\n{tail}")
         time.sleep(poll)
+
+
+def embed_worker_round(
+    server, payloads: list[dict], out: Path, batch_size: int, env: dict[str, str], timeout: float, poll: float
+) -> dict:
+    """A real `python -m workers embed` on the queue pre-filled with the payloads as download workers
+    send them (the items registered and marked downloaded first): `watch_written`'s marks, its peak
+    RSS, then SIGTERM (it finalizes its shard) and the records it left in `out`."""
+    from testkit.servers import worker_env
+
+    client = server.client()
+    register_downloaded(client, payloads)
+    fill_embed_queue(server.url, payloads)
+    log_path = server.directory.parent / "embed-worker.log"
+    env = worker_env(
+        server.url,
+        out,
+        KOALA_BATCH_SIZE=str(batch_size),
+        KOALA_BATCH_WAIT="0.2",
+        KOALA_EXAMPLES_PER_SHARD="500",
+        **env,
+    )
+    command = [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"]
+    started = time.monotonic()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        marks = watch_written(client, proc, len(payloads), batch_size, timeout, log_path, poll)
+        peak_kb = proc_kb(proc.pid, "VmHWM") or 0  # a high-water mark, read while the worker lives
+    finally:
+        finalized = stop(proc)
+    done = {"marks": marks, "started": started, "finalized": finalized, "peak_kb": peak_kb}
+    return done | {"exit_code": proc.returncode, **count_records(out)}
 
 
 def count_records(out: Path) -> dict:
@@ -381,13 +385,10 @@ def disk_write_mb_s(folder: Path, mb: int) -> float:
     path = folder / ".disk-rate.tmp"
     block = np.random.default_rng(0).integers(0, 256, 8 << 20, np.uint8).tobytes()
     start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
+    with open(path, "wb", buffering=0) as f:
         for _ in range(mb // 8):
-            os.write(fd, block)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+            f.write(block)
+        os.fdatasync(f.fileno())
     seconds = time.perf_counter() - start
     path.unlink()
     return mb / seconds
@@ -396,37 +397,29 @@ def disk_write_mb_s(folder: Path, mb: int) -> float:
 def null_round(
     server, payloads: list[dict], out: Path, batch_size: int, env: dict[str, str], disk_mb: int
 ) -> dict:
-    """One ceiling measurement: the queue pre-filled, a null-model embed worker started, first record
-    to last; the output folder's own write rate measured just before."""
-    client = server.client()
-    client.flushall()
+    """One ceiling measurement: a null-model embed worker from its first record to its last; the
+    output folder's own write rate measured just before."""
+    server.client().flushall()
     shutil.rmtree(out, ignore_errors=True)
     disk = disk_write_mb_s(out, disk_mb)
-    register_downloaded(client, payloads)
-    fill_embed_queue(server.url, payloads)
-    n, log_path = len(payloads), server.directory.parent / "embed-worker.log"
-    proc = start_embed_worker(server.url, out, batch_size, log_path, KOALA_NULL_MODEL="1", **env)
-    try:
-        first, _, last = watch_written(client, proc, n, 1, 60 + n / 20, log_path)
-    finally:
-        stop(proc)
-    images, seconds = last[1] - first[1], last[0] - first[0]
-    counted = count_records(out)
-    record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, counted["records"]) / 1e6
+    env = {"KOALA_NULL_MODEL": "1", **env}
+    run = embed_worker_round(server, payloads, out, batch_size, env, 60 + len(payloads) / 20, 0.01)
+    (t0, w0, cpu0, busy0), _, (t1, w1, cpu1, busy1) = run["marks"]
+    record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, run["records"]) / 1e6
     shutil.rmtree(out, ignore_errors=True)
-    img_s = images / seconds
+    img_s = (w1 - w0) / (t1 - t0)
     return {
-        "images": n,
-        "timed_images": images,
-        "seconds": round(seconds, 3),
+        "images": len(payloads),
+        "timed_images": w1 - w0,
+        "seconds": round(t1 - t0, 3),
         "images_per_s": round(img_s, 1),
-        "cpu_ms_per_image": round(1000 * (last[2] - first[2]) / images, 3),
-        "machine_busy_cores": round((last[3] - first[3]) / seconds, 2),
+        "cpu_ms_per_image": round(1000 * (cpu1 - cpu0) / (w1 - w0), 3),
+        "machine_busy_cores": round((busy1 - busy0) / (t1 - t0), 2),
         "disk_mb_per_s": round(disk, 1),
         "record_mb": round(record_mb, 4),
         "records_mb_per_s": round(img_s * record_mb, 1),
         "records_vs_disk": round(img_s * record_mb / disk, 3),
-        **counted,
+        **{k: run[k] for k in ("records", "distinct", "shards", "temp_shards")},
     }
 
 

@@ -8,7 +8,7 @@ The peak is not a data-sheet figure: it is the best rate of large matrix product
 same run (float32, and float16 for the mixed-precision rows), so the fraction is a ratio of two
 numbers measured side by side. FLOPs per image come from TensorFlow's profiler on the model's graph
 (2 per multiply-add). Without a GPU the default grid is float32 without XLA at batch 16 (mixed
-precision on a CPU only emulates float16); `--grid full` runs every combination anywhere.
+precision on a CPU only emulates float16).
 
 Lab: at the first batch size, in float32, repetitions interleaved (same load for all three): the model
 call alone (`Embedder.embed`); the same call while the numpy `lab_channels` of the batch run in a pool
@@ -37,7 +37,6 @@ from bench.common import (
     interleaved,
     log,
     make_images,
-    md_table,
     paired,
     quiet_tensorflow,
 )
@@ -117,25 +116,27 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
     }
     times = interleaved(calls, reps)
     pool.shutdown()
-    result: dict = {"batch": batch, "reps": reps, "device": embedder.device}
+    ms: dict = {}  # per image, medians; the extras paired with the model-alone call of the same repetition
     for i, kind in enumerate(("wall", "cpu")):
         per_image = {name: [1000 * t[i] / batch for t in ts] for name, ts in times.items()}
-        result[kind] = {name: round(statistics.median(v), 2) for name, v in per_image.items()}
-        for path in ("numpy", "tf"):  # paired with the model-alone call of the same repetition
+        ms[kind] = {name: round(statistics.median(v), 2) for name, v in per_image.items()}
+        for path in ("numpy", "tf"):
             extra = paired(per_image[f"model_{path}_lab"], per_image["model"], 2)
-            result[kind][f"{path}_extra"], result[kind][f"{path}_extra_range"] = (
-                extra["median"],
-                extra["range"],
-            )
-    # Within a model call the Lab's few ms per image are often below the call's variation on a shared
-    # machine (see the ranges); the CPU work of each Lab path alone, measured in the same run, decides.
-    result["tf_cheaper"] = result["cpu"]["tf_lab_alone"] < result["cpu"]["numpy_lab_alone"]
-    result["load_average"] = [round(v, 2) for v in os.getloadavg()]
-    return result
+            ms[kind] |= {f"{path}_extra": extra["median"], f"{path}_extra_range": extra["range"]}
+    return {
+        "batch": batch,
+        "reps": reps,
+        "device": embedder.device,
+        "ms_per_image": ms,
+        # Within a model call the Lab's few ms per image are often below the call's variation on a shared
+        # machine (see the ranges); the CPU work of each Lab path alone, measured in the same run, decides.
+        "tf_cheaper": ms["cpu"]["tf_lab_alone"] < ms["cpu"]["numpy_lab_alone"],
+        "load_average": [round(v, 2) for v in os.getloadavg()],
+    }
 
 
 def run(
-    batches: list[int], kind: str, images: int, matmul_n: int, peak_seconds: float, lab_reps: int
+    batches: list[int], smoke: bool, images: int, matmul_n: int, peak_seconds: float, lab_reps: int
 ) -> dict:
     """Measure the grid, the model's FLOPs, the device's matmul peak and the Lab comparison."""
     import tensorflow as tf
@@ -146,7 +147,9 @@ def run(
     gflops = model_gflops_per_image()
     log(f"model: {gflops:.2f} GFLOPs per image; measuring the matmul peak")
     peak = {"float32": round(matmul_tflops("float32", matmul_n, peak_seconds), 3)}
-    full = kind == "full" or (kind == "auto" and on_gpu)  # (batch, mixed precision, XLA) to measure
+    # (batch, mixed precision, XLA): every combination on a GPU (mixed precision on a CPU only emulates
+    # float16), else float32 without XLA at the first batch size
+    full = on_gpu and not smoke
     combos = (
         list(itertools.product(batches, (False, True), (False, True)))
         if full
@@ -175,66 +178,9 @@ def run(
     }
 
 
-def lab_markdown(lab: dict) -> str:
-    """The table of a Lab comparison."""
-    head = (
-        f"### Lab channels on the {lab['device']}: numpy beside the model or TensorFlow inside it "
-        f"(batch {lab['batch']}, medians of {lab['reps']}, ms per image)"
-    )
-    names = "model model_numpy_lab model_tf_lab numpy_extra tf_extra numpy_lab_alone tf_lab_alone".split()
-    cols = ["ms per image", "model alone", "model + numpy Lab (≤4 threads)", "model + TF Lab (`embed_lab`)"]
-    cols += ["numpy extra", "TF extra", "numpy Lab alone", "TF Lab alone"]
-    table = md_table(cols, [[kind, *(lab[kind][n] for n in names)] for kind in ("wall", "cpu")])
-    cpu = lab["cpu"]
-    last = (
-        f"Extra CPU ms per image, range over the repetitions: numpy {cpu['numpy_extra_range']}, TF "
-        f"{cpu['tf_extra_range']}. Lab alone, CPU work: {'TF' if lab['tf_cheaper'] else 'numpy'} is "
-        f"cheaper (load average after: {', '.join(map(str, lab['load_average']))})."
-    )
-    return "\n\n".join([head, table, last])
-
-
-def markdown(result: dict) -> str:
-    """The table of a device result."""
-    peak = ", ".join(f"{k} {v} TFLOP/s" for k, v in result["peak_tflops"].items())
-    head = (
-        f"### Embed options on the {result['device']} — model {result['model_gflops_per_image']} GFLOPs "
-        f"per image; measured matmul peak ({result['matmul_n']}²): {peak}"
-    )
-    yes = lambda b: "yes" if b else "no"  # noqa: E731
-    rows = [
-        [r["batch"], yes(r["mixed_precision"]), yes(r["xla"]), r["img_s"], r["model_tflops"]]
-        + [f"{100 * r['share_of_peak']:.1f} %", r["load_and_compile_s"]]
-        for r in result["rows"]
-    ]
-    cols = [
-        "batch",
-        "mixed precision",
-        "XLA",
-        "images/s",
-        "model TFLOP/s",
-        "share of peak",
-        "load + compile s",
-    ]
-    best = result["best"]
-    last = (
-        f"Best: {best['img_s']} images/s (batch {best['batch']}, mixed precision "
-        f"{best['mixed_precision']}, XLA {best['xla']})."
-    )
-    return "\n\n".join([head, md_table(cols, rows), last, lab_markdown(result["lab"])])
-
-
 @click.command()
 @click.option(
     "--batches", default="16,64,128", show_default=True, help="batch sizes (the first alone off GPU)"
-)
-@click.option(
-    "--grid",
-    "kind",
-    type=click.Choice(["auto", "full", "single"]),
-    default="auto",
-    show_default=True,
-    help="auto: every combination on a GPU, else the first batch in float32",
 )
 @click.option("--images", type=int, default=256, show_default=True, help="images per measurement")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -242,24 +188,23 @@ def markdown(result: dict) -> str:
 @click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
 @click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
 def main(
-    batches: str, kind: str, images: int, json_path: Path | None, smoke: bool, lab_reps: int, lab_only: bool
+    batches: str, images: int, json_path: Path | None, smoke: bool, lab_reps: int, lab_only: bool
 ) -> None:
     """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
     quiet_tensorflow()
     sizes = [int(b) for b in batches.split(",") if b.strip()]
     if smoke:
-        sizes, images, kind, lab_reps = [2], 4, "single", 1
+        sizes, images, lab_reps = [2], 4, 1
     if lab_only:
         lab = lab_comparison(ensure_checkpoint(), make_images(sizes[0]), sizes[0], lab_reps)
-        finish("device_lab", lab, json_path, smoke, lab_markdown(lab))
+        finish("device_lab", lab, json_path, smoke)
         return
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     matmul_n = 8192 if on_gpu else (512 if smoke else 2048)
-    result = run(sizes, kind, images, matmul_n, 1.0 if smoke else 5.0, lab_reps)
-    result["smoke"] = smoke
-    finish("device", result, json_path, smoke, markdown(result))
+    result = run(sizes, smoke, images, matmul_n, 1.0 if smoke else 5.0, lab_reps)
+    finish("device", result | {"smoke": smoke}, json_path, smoke)
 
 
 if __name__ == "__main__":

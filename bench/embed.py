@@ -37,9 +37,8 @@ import numpy as np
 
 from bench.common import (
     RESULTS,
-    PeakSampler,
-    count_records,
     drain,
+    embed_worker_round,
     ensure_checkpoint,
     fill_embed_queue,
     finish,
@@ -53,9 +52,6 @@ from bench.common import (
     quiet_tensorflow,
     redis_server,
     register_downloaded,
-    start_embed_worker,
-    stop,
-    watch_written,
 )
 
 TARGET_RATIO = 0.95  # issue 9: the worker at least 0.95 x the bare model
@@ -108,17 +104,19 @@ def plain_model(embedder, rgb: np.ndarray, batch_size: int) -> dict:
 # ---- 2. the worker end to end -------------------------------------------------------------------
 
 
-def watch_worker(proc, started: float, client, n: int, batch_size: int, log_path: Path) -> dict:
-    """Timestamps of the first record, of the first batch and of the last record; then the worker
-    stopped (SIGTERM: the shard is finalized)."""
-    with PeakSampler(proc.pid) as rss:
-        first, batch, done = watch_written(client, proc, n, batch_size, max(300.0, 5.0 * n), log_path, 0.05)
-        peak = rss.sample()
-    finalized = stop(proc)
+def worker_run(server, payloads: list[dict], out: Path, batch_size: int, checkpoint: Path) -> dict:
+    """The worker from its start to its last record (steady: from the first batch, model load and
+    tracing done), and to its shard finalized after SIGTERM."""
+    n = len(payloads)
+    log(f"the embed worker on {n} queued images")
+    env = {"KOALA_CHECKPOINT": str(checkpoint), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    run = embed_worker_round(server, payloads, out, batch_size, env, max(300.0, 5.0 * n), 0.05)
+    first, batch, done = run.pop("marks")
     steady_images, steady_s, cpu = n - batch[1], done[0] - batch[0], done[2] - batch[2]
+    whole = run["finalized"] - first[0]
     return {
         "images": n,
-        "start_to_first_record_s": round(first[0] - started, 2),
+        "start_to_first_record_s": round(first[0] - run["started"], 2),
         "steady_images": steady_images,
         "steady_s": round(steady_s, 2),
         "img_s": round(steady_images / steady_s, 3) if steady_images else None,
@@ -128,12 +126,13 @@ def watch_worker(proc, started: float, client, n: int, batch_size: int, log_path
         "other_processes_cores": round(max(0.0, done[3] - batch[3] - cpu) / steady_s, 2)
         if steady_s
         else None,
-        "first_record_to_finalized_s": round(finalized - first[0], 2),
-        "img_s_first_record_to_finalized": round((n - min(n, batch_size)) / (finalized - first[0]), 3)
+        "first_record_to_finalized_s": round(whole, 2),
+        "img_s_first_record_to_finalized": round((n - min(n, batch_size)) / whole, 3)
         if n > batch_size
         else None,
-        "exit_code": proc.returncode,
-        "peak_rss_mb": round(peak / 1024),
+        "exit_code": run["exit_code"],
+        "peak_rss_mb": round(run["peak_kb"] / 1024),
+        **{k: run[k] for k in ("records", "distinct", "shards", "temp_shards")},
     }
 
 
@@ -189,7 +188,9 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     writer = ShardWriter(out, "steps@bench", examples_per_shard=500)
     timers = Timers()
     model = Model(timers.wrap("model", embedder.embed), None, embedder.device, batch_size)
-    stage = EmbedStage(Settings(broker_url=redis_url, output_dir=out), state, "steps@bench", model, writer)
+    stage = EmbedStage(
+        Settings(broker_url=redis_url, output_dir=str(out)), state, "steps@bench", model, writer
+    )
     stage.infer = timers.wrap("infer", stage.infer)  # model + lab wait
     stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
     timers.clear()
@@ -252,52 +253,36 @@ def run(n: int, batch_size: int, smoke: bool) -> dict:
             "bytes": checkpoint.stat().st_size,
         },
     }
-    worker = None
     with redis_server("embed") as server, ThreadPoolExecutor(1) as pool:
-        tmp, client = server.directory.parent, server.client()
+        tmp = server.directory.parent
+        start_worker = lambda: pool.submit(worker_run, server, payloads, tmp / "out", batch_size, checkpoint)  # noqa: E731
+        worker = (
+            start_worker() if smoke else None
+        )  # smoke: the worker loads its model while this process does
+        import tensorflow as tf
 
-        def start_worker():
-            register_downloaded(client, payloads)
-            fill_embed_queue(server.url, payloads)
-            log(f"{n} embed messages queued; starting the embed worker")
-            started = time.monotonic()
-            log_path = tmp / "worker.log"
-            proc = start_embed_worker(
-                server.url, tmp / "out", batch_size, log_path, KOALA_CHECKPOINT=str(checkpoint)
-            )
-            return proc, pool.submit(watch_worker, proc, started, server.client(), n, batch_size, log_path)
+        from common.model.embedder import Embedder
 
-        try:
-            # smoke: the worker loads its model while this process loads its own (timings overlap)
-            worker = start_worker() if smoke else None
-            import tensorflow as tf
-
-            from common.model.embedder import Embedder
-
-            started = time.perf_counter()
-            embedder = Embedder(checkpoint, batch_size=batch_size)
-            result["model_load_s"] = round(time.perf_counter() - started, 1)
-            result["device"] = embedder.device
-            threads = tf.config.threading
-            result["tf_threads"] = {
-                "intra_op": threads.get_intra_op_parallelism_threads() or "default",
-                "inter_op": threads.get_inter_op_parallelism_threads() or "default",
-            }
-            log("bare model")
-            bare = [bare_embed(embedder, rgb, batch_size)]
-            plain = None if smoke else plain_model(embedder, rgb, batch_size)  # smoke: one trace less
-            worker = worker or start_worker()
-            log("waiting for the worker")
-            result["worker"] = {**worker[1].result(), **count_records(tmp / "out")}
-            log("steps inside EmbedStage.process")
-            steps = stage_steps(embedder, server.url, client, payloads, batch_size, tmp / "steps")
-            steps["ms_per_image"]["receive+ack"] = receive_ms_per_image(server, payloads, batch_size)
-            if not smoke:
-                log("bare model again")
-                bare.append(bare_embed(embedder, rgb, batch_size))
-        finally:
-            if worker is not None:
-                stop(worker[0])
+        started = time.perf_counter()
+        embedder = Embedder(checkpoint, batch_size=batch_size)
+        result["model_load_s"] = round(time.perf_counter() - started, 1)
+        result["device"] = embedder.device
+        threads = tf.config.threading
+        result["tf_threads"] = {
+            "intra_op": threads.get_intra_op_parallelism_threads() or "default",
+            "inter_op": threads.get_inter_op_parallelism_threads() or "default",
+        }
+        log("bare model")
+        bare = [bare_embed(embedder, rgb, batch_size)]
+        plain = None if smoke else plain_model(embedder, rgb, batch_size)  # smoke: one trace less
+        log("waiting for the worker")
+        result["worker"] = (worker or start_worker()).result()
+        log("steps inside EmbedStage.process")
+        steps = stage_steps(embedder, server.url, server.client(), payloads, batch_size, tmp / "steps")
+        steps["ms_per_image"]["receive+ack"] = receive_ms_per_image(server, payloads, batch_size)
+        if not smoke:
+            log("bare model again")
+            bare.append(bare_embed(embedder, rgb, batch_size))
     return summarize(result, bare, plain, steps)
 
 

@@ -56,10 +56,8 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
         final = writer.close()
         seconds = time.perf_counter() - start
         size = final.stat().st_size
-    mb_per_s = round(n * len(data[0]) / 1e6 / seconds, 1)
-    return {"compression": compression, "records": n, "seconds": round(seconds, 3), "mb_per_s": mb_per_s} | {
-        "shard_mb": round(size / 1e6, 1)
-    }
+    out = {"compression": compression, "records": n, "seconds": round(seconds, 3)}
+    return out | {"mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1), "shard_mb": round(size / 1e6, 1)}
 
 
 def serializer(n: int) -> dict:
@@ -115,35 +113,29 @@ def ms_each(fn, items: list) -> float:
 
 
 def formats_sizes() -> dict:
-    """Mean bytes of a record of each format, and the per-image codec costs (one thread)."""
+    """Mean bytes of a record of each format, and the per-image codec costs in ms (one thread)."""
     from common.pictures import images, lab
 
     out = {}
     emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
     for name, rgbs in corpora().items():
-        size = {
-            "lab 299": np.mean(
-                [len(records.serialize_example(*NAMES, *lab.lab_channels(x), emb)) for x in rgbs]
-            ),
-            "lab 224": np.mean(
-                [len(records.serialize_example(*NAMES, *lab.lab_channels(x, 224), emb)) for x in rgbs]
-            ),
-            "compact": np.mean(
-                [len(records.serialize_compact(*NAMES, images.encode_png(x), emb)) for x in rgbs]
-            ),
-        }
+        lab299 = np.mean([len(records.serialize_example(*NAMES, *lab.lab_channels(x), emb)) for x in rgbs])
+        lab224 = np.mean(
+            [len(records.serialize_example(*NAMES, *lab.lab_channels(x, 224), emb)) for x in rgbs]
+        )
+        compact = np.mean([len(records.serialize_compact(*NAMES, images.encode_png(x), emb)) for x in rgbs])
         pngs, payloads = [images.encode_png(x) for x in rgbs], [images.encode_pixels(x) for x in rgbs]
         out[name] = {
             "images": len(rgbs),
-            "bytes_per_record": {k: round(v) for k, v in size.items()},
-            "lab299_over_compact": round(size["lab 299"] / size["compact"], 2),
-            "ms": {
-                "encode_png": ms_each(images.encode_png, rgbs),
-                "decode_png": ms_each(images.decode_png, pngs),
-                "encode_pixels (zstd payload)": ms_each(images.encode_pixels, rgbs),
-                "decode_pixels (zstd payload)": ms_each(images.decode_pixels, payloads),
-                "lab_channels 299": ms_each(lab.lab_channels, rgbs),
-            },
+            "bytes lab 299": round(lab299),
+            "bytes lab 224": round(lab224),
+            "bytes compact": round(compact),
+            "lab299_over_compact": round(lab299 / compact, 2),
+            "ms encode_png": ms_each(images.encode_png, rgbs),
+            "ms decode_png": ms_each(images.decode_png, pngs),
+            "ms encode_pixels (zstd payload)": ms_each(images.encode_pixels, rgbs),
+            "ms decode_pixels (zstd payload)": ms_each(images.decode_pixels, payloads),
+            "ms lab_channels 299": ms_each(lab.lab_channels, rgbs),
         }
     return out
 

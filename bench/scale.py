@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import CACHE, ROOT, PeakSampler, finish, log, md_table, proc_kb, redis_server, stop
+from bench.common import CACHE, ROOT, finish, log, proc_kb, redis_server, stop
 
 TARGET_BYTES_PER_URL = 100
 BIG = (4000, 3000)
@@ -85,14 +85,14 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     baseline = client.info("memory")["used_memory"]
     started = time.monotonic()
     proc = submit(listing, redis_url, tmp / "out", KOALA_DOWNLOAD_QUEUE_LIMIT=str(-(-n // 16) + 1000))
-    first, first_count, timed_out = 0.0, 0, False
+    first, first_count, timed_out, peak_kb = 0.0, 0, False, 0
     try:
-        with PeakSampler(proc.pid) as rss:
-            while proc.poll() is None and not timed_out:
-                if (c := counted(client, "submitted")) and not first:
-                    first, first_count = time.monotonic(), c
-                timed_out = time.monotonic() - started > timeout  # then its rate is reported
-                time.sleep(0.05)
+        while proc.poll() is None and not timed_out:  # VmHWM sampled until the producer exits
+            peak_kb = max(peak_kb, proc_kb(proc.pid, "VmHWM") or 0)
+            if (c := counted(client, "submitted")) and not first:
+                first, first_count = time.monotonic(), c
+            timed_out = time.monotonic() - started > timeout  # then its rate is reported
+            time.sleep(0.05)
         report = {} if timed_out else report_of(proc)
     finally:
         stop(proc, 60)
@@ -115,7 +115,7 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
         "seconds": round(seconds, 1),
         "urls_per_s": round(submitted / seconds),
         "urls_per_s_after_startup": round((submitted - first_count) / (ended - first)) if first else None,
-        "producer_peak_rss_mb": round(rss.peak_kb / 1024, 1),
+        "producer_peak_rss_mb": round(peak_kb / 1024, 1),
         "redis_delta_total_bytes": total,
         "redis_queue_bytes": queue_bytes,
         "redis_delta_state_bytes": state,
@@ -251,11 +251,9 @@ def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple
         worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while "ready" not in log_path.read_text(errors="replace"):
+        while "ready" not in (text := log_path.read_text(errors="replace")):
             if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the worker is not ready:\n{log_path.read_text(errors='replace')[-3000:]}"
-                )
+                raise RuntimeError(f"the worker is not ready:\n{text[-3000:]}")
             time.sleep(0.1)
         time.sleep(1)
         idle = rss_mb(worker.pid)
@@ -287,12 +285,7 @@ def download_memory(client, redis_url: str, tmp: Path, count: int, copies: tuple
 
 
 def run(sizes: list[int], smoke: bool, timeout: float) -> dict:
-    result: dict = {
-        "bench": "scale",
-        "smoke": smoke,
-        "chunk_size": 16,
-        "target_bytes_per_url": TARGET_BYTES_PER_URL,
-    }
+    result: dict = {"bench": "scale", "smoke": smoke, "target_bytes_per_url": TARGET_BYTES_PER_URL}
     with redis_server("scale") as server:
         client, tmp = server.client(), server.directory.parent
         result["redis_version"] = client.info("server")["redis_version"]
@@ -322,63 +315,6 @@ def run(sizes: list[int], smoke: bool, timeout: float) -> dict:
     return result
 
 
-def markdown(result: dict) -> str:
-    """The tables of a scale result."""
-    head = f"### Scale{' (SMOKE)' if result['smoke'] else ''} — Redis {result['redis_version']}, chunks of 16"
-    cols = ["URLs", "submitted", "B/URL job state", "B/URL queue", "B/URL total", "bucket encoding"]
-    cols += ["producer peak RSS MB", "submit s", "URLs/s", "URLs/s after start-up"]
-    keys = ["bytes_per_url_state", "bytes_per_url_queue", "bytes_per_url_total", "bucket_encoding"]
-    rows = [
-        [f"{s['urls']:,}" + (" (timed out)" if s["timed_out"] else ""), f"{s['submitted']:,}"]
-        + [s[k] for k in (*keys, "producer_peak_rss_mb", "seconds")]
-        + [f"{s['urls_per_s']:,}", f"{s['urls_per_s_after_startup'] or 0:,}"]
-        for s in result["submit"]
-    ]
-    t, yes = result["targets"], lambda b: "yes" if b else "no"
-    ratio = t["producer_rss_ratio_largest_vs_smallest"]
-    targets = [
-        [f"job state ≤ {result['target_bytes_per_url']} B/URL (largest size)"]
-        + [t["bytes_per_url_state_at_largest"], yes(t["bytes_per_url_met"])],
-        [f"producer RSS flat: largest / {result['submit'][0]['urls']:,} URLs", ratio, yes(ratio <= 1.1)],
-    ]
-    b = result["backpressure"]
-    backpressure = [
-        ["URLs / chunks / KOALA_DOWNLOAD_QUEUE_LIMIT", f"{b['urls']} / {b['chunks']} / {b['limit']}"],
-        ["max `download` depth observed (samples)", f"**{b['max_depth']}** ({b['samples']})"],
-        ["over the limit by", b["over_limit_by"]],
-        [
-            f"producer still waiting after {b['hold_s']} s with nobody consuming",
-            b["producer_waiting_after_hold"],
-        ],
-        [
-            "submitted at start / end of that hold",
-            f"{b['submitted_at_hold_start']} / {b['submitted_at_hold_end']}",
-        ],
-        ["producer's own held-back time", f"{b['producer_held_back_s']:.1f} s"],
-        ["every chunk sent in the end", b["all_chunks_sent"]],
-    ]
-    d = result["download_rss"]
-    download = [["idle (after start)", "-", "-", "-", d["idle"]["rss_mb"], d["idle"]["peak_rss_mb"]]]
-    for i, r in enumerate(d["rounds"], 1):
-        total = sum(x["images"] for x in d["rounds"][:i])
-        download.append([f"round {i} (total {total})", r["images"], f"{r['downloaded']} / {r['failed']}"])
-        download[-1] += [r["img_s"], r["rss_mb"], r["peak_rss_mb"]]
-    note = (
-        f"{d['jpegs']} distinct {d['resolution']} JPEGs (mean {d['jpeg_mb_mean']} MB), per-host "
-        f"limit {d['per_host_connections']}; peak after the last round / after the first: "
-        f"{d['peak_growth_ratio']}. A full decode is {d['full_decode_mb_per_image']} MB per image "
-        f"({d['full_decode_mb_x32']} MB for 32 at once)."
-    )
-    download_cols = ["download worker -c 32", "images", "downloaded / failed", "images/s", "RSS MB"]
-    tables = [
-        md_table(cols, rows),
-        md_table(["target", "measured", "met"], targets),
-        md_table(["backpressure (nobody consuming, then a stand-in consumer)", "value"], backpressure),
-        md_table([*download_cols, "peak RSS (VmHWM) MB"], download),
-    ]
-    return "\n\n".join([head, *tables, note])
-
-
 @click.command()
 @click.option("--sizes", help="URL counts to submit, comma separated (default 10000,100000,1000000)")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
@@ -389,8 +325,7 @@ def markdown(result: dict) -> str:
 def main(sizes: str | None, json_path: Path | None, smoke: bool, timeout: float) -> None:
     """Redis bytes per URL, producer memory and backpressure, download worker memory."""
     sizes = sizes or ("1000,5000" if smoke else "10000,100000,1000000")
-    result = run([int(s) for s in sizes.split(",")], smoke, timeout)
-    finish("scale", result, json_path, smoke, markdown(result))
+    finish("scale", run([int(s) for s in sizes.split(",")], smoke, timeout), json_path, smoke)
 
 
 if __name__ == "__main__":
