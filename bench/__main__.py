@@ -27,23 +27,20 @@ import click
 
 from bench.common import RESULTS, ROOT, json_tables, md_table
 
-# name -> (module, options, options of its smoke run beside --smoke), description
-BENCHES = {
-    "records": (("records", [], []), "records (serializer, shard writing)"),
-    "download": (("download", [], []), "download (vs img2dataset)"),
-    "download-mix": (
-        ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
-        "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
-    ),
-    "embed": (("embed", [], []), "embed (bare model vs embed worker)"),
-    "ceiling": (
-        ("embed", ["--null-model"], ["--null-model"]),
-        "embed worker ceiling (null model) on local disk and tmpfs",
-    ),
-    "broker": (("broker", [], []), "broker (images/s one Redis carries on the embed queue)"),
-    "device": (("device", [], []), "device (batch, mixed precision, XLA; share of the measured peak)"),
-    "scale": (("scale", [], []), "scale (Redis per URL, producer, memory)"),
-    "resize": (("resize", [], []), "resize (JPEG decode + resize paths: single-thread cost and PSNR)"),
+TITLES = {
+    "records": "records (serializer, shard writing)",
+    "download": "download (vs img2dataset)",
+    "download-mix": "download on a realistic mix (dead links, hangs, slow servers) vs img2dataset",
+    "embed": "embed (bare model vs embed worker)",
+    "ceiling": "embed worker ceiling (null model) on local disk and tmpfs",
+    "broker": "broker (images/s one Redis carries on the embed queue)",
+    "device": "device (batch, mixed precision, XLA; share of the measured peak)",
+    "scale": "scale (Redis per URL, producer, memory)",
+    "resize": "resize (JPEG decode + resize paths: single-thread cost and PSNR)",
+}
+VARIANTS = {  # benchmarks that are another module with options: name -> (module, options, smoke's options)
+    "download-mix": ("download", ["--scenario", "mix", "--images", "1000"], ["--scenario", "mix"]),
+    "ceiling": ("embed", ["--null-model"], ["--null-model"]),
 }
 
 
@@ -103,18 +100,11 @@ def reuse_one(name: str, out: Path) -> dict:
 
 def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
     """Run one benchmark; its section of the summary."""
-    (module, options, smoke_options), _ = BENCHES[name]
+    module, options, smoke_options = VARIANTS.get(name, (name, [], []))
     json_path = out / f"{name}.json"
     json_path.unlink(missing_ok=True)
-    args = [
-        sys.executable,
-        "-m",
-        f"bench.{module}",
-        *(smoke_options if smoke else options),
-        "--json",
-        str(json_path),
-    ]
-    args += ["--smoke"] if smoke else []
+    args = [sys.executable, "-m", f"bench.{module}", *(smoke_options if smoke else options)]
+    args += ["--json", str(json_path), *(["--smoke"] if smoke else [])]
     shown = " ".join([".venv/bin/python" if a == sys.executable else a for a in args])
     click.echo(f"==> {shown}", err=True)
     started = time.monotonic()
@@ -149,7 +139,7 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
     parts = [title, "## machine", md_table(["machine", ""], rows)]
     parts.append("The machine may be shared: compare the ratios measured within one run, not absolute times.")
     for s in sections:
-        parts += [f"## {s['name']}", f"*{BENCHES[s['name']][1]}*"]
+        parts += [f"## {s['name']}", f"*{TITLES[s['name']]}*"]
         if s["status"] == "skipped":
             parts.append(f"Skipped: {s['note']}.")
         elif s["status"] == "reused":
@@ -169,21 +159,21 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="folder of the JSON files and summary.md (default bench/results/; smoke: .../smoke/)",
 )
-@click.option("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+@click.option("--only", default=",".join(TITLES), help="comma-separated subset of " + ",".join(TITLES))
 @click.option("--reuse", default="", help="benchmarks not to run again: their results already in the folder")
 @click.option("--timeout", type=float, help="seconds per benchmark (default 3600; smoke 300)")
 def main(smoke: bool, out: Path | None, only: str, reuse: str, timeout: float | None) -> None:
     """Run the benchmarks in sequence and write summary.md."""
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     reused = [b.strip() for b in reuse.split(",") if b.strip()]
-    unknown = set(wanted + reused) - set(BENCHES)
+    unknown = set(wanted + reused) - set(TITLES)
     if unknown:
         raise click.BadParameter(f"unknown: {', '.join(sorted(unknown))}", param_hint="--only")
     out = (out or (RESULTS / "smoke" if smoke else RESULTS)).resolve()
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
     sections = []
-    for name in BENCHES:
+    for name in TITLES:
         if name in reused:
             sections.append(reuse_one(name, out))
         elif name in wanted:

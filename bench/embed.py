@@ -139,26 +139,6 @@ def worker_run(server, payloads: list[dict], out: Path, batch_size: int, checkpo
 # ---- 3. where the time goes ---------------------------------------------------------------------
 
 
-class Timers(defaultdict):
-    """Durations per step name, from wrapped functions (thread-safe appends)."""
-
-    def __init__(self) -> None:
-        super().__init__(list)
-
-    def wrap(self, name: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self[name].append(time.perf_counter() - start)
-
-        return timed
-
-    def total(self, name: str) -> float:
-        return sum(self.get(name, []))
-
-
 STEPS = [  # (name, what it is); main-thread steps add up to the process time, with "other"
     ("state lookup", "JobState.states: one pipelined HGET per item"),
     ("decode_pixels", "lossless payload -> uint8 array"),
@@ -186,14 +166,26 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     register_downloaded(client, payloads, "benchsteps")
     state = JobState(client, "benchsteps")
     writer = ShardWriter(out, "steps@bench", examples_per_shard=500)
-    timers = Timers()
-    model = Model(timers.wrap("model", embedder.embed), None, embedder.device, batch_size)
+    times: defaultdict[str, list[float]] = defaultdict(list)  # durations per step (thread-safe appends)
+    total = lambda name: sum(times.get(name, []))  # noqa: E731
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[name].append(time.perf_counter() - start)
+
+        return run
+
+    model = Model(timed("model", embedder.embed), None, embedder.device, batch_size)
     stage = EmbedStage(
         Settings(broker_url=redis_url, output_dir=str(out)), state, "steps@bench", model, writer
     )
-    stage.infer = timers.wrap("infer", stage.infer)  # model + lab wait
+    stage.infer = timed("infer", stage.infer)  # model + lab wait
     stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
-    timers.clear()
+    times.clear()
     wrapped = [
         (images, "decode_pixels", "decode_pixels"),
         (lab, "lab_channels", "lab (threads)"),
@@ -205,22 +197,22 @@ def stage_steps(embedder, redis_url: str, client, payloads: list[dict], batch_si
     ]
     with contextlib.ExitStack() as patches:
         for obj, attr, name in wrapped:
-            patches.enter_context(mock.patch.object(obj, attr, timers.wrap(name, getattr(obj, attr))))
+            patches.enter_context(mock.patch.object(obj, attr, timed(name, getattr(obj, attr))))
         written = sum(
-            timers.wrap("process", stage.process)(payloads[i : i + batch_size])
+            timed("process", stage.process)(payloads[i : i + batch_size])
             for i in range(batch_size, len(payloads), batch_size)
         )
     stage.close()
-    seconds = {name: timers.total(name) for _, _, name in wrapped if name != "lab (threads)"}
-    seconds["model"] = timers.total("model")
-    seconds["lab wait"] = timers.total("infer") - timers.total("model")
-    seconds["other"] = timers.total("process") - sum(seconds.values())
+    seconds = {name: total(name) for _, _, name in wrapped if name != "lab (threads)"}
+    seconds["model"] = total("model")
+    seconds["lab wait"] = total("infer") - total("model")
+    seconds["other"] = total("process") - sum(seconds.values())
     n = len(payloads) - batch_size
     return {
         "images": n,
         "written": written,
         "ms_per_image": {name: 1000 * s / n for name, s in seconds.items()},
-        "lab_threads_ms_per_image": round(1000 * timers.total("lab (threads)") / n, 2),
+        "lab_threads_ms_per_image": round(1000 * total("lab (threads)") / n, 2),
     }
 
 
@@ -290,12 +282,9 @@ def summarize(result: dict, bare: list[dict], plain: dict | None, steps: dict) -
     """Ratios against the bare model's mean rate, and the share of each step."""
     bare_img_s = sum(b["img_s"] for b in bare) / len(bare)
     bare_cpu = sum(b["cpu_s_per_image"] for b in bare) / len(bare)
+    embed = {"img_s": round(bare_img_s, 3), "runs": bare, "cpu_s_per_image": round(bare_cpu, 3)}
     result["bare"] = {
-        "embedder_embed": {
-            "img_s": round(bare_img_s, 3),
-            "runs": bare,
-            "cpu_s_per_image": round(bare_cpu, 3),
-        },
+        "embedder_embed": embed,
         "plain_model_call": plain or "skipped in the smoke run",
         "embed_vs_plain_ratio": round(bare_img_s / plain["img_s"], 3) if plain else None,
     }
@@ -316,10 +305,8 @@ def summarize(result: dict, bare: list[dict], plain: dict | None, steps: dict) -
     steps["in_process_ratio_vs_bare"] = round(1000 / total / bare_img_s, 3)
     steps["model_in_stage_vs_bare_ratio"] = round(1000 / per_image["model"] / bare_img_s, 3)
     result["steps"] = steps
-    on_gpu = result["device"] == "GPU"
-    result["gpu"] = (
-        "measured above (TensorFlow saw a GPU)" if on_gpu else "not measured: no GPU on this machine"
-    )
+    gpu = result["device"] == "GPU"
+    result["gpu"] = "measured above (TensorFlow saw a GPU)" if gpu else "not measured: no GPU on this machine"
     if result["smoke"]:
         result["note"] = "smoke: tiny sizes, the worker ran while this process measured: timings meaningless"
     return result
@@ -327,69 +314,64 @@ def summarize(result: dict, bare: list[dict], plain: dict | None, steps: dict) -
 
 def markdown(result: dict) -> str:
     """The tables of an embed result."""
-    bare, w, s = result["bare"], result["worker"], result["steps"]
+    bare, w, s = result["bare"]["embedder_embed"], result["worker"], result["steps"]
+    met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     runs = ", ".join(
-        f"{r['img_s']} on {r['cores_used']} cores, others {r['other_processes_cores']}"
-        for r in bare["embedder_embed"]["runs"]
+        f"{r['img_s']} on {r['cores_used']} cores, others {r['other_processes_cores']}" for r in bare["runs"]
     )
-    each = ", ".join(str(r) for r in w["ratio_vs_each_bare_run"] or [])
-    plain = bare["embed_vs_plain_ratio"]
-    t1 = md_table(
-        ["measurement", "images/s", "ratio"],
+    plain = result["bare"]["embed_vs_plain_ratio"]
+    plain_row = (
+        [result["bare"]["plain_model_call"]["img_s"], f"{1 / plain:.2f}"]
+        if plain
+        else ["skipped (smoke)", "-"]
+    )
+    each = ", ".join(map(str, w["ratio_vs_each_bare_run"] or []))
+    t1 = [
+        [f"bare `Embedder.embed` (runs: {runs})", bare["img_s"], "1.00 (reference)"],
+        ["plain `model(x)` in tf.function", *plain_row],
         [
-            [f"bare `Embedder.embed` (runs: {runs})", bare["embedder_embed"]["img_s"], "1.00 (reference)"],
-            ["plain `model(x)` in tf.function"]
-            + (
-                [bare["plain_model_call"]["img_s"], f"{1 / plain:.2f}"] if plain else ["skipped (smoke)", "-"]
-            ),
-            [
-                f"embed worker, steady ({w['steady_images']} images after the first batch, "
-                f"on {w['cores_used']} cores, others {w['other_processes_cores']})",
-                w["img_s"],
-                f"**{w['ratio_vs_bare']}** (vs each bare run: {each}; target ≥ {w['target_ratio']}: "
-                f"{'met' if w['target_met'] else 'NOT met'})",
-            ],
-            [
-                "embed worker, first record → shard finalized",
-                w["img_s_first_record_to_finalized"],
-                w["ratio_first_record_to_finalized_vs_bare"],
-            ],
-            [
-                f"CPU-seconds per image: bare {bare['embedder_embed']['cpu_s_per_image']}, worker "
-                f"{w['cpu_s_per_image']} (less sensitive to other load)",
-                "-",
-                f"**{w['cpu_ratio_vs_bare']}** (bare/worker; target "
-                f"{'met' if w['target_met_cpu'] else 'NOT met'})",
-            ],
-            [
-                "`EmbedStage.process` in-process + receive/ack",
-                s["in_process_img_s"],
-                s["in_process_ratio_vs_bare"],
-            ],
+            f"embed worker, steady ({w['steady_images']} images after the first batch, on {w['cores_used']} "
+            f"cores, others {w['other_processes_cores']})",
+            w["img_s"],
+            f"**{w['ratio_vs_bare']}** (vs each bare run: {each}; target ≥ {TARGET_RATIO}: "
+            f"{met(w['target_met'])})",
         ],
-    )
-    t2 = md_table(
-        ["worker", "value"],
+        ["embed worker, first record → shard finalized", w["img_s_first_record_to_finalized"]]
+        + [w["ratio_first_record_to_finalized_vs_bare"]],
         [
-            ["start → first record (model load + first batch)", f"{w['start_to_first_record_s']} s"],
-            [
-                "records in finalized shards / distinct / shards / temp left",
-                f"{w['records']} / {w['distinct']} / {w['shards']} / {w['temp_shards']}",
-            ],
-            ["peak RSS (VmHWM)", f"{w['peak_rss_mb']} MB"],
-            ["exit code after SIGTERM", w["exit_code"]],
+            f"CPU-seconds per image: bare {bare['cpu_s_per_image']}, worker {w['cpu_s_per_image']} (less "
+            "sensitive to other load)",
+            "-",
+            f"**{w['cpu_ratio_vs_bare']}** (bare/worker; target {met(w['target_met_cpu'])})",
         ],
-    )
-    rows = [[name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what] for name, what in STEPS]
+        [
+            "`EmbedStage.process` in-process + receive/ack",
+            s["in_process_img_s"],
+            s["in_process_ratio_vs_bare"],
+        ],
+    ]
+    t2 = [
+        ["start → first record (model load + first batch)", f"{w['start_to_first_record_s']} s"],
+        ["records in finalized shards / distinct / shards / temp left"]
+        + [f"{w['records']} / {w['distinct']} / {w['shards']} / {w['temp_shards']}"],
+        ["peak RSS (VmHWM)", f"{w['peak_rss_mb']} MB"],
+        ["exit code after SIGTERM", w["exit_code"]],
+    ]
+    t3 = [[name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what] for name, what in STEPS]
     lab_threads = "common.pictures.lab.lab_channels in the stage's thread pool"
-    rows.append(["(lab in threads)", s["lab_threads_ms_per_image"], "overlaps the model", lab_threads])
+    t3.append(["(lab in threads)", s["lab_threads_ms_per_image"], "overlaps the model", lab_threads])
     head = (
         f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}, "
         f"generated weights{', SMOKE' if result['smoke'] else ''})"
     )
-    t3 = md_table(["step", "ms/image", "share", "what"], rows)
-    steps = "Share of time per step inside the worker (in-process):"
-    return "\n\n".join([head, t1, t2, steps, t3, f"GPU: {result['gpu']}."])
+    return "\n\n".join(
+        [head, md_table(["measurement", "images/s", "ratio"], t1), md_table(["worker", "value"], t2)]
+        + [
+            "Share of time per step inside the worker (in-process):",
+            md_table(["step", "ms/image", "share", "what"], t3),
+        ]
+        + [f"GPU: {result['gpu']}."]
+    )
 
 
 # ---- 4. the ceiling: the worker with a null model ------------------------------------------------

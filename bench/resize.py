@@ -185,14 +185,7 @@ def markdown(result: dict) -> str:
         + [r["psnr_min"]]
         for name, r in rows.items()
     ]
-    cols = [
-        "path",
-        "CPU ms (median)",
-        "wall ms (median)",
-        "speed vs pillow_full",
-        "PSNR mean dB",
-        "PSNR min dB",
-    ]
+    cols = "path|CPU ms (median)|wall ms (median)|speed vs pillow_full|PSNR mean dB|PSNR min dB".split("|")
     lines = [
         f"# resize: JPEG -> {result['config']['size']} ({result['config']['mode']}), one thread",
         f"{corpus['images']} photo JPEGs, median {corpus['mpix_median']} Mpix "
@@ -202,12 +195,9 @@ def markdown(result: dict) -> str:
         md_table(cols, body),
     ]
     if "fast" in rows:
-        fast = rows["fast"]["cpu_ms_median"]
-        lines += [
-            "",
-            f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), "
-            f"{rows['pillow_draft']['cpu_ms_median'] / fast:.2f}x faster than pillow_draft.",
-        ]
+        fast, draft = rows["fast"]["cpu_ms_median"], rows["pillow_draft"]["cpu_ms_median"]
+        speed = f"{draft / fast:.2f}x faster than pillow_draft"
+        lines += ["", f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), {speed}."]
     if "floor_ms" in result:
         lines.append(
             f"floor: the same JPEGs decoded at 1/8 scale (entropy decoding alone, nearly) cost "
@@ -230,15 +220,8 @@ def main(n: int, repeat: int, mode: str, smoke: bool, json_path: Path | None) ->
     log(f"making {n} photo JPEGs ...")
     corpus = make_corpus(n)
     command = "python -m bench.resize " + " ".join(sys.argv[1:])
-    config = {
-        "command": command,
-        "images": n,
-        "repeat": repeat,
-        "mode": mode,
-        "size": list(SIZE),
-        "smoke": smoke,
-    }
-    result = {"config": config, "load_average": load, **describe(corpus, mode)}
+    config = {"command": command, "images": n, "repeat": repeat, "mode": mode, "size": list(SIZE)}
+    result = {"config": config | {"smoke": smoke}, "load_average": load, **describe(corpus, mode)}
     result["paths"] = measure(corpus, mode, repeat)
     if images.simplejpeg is not None:
         eighth = lambda d: images.simplejpeg.decode_jpeg(d, min_factor=8, min_height=1, min_width=1)  # noqa: E731

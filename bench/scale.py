@@ -301,12 +301,12 @@ def run(sizes: list[int], smoke: bool, timeout: float) -> dict:
         result["download_rss"] = download_memory(client, server.url, tmp, *big)
     subs = result["submit"]
     big = max(subs, key=lambda s: s["submitted"])
+    ratio = round(big["producer_peak_rss_mb"] / subs[0]["producer_peak_rss_mb"], 3)
     result["targets"] = {
         "bytes_per_url_state_at_largest": big["bytes_per_url_state"],
         "bytes_per_url_met": big["bytes_per_url_state"] <= TARGET_BYTES_PER_URL,
-        "producer_rss_ratio_largest_vs_smallest": round(
-            big["producer_peak_rss_mb"] / subs[0]["producer_peak_rss_mb"], 3
-        ),
+        "producer_rss_ratio_largest_vs_smallest": ratio,
+        "producer_rss_flat": ratio <= 1.1,
         "backpressure_over_limit_by": result["backpressure"]["over_limit_by"],
         "download_peak_growth_ratio": result["download_rss"]["peak_growth_ratio"],
     }
