@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -120,7 +121,18 @@ class Settings(BaseSettings):
         299,
         description="side of the Lab channels in the records: 299 (the dataset guide), or 224 = what the original training code reads (resized as its record writer does)",
     )
-    output_dir: Path = Field(Path("data/tfrecords"), description="where shards and failure logs are written")
+    output_dir: str = Field(
+        "data/tfrecords",
+        description='where shards and failure logs are written: a folder, or an object store URL (s3://bucket/prefix, gs://…, any fsspec URL; README "Object storage")',
+    )
+    scratch_dir: Path | None = Field(
+        None,
+        description="local folder for what an object-store output needs on this machine (open shards before their upload, failure logs, a `koala run`'s Redis); default <KOALA_CACHE_DIR>/scratch",
+    )
+    shard_idle_commit: float = Field(
+        10.0,
+        description="object-store output: seconds without new records after which the open shard is uploaded (its records count as written, and their messages are acknowledged, only then)",
+    )
     checkpoint: str | None = Field(
         None, description="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release, or URL"
     )
@@ -150,6 +162,27 @@ class Settings(BaseSettings):
         if value is not None and value < 1:
             raise ValueError("must be at least 1")
         return value
+
+    @field_validator("output_dir", mode="before")
+    @classmethod
+    def _output_dir(cls, value: object) -> str:
+        from common.output.storage import normalize
+
+        if not isinstance(value, str | os.PathLike) or not str(value).strip():
+            raise ValueError("must be a folder or a URL")
+        return normalize(value)
+
+    @property
+    def scratch_root(self) -> Path:
+        """Where a URL output keeps its local files (one folder per URL under it)."""
+        return self.scratch_dir or self.cache_dir / "scratch"
+
+    @property
+    def local_dir(self) -> Path:
+        """The output folder, or for a URL output its local folder under the scratch root."""
+        from common.output.storage import local_folder
+
+        return local_folder(self.output_dir, self.scratch_root)
 
     @field_validator("lab_size")
     @classmethod

@@ -15,6 +15,7 @@ import click
 
 from common.celery_app import make_app
 from common.output.records import RECORD_FORMATS
+from common.output.storage import is_url, local_folder
 from common.settings import Settings, get_settings
 from common.state.failures import REASONS
 from common.state.job import JobState
@@ -41,10 +42,25 @@ def _safe_url(url: str) -> str:
     return url
 
 
+class Location(click.ParamType):
+    """An output location: a folder (a Path) or an object store URL (kept as text: `s3://…`)."""
+
+    name = "folder|url"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> Path | str:
+        text = str(value)
+        return text if is_url(text) else Path(text)
+
+
+LOCATION = Location()
+
+
 @contextmanager
-def run_broker(out_dir: Path | None) -> Iterator[str | None]:
+def run_broker(out: Path | str | None) -> Iterator[str | None]:
     """The Redis of a `koala run` in out_dir: its running server, or started from its state for
-    the duration (None when out_dir holds no run or a broker is configured explicitly)."""
+    the duration (None when out_dir holds no run or a broker is configured explicitly). A run to
+    an object store keeps its Redis in its local folder (`KOALA_SCRATCH_DIR`)."""
+    out_dir = None if out is None else local_folder(out, current_settings().scratch_root)
     if out_dir is None or not (out_dir / ".redis").is_dir() or broker_given():
         yield None
         return
@@ -65,7 +81,7 @@ def run_broker(out_dir: Path | None) -> Iterator[str | None]:
 RUN_FOLDER = click.option(
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
+    type=LOCATION,
     default=None,
     help="the output folder of a `koala run` (finds its embedded Redis)",
 )
@@ -162,13 +178,13 @@ def submit(
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
+    type=LOCATION,
     default=None,
-    help="output folder whose shards to count (default KOALA_OUTPUT_DIR); "
+    help="output folder or object store URL whose shards to count (default KOALA_OUTPUT_DIR); "
     "finds the embedded Redis of a `koala run` there",
 )
 @click.option("--interval", type=float, default=1.0, help="seconds between the two reads for rates (0: none)")
-def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
+def status(as_json: bool, out_dir: Path | str | None, interval: float) -> None:
     """Counts, queue depths, rates, shards and failures by reason."""
     settings = current_settings()
     with run_broker(out_dir) as broker:
@@ -205,7 +221,7 @@ def status(as_json: bool, out_dir: Path | None, interval: float) -> None:
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only this reason")
 @click.option("--limit", type=int, default=None, help="at most N")
 @RUN_FOLDER
-def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | None) -> None:
+def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path | str | None) -> None:
     """Failed items with their reasons (Redis keeps the latest KOALA_FAILURES_KEPT)."""
     with run_broker(out_dir) as broker:
         items = job_state(current_settings(), broker).failures(reason, limit)
@@ -223,7 +239,7 @@ def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=LOCATION,
     required=True,
     help="output folder: shards, summary.json, and the embedded Redis's state",
 )
@@ -244,7 +260,7 @@ def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path
 )
 def run(
     source: str,
-    out_dir: Path,
+    out_dir: Path | str,
     checkpoint: str | None,
     download_workers: int,
     flower: bool,
@@ -274,24 +290,30 @@ def run(
 
 @main.command()
 @click.option("--val-fraction", type=float, required=True, help="share of shards for validation, e.g. 0.1")
-@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-def split(val_fraction: float, directory: Path) -> None:
-    """Rename a deterministic choice of finalized shards in DIRECTORY to val_... (idempotent)."""
-    from common.output.shards import split_validation
+@click.argument("directory", type=LOCATION)
+def split(val_fraction: float, directory: Path | str) -> None:
+    """Rename a deterministic choice of finalized shards in DIRECTORY (a folder, or an object store
+    URL: there its manifest says which) to val_... (idempotent)."""
+    from common.output.shards import split_store, split_validation
 
+    if isinstance(directory, Path) and not directory.is_dir():
+        raise click.ClickException(f"no such folder: {directory}")
     try:
-        renamed = split_validation(directory, val_fraction)
+        if isinstance(directory, str):
+            renamed = [url.rsplit("/", 1)[-1] for url in split_store(directory, val_fraction)]
+        else:
+            renamed = [path.name for path in split_validation(directory, val_fraction)]
     except ValueError as e:
         raise click.ClickException(str(e)) from e
-    for path in renamed:
-        click.echo(path.name)
+    for name in renamed:
+        click.echo(name)
     click.echo(f"{len(renamed)} shards renamed for validation", err=True)
 
 
 @main.command()
 @click.option("--reason", type=click.Choice(REASONS), default=None, help="only failures of this reason")
 @RUN_FOLDER
-def retry(reason: str | None, out_dir: Path | None) -> None:
+def retry(reason: str | None, out_dir: Path | str | None) -> None:
     """Submit failed URLs again (all, or one reason), e.g. after a network outage."""
     from producer.submit import Submitter
 

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from common.messages import DOWNLOAD_QUEUE, EMBED_QUEUE
-from common.output.shards import finished_shards
+from common.output.shards import count_shards
 from common.state.job import JobState
 from common.state.retries import retry_on_broker
 
@@ -47,13 +47,13 @@ def progress_bar(**options: Any) -> tqdm:
     return tqdm(file=LogLines(sys.stderr), mininterval=LOG_EVERY, ncols=100, ascii=True, **options)
 
 
-def snapshot(state: JobState, out_dir: Path) -> dict:
+def snapshot(state: JobState, out_dir: Path | str) -> dict:
     """Everything `koala status --json` reports, read once."""
     counts = state.counts()
     return {
         **counts,
         "queues": state.queue_depths([DOWNLOAD_QUEUE, EMBED_QUEUE]),
-        "shards": len(finished_shards(out_dir)),
+        "shards": count_shards(out_dir),
         "failures_by_reason": state.failures_by_reason(),
         "time": time.time(),
     }
@@ -69,7 +69,7 @@ def with_rates(before: dict, after: dict) -> dict:
 
 
 def watch(
-    state: JobState, out_dir: Path, *, poll: float = 1.0, on_tick: Callable[[dict], None] | None = None
+    state: JobState, out_dir: Path | str, *, poll: float = 1.0, on_tick: Callable[[dict], None] | None = None
 ) -> dict:
     """Show a bar per stage until nothing is pending (waiting out a lost Redis); returns the last
     snapshot. `on_tick(snapshot)` runs after each look that still finds items pending."""

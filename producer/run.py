@@ -18,6 +18,7 @@ from pathlib import Path
 
 import redis
 
+from common.output.storage import Store
 from common.settings import Settings
 
 OFFICIAL_CHECKPOINT = "http://download.tensorflow.org/models/inception_resnet_v2_2016_08_30.tar.gz"
@@ -181,6 +182,22 @@ def check_output_dir(out_dir: Path) -> None:
         raise RunError(f"cannot write to the output folder {out_dir}: {e.strerror or e}") from None
 
 
+def check_output(out_dir: Path | str, settings: Settings) -> tuple[Store, Path]:
+    """The output location and its local folder (the folder itself, or an object store's under
+    KOALA_SCRATCH_DIR), both checked writable, else RunError in one line."""
+    from common.output.storage import StorageError, Store, local_folder
+
+    store = Store(out_dir)
+    local = local_folder(out_dir, settings.scratch_root).resolve()
+    check_output_dir(local)
+    try:
+        if store.remote:
+            store.check_writable()
+    except StorageError as e:
+        raise RunError(str(e)) from None
+    return store, local
+
+
 def count_items(source: str) -> int | None:
     """How many items a local source holds (None for a URL, unknown before reading it, and for a
     list that breaks part way: submitting it says so)."""
@@ -219,11 +236,11 @@ def disk_warning(out_dir: Path, items: int | None, lab_size: int, record_format:
     return None
 
 
-def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: dict) -> dict:
+def summary(state_snapshot: dict, out_dir: Path | str, started: float, stage_times: dict) -> dict:
     """What summary.json holds."""
-    from common.output.shards import finished_shards
+    from common.output.shards import shard_listing
 
-    shards = finished_shards(out_dir)
+    shards = shard_listing(out_dir)
     return {
         "records": state_snapshot["written"],
         "failed": state_snapshot["failed"],
@@ -232,8 +249,8 @@ def summary(state_snapshot: dict, out_dir: Path, started: float, stage_times: di
         "rejected_lines": state_snapshot["rejected_lines"],
         "pending": state_snapshot["pending"],
         "failures_by_reason": state_snapshot["failures_by_reason"],
-        "shards": [p.name for p in shards],
-        "bytes": sum(p.stat().st_size for p in shards),
+        "shards": [name for name, _ in shards],
+        "bytes": sum(size for _, size in shards),
         "seconds": {"total": round(time.time() - started, 1), **stage_times},
     }
 
@@ -252,7 +269,7 @@ def worker_argv(kind: str, *args: str) -> list[str]:
 
 def run_job(
     source: str,
-    out_dir: Path,
+    out_dir: Path | str,
     *,
     checkpoint: str | None,
     download_workers: int,
@@ -264,39 +281,40 @@ def run_job(
     broker_given: bool = False,
 ) -> int:
     """The whole job; returns the exit code (0 done, 130 interrupted). With `broker_given` the
-    settings' broker is used, else an embedded Redis is started."""
+    settings' broker is used, else an embedded Redis is started. `out_dir` may be an object store
+    URL: its Redis, logs and summary.json (a copy) then stay in its local folder (KOALA_SCRATCH_DIR)."""
     from common.fetching.sources import is_url
     from common.model.checkpoint import CheckpointError, resolve_checkpoint
     from common.settings import get_settings
     from producer.progress import resend_when_stalled, watch
 
     settings = settings or get_settings()
-    out_dir = out_dir.resolve()
     if not is_url(source) and not Path(source).exists():
         raise RunError(f"no such file or folder: {source}")
-    check_output_dir(out_dir)
+    store, local = check_output(out_dir, settings)
+    out = store.location if store.remote else str(local)
     try:
         spec = checkpoint or settings.checkpoint or OFFICIAL_CHECKPOINT
         ckpt = resolve_checkpoint(spec, settings.cache_dir)
     except CheckpointError as e:
         raise RunError(f"no usable Inception checkpoint: {e}") from None
     record_format = record_format or settings.record_format
-    warning = disk_warning(out_dir, count_items(source), settings.lab_size, record_format)
-    if warning:
+    warning = disk_warning(local, count_items(source), settings.lab_size, record_format)
+    if warning and not store.remote:
         echo(warning)
-    embedded = None if broker_given else EmbeddedRedis(out_dir).start()
+    embedded = None if broker_given else EmbeddedRedis(local).start()
     broker = embedded.url if embedded else settings.broker_url
     env = {
         **os.environ,
         "KOALA_BROKER_URL": broker,
-        "KOALA_OUTPUT_DIR": str(out_dir),
+        "KOALA_OUTPUT_DIR": out,
         "KOALA_CHECKPOINT": str(ckpt),
         "KOALA_RECORD_FORMAT": record_format,
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     if batch_size:
         env["KOALA_BATCH_SIZE"] = str(batch_size)
-    children = Children(env, out_dir / ".logs")
+    children = Children(env, local / ".logs")
     started, times = time.time(), {}
     try:
         state = _state(broker, settings)
@@ -319,20 +337,22 @@ def run_job(
             _revive(children, echo)
             resend(snap)
 
-        watch(state, out_dir, poll=0.5, on_tick=tick)
+        watch(state, out, poll=0.5, on_tick=tick)
         times["process_after_submit"] = round(time.time() - t0, 1)
     except KeyboardInterrupt:
         echo("interrupted: stopping cleanly; nothing is lost — run the same command again to resume")
         return 130
     finally:
         children.stop()
-        final = _final_snapshot(broker, settings, out_dir)
+        final = _final_snapshot(broker, settings, out)
         if embedded:
             embedded.stop()
         if final is not None:
-            result = summary(final, out_dir, started, times)
+            result = summary(final, out, started, times)
             result["processes"] = children.pids()
-            write_json(out_dir / "summary.json", result)
+            write_json(local / "summary.json", result)
+            if store.remote:  # beside the shards too
+                store.put("summary.json", json.dumps(result, indent=2).encode())
             _print_summary(result, echo)
     return 0
 
@@ -390,7 +410,7 @@ def _revive(children: Children, echo) -> None:
         echo(f"{name} exited; restarted it (log: {children.log_dir / name}.log)")
 
 
-def _final_snapshot(broker: str, settings, out_dir: Path) -> dict | None:
+def _final_snapshot(broker: str, settings, out_dir: Path | str) -> dict | None:
     """The job's counts after the workers stopped (None when Redis is gone)."""
     from producer.progress import snapshot
 

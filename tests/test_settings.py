@@ -48,7 +48,9 @@ VALUES: dict[str, tuple[str, object]] = {
     # the only side Inception takes (common/model/inception_resnet_v2.py), so the default's string
     "image_size": ("299", 299),
     "lab_size": ("224", 224),
-    "output_dir": ("/tmp/shards", Path("/tmp/shards")),
+    "output_dir": ("s3://bucket/run/", "s3://bucket/run"),  # a folder or any fsspec URL, kept as text
+    "scratch_dir": ("/tmp/scratch", Path("/tmp/scratch")),
+    "shard_idle_commit": ("2.5", 2.5),
     "checkpoint": ("/data/inception_resnet_v2_2016_08_30.ckpt", "/data/inception_resnet_v2_2016_08_30.ckpt"),
     "examples_per_shard": ("7", 7),
     "shard_max_age": ("5", 5.0),

@@ -1,6 +1,7 @@
 """The training reader: finished shards of either record format as a `tf.data.Dataset` of the `lab`
 tensors (`read_dataset`), and `compact_to_lab`, the map function that turns `compact` records into them
-(the README holds a copy to paste into other training code).
+(the README holds a copy to paste into other training code). Shards in an object store are read
+through fsspec (TensorFlow itself has no s3:// any more): the output location's manifest names them.
 
 TensorFlow is imported lazily, inside functions: importing this module does not load it.
 """
@@ -11,6 +12,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from common.output.records import EMBEDDING_SIZE, RECORD_FORMATS
+from common.output.storage import Store, filesystem, is_url
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -24,7 +26,14 @@ def _expand(pattern: str | list[str]) -> list[str]:
     files: list[str] = []
     for p in [pattern] if isinstance(pattern, str | os.PathLike) else pattern:
         p = os.fspath(p)
-        files += sorted(tf.io.gfile.glob(p)) if any(c in p for c in "*?[") else [p]
+        if is_url(p) and ".tfrecord" not in p.rsplit("/", 1)[-1]:  # an output location: its manifest
+            store = Store(p)
+            files += [store.url(name) for name in store.shard_names()]
+        elif is_url(p) and any(c in p for c in "*?["):
+            fs, path = filesystem(p)
+            files += sorted(fs.unstrip_protocol(f) for f in fs.glob(path))
+        else:
+            files += sorted(tf.io.gfile.glob(p)) if any(c in p for c in "*?[") else [p]
     if not files:
         raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
     return files
@@ -85,6 +94,29 @@ def _either_to_lab(serialized: Any, lab_size: int) -> dict[str, Any]:
     return example
 
 
+def _url_records(urls: list[str], compression: str | None) -> tf.data.Dataset:
+    """The serialized records of shards in an object store (read with fsspec, a few at once)."""
+    import tensorflow as tf
+
+    from common.output import records
+
+    suffix = {"gzip": ".gz", "zlib": ".zlib"}.get((compression or "").lower(), "")
+
+    def shard(url: bytes):
+        text = url.decode()
+        fs, path = filesystem(text)
+        with fs.open(path, "rb", block_size=8 << 20) as raw:
+            yield from records.read_stream(raw, text + suffix if compression is not None else text)
+
+    def one(url: tf.Tensor) -> tf.data.Dataset:
+        spec = tf.TensorSpec([], tf.string)
+        return tf.data.Dataset.from_generator(shard, args=(url,), output_signature=spec)
+
+    return tf.data.Dataset.from_tensor_slices(urls).interleave(
+        one, cycle_length=min(4, len(urls)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
+
+
 def read_dataset(
     pattern: str | list[str],
     lab_size: int = 299,
@@ -95,7 +127,9 @@ def read_dataset(
     image_embedding [1001], image_key, image_source, from `lab` records (written at size S) and
     `compact` ones (Lab computed here at S = 299 or 224) alike; `record_format` ("lab" or "compact")
     skips telling them apart per record. Compression from the extension unless given
-    (`GZIP`/`ZLIB`/``, or the writer's `gzip`/`zlib`/`none`)."""
+    (`GZIP`/`ZLIB`/``, or the writer's `gzip`/`zlib`/`none`). `pattern` may also be an object
+    store's output location (`s3://bucket/run`: the shards its manifest lists), shard URLs, or a
+    URL with wildcards (that one lists the bucket)."""
     import tensorflow as tf
 
     if record_format not in (None, *RECORD_FORMATS):
@@ -110,10 +144,13 @@ def read_dataset(
         groups = {}
         for f in files:
             groups.setdefault(_compression_of(f), []).append(f)
-    datasets = [tf.data.TFRecordDataset(fs, compression_type=c) for c, fs in groups.items()]
-    ds = datasets[0]
-    for other in datasets[1:]:
-        ds = ds.concatenate(other)
+    if any(is_url(f) for f in files):
+        ds = _url_records(files, compression)
+    else:
+        datasets = [tf.data.TFRecordDataset(fs, compression_type=c) for c, fs in groups.items()]
+        ds = datasets[0]
+        for other in datasets[1:]:
+            ds = ds.concatenate(other)
     if record_format == "lab":
         spec = _spec("lab", lab_size)
         return ds.map(lambda x: tf.io.parse_single_example(x, spec), num_parallel_calls=tf.data.AUTOTUNE)

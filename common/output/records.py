@@ -113,20 +113,36 @@ class _ZlibReader(io.RawIOBase):
         super().close()
 
 
+def _decompressed(raw: BinaryIO, name: str) -> BinaryIO:
+    """The TFRecord stream of an open file, by its name's extension (closing it closes `raw`, but
+    for gzip: the caller closes `raw`)."""
+    if name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    if name.endswith(".zlib"):
+        return io.BufferedReader(_ZlibReader(raw), 1 << 20)
+    return raw
+
+
 def _open_read(path: Path) -> BinaryIO:
     """A file opened for reading its TFRecords: temp shards are raw, finals by extension."""
     name = Path(path).name
     if name.endswith(".gz"):
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    if name.endswith(".zlib"):
-        return io.BufferedReader(_ZlibReader(open(path, "rb")), 1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+    return _decompressed(open(path, "rb", buffering=1 << 20), name)
 
 
 def iter_examples(path: Path) -> Iterator[tuple[int, int, bytes]]:
     """(offset, end, serialized example) of each valid record (offsets in the uncompressed stream)."""
     with _open_read(path) as f:
         yield from _read_records(f)
+
+
+def read_stream(raw: BinaryIO, name: str) -> Iterator[bytes]:
+    """The serialized examples of an open shard file (an object store's, say), compressed or not
+    by its `name`'s extension."""
+    f = _decompressed(raw, name)
+    for _, _, data in _read_records(f):
+        yield data
 
 
 # ---- protobuf wire format: writing --------------------------------------------------------------

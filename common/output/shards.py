@@ -3,6 +3,8 @@ temp shards, and the train / validation split.
 
 A shard is written as a hidden, uncompressed `.<name>.tmp` and published under its final name
 `lab_images_<node>_<n>.tfrecord[.gz|.zlib]` only when complete; records are `common/output/records.py`'s.
+For an object store (`common/output/storage.py`) the temp file is local scratch and publishing is
+one upload plus a manifest entry (`publish_to_store`, or the embed worker's own publisher).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common.output.records import frame_pieces, iter_examples, scan_records
+from common.output.storage import Store, is_url
 
 SHARD_PREFIX = "lab_images_"
 SHARD_GLOB = "lab_images_*.tfrecord*"  # what training reads: finalized shards only
@@ -46,11 +49,21 @@ def _node_re(node: str) -> re.Pattern[str]:
     )
 
 
+def shard_token(path: Path) -> bytes:
+    """4 bytes naming a shard in the job state (from its name without dot or extension)."""
+    stem = path.name.lstrip(".").split(".")[0]
+    return hashlib.md5(stem.encode()).digest()[:4]
+
+
 def highest_number(out_dir: Path, node: str) -> int:
     """The highest shard number of this node on disk (final or temporary), -1 when none."""
+    return highest_in(os.listdir(out_dir), node)
+
+
+def highest_in(names: list[str], node: str) -> int:
+    """The highest shard number of this node among file names, -1 when none."""
     pattern = _node_re(node)
-    numbers = [int(m.group(1)) for name in os.listdir(out_dir) if (m := pattern.fullmatch(name))]
-    return max(numbers, default=-1)
+    return max((int(m.group(1)) for name in names if (m := pattern.fullmatch(name))), default=-1)
 
 
 def final_path(temp: Path, compression: str) -> Path:
@@ -147,6 +160,44 @@ def finalize_temp(
     return final
 
 
+def upload_source(
+    temp: Path, spans: list[tuple[int, int]], compression: str = "none", level: int = 6
+) -> Path:
+    """The local file to upload for a closed temp shard: the temp itself when it is to be sent whole
+    and uncompressed, else `.<final name>.partial` beside it with only the record `spans`, compressed."""
+    temp = Path(temp)
+    if compression == "none" and spans and _contiguous(spans) and spans[-1][1] == temp.stat().st_size:
+        return temp
+    partial = temp.with_name(f".{final_path(temp, compression).name}.partial")
+    _write_final(temp, partial, compression, level, spans)
+    return partial
+
+
+def _contiguous(spans: list[tuple[int, int]]) -> bool:
+    return spans[0][0] == 0 and all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def publish_to_store(
+    store: Store, temp: Path, spans: list[tuple[int, int]], compression: str = "none", level: int = 6
+) -> str | None:
+    """Upload a closed temp shard (its record `spans`) to an object store under its final name as
+    one upload, aborted on any error; then list it in the manifest and delete the local files.
+    Returns its URL (None for an empty shard, which is only deleted). For writers without a job
+    state (`koala lab-batch`); the embed worker has its own, which holds the messages until here."""
+    name = final_path(temp, compression).name
+    if spans:
+        source = upload_source(temp, spans, compression, level)
+        with store.upload(name) as upload:
+            upload.begin()
+            upload.send(source)
+            upload.complete()
+        store.add_to_manifest([{"name": name, "records": len(spans), "bytes": source.stat().st_size}])
+        if source != temp:
+            source.unlink()
+    temp.unlink()
+    return store.url(name) if spans else None
+
+
 def recover_temp_shards(out_dir: Path, node: str | None = None) -> list[Path]:
     """Cut every temp shard (of `node`, or all: only when no writer is live) to its valid prefix and
     delete stale compression temps; returns the temp shards, sorted. What to keep is the caller's job."""
@@ -209,6 +260,10 @@ class ShardWriter:
     fleet's: a counter in the job state) also after every number handed out before, so shards
     moved out of the folder (to free space) never have their names, nor their tokens in the job
     state, used again.
+
+    `publisher(temp, spans)` replaces the rename (an object store: the folder is local scratch);
+    it gets the closed temp shard and its kept record spans, and returns where the shard went (or
+    None: later, or nowhere). `durable=False` skips the fsyncs (scratch a crash may lose).
     """
 
     def __init__(
@@ -221,6 +276,8 @@ class ShardWriter:
         compression: str = "none",
         compression_level: int = 6,
         reserve_number: Callable[[int], int] | None = None,
+        publisher: Callable[[Path, list[tuple[int, int]]], Path | str | None] | None = None,
+        durable: bool = True,
     ):
         if compression not in EXTENSIONS:
             raise ValueError(f"unknown compression {compression!r}; valid: {', '.join(EXTENSIONS)}")
@@ -233,7 +290,7 @@ class ShardWriter:
         self.max_age = max_age
         self.compression = compression
         self.compression_level = compression_level
-        self.finalized: list[Path] = []
+        self.finalized: list[Path | str] = []
         self.path: Path | None = None  # the open temp shard
         self.count = 0  # records in it, not counting discarded ones
         self.offset = 0  # its size
@@ -246,6 +303,8 @@ class ShardWriter:
         # high never handed out before (JobState.next_shard_number); None: the folder alone decides
         self._reserve = reserve_number or (lambda lowest: lowest)
         self._unpublished: list[tuple[Path, list[tuple[int, int]] | None]] = []  # closed, not yet renamed
+        self._publisher = publisher
+        self.durable = durable
 
     @property
     def age(self) -> float:
@@ -262,7 +321,8 @@ class ShardWriter:
                 break
             except FileExistsError:
                 number = self._reserve(number + 1)
-        _fsync_dir(self.out_dir)
+        if self.durable:
+            _fsync_dir(self.out_dir)
         self._last_number, self.path, self.count, self.offset = number, path, 0, 0
         self._ends, self._discarded = [], set()
         self._opened = time.monotonic()
@@ -279,7 +339,8 @@ class ShardWriter:
         start = self.offset
         try:
             _writev_all(self._fd, [piece for r in records for piece in frame_pieces(r)])
-            os.fsync(self._fd)
+            if self.durable:
+                os.fsync(self._fd)
         except BaseException:
             try:
                 self._cut(start)  # leave no partial batch behind
@@ -296,7 +357,8 @@ class ShardWriter:
         assert self._fd is not None
         os.ftruncate(self._fd, offset)
         os.lseek(self._fd, offset, os.SEEK_SET)
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
 
     def truncate_to(self, offset: int) -> None:
         """Drop every record after `offset` (a record boundary) in the open temp shard, fsynced."""
@@ -308,7 +370,7 @@ class ShardWriter:
         self.count, self.offset = len(self._ends) - len(self._discarded), offset
 
     def _spans(self) -> list[tuple[int, int]]:
-        return list(zip([0, *self._ends[:-1]], self._ends, strict=True))
+        return list(zip([0, *self._ends[:-1]], self._ends, strict=True)) if self._ends else []
 
     def discard(self, start: int, keep: list[bool]) -> None:
         """Leave out of the final shard the records of the batch appended at `start` whose keep flag
@@ -319,30 +381,35 @@ class ShardWriter:
         self._discarded.update(s for (s, _), ok in zip(batch, keep, strict=True) if not ok)
         self.count = len(self._ends) - len(self._discarded)
 
-    def maybe_rotate(self) -> Path | None:
+    def maybe_rotate(self) -> Path | str | None:
         """Finalize the open shard if it is full or older than max_age; returns its final path."""
         published = self._publish()
         if self._fd is not None and (self.count >= self.examples_per_shard or self.age >= self.max_age):
             return self._finalize()
         return published
 
-    def _finalize(self) -> Path | None:
+    def _finalize(self) -> Path | str | None:
         assert self._fd is not None and self.path is not None
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
         os.close(self._fd)
-        spans = [sp for sp in self._spans() if sp[0] not in self._discarded] if self._discarded else None
+        spans: list[tuple[int, int]] | None = [sp for sp in self._spans() if sp[0] not in self._discarded]
+        if not self._discarded and self._publisher is None:
+            spans = None  # all of it: renamed as it is
         self._unpublished.append((self.path, spans))
         self._fd, self.path, self.count, self.offset = None, None, 0, 0
         self._ends, self._discarded = [], set()
         return self._publish()
 
-    def _publish(self) -> Path | None:
+    def _publish(self) -> Path | str | None:
         """Publish the closed temp shards; one the disk refused (full, read-only) stays queued and
         the OSError propagates, so a later call publishes it. Returns the last final path."""
-        final = None
+        final: Path | str | None = None
         while self._unpublished:
             temp, spans = self._unpublished[0]
-            if temp.exists():
+            if self._publisher is not None:
+                final = self._publisher(temp, spans or [])
+            elif temp.exists():
                 final = finalize_temp(temp, self.compression, self.compression_level, spans)
             else:  # renamed (or deleted, when empty) by an attempt whose later steps failed
                 final = final_path(temp, self.compression)
@@ -357,7 +424,7 @@ class ShardWriter:
         """Closed temp shards waiting to be published."""
         return len(self._unpublished)
 
-    def close(self) -> Path | None:
+    def close(self) -> Path | str | None:
         """Finalize the open shard (an empty one is deleted) and publish any left; returns the last
         final path."""
         return self._finalize() if self._fd is not None else self._publish()
@@ -379,20 +446,36 @@ def finished_shards(out_dir: Path) -> list[Path]:
     return sorted([*out_dir.glob(SHARD_GLOB), *out_dir.glob(VAL_PREFIX + SHARD_GLOB)])
 
 
+def count_shards(location: Path | str) -> int:
+    """How many finalized shards an output location holds (an object store: its manifest lists)."""
+    return len(Store(location).manifest()) if is_url(location) else len(finished_shards(Path(location)))
+
+
+def shard_listing(location: Path | str) -> list[tuple[str, int]]:
+    """(name, bytes) of the finalized shards of an output location, sorted by name."""
+    if is_url(location):
+        return sorted((e["name"], e["bytes"]) for e in Store(location).manifest())
+    return [(p.name, p.stat().st_size) for p in finished_shards(Path(location))]
+
+
+def _choose_val(train: list[str], val: int, fraction: float) -> list[str]:
+    """The training shard names to make validation ones: chosen by name only, the same on every
+    machine and every run."""
+    if not 0 < fraction < 1:
+        raise ValueError("the validation fraction must be between 0 and 1")
+    wanted = max(1, round(fraction * (len(train) + val)))
+    return sorted(train, key=lambda n: hashlib.md5(n.encode()).hexdigest())[: max(0, wanted - val)]
+
+
 def split_validation(out_dir: Path, fraction: float) -> list[Path]:
     """Rename a deterministic choice of finalized shards to `val_<name>` so that about `fraction`
     of them (at least one) are validation shards; shards already renamed count, so running it
-    again changes nothing. Returns the shards renamed now."""
-    if not 0 < fraction < 1:
-        raise ValueError("the validation fraction must be between 0 and 1")
+    again changes nothing. Returns the shards renamed now. (An object store: `split_store`.)"""
     out_dir = Path(out_dir)
     train = sorted(out_dir.glob(SHARD_GLOB))
     val = sorted(out_dir.glob(VAL_PREFIX + SHARD_GLOB))
-    wanted = max(1, round(fraction * (len(train) + len(val))))
-    # the choice depends on the names only: the same shards on every machine and every run
-    chosen = sorted(train, key=lambda p: hashlib.md5(p.name.encode()).hexdigest())[
-        : max(0, wanted - len(val))
-    ]
+    names = set(_choose_val([p.name for p in train], len(val), fraction))
+    chosen = [p for p in train if p.name in names]
     renamed = []
     for shard in chosen:
         target = shard.with_name(VAL_PREFIX + shard.name)
@@ -401,3 +484,24 @@ def split_validation(out_dir: Path, fraction: float) -> list[Path]:
     if renamed:
         _fsync_dir(out_dir)
     return renamed
+
+
+def split_store(location: str, fraction: float) -> list[str]:
+    """`split_validation` in an object store: copy each chosen shard to its `val_` name, swap the
+    names in the manifest (compare-and-swap), delete the old objects; returns their new URLs. A
+    rerun after a crash at any step finishes it: the choice depends on the manifest's names only."""
+    store = Store(location)
+    entries = store.manifest()
+    train = [e["name"] for e in entries if e["name"].startswith(SHARD_PREFIX)]
+    val = [e["name"] for e in entries if e["name"].startswith(VAL_PREFIX + SHARD_PREFIX)]
+    chosen = _choose_val(train, len(val), fraction)
+    for name in chosen:
+        store.copy(name, VAL_PREFIX + name)
+
+    def rename(current: list[dict]) -> list[dict]:
+        return [{**e, "name": VAL_PREFIX + e["name"]} if e["name"] in chosen else e for e in current]
+
+    store.update_manifest(rename)
+    for name in [*chosen, *(v[len(VAL_PREFIX) :] for v in val)]:
+        store.delete(name)  # also what a split killed after its manifest change left
+    return [store.url(VAL_PREFIX + name) for name in chosen]

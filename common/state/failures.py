@@ -87,12 +87,17 @@ def append_failure_log(directory: Path, node: str, failure: Failure) -> None:
         os.fsync(f.fileno())
 
 
-def record_failure(failure: Failure, mark: Callable[[Failure], bool], log_dir: Path) -> bool:
+def record_failure(failure: Failure, mark: Callable[[Failure], bool], log_dir: Path | str) -> bool:
     """The one way a fleet stage records a failed item: `mark` moves it to failed in the job state
     (`JobState.mark_failed`, with the states it may leave), then the node's JSON Lines log gets
-    the line. Whether it was recorded now (False: the item had ended already)."""
+    the line (for an object-store output, in its local folder: `Settings.local_dir`). Whether it
+    was recorded now (False: the item had ended already)."""
     if not mark(failure):
         return False
+    from common.output.storage import local_folder
+    from common.settings import get_settings
+
+    log_dir = local_folder(log_dir, get_settings().scratch_root)
     try:
         append_failure_log(log_dir, failure.node, failure)
     except OSError as e:  # Redis holds the failure; the log is a convenience
