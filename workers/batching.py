@@ -90,6 +90,7 @@ class BatchConsumer:
         finally:
             self.stopping.set()
             self.pipeline.close(timeout=60)
+            self._flush()
             self._let_go()
             try:
                 self.inbox.close()  # what is still held goes back on the queue
@@ -187,9 +188,24 @@ class BatchConsumer:
         self.buffer, self.buffered = [], 0
         self.pipeline.submit(batch)
 
+    def _flush(self) -> None:
+        """Stopping: publish the open shard (an object store's: commit it) and ack what it held."""
+        try:
+            self.stage.flush(timeout=120)
+            self._ack(self.pipeline.finished())
+        except Exception as e:  # what is not acked goes back to the queue
+            log.warning("stopping without publishing the open shard: %s", one_line(e))
+
     def _ack(self, batches: list[Batch]) -> None:
-        """Ack the messages of written batches (a failed ack only means a harmless re-delivery)."""
-        for batch in batches:
+        """Ack the messages of written batches (a failed ack only means a harmless re-delivery);
+        those waiting for an object-store shard's commit are acked once it is committed."""
+        held = [d for b in batches if b.held for d in b.messages]
+        if held:
+            try:
+                retry_on_broker(self.inbox.forget_starts)(held)
+            except redis.RedisError as e:
+                log.warning("cannot forget the starts of written messages (%s)", one_line(e))
+        for batch in self.stage.settled(batches):
             for delivery in batch.messages:
                 try:
                     retry_on_broker(self.inbox.ack)(delivery)

@@ -7,12 +7,14 @@ says which are done. The order of writes, chosen for crashes:
   3. the messages acked by the caller.
 A worker killed anywhere leaves a temp shard whose records `recover` keeps (claiming the
 unclaimed) or drops (claimed by another shard), then finalizes.
+With an object-store output (`shards`: `workers/remote.py`), step 2 only reserves the items for
+the open shard, which lives in local scratch, and the messages wait (`settled`) until the shard's
+upload is committed; a killed worker's scratch is deleted (`clear_scratch`), its messages return.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import tempfile
@@ -26,21 +28,25 @@ import numpy as np
 
 from common.messages import EmbedImage
 from common.output import records
-from common.output.shards import ShardWriter, finalize_temp, recover_temp_shards, rewrite_shard, safe_node
+from common.output.shards import (
+    ShardWriter,
+    finalize_temp,
+    recover_temp_shards,
+    rewrite_shard,
+    safe_node,
+    shard_token,
+)
 from common.pictures import images
 from common.settings import Settings
 from common.stages import Model, compact_record_of, infer, record_of, start_lab, start_png
 from common.state.failures import Failure, now, record_failure
 from common.state.job import DOWNLOADED, SUBMITTED, JobState
 from common.state.retries import call_retrying, is_storage_error, retry_on_broker, retry_on_disk
+from workers.remote import RemoteShards
 
 log = logging.getLogger("koala.embed")
 
-
-def shard_token(path: Path) -> bytes:
-    """4 bytes naming a shard in the job state (from its name without dot or extension)."""
-    stem = path.name.lstrip(".").split(".")[0]
-    return hashlib.md5(stem.encode()).digest()[:4]
+__all__ = ["shard_token"]  # the shard's token in the job state, here as it always was
 
 
 class NodeLock:
@@ -75,6 +81,7 @@ class Batch:
     pngs: list[Future] = field(default_factory=list)  # compact records: each image's PNG
     written: int = 0
     received: float = field(default_factory=time.monotonic)
+    held: bool = False  # its records wait in an object-store shard not committed yet
 
 
 class EmbedStage:
@@ -89,12 +96,16 @@ class EmbedStage:
         node: str,
         model: Model,
         writer: ShardWriter,
+        shards: RemoteShards | None = None,
     ):
         self.settings = settings
         self.state = state
         self.node = node
         self.model = model
         self.writer = writer
+        self.shards = shards  # an object-store output: reservations, uploads, held batches
+        self._last_write = time.monotonic()
+        self._shard = Path()  # the shard of the last write
         self.lab_pool = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "lab")
 
     def process(self, payloads: list[EmbedImage]) -> int:
@@ -108,8 +119,12 @@ class EmbedStage:
 
     def prepare(self, batch: Batch) -> None:
         """Keep the images still pending (once each), decode them, start their CPU Lab."""
-        states = retry_on_broker(self.state.states)([p["key"] for p in batch.payloads])
-        pending = [p for p, s in zip(batch.payloads, states, strict=True) if s in (SUBMITTED, DOWNLOADED)]
+        keys = [p["key"] for p in batch.payloads]
+        if self.shards is not None:
+            to_write = retry_on_broker(self.shards.pending)(keys)
+        else:
+            to_write = [s in (SUBMITTED, DOWNLOADED) for s in retry_on_broker(self.state.states)(keys)]
+        pending = [p for p, todo in zip(batch.payloads, to_write, strict=True) if todo]
         todo = dedupe(pending)
         pixels = [self._pixels(p) for p in todo]
         batch.todo = [p for p, px in zip(todo, pixels, strict=True) if px is not None]
@@ -141,6 +156,11 @@ class EmbedStage:
         for b in todo:
             b.written, claimed = sum(claimed[: len(b.todo)]), claimed[len(b.todo) :]
             b.logits, b.l_channels, b.ab_channels, b.pngs = [], [], [], []
+            if self.shards is not None and b.written:
+                for p in b.payloads:
+                    p["pixels"] = b""  # held until the shard commits: keep only what the ack needs
+                b.held = True
+                self.shards.hold(b, self._shard)
 
     def _records(self, b: Batch) -> list[bytes]:
         """The serialized records of an inferred batch, in the settings' record format."""
@@ -173,11 +193,12 @@ class EmbedStage:
         return None
 
     def _write(self, payloads: list[EmbedImage], serialized: list[bytes]) -> list[bool]:
-        """Append + fsync, claim in Redis; returns per record whether this shard owns it (the
-        others are left out of the shard)."""
+        """Append + fsync, claim in Redis; returns per record whether this shard (`_shard`) owns it
+        (the others are left out of the shard)."""
         path, start, _ = self.writer.append(serialized)
+        self._shard, self._last_write = path, time.monotonic()
         try:
-            claimed = self._claim([p["key"] for p in payloads], shard_token(path))
+            claimed = self._claim([p["key"] for p in payloads], path)
         except BaseException:
             # unclaimed: the messages come back and are written again, so this copy must go
             self.writer.discard(start, [False] * len(serialized))
@@ -188,18 +209,42 @@ class EmbedStage:
         return claimed
 
     def rotate(self) -> None:
-        """Finalize the open shard when full or old; a shard the disk refuses to publish is logged
-        and published by a later call."""
+        """Finalize the open shard when full or old (an object-store one also when no record came
+        for `KOALA_SHARD_IDLE_COMMIT` s: its messages wait for it); a shard the disk refuses to
+        publish is logged and published by a later call. Raises the uploader's error."""
+        if self.shards is not None and self.shards.error is not None:
+            raise self.shards.error
         try:
-            self.writer.maybe_rotate()
+            idle = time.monotonic() - self._last_write >= self.settings.shard_idle_commit
+            if self.shards is not None and self.writer.path is not None and idle:
+                self.writer.close()
+            else:
+                self.writer.maybe_rotate()
         except OSError as e:
             if not is_storage_error(e):
                 raise
             log.warning("cannot publish a shard yet (%s); trying again later", e)
 
-    def _claim(self, keys: list[str], token: bytes) -> list[bool]:
-        """Claim the items for the shard `token`, waiting for a lost Redis; per item, whether this
-        shard owns it (read back after a retry: a claim whose answer was lost may have been made)."""
+    def settled(self, batches: list[Batch]) -> list[Batch]:
+        """The batches whose messages may be acked now: of `batches` those with nothing in an
+        uncommitted object-store shard, and those held before whose shard has been committed."""
+        if self.shards is None:
+            return batches
+        return [b for b in batches if not b.held] + self.shards.released()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Close the open shard and wait until it is published (an object store: committed)."""
+        self.writer.close()
+        if self.shards is not None and not self.shards.wait(timeout):
+            log.warning("stopping before every shard was committed: their messages go back to the queue")
+
+    def _claim(self, keys: list[str], path: Path) -> list[bool]:
+        """Claim the items for the shard at `path`, waiting for a lost Redis; per item, whether this
+        shard owns it (read back after a retry: a claim whose answer was lost may have been made).
+        An object-store shard only reserves them until it is committed."""
+        if self.shards is not None:
+            return self.shards.reserve(keys, path)
+        token = shard_token(path)
         claimed, retried = call_retrying(lambda: self.state.mark_written_many(keys, token))
         if retried:
             claimed = [owner == token for owner in retry_on_broker(self.state.written_to)(keys)]
@@ -218,6 +263,9 @@ class EmbedStage:
     def close(self) -> None:
         """Finalize the open shard."""
         self.writer.close()
+        if self.shards is not None:
+            self.shards.wait(60)
+            self.shards.stop()
         self.lab_pool.shutdown()
 
 
@@ -243,6 +291,16 @@ def recover(out_dir: Path, node: str, state: JobState, compression: str) -> dict
         kept, dropped = kept + n, dropped + len(keys) - n
         shards += finalize_temp(temp, compression) is not None
     return {"kept": kept, "dropped": dropped, "shards": shards}
+
+
+def clear_scratch(scratch: Path, node: str) -> int:
+    """An object-store output: delete the temp shards a killed worker of this node left in its
+    scratch folder; their items were only reserved, and their messages come back to be written
+    again (`workers/remote.py`). Returns how many there were."""
+    temps = recover_temp_shards(scratch, safe_node(node))
+    for temp in temps:
+        temp.unlink()
+    return len(temps)
 
 
 def first_copy_of(keys: set[str]) -> Callable[[bytes], bool]:

@@ -34,14 +34,25 @@ from common.messages import EMBED_QUEUE, EmbedImage, images_of, is_envelope
 log = logging.getLogger("koala.embed")
 
 # Put back every held entry of consumers whose lease key has expired; returns how many went back.
+# In the same step their object-store shards (workers/remote.py) lose what the held messages
+# backed: open ones become void (their reservations free), sealed ones orphaned (settled later).
 # KEYS: consumers set, queue. ARGV: prefix.
 _SWEEP = """
 local n = 0
+local ledger = ARGV[1] .. ':remote'
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. ':consumer:' .. id) == 0 then
     local held = ARGV[1] .. ':held:' .. id
     while redis.call('LMOVE', held, KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
     redis.call('SREM', KEYS[1], id)
+    local writing = ARGV[1] .. ':writing:' .. id
+    for _, token in ipairs(redis.call('SMEMBERS', writing)) do
+      local v = redis.call('HGET', ledger, token) or ''
+      local c = string.sub(v, 1, 1)
+      if c == 'o' then redis.call('HDEL', ledger, token)
+      elseif c == 's' then redis.call('HSET', ledger, token, 'x' .. string.sub(v, 2)) end
+    end
+    redis.call('DEL', writing)
   end
 end
 return n
@@ -160,6 +171,12 @@ class Inbox:
         pipe.lrem(self.held_key, 1, delivery.raw)  # type: ignore[arg-type]
         pipe.hdel(self.deliveries_key, delivery.message_id)
         pipe.execute()
+
+    def forget_starts(self, deliveries: list[Delivery]) -> None:
+        """Their work is done but for a commit (an object-store shard): a death from now on is not
+        theirs, so their starts are not counted against them (they stay held until acked)."""
+        if deliveries:
+            self.r.hdel(self.deliveries_key, *[d.message_id for d in deliveries])
 
     def give_back(self, deliveries: list[Delivery]) -> int:
         """Put messages this consumer holds unstarted back on the queue (stopping, reconnecting)."""
