@@ -121,13 +121,8 @@ def embed(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
-    from workers.embed_worker import run_embed_worker
-
-    try:
-        run_embed_worker(name or f"embed@{socket.gethostname()}", settings)
-    except (RuntimeError, OSError, CheckpointError) as e:
     from common.settings import Settings
-        raise click.ClickException(str(e)) from e
+    from workers.embed_worker import run_embed_worker
 
     options = {
         "batch_size": batch_size,
@@ -137,6 +132,11 @@ def embed(
         "record_format": record_format,
     }
     settings = Settings(**{k: v for k, v in options.items() if v is not None})  # the options over KOALA_*
+    try:
+        run_embed_worker(name or f"embed@{socket.gethostname()}", settings)
+    except (RuntimeError, OSError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from e
+
 
 if __name__ == "__main__":
     main()
