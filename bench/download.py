@@ -856,7 +856,7 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
     """Per-image single-thread cost of each step of our path, on corpus bytes (and loopback)."""
     import msgpack
 
-    from common.celery_app import EMBED_QUEUE, EMBED_TASK, make_app
+    from common.celery_app import make_app
     from common.fetching.fetch import fetch, make_session, policy_from_settings
     from common.messages import EMBED_QUEUE, EMBED_TASK, embed_image
     from common.pictures import images
@@ -892,7 +892,9 @@ def our_ceiling(files: list[Path], urls: list[str], redis_url: str) -> dict:
             ),
             messages,
         ),
-        "mark_downloaded (Lua, 1 round trip)": _cost(lambda k: state.mark_downloaded_many([pending.pop()]), keys),
+        "mark_downloaded (Lua, 1 round trip)": _cost(
+            lambda k: state.mark_downloaded_many([pending.pop()]), keys
+        ),
         "Redis PING round trip": _cost(lambda k: client.ping(), keys),
         **fetch_costs(urls, policy, session, fetch),
     }
