@@ -11,6 +11,7 @@ import redis
 
 from testkit import corpus
 from testkit.fleet import Workers
+from testkit.s3 import S3Server
 from testkit.servers import ImageServer, RedisServer
 
 # Four test processes share the cores (pytest-xdist, pyproject.toml): one thread each for TensorFlow
@@ -67,6 +68,22 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Workers]:
 
 
 @pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (moto's server mode) on a loopback port, for this test process."""
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server: S3Server) -> S3Server:
+    """The test S3 server, emptied for this test, with a bucket `koala`."""
+    s3_server.reset()
+    s3_server.make_bucket("koala")
+    return s3_server
+
+
+@pytest.fixture(scope="session")
 def fake_checkpoint() -> Path:
     """A fake Inception-ResNet-v2 checkpoint (slim layout, V1 single file, seed 0, ~230 MB), cached
     across runs (testkit.checkpoint.cached_fake_checkpoint)."""
@@ -88,6 +105,8 @@ def embedder(fake_checkpoint: Path):
 LONGEST_FIRST = (
     "test_steps.py",
     "test_embed_fleet.py",
+    "test_object_store.py",
+    "test_remote_shards.py",
     "test_model.py",
     "test_run.py",
     "test_download_fleet.py",
