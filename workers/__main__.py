@@ -97,7 +97,7 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     "out_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="output folder of the shards (default KOALA_OUTPUT_DIR)",
+    help="output folder of the shards, or an object store URL such as s3://bucket/prefix (default KOALA_OUTPUT_DIR)",
 )
 @click.option("--examples-per-shard", type=int, default=None, help="records per shard")
 @click.option(
@@ -126,8 +126,9 @@ def embed(
 
     options = {
         "batch_size": batch_size,
+    from common.output.storage import is_url
         "checkpoint": checkpoint,
-        "output_dir": out_dir and os.path.abspath(out_dir),
+        "output_dir": out_dir and (out_dir if is_url(out_dir) else os.path.abspath(out_dir)),
         "examples_per_shard": examples_per_shard,
         "record_format": record_format,
     }
