@@ -97,7 +97,7 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     "out_dir",
     type=click.Path(file_okay=False),
     default=None,
-    help="output folder of the shards, or an object store URL such as s3://bucket/prefix (default KOALA_OUTPUT_DIR)",
+    help="output folder of the shards, or an object store URL: s3://bucket/prefix (default KOALA_OUTPUT_DIR)",
 )
 @click.option("--examples-per-shard", type=int, default=None, help="records per shard")
 @click.option(
