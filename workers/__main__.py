@@ -121,12 +121,12 @@ def embed(
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
+    from common.output.storage import is_url
     from common.settings import Settings
     from workers.embed_worker import run_embed_worker
 
     options = {
         "batch_size": batch_size,
-    from common.output.storage import is_url
         "checkpoint": checkpoint,
         "output_dir": out_dir and (out_dir if is_url(out_dir) else os.path.abspath(out_dir)),
         "examples_per_shard": examples_per_shard,
