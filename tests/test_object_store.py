@@ -289,3 +289,32 @@ def test_run_writes_to_a_bucket(
     assert not (Path("s3:").exists() or (tmp_path / "s3:").exists()), "no local folder named after the URL"
     status = koala(env, "status", "--out", "s3://koala/run", "--json", "--interval", "0", check=True)
     assert json.loads(status.stdout)["written"] == len(good)
+
+
+def test_lab_batch_and_preview_take_urls(aws: S3Server, tmp_path: Path):
+    from PIL import Image
+
+    from testkit.servers import worker_env
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        Image.new("RGB", (299, 299), (40 * i, 90, 200 - 30 * i)).save(src / f"{i}.png")
+    env = worker_env(
+        "unused", tmp_path / "unused", **aws.env(), KOALA_NULL_MODEL="1", KOALA_LAB_ON_DEVICE="0"
+    )
+    env["KOALA_CACHE_DIR"] = str(tmp_path / "cache")
+    for _ in range(2):  # a second run continues the numbers after the store's highest
+        koala(env, "lab-batch", src, "s3://koala/lb", "-b", "2", check=True)
+    store = Store("s3://koala/lb")
+    names = [f"lab_images_standalone_{i:05d}.tfrecord" for i in range(6)]
+    assert store.shard_names() == names
+    assert [e["records"] for e in store.manifest()] == [2, 2, 1] * 2
+    assert keys_of(committed(aws, "lb/")) == sorted(
+        2 * [hashlib.md5(str(src / f"{i}.png").encode()).hexdigest() for i in range(5)]
+    )
+    sheet = tmp_path / "sheet.png"
+    koala(env, "preview", store.url(names[0]), "--out", sheet, check=True)
+    assert Image.open(sheet).size[0] > 2 * 299
+    missing = koala(env, "preview", store.url("lab_images_nope_00000.tfrecord"), "--out", sheet)
+    assert missing.returncode == 1 and "no such shard" in missing.stderr

@@ -13,7 +13,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.output import records
-from common.output.shards import ShardWriter
+from common.output.shards import ShardWriter, highest_in, publish_to_store
+from common.output.storage import StorageError, Store, local_folder
 from common.pictures import images
 from common.settings import Settings, get_settings
 from common.stages import (
@@ -111,6 +112,30 @@ class LabBatcher:
                 bar.update(len(batch))
 
 
+def shard_writer(store: Store, folder: Path, per_shard: int, settings: Settings) -> ShardWriter:
+    """The writer of `lab-batch`: shards renamed in a folder, or uploaded to an object store (its
+    numbers after the highest its manifest lists)."""
+    if not store.remote:
+        return ShardWriter(
+            folder, NODE, examples_per_shard=per_shard, max_age=math.inf, compression=settings.compression
+        )
+    try:
+        store.check_writable()
+    except StorageError as e:
+        raise click.ClickException(str(e)) from None
+    floor = highest_in(store.shard_names(), NODE) + 1
+    return ShardWriter(
+        folder,
+        NODE,
+        examples_per_shard=per_shard,
+        max_age=math.inf,
+        compression=settings.compression,
+        reserve_number=lambda lowest: max(lowest, floor),
+        publisher=lambda temp, spans: publish_to_store(store, temp, spans, settings.compression),
+        durable=False,
+    )
+
+
 @click.command("lab-batch")
 @click.option(
     "-c",
@@ -119,7 +144,7 @@ class LabBatcher:
     help="Inception-ResNet-v2 checkpoint: .ckpt file, .tar.gz release or URL (default KOALA_CHECKPOINT)",
 )
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out")
 @click.option(
     "-b",
     "--examples-per-shard",
@@ -154,7 +179,7 @@ class LabBatcher:
 def lab_batch(
     checkpoint: str | None,
     src: Path,
-    out: Path,
+    out: str,
     examples_per_shard: int | None,
     batch_size: int | None,
     lab_size: str | None,
@@ -167,7 +192,9 @@ def lab_batch(
     Names: a file named <md5>.<ext> (what `koala download` and `koala resize` write) is the URL
     item of that md5, so image_name = image_key = the stem, as the fleet names a URL's record; any
     other file gets image_name = its path relative to SRC (key: md5 of its absolute path).
-    image_source is the path relative to SRC. Unreadable images go to OUT/failures.jsonl."""
+    image_source is the path relative to SRC. Unreadable images go to OUT/failures.jsonl.
+    OUT may be an object store URL (s3://bucket/prefix): each shard is uploaded whole when full and
+    listed in OUT/manifest.json; the shard being written waits in KOALA_SCRATCH_DIR."""
     settings = get_settings()
     if batch_size:
         settings = settings.model_copy(update={"batch_size": batch_size})
@@ -176,15 +203,13 @@ def lab_batch(
     checkpoint = checkpoint or settings.checkpoint
     if not checkpoint and not settings.null_model:
         raise click.ClickException("no checkpoint: pass -c PATH|URL or set KOALA_CHECKPOINT")
-    files = [identify(p, src) for p in iter_image_files(src, exclude=out)]
+    store, folder = Store(out), local_folder(out, settings.scratch_root)
+    files = [identify(p, src) for p in iter_image_files(src, exclude=folder)]
     if not files:
         raise click.ClickException(f"no image files under {src}")
     model = load_model(settings, checkpoint)
-    failures = FailureLog(out)
-    per_shard = examples_per_shard or settings.examples_per_shard
-    writer = ShardWriter(
-        out, NODE, examples_per_shard=per_shard, max_age=math.inf, compression=settings.compression
-    )
+    failures = FailureLog(folder)
+    writer = shard_writer(store, folder, examples_per_shard or settings.examples_per_shard, settings)
     mode = mode or settings.resize_mode
     batcher = LabBatcher(settings, model, mode, int(lab_size or settings.lab_size), writer, failures)
     try:
@@ -192,6 +217,8 @@ def lab_batch(
             batcher.run(files, model.batch_size, bar)
     finally:
         failures.close()
+        if store.remote and (folder / "failures.jsonl").exists():
+            store.put("failures.jsonl", (folder / "failures.jsonl").read_bytes())
     for path in writer.finalized:
         click.echo(str(path))
     click.echo(f"wrote {batcher.written} records in {len(writer.finalized)} shards, {failures.summary()}")

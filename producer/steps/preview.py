@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.output import records
+from common.output.storage import filesystem, is_url
 from common.pictures import lab
 
 SHEET_PAD = 8  # pixels around and between the cells of a contact sheet
@@ -64,8 +66,23 @@ def contact_sheet(cells: list[tuple[str, np.ndarray, np.ndarray]], columns: int 
     return sheet
 
 
+def shard_records(shard: str) -> Iterator[bytes]:
+    """The serialized records of a shard file or of a shard's URL."""
+    if not is_url(shard):
+        if not Path(shard).is_file():
+            raise click.ClickException(f"no such shard: {shard}")
+        yield from (data for _, _, data in records.iter_examples(Path(shard)))
+        return
+    fs, path = filesystem(shard)
+    try:
+        with fs.open(path, "rb", block_size=8 << 20) as raw:
+            yield from records.read_stream(raw, shard)
+    except FileNotFoundError:
+        raise click.ClickException(f"no such shard: {shard}") from None
+
+
 @click.command()
-@click.argument("shard", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("shard")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -84,11 +101,12 @@ def contact_sheet(cells: list[tuple[str, np.ndarray, np.ndarray]], columns: int 
 @click.option(
     "--columns", type=click.IntRange(min=1), default=None, help="cells per row (default: a square grid)"
 )
-def preview(shard: Path, out: Path, max_records: int, columns: int | None) -> None:
-    """Contact sheet of a shard: each record's greyscale input (L) beside the colour rebuilt from
-    its Lab channels, its name underneath."""
+def preview(shard: str, out: Path, max_records: int, columns: int | None) -> None:
+    """Contact sheet of a shard (a file, or an object store URL: s3://bucket/prefix/lab_images_…):
+    each record's greyscale input (L) beside the colour rebuilt from its Lab channels, its name
+    underneath."""
     cells = []
-    for _, _, data in records.iter_examples(shard):
+    for data in shard_records(shard):
         cells.append(record_images(data))
         if len(cells) >= max_records:
             break
