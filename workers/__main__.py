@@ -122,7 +122,7 @@ def embed(
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
     from common.output.storage import is_url
-    from common.settings import Settings
+    from common.settings import Settings, get_settings
     from workers.embed_worker import run_embed_worker
 
     options = {
@@ -132,7 +132,8 @@ def embed(
         "examples_per_shard": examples_per_shard,
         "record_format": record_format,
     }
-    settings = Settings(**{k: v for k, v in options.items() if v is not None})  # the options over KOALA_*
+    given = {k: v for k, v in options.items() if v is not None}
+    settings = Settings.model_validate({**get_settings().model_dump(), **given})  # the options over KOALA_*
     try:
         run_embed_worker(name or f"embed@{socket.gethostname()}", settings)
     except (RuntimeError, OSError, CheckpointError) as e:
