@@ -12,7 +12,10 @@ network, submits a list through the `producer` service and reads the records bac
 download workers to two and checks both take work, kills the embed container mid-job
 (`docker kill -s KILL`, then `up`) and crashes its process (SIGKILL from the host: the restart
 policy's case), checking every item still ends once, then `down`/`up` and checks the job state
-survived. The project is `koala-smoke`; `down -v` at the end (the image stays, as a build cache).
+survived. Then the object-store override with its `s3` profile (docker-compose.s3.yml: the `s3`
+service built from Dockerfile.s3): a new list, the embed container killed with its scratch folder
+deleted (a lost machine), every item once in the bucket's committed objects, no upload left open.
+The project is `koala-smoke`; `down -v` at the end (the image stays, as a build cache).
 """
 
 from __future__ import annotations
@@ -182,6 +185,50 @@ class Stack:
         )
 
 
+S3 = ("-f", "docker-compose.s3.yml", "--profile", "s3")
+# run in the producer container (the project installed, the override's AWS_* variables): the keys of
+# every record in the bucket's committed shards, and the uploads left open
+READ_BUCKET = """
+import json
+from common.output import records
+from common.output.storage import Store
+store = Store("s3://koala/tfrecords")
+keys = [records.example_key(r).decode() for n in store.shard_names() for r in store.iter_records(n)]
+print(json.dumps({"keys": keys, "open_uploads": len(store.incomplete_uploads())}))
+"""
+
+
+def object_store_phase(stack: Stack, urls: list[str]) -> None:
+    """The fleet on the `s3` profile: a list written to the bucket, though the embed container is
+    killed after the submit and its scratch deleted; each item once in committed objects."""
+    stack.compose(*S3, "build", "s3", timeout=1800)
+    stack.compose(*S3, "up", "-d", "--pull", "never", "--wait", "--wait-timeout", "300", timeout=420)
+    listing = stack.write_list("s3.txt", urls)
+    stack.compose(*S3, "run", "--rm", "--pull", "never", "producer", "submit", listing, timeout=300)
+    ended = stack.ended()
+    subprocess.run(
+        ["docker", "kill", "-s", "KILL", stack.containers("embed-worker")[0]], check=True, capture_output=True
+    )
+    shutil.rmtree(stack.data / "scratch" / "s3-koala-tfrecords", ignore_errors=True)  # the lost disk
+    stack.compose(*S3, "up", "-d", "--pull", "never", "--wait", "--wait-timeout", "300", timeout=420)
+    wait_until(lambda: stack.ended() == ended + len(urls), 600, "every item of the object-store list")
+    stack.compose(*S3, "stop", "embed-worker")  # its last sweep of open uploads
+    found = json.loads(
+        stack.compose(
+            *S3, "run", "--rm", "--pull", "never", "--entrypoint", "python", "producer", "-c", READ_BUCKET
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    keys = Counter(found["keys"])
+    wanted = {hashlib.md5(u.encode()).hexdigest() for u in urls}
+    expect(
+        set(keys) == wanted and max(keys.values()) == 1,
+        f"the bucket holds {len(keys)} of {len(wanted)} keys, {sum(keys.values())} records",
+    )
+    expect(found["open_uploads"] == 0, f"{found['open_uploads']} uploads left open")
+
+
 def dangling() -> set[str]:
     out = subprocess.run(
         ["docker", "images", "-q", "-f", "dangling=true"], capture_output=True, text=True, check=True
@@ -342,6 +389,8 @@ def run(work: Path, keep: bool) -> dict:
         after = stack.counts()
         expect(after == counts and counts["submitted"] == 33, f"{counts} -> {after}")
         step("down/up keeps the job state")
+        object_store_phase(stack, [f"{u}?store=s3" for u in url_list[:8]])  # new items: new URLs
+        step("object store (docker-compose.s3.yml, profile s3): a lost embed machine, each item once")
         base = gpu_base_image()
         if image_id(base):
             stack.compose("-f", "docker-compose.gpu.yml", "build", "embed-worker", timeout=1800)

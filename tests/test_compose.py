@@ -628,3 +628,88 @@ def test_download_and_flower_healthchecks_against_a_real_fleet(redis_url: str, t
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# --- the object-store override (docker-compose.s3.yml, its `s3` profile) ---------------------------
+
+S3 = ROOT / "docker-compose.s3.yml"
+WITH_S3 = merge(BASE, load(S3))
+
+
+def test_the_s3_override_sends_every_fleet_service_to_one_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from common.output.storage import is_url, local_folder
+
+    url = load(S3)["x-s3-env"]["KOALA_OUTPUT_DIR"]
+    assert is_url(url) and url.startswith("s3://")
+    for name in sorted(KOALA_SERVICES):
+        env = services(WITH_S3)[name]["environment"]
+        assert env["KOALA_OUTPUT_DIR"] == url and env["AWS_ENDPOINT_URL"] == "http://s3:9000", name
+        assert {k for k in env if k.startswith("KOALA_")} <= SETTINGS, name
+        settings = settings_from_environment(
+            {k: substituted(str(v), {}) for k, v in env.items()}, monkeypatch
+        )
+        assert settings.output_dir == url
+    embed = services(WITH_S3)["embed-worker"]
+    assert option_value(embed["command"], "--out") == url
+    from workers.__main__ import main as workers_cli
+
+    workers_cli.commands["embed"].make_context("embed", list(embed["command"][2:]))
+    assert embed["depends_on"]["s3"] == {"condition": "service_healthy", "required": False}
+    assert embed["depends_on"]["redis"]["condition"] == "service_healthy"  # the base's, kept
+    scratch = Path(services(WITH_S3)["embed-worker"]["environment"]["KOALA_SCRATCH_DIR"])
+    lock = local_folder(url, scratch) / f".{option_value(embed['command'], '--name')}.lock"
+    assert f"'{lock}'" in " ".join(healthcheck(embed))
+
+
+def test_the_s3_service_is_in_its_profile_and_builds_from_the_projects_pins() -> None:
+    s3 = services(WITH_S3)["s3"]
+    assert s3["profiles"] == ["s3"] and s3["restart"] == "unless-stopped"
+    assert s3["image"].startswith("${COMPOSE_PROJECT_NAME}") and not published(s3)
+    dockerfile = ROOT / s3["build"]["context"] / s3["build"]["dockerfile"]
+    steps = dockerfile_instructions(dockerfile)
+    assert [a for op, a in steps if op == "FROM"] == ["python:3.11-slim"]  # a base the offline tool builds
+    assert [a for op, a in steps if op == "USER"] == ["s3"]
+    assert "optional-dependencies']['test']" in dockerfile.read_text()  # moto as the tests pin it
+    assert ":?" not in S3.read_text()
+    missing = interpolated(S3.read_text()) - set(env_example()) - {"COMPOSE_PROJECT_NAME"}
+    assert not missing
+    bucket = load(S3)["x-s3-env"]["KOALA_OUTPUT_DIR"].split("/")[2]
+    assert s3["environment"]["S3_BUCKET"] == bucket and f"Bucket='{bucket}'" in " ".join(healthcheck(s3))
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        assert s3["environment"][key] == load(S3)["x-s3-env"][key]
+
+
+def test_the_s3_service_serves_its_bucket_and_its_healthcheck_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dockerfile.s3's entrypoint and the service's healthcheck, run here (moto is a test dependency)
+    on a free port: healthy once the bucket exists; then the fleet's store writes to it."""
+    import signal
+
+    import s3fs
+
+    from common.output.storage import Store
+
+    steps = dict(dockerfile_instructions(ROOT / "Dockerfile.s3"))
+    port = free_port()
+    shell = json.loads(steps["ENTRYPOINT"])[2].replace("9000", str(port))
+    service_env = {k: str(v) for k, v in services(WITH_S3)["s3"]["environment"].items()}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **service_env}
+    check = python_check(services(WITH_S3)["s3"]).replace("9000", str(port))
+    server = subprocess.Popen(
+        ["sh", "-c", shell],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: run_check(check, env) == 0, 60, "the s3 service's healthcheck")
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            monkeypatch.setenv(key, service_env[key])
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        s3fs.S3FileSystem.clear_instance_cache()
+        Store(load(S3)["x-s3-env"]["KOALA_OUTPUT_DIR"]).check_writable()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the shell and the server it started
+        server.wait(10)
