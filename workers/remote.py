@@ -53,6 +53,7 @@ from common.state.retries import call_retrying, retry_on_broker
 log = logging.getLogger("koala.embed")
 
 RESERVED = b"r"
+QUEUED = 2  # closed shards waiting for the uploader (one uploading, one next): then the writer waits
 
 # KEYS: ledger, writing set, counts, then item buckets. ARGV: token, open entry, first ('1'/'0'), then
 # item fields (ARGV[i] for KEYS[i], i >= 4). {0}: the shard is not (or no longer) this owner's open
@@ -143,6 +144,7 @@ class RemoteShards:
         self._released: list[Any] = []
         self._lock = threading.Lock()
         self._todo: queue.Queue[tuple[Path, list[tuple[int, int]]] | None] = queue.Queue()
+        self._room = threading.BoundedSemaphore(QUEUED)  # backpressure: held messages stay bounded
         self._thread = threading.Thread(target=self._run, name="embed-upload", daemon=True)
         self._thread.start()
 
@@ -243,7 +245,12 @@ class RemoteShards:
     # ---- the uploader thread ----------------------------------------------------------------------
 
     def publish(self, temp: Path, spans: list[tuple[int, int]]) -> None:
-        """`ShardWriter`'s publisher: queue a closed temp shard for its upload (returns at once)."""
+        """`ShardWriter`'s publisher: queue a closed temp shard for its upload; waits while `QUEUED`
+        shards wait already (the store is slower than the model: the pipeline then holds back, and
+        the messages held for uncommitted shards stay bounded). Raises the uploader's error."""
+        while not self._room.acquire(timeout=1.0):
+            if self.error is not None:
+                raise self.error
         self._todo.put((temp, spans))
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -277,6 +284,7 @@ class RemoteShards:
                 return
             temp, spans = item
             done = self._step(lambda: self._upload(temp, spans))  # noqa: B023  # called at once
+            self._room.release()
             self._todo.task_done()
             if not done:
                 return

@@ -32,7 +32,16 @@ from typing import Any, BinaryIO
 MANIFEST = "manifest.json"
 PART_SIZE = 16 << 20  # bytes per uploaded part (S3: at least 5 MiB but the last, at most 10,000 parts)
 UPLOAD_THREADS = 4  # parts in flight per upload
-_S3_OPTIONS = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+# botocore's standard retries (throttling, 5xx, with backoff); checksums only where S3 requires them:
+# the flexible ones cost the client (and a small server) CPU per byte, and every TFRecord carries
+# its own CRC32C, which the reader checks
+_S3_OPTIONS = {
+    "config_kwargs": {
+        "retries": {"max_attempts": 10, "mode": "standard"},
+        "request_checksum_calculation": "when_required",
+        "response_checksum_validation": "when_required",
+    }
+}
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
 
