@@ -318,3 +318,17 @@ def test_lab_batch_and_preview_take_urls(aws: S3Server, tmp_path: Path):
     assert Image.open(sheet).size[0] > 2 * 299
     missing = koala(env, "preview", store.url("lab_images_nope_00000.tfrecord"), "--out", sheet)
     assert missing.returncode == 1 and "no such shard" in missing.stderr
+
+
+def test_compressed_shards_and_left_out_records_upload_as_their_final_bytes(aws: S3Server, tmp_path: Path):
+    store = Store("s3://koala/gz")
+    publish = lambda temp, spans: publish_to_store(store, temp, spans, "gzip")  # noqa: E731
+    with ShardWriter(
+        tmp_path, "n", examples_per_shard=10, publisher=publish, durable=False, compression="gzip"
+    ) as w:
+        _, start, _ = w.append([b"kept 0", b"dropped", b"kept 1"])
+        w.discard(start, [True, False, True])  # another shard claimed the middle one first
+    (entry,) = store.manifest()
+    assert entry["name"] == "lab_images_n_00000.tfrecord.gz" and entry["records"] == 2
+    assert list(store.iter_records(entry["name"])) == [b"kept 0", b"kept 1"]
+    assert list(tmp_path.iterdir()) == []
