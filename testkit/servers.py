@@ -294,7 +294,9 @@ class Handler(BaseHTTPRequestHandler):
         """/poison/<id>: SIGKILLs the worker process that asks (as the out-of-memory killer would)."""
         self.behaviour.hit(path)
         pid = pid_of_peer(self.client_address[1])
-        if pid is not None and b"workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if pid is None:
+            raise RuntimeError(f"poison: no process holds the socket of port {self.client_address[1]}")
+        if b"workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
             os.kill(pid, signal.SIGKILL)
         self.send_body(self.files["jpeg_small"])  # to a dead process; anyone else gets an image
 
@@ -315,10 +317,15 @@ def pid_of_peer(port: int) -> int | None:
                 inodes.add(f"socket:[{fields[9]}]")
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
-            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
-                return int(fd_dir.parent.name)
+            fds = list(fd_dir.iterdir())
         except OSError:  # gone meanwhile, or not ours to read
             continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return int(fd_dir.parent.name)
+            except OSError:  # this descriptor closed meanwhile (a busy worker): the others still count
+                continue
     return None
 
 
