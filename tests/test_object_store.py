@@ -332,3 +332,28 @@ def test_compressed_shards_and_left_out_records_upload_as_their_final_bytes(aws:
     assert entry["name"] == "lab_images_n_00000.tfrecord.gz" and entry["records"] == 2
     assert list(store.iter_records(entry["name"])) == [b"kept 0", b"kept 1"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_embed_worker_stops_at_start_on_a_missing_bucket(s3: S3Server, redis_url: str, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from testkit import ROOT
+    from testkit.servers import worker_env
+
+    env = worker_env(redis_url, tmp_path, **s3.env(), KOALA_NULL_MODEL="1", KOALA_OUTPUT_DIR="s3://nope/run")
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", "embed", "-n", "e@test"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: cannot write to s3://nope/run at {s3.endpoint}: the bucket 'nope' does not exist "
+        "(create it, or fix the URL)"
+    ], done.stderr[-2000:]
+    assert "koala-test-secret" not in done.stdout + done.stderr
