@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -11,25 +10,11 @@ import socket
 import click
 
 
-def reuse_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of giving it back to the kernel.
-
-    Each image allocates megabytes (decoded JPEGs, records, batches); by default glibc maps blocks
-    over its threshold fresh and trims freed heap, so every image paid its page faults again (on
-    the dev VM, ~0.9 ms per 1 MB record: more than copying it). The process keeps its peak instead.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 256 << 20)
-    libc.mallopt(m_trim_threshold, 512 << 20)
-
-
 @click.group()
 def main() -> None:
     """Start a worker of the Koala fleet."""
+    from workers.decoders import reuse_freed_memory
+
     reuse_freed_memory()
 
 

@@ -88,8 +88,9 @@ def download_stage(node: str) -> DownloadStage:
 
 @worker_ready.connect
 def _start_download_stage(sender, **_kwargs) -> None:
-    """Build the stage (TLS roots, pools) when the worker starts, not inside the first job."""
-    download_stage(sender.hostname)
+    """Build the stage (TLS roots, pools, decoder processes) when the worker starts, not inside the
+    first job."""
+    download_stage(sender.hostname).decoders.start()
 
 
 @retry_on_broker
