@@ -6,7 +6,7 @@ steps, and in a process of 100 threads a thread coming back from C waits for the
 others. Measured with one worker on the 2-core dev VM: decoding in threads of the worker 122
 images/s at 1.13 cores; in two processes of their own, fed through pipes, 171 images/s at 1.53
 cores and less CPU per image. So each worker runs `Decoders`: one single-threaded process per core
-(started with `python -m workers.decoders`: no fork of a threaded process), each fed through a socket
+(started with `python -m workers.decoders`: no fork of a threaded process), each fed through a pipe
 by whichever fetch thread has bytes to decode, least busy first, its answers read back in order by
 one thread per process. A decoder that dies (a crash in a codec, the out-of-memory killer) takes
 its worker with it, as an image decoded in the worker itself would have: the messages come back,
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -53,7 +54,23 @@ def reuse_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 512 << 20)
 
 
-def serve(conn: Connection, size: tuple[int, int], mode: str, max_pixels: int, max_scans: int) -> None:
+def _pipe() -> tuple[int, int]:
+    """A pipe (read end, write end) holding 1 MB where the system allows (Linux: the default is 64
+    KB): a decoder then never waits for its worker to read an answer before the next image."""
+    read, write = os.pipe()
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 1 << 20)
+    return read, write
+
+
+def serve(
+    images_in: Connection,
+    answers: Connection,
+    size: tuple[int, int],
+    mode: str,
+    max_pixels: int,
+    max_scans: int,
+) -> None:
     """A decoder process: image bytes in, `_OK` + the 299x299 payload (or `_FAILED` + why) out, in
     order, until its worker closes the pipe (or dies)."""
     # a Ctrl-C in a terminal or a stop sent to the process group is the worker's to handle: it
@@ -66,7 +83,7 @@ def serve(conn: Connection, size: tuple[int, int], mode: str, max_pixels: int, m
 
     while True:
         try:
-            data = conn.recv_bytes()
+            data = images_in.recv_bytes()
         except (EOFError, OSError):
             return
         try:
@@ -78,13 +95,37 @@ def serve(conn: Connection, size: tuple[int, int], mode: str, max_pixels: int, m
             answer = _FAILED + f"{reason}\n{detail}".encode()
         del data
         try:
-            conn.send_bytes(answer)
+            answers.send_bytes(answer)
         except OSError:
             return
 
 
 class DecoderDied(RuntimeError):
     """A decoder process ended while it had images to decode."""
+
+
+Done = Callable[[bytes | Exception], None]  # gets a payload, or why there is none
+
+
+def _outcome(answer: bytes) -> bytes | Exception:
+    if answer[:1] == _OK:
+        return answer[1:]
+    reason, _, detail = answer[1:].decode("utf-8", "replace").partition("\n")
+    return ItemError(reason, detail)
+
+
+def _call(done: Done, outcome: bytes | Exception) -> None:
+    try:
+        done(outcome)
+    except Exception:  # never the reader's end: the next answers are still owed
+        log.exception("a decoder answer's callback failed")
+
+
+def _settle(future: Future[bytes], outcome: bytes | Exception) -> None:
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def die_with_it(error: DecoderDied) -> None:
@@ -97,19 +138,24 @@ class _Decoder:
     """One decoder process, its end of a socket pair, and the answers it still owes (in order)."""
 
     def __init__(self, args: tuple, name: str, on_death: Callable[[DecoderDied], None]):
-        ours, theirs = socket.socketpair()
+        images_r, images_w = _pipe()  # image bytes to the decoder
+        answers_r, answers_w = _pipe()  # its answers back
         (width, height), mode, max_pixels, max_scans = args
-        argv = [sys.executable, "-m", "workers.decoders", str(theirs.fileno())]
+        argv = [sys.executable, "-m", "workers.decoders", str(images_r), str(answers_w)]
         argv += [str(width), str(height), mode, str(max_pixels), str(max_scans)]
         root = str(Path(__file__).resolve().parent.parent)  # workers/ importable from any folder
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
         }
-        self.proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
-        theirs.close()
-        self.conn = Connection(ours.detach())
-        self.owed: collections.deque[Future[bytes]] = collections.deque()
+        self.proc = subprocess.Popen(argv, pass_fds=[images_r, answers_w], env=env, stdin=subprocess.DEVNULL)
+        os.close(images_r)
+        os.close(answers_w)
+        self.images, self.answers = (
+            Connection(images_w, readable=False),
+            Connection(answers_r, writable=False),
+        )
+        self.owed: collections.deque[Done] = collections.deque()
         self.sending = threading.Lock()
         self.closing = False
         self.died: DecoderDied | None = None
@@ -117,26 +163,24 @@ class _Decoder:
         self.reader = threading.Thread(target=self._read, name=f"{name}-answers", daemon=True)
         self.reader.start()
 
-    def decode(self, data: bytes) -> Future[bytes]:
-        answer: Future[bytes] = Future()
+    def decode(self, data: bytes, done: Done) -> None:
         with self.sending:  # owed in the order sent
-            if self.died is not None:
-                answer.set_exception(self.died)
-                return answer
-            self.owed.append(answer)
-            try:
-                self.conn.send_bytes(data)
-            except OSError:  # it died: the reader says so
-                pass
-        return answer
+            if self.died is None:
+                self.owed.append(done)
+                try:
+                    self.images.send_bytes(data)  # waits while its pipe is full
+                except OSError:  # it died: the reader says so
+                    pass
+                return
+        done(self.died)
 
     def _read(self) -> None:
         while True:
             try:
-                answer = self.conn.recv_bytes()
+                answer = self.answers.recv_bytes()
             except (EOFError, OSError):
                 break
-            self.owed.popleft().set_result(answer)
+            _call(self.owed.popleft(), _outcome(answer))
         if self.closing:
             return
         try:
@@ -146,13 +190,15 @@ class _Decoder:
         error = DecoderDied(f"decoder process {self.proc.pid} ended (exit code {code})")
         with self.sending:
             self.died = error
-            while self.owed:
-                self.owed.popleft().set_exception(error)
+            owed, self.owed = list(self.owed), collections.deque()
+        for done in owed:
+            _call(done, error)
         self.on_death(error)
 
     def close(self) -> None:
         self.closing = True
-        self.conn.close()  # the process ends at its next read
+        self.images.close()  # the process ends at its next read
+        self.answers.close()
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
@@ -188,15 +234,19 @@ class Decoders:
                 atexit.register(self.close)
         return self
 
-    def payload(self, data: bytes) -> bytes:
-        """The lossless payload of an image's bytes (`images.encode_pixels(images.load_rgb(...))`);
-        ItemError as the decoding raised it, DecoderDied when its decoder process ended."""
+    def decode(self, data: bytes, done: Done) -> None:
+        """Have the least busy decoder decode an image's bytes; `done` gets, in its reader thread,
+        the lossless payload (`images.encode_pixels(images.load_rgb(...))`), or the ItemError the
+        decoding raised, or DecoderDied. Waits while that decoder's pipe is full."""
         decoders = self._decoders or self.start()._decoders
-        answer = min(decoders, key=lambda d: len(d.owed)).decode(data).result()
-        if answer[:1] == _OK:
-            return answer[1:]
-        reason, _, detail = answer[1:].decode("utf-8", "replace").partition("\n")
-        raise ItemError(reason, detail)
+        alive = [d for d in decoders if d.died is None] or decoders
+        min(alive, key=lambda d: len(d.owed)).decode(data, done)
+
+    def payload(self, data: bytes) -> bytes:
+        """`decode`, waiting for the payload (or raising the error)."""
+        answer: Future[bytes] = Future()
+        self.decode(data, lambda outcome: _settle(answer, outcome))
+        return answer.result()
 
     def pids(self) -> list[int]:
         return [d.proc.pid for d in self._decoders]
@@ -208,6 +258,13 @@ class Decoders:
             decoder.close()
 
 
-if __name__ == "__main__":  # python -m workers.decoders FD WIDTH HEIGHT MODE MAX_PIXELS MAX_SCANS
-    fd, width, height, mode, max_pixels, max_scans = sys.argv[1:7]
-    serve(Connection(int(fd)), (int(width), int(height)), mode, int(max_pixels), int(max_scans))
+if __name__ == "__main__":  # python -m workers.decoders IN OUT WIDTH HEIGHT MODE MAX_PIXELS MAX_SCANS
+    fd_in, fd_out, width, height, mode, max_pixels, max_scans = sys.argv[1:8]
+    serve(
+        Connection(int(fd_in), writable=False),
+        Connection(int(fd_out), readable=False),
+        (int(width), int(height)),
+        mode,
+        int(max_pixels),
+        int(max_scans),
+    )

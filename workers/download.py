@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 
 from common.fetching.fetch import make_session, policy_from_settings
 from common.messages import EMBED_QUEUE, ChunkItem, EmbedImage, embed_image, source_of
@@ -49,20 +49,26 @@ class DownloadStage:
         exactly once; the images go out as one message (stragglers later, in their own)."""
         states = self.state.states([i["k"] for i in items])
         pending = [i for i, current in zip(items, states, strict=True) if current not in (WRITTEN, FAILED)]
-        futures = {self.pool.submit(self.process, item): item for item in pending}
+        chunk = _Chunk(len(pending))
+        for item in pending:
+            self.pool.submit(self.fetch, item, chunk)
         ready: list[EmbedImage] = []
         first_ready = 0.0
-        while futures:
+        left = len(pending)
+        while left:
             timeout = None if not ready else max(0.0, first_ready + GROUP_WAIT - time.monotonic())
-            done, _ = wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
-            for future in done:
-                item = futures.pop(future)
-                if (pixels := future.result()) is not None:
+            chunk.changed.wait(timeout)
+            outcomes, left = chunk.take()
+            for item, outcome in outcomes:
+                if isinstance(outcome, bytes):
                     first_ready = first_ready if ready else time.monotonic()
-                    ready.append(embed_image(item, pixels))
-            if ready and (not futures or time.monotonic() - first_ready >= GROUP_WAIT):
+                    ready.append(embed_image(item, outcome))
+                else:
+                    self.failed(item, outcome)
+            if ready and (not left or time.monotonic() - first_ready >= GROUP_WAIT):
                 self.hand_on(ready, publish)
                 ready = []
+            chunk.wake_at_next(not ready)  # no group open: wake at the next outcome (else at its timeout)
 
     def hand_on(self, ready: list[EmbedImage], publish: Publish) -> None:
         """Publish images as one message once the embed queue has room, then count them downloaded."""
@@ -70,21 +76,22 @@ class DownloadStage:
         publish(ready)
         self.state.mark_downloaded_many([image["key"] for image in ready])
 
-    def process(self, item: ChunkItem) -> bytes | None:
-        """Download, decode and resize one item: its payload, or None once its failure is recorded."""
+    def fetch(self, item: ChunkItem, chunk: _Chunk) -> None:
+        """In a fetch thread: download one item (or take its submitted bytes) and hand the bytes to a
+        decoder; its payload or its error ends the item in `chunk` (from the decoder's answer)."""
         try:
-            return self.load(item)
+            data = item_bytes(item, self.session, self.policy, self.settings.keep_originals)
         except Exception as e:
-            reason, detail = failure_of(e)
-            if reason == "internal_error":  # a bug: logged whole, and the item still accounted for
-                log.exception("unexpected error on %s", "".join(source_of(item)))
-            self.fail(item, reason, detail)
-        return None
+            chunk.end(item, e)
+            return
+        self.decoders.decode(data, lambda outcome: chunk.end(item, outcome))
 
-    def load(self, item: ChunkItem) -> bytes:
-        """The lossless 299x299 RGB payload of an item (a URL to fetch, or submitted bytes)."""
-        data = item_bytes(item, self.session, self.policy, self.settings.keep_originals)
-        return self.decoders.payload(data)
+    def failed(self, item: ChunkItem, error: Exception) -> None:
+        """Record the failure of an item, named by its exception."""
+        reason, detail = failure_of(error)
+        if reason == "internal_error":  # a bug: logged whole, and the item still accounted for
+            log.error("unexpected error on %s", "".join(source_of(item)), exc_info=error)
+        self.fail(item, reason, detail)
 
     def fail(self, item: ChunkItem, reason: str, detail: str) -> None:
         """Record a failed item once: in Redis (counted) and in this worker's JSON Lines log."""
@@ -103,3 +110,37 @@ class DownloadStage:
     def queued_images(self) -> int:
         """Images waiting in the embed queue, estimated as messages × chunk size."""
         return self.state.queue_length(EMBED_QUEUE) * self.settings.chunk_size
+
+
+class _Chunk:
+    """One chunk's items in progress: their outcomes (a payload or an exception) as fetch threads
+    and decoder answers end them, and the chunk's thread woken at the last one, and at the next one
+    while it is `eager` (no group of images waiting for GROUP_WAIT): not at every one."""
+
+    def __init__(self, items: int):
+        self.left = items
+        self.eager = True
+        self.changed = threading.Event()
+        self._outcomes: list[tuple[ChunkItem, bytes | Exception]] = []
+        self._lock = threading.Lock()
+
+    def end(self, item: ChunkItem, outcome: bytes | Exception) -> None:
+        with self._lock:
+            self._outcomes.append((item, outcome))
+            self.left -= 1
+            if self.eager or not self.left:
+                self.changed.set()
+
+    def take(self) -> tuple[list[tuple[ChunkItem, bytes | Exception]], int]:
+        """The outcomes so far, and how many items are still running."""
+        with self._lock:
+            taken, self._outcomes = self._outcomes, []
+            self.changed.clear()
+            self.eager = False
+            return taken, self.left
+
+    def wake_at_next(self, eager: bool) -> None:
+        with self._lock:
+            self.eager = eager
+            if (eager and self._outcomes) or not self.left:
+                self.changed.set()
