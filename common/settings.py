@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         64,
         description="downloads in flight per download worker (threads); the worker takes 8 × this / chunk_size chunks at once",
     )
+    decoders: int | None = Field(
+        None,
+        description="decoder processes per download worker (decode, resize, encode; default: one per core it may run on)",
+    )
     per_host_connections: int = Field(8, description="downloads in flight to one host per download worker")
     connect_timeout: float = Field(10.0, description="seconds to connect")
     read_timeout: float = Field(20.0, description="seconds to wait for each read")
@@ -150,6 +154,7 @@ class Settings(BaseSettings):
         "download_queue_limit",
         "embed_queue_limit",
         "download_concurrency",
+        "decoders",
         "per_host_connections",
         "max_bytes",
         "max_pixels",

@@ -249,7 +249,12 @@ def failures(as_json: bool, reason: str | None, limit: int | None, out_dir: Path
     help="Inception checkpoint (.ckpt, .tar.gz or URL; default: "
     "KOALA_CHECKPOINT, else the official release, downloaded once)",
 )
-@click.option("--download-workers", type=int, default=2, help="download worker processes")
+@click.option(
+    "--download-workers",
+    type=int,
+    default=None,
+    help="download worker processes (default: 2, or one per 4 cores when more)",
+)
 @click.option("--flower", is_flag=True, help="also start Flower on http://localhost:5555")
 @click.option("--batch-size", type=int, default=None, help="images per model call")
 @click.option(
@@ -262,7 +267,7 @@ def run(
     source: str,
     out_dir: Path | str,
     checkpoint: str | None,
-    download_workers: int,
+    download_workers: int | None,
     flower: bool,
     batch_size: int | None,
     record_format: str | None,

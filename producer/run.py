@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import signal
@@ -262,6 +263,18 @@ def write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def download_layout(workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """(download workers, decoder processes each) for this machine. Each worker's threads fetch and
+    publish and its decoders decode (workers/decoders.py). Two workers at least (their downloads
+    in flight add up: a list of mostly dead links needs many), one per 4 cores beyond that (one
+    worker's threads, ~1.3 CPU-ms per image, feed about four cores of decoders at ~6.5 ms); each
+    worker gets one decoder more than its share of the cores, so that one with work left can use
+    a core another has no work for."""
+    cores = cores or len(os.sched_getaffinity(0))
+    workers = workers or max(2, math.ceil(cores / 4))
+    return workers, math.ceil(cores / workers) + 1
+
+
 def worker_argv(kind: str, *args: str) -> list[str]:
     """The command line of a worker child."""
     return [sys.executable, "-m", "workers", kind, *args]
@@ -272,7 +285,7 @@ def run_job(
     out_dir: Path | str,
     *,
     checkpoint: str | None,
-    download_workers: int,
+    download_workers: int | None,
     flower: bool,
     batch_size: int | None,
     echo,
@@ -314,12 +327,14 @@ def run_job(
     }
     if batch_size:
         env["KOALA_BATCH_SIZE"] = str(batch_size)
+    workers, decoders = download_layout(download_workers)
+    env.setdefault("KOALA_DECODERS", str(decoders))  # unless the user set it
     children = Children(env, local / ".logs")
     started, times = time.time(), {}
     try:
         state = _state(broker, settings)
         host = socket.gethostname()
-        for i in range(download_workers):
+        for i in range(workers):
             children.start(f"download{i}", worker_argv("download", "-n", f"download{i}@{host}"))
         children.start("embed", worker_argv("embed", "-n", f"embed@{host}"))
         if flower:

@@ -84,3 +84,12 @@ def _decoder_pids(parent: int) -> list[int]:
         if ppid == parent and b"workers.decoders" in command:
             found.append(int(entry))
     return found
+
+
+def test_koala_run_layout_two_workers_at_least_and_a_decoder_more_than_each_share_of_cores():
+    from producer.run import download_layout
+
+    assert download_layout(cores=1) == (2, 2)
+    assert download_layout(cores=2) == (2, 2)
+    assert download_layout(cores=16) == (4, 5)
+    assert download_layout(workers=1, cores=2) == (1, 3)

@@ -22,6 +22,7 @@ VALUES: dict[str, tuple[str, object]] = {
     "download_queue_limit": ("30", 30),
     "embed_queue_limit": ("40", 40),
     "download_concurrency": ("8", 8),
+    "decoders": ("3", 3),
     "per_host_connections": ("2", 2),
     "connect_timeout": ("3", 3.0),
     "read_timeout": ("4.5", 4.5),

@@ -13,9 +13,6 @@ import click
 @click.group()
 def main() -> None:
     """Start a worker of the Koala fleet."""
-    from workers.decoders import reuse_freed_memory
-
-    reuse_freed_memory()
 
 
 @main.command()
@@ -36,6 +33,11 @@ def main() -> None:
 @click.option("--loglevel", "-l", default="INFO")
 def download(concurrency: int | None, keep_originals: str | None, name: str | None, loglevel: str) -> None:
     """Consume the download queue."""
+    from workers.decoders import reuse_freed_memory
+
+    # two heaps for its ~100 threads (glibc's default is 8 per core, each keeping its own peak):
+    # peak RSS 310 -> 165 MB on the photos corpus, the same CPU per image
+    reuse_freed_memory(arenas=2)
     if keep_originals:
         os.environ["KOALA_KEEP_ORIGINALS"] = os.path.abspath(keep_originals)
     from common.settings import get_settings
@@ -104,6 +106,9 @@ def embed(
 ) -> None:
     """Consume the embed queue: Inception + Lab -> rotating TFRecord shards."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    from workers.decoders import reuse_freed_memory
+
+    reuse_freed_memory()
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
     from common.output.storage import is_url

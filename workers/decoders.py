@@ -38,8 +38,9 @@ log = logging.getLogger("koala.download")
 _OK, _FAILED = b"\x00", b"\x01"  # first byte of an answer: a payload, or "reason\ndetail"
 
 
-def reuse_freed_memory() -> None:
-    """Let glibc keep freed memory for reuse instead of giving it back to the kernel.
+def reuse_freed_memory(arenas: int | None = None) -> None:
+    """Let glibc keep freed memory for reuse instead of giving it back to the kernel (and use at
+    most `arenas` heaps, when given). Every worker process calls it first.
 
     Each image allocates megabytes (decoded JPEGs, records, batches); by default glibc maps blocks
     over its threshold fresh and trims freed heap, so every image paid its page faults again (on
@@ -49,9 +50,11 @@ def reuse_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     libc.mallopt(m_mmap_threshold, 256 << 20)
     libc.mallopt(m_trim_threshold, 512 << 20)
+    if arenas:
+        libc.mallopt(m_arena_max, arenas)
 
 
 def _pipe() -> tuple[int, int]:

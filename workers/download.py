@@ -42,7 +42,8 @@ class DownloadStage:
         self._room_lock = threading.Lock()
         # decoding, resizing and encoding: in processes of their own, one per core (workers/decoders.py)
         size = (settings.image_size, settings.image_size)
-        self.decoders = Decoders(size, settings.resize_mode, settings.max_pixels, settings.max_jpeg_scans)
+        limits = (settings.resize_mode, settings.max_pixels, settings.max_jpeg_scans)
+        self.decoders = Decoders(size, *limits, processes=settings.decoders)
 
     def run(self, items: list[ChunkItem], publish: Publish) -> None:
         """Process one chunk: its pending items downloaded at once, every one published or failed,
