@@ -65,6 +65,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 THREADS = 64  # img2dataset's --thread_count
+# what testkit.servers.worker_env sets for the tests (short timeouts, small limits, chunks of 4)
+TEST_SETTINGS = (
+    "KOALA_CONNECT_TIMEOUT",
+    "KOALA_READ_TIMEOUT",
+    "KOALA_DOWNLOAD_DEADLINE",
+    "KOALA_RETRY_BACKOFF",
+)
+TEST_SETTINGS += ("KOALA_MAX_BYTES", "KOALA_MAX_PIXELS", "KOALA_CHUNK_SIZE", "KOALA_BLOCKED_NETWORKS")
 QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' load to drop (smoke: 0)
 
 
@@ -572,13 +580,11 @@ class Fleet:
         bench_env = {
             "KOALA_PER_HOST_CONNECTIONS": str(THREADS),  # one loopback host stands for many
             "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
-            "KOALA_CHUNK_SIZE": "16",  # the default (testkit.servers sets 4)
-            "KOALA_CONNECT_TIMEOUT": "10",
-            "KOALA_READ_TIMEOUT": "10",
         }
         self.env = worker_env(self.redis.url, workdir / "out", **(bench_env | (extra_env or {})))
-        for var in PROXY_VARS:
-            self.env.pop(var, None)
+        for var in (*PROXY_VARS, *TEST_SETTINGS):  # the product's defaults, not the tests' short ones
+            if var not in (extra_env or {}):
+                self.env.pop(var, None)
         started = time.perf_counter()
         self.workers, logs = [], [workdir / f"dl{i + 1}.log" for i in range(workers)]
         for i, path in enumerate(logs):
