@@ -93,3 +93,12 @@ def test_koala_run_layout_two_workers_at_least_and_a_decoder_more_than_each_shar
     assert download_layout(cores=2) == (2, 2)
     assert download_layout(cores=16) == (4, 5)
     assert download_layout(workers=1, cores=2) == (1, 3)
+
+
+def test_ready_waits_for_every_decoder_to_answer(images):
+    pool = Decoders(*LIMITS.values(), processes=2).ready()
+    try:
+        assert all(not d.owed for d in pool._decoders)
+        assert pool.payload(images["jpeg_rgb"])
+    finally:
+        pool.close()

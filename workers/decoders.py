@@ -28,6 +28,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -235,6 +236,19 @@ class Decoders:
                     _Decoder(self.args, f"decoder-{i}", self.on_death) for i in range(self.processes)
                 ]
                 atexit.register(self.close)
+        return self
+
+    def ready(self, timeout: float = 60.0) -> Decoders:
+        """Start them and wait until each has answered once (their imports done: ~0.3 s), so that a
+        worker that says it is ready decodes its first image at once."""
+        answers: list[Future[bytes]] = []
+        for decoder in self.start()._decoders:
+            answer: Future[bytes] = Future()
+            decoder.decode(b"", partial(_settle, answer))  # nothing to decode: an error answer at once
+            answers.append(answer)
+        for answer in answers:
+            with contextlib.suppress(ItemError):
+                answer.result(timeout)
         return self
 
     def decode(self, data: bytes, done: Done) -> None:

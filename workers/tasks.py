@@ -90,7 +90,7 @@ def download_stage(node: str) -> DownloadStage:
 def _start_download_stage(sender, **_kwargs) -> None:
     """Build the stage (TLS roots, pools, decoder processes) when the worker starts, not inside the
     first job."""
-    download_stage(sender.hostname).decoders.start()
+    download_stage(sender.hostname).decoders.ready()
 
 
 @retry_on_broker
