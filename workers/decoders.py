@@ -139,7 +139,7 @@ def die_with_it(error: DecoderDied) -> None:
 
 
 class _Decoder:
-    """One decoder process, its end of a socket pair, and the answers it still owes (in order)."""
+    """One decoder process, its two pipes, and the answers it still owes (in order)."""
 
     def __init__(self, args: tuple, name: str, on_death: Callable[[DecoderDied], None]):
         images_r, images_w = _pipe()  # image bytes to the decoder
