@@ -391,12 +391,13 @@ def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> byte
         raise FetchError("too_large", f"Content-Length {declared} exceeds {policy.max_bytes} bytes")
     encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
     length = _framed_length(response)
-    body = bytearray()
+    got = bytearray()
+    body: bytes | bytearray = got
     try:
         if length is not None and not encoded:
-            body += response.read(length)  # one read: the length is within the cap
+            body = response.read(length)  # one read, no copy: the length is within the cap
         else:
-            _read_capped(response, body, policy.max_bytes)
+            _read_capped(response, got, policy.max_bytes)
     except FetchError:
         raise
     except (ReadTimeoutError, TimeoutError):
@@ -407,7 +408,7 @@ def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> byte
         raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline")
     if declared.isdigit() and not encoded and len(body) != int(declared):
         raise TransientError("truncated", f"got {len(body)} of {declared} bytes")
-    return bytes(body)
+    return body if isinstance(body, bytes) else bytes(body)
 
 
 def _framed_length(response: BaseHTTPResponse) -> int | None:
