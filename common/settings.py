@@ -197,7 +197,18 @@ class Settings(BaseSettings):
         return value
 
 
+_given: Settings | None = None
+
+
+def use_settings(settings: Settings | None) -> None:
+    """Make `settings` what `get_settings()` returns in this process from now on (a worker command's
+    options over KOALA_*, installed before its worker starts); None: read KOALA_* again."""
+    global _given
+    _given = settings
+    get_settings.cache_clear()
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once."""
-    return Settings()
+    """The process-wide settings: those given to `use_settings`, else read once from KOALA_*."""
+    return _given or Settings()

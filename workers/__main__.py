@@ -6,8 +6,25 @@ import logging
 import math
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import click
+
+if TYPE_CHECKING:
+    from common.settings import Settings
+
+
+def settings_with(**options: object) -> Settings:
+    """The KOALA_* settings with the command's given options over them."""
+    from pydantic import ValidationError
+
+    from common.settings import Settings, get_settings
+
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return Settings.model_validate({**get_settings().model_dump(), **given})
+    except ValidationError as e:
+        raise click.ClickException(str(e)) from e
 
 
 @click.group()
@@ -38,13 +55,11 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     # two heaps for its ~100 threads (glibc's default is 8 per core, each keeping its own peak):
     # peak RSS 310 -> 165 MB on the photos corpus, the same CPU per image
     reuse_freed_memory(arenas=2)
-    if keep_originals:
-        os.environ["KOALA_KEEP_ORIGINALS"] = os.path.abspath(keep_originals)
-    from common.settings import get_settings
+    from common.settings import use_settings
 
-    if concurrency:
-        os.environ["KOALA_DOWNLOAD_CONCURRENCY"] = str(concurrency)
-    settings = get_settings()
+    keep = os.path.abspath(keep_originals) if keep_originals else None
+    settings = settings_with(download_concurrency=concurrency, keep_originals=keep)
+    use_settings(settings)  # before the app and its tasks exist: they read get_settings()
     from workers.tasks import app
 
     # the downloads of a chunk run at once on the stage's pool; a chunk holds its slot until its
@@ -112,18 +127,17 @@ def embed(
     logging.basicConfig(level=loglevel.upper(), format="[%(asctime)s: %(levelname)s/%(name)s] %(message)s")
     from common.model.checkpoint import CheckpointError
     from common.output.storage import is_url
-    from common.settings import Settings, get_settings
+    from common.settings import use_settings
     from workers.embed_worker import run_embed_worker
 
-    options = {
-        "batch_size": batch_size,
-        "checkpoint": checkpoint,
-        "output_dir": out_dir and (out_dir if is_url(out_dir) else os.path.abspath(out_dir)),
-        "examples_per_shard": examples_per_shard,
-        "record_format": record_format,
-    }
-    given = {k: v for k, v in options.items() if v is not None}
-    settings = Settings.model_validate({**get_settings().model_dump(), **given})  # the options over KOALA_*
+    settings = settings_with(
+        batch_size=batch_size,
+        checkpoint=checkpoint,
+        output_dir=out_dir and (out_dir if is_url(out_dir) else os.path.abspath(out_dir)),
+        examples_per_shard=examples_per_shard,
+        record_format=record_format,
+    )
+    use_settings(settings)  # what reads get_settings() in this process sees the options too
     try:
         run_embed_worker(name or f"embed@{socket.gethostname()}", settings)
     except (RuntimeError, OSError, CheckpointError) as e:
