@@ -43,12 +43,16 @@ def test_a_shard_the_disk_refused_to_publish_is_published_later(tmp_path, monkey
     writer.append([b"a", b"b"])
     with pytest.raises(OSError):
         writer.maybe_rotate()
-    assert writer.unpublished == 1 and not list(tmp_path.glob(shards.SHARD_GLOB))
+    # closed and whole on disk, under its temporary name only: a reader sees no shard yet
+    [temp] = tmp_path.glob(".*.tmp")
+    assert [data for _, _, data in records.iter_examples(temp)] == [b"a", b"b"]
+    assert not list(tmp_path.glob(shards.SHARD_GLOB))
     writer.append([b"c"])  # publishes the first, then writes into a new shard
+    assert [p.name for p in tmp_path.glob(shards.SHARD_GLOB)] == [shards.final_path(temp, "none").name]
     writer.close()
     finals = sorted(tmp_path.glob(shards.SHARD_GLOB))
-    assert [len(list(records.iter_examples(s))) for s in finals] == [2, 1]
-    assert not list(tmp_path.glob(".*.tmp")) and writer.unpublished == 0
+    assert [[data for _, _, data in records.iter_examples(s)] for s in finals] == [[b"a", b"b"], [b"c"]]
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def refusing(append, refusals: int, error: OSError = ENOSPC):

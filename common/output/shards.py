@@ -419,11 +419,6 @@ class ShardWriter:
                 self.finalized.append(final)
         return final
 
-    @property
-    def unpublished(self) -> int:
-        """Closed temp shards waiting to be published."""
-        return len(self._unpublished)
-
     def close(self) -> Path | str | None:
         """Finalize the open shard (an empty one is deleted) and publish any left; returns the last
         final path."""
