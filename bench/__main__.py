@@ -1,18 +1,17 @@
 """All the benchmarks, one after the other, and a summary.
 
 Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only NAME,...] [--reuse NAME,...]
-(names: records, download, download-mix, embed, ceiling, broker, device, scale, resize)
 
-Each benchmark runs as its own subprocess (never two at once: they would share the CPU) with `--json
-DIR/<name>.json` (and `--smoke`, its tiny version, in a smoke run), writes its JSON and markdown into
-DIR (default bench/results/, smoke runs bench/results/smoke/), and prints its tables; DIR/summary.md
-gets every table plus a description of the machine, and is printed. A full run into the default
-folder in which every benchmark passed (or was reused) also writes bench/RESULTS.md, kept in git.
-Exits non-zero when a benchmark failed.
+Each benchmark runs as its own subprocess, never two at once, with `--json DIR/<name>.json` (and
+`--smoke`, its tiny version), and writes its JSON and markdown into DIR (default bench/results/;
+smoke runs bench/results/smoke/). DIR/summary.md gets every table and the machine; a full run into the
+default folder in which every benchmark passed (or was reused) also writes bench/RESULTS.md, kept in
+git. Exits non-zero when a benchmark failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -45,11 +44,9 @@ VARIANTS = {  # benchmarks that are another module with options: name -> (module
 
 
 def _first(path: str, prefix: str) -> str | None:
-    try:
-        with open(path) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), None)
-    except OSError:
-        return None
+    with contextlib.suppress(OSError), open(path) as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith(prefix)), None)
+    return None
 
 
 def machine() -> dict:
@@ -124,9 +121,11 @@ def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
         "status": "ok" if rc == 0 else "failed",
     }
     if rc == 0:
-        section["json"] = str(json_path)
         md_path = json_path.with_suffix(".md")
-        section["tables"] = tables_of(md_path.read_text() if md_path.exists() else stdout)
+        section |= {
+            "json": str(json_path),
+            "tables": tables_of(md_path.read_text() if md_path.exists() else stdout),
+        }
     else:
         section["error"] = "\n".join(stderr.strip().splitlines()[-25:])
     click.echo(f"    {section['status']} in {seconds:.0f}s", err=True)

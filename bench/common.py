@@ -1,7 +1,6 @@
-"""What the benchmarks share: paths, logging, result files, CPU and memory readings, photo-like inputs,
-a Redis of their own, the embed queue filled and drained as the fleet does, and a real embed worker
-with the stand-in forward pass (KOALA_NULL_MODEL=1: the ceiling's round, used by embed, lab_size and
-records)."""
+"""What the benchmarks share: paths, logging, result files, CPU and memory readings, photo-like images
+queued as download workers queue them, a Redis of their own, and a real embed worker on that queue
+(with the stand-in forward pass, KOALA_NULL_MODEL=1, in the ceiling's rounds)."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,12 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def options(fn: Callable) -> Callable:
+    """The options of every benchmark: --json PATH and --smoke (a tiny run that checks the path works)."""
+    fn = click.option("--smoke", is_flag=True, help="a tiny run that only checks the path works")(fn)
+    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))(fn)
+
+
 # ---- results ------------------------------------------------------------------------------------
 
 
@@ -45,8 +51,8 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def _rows(v: object) -> list[dict] | None:
-    """The rows of a table, where `v` is one: a list of objects, or an object of flat objects (its
-    keys the first column)."""
+    """The rows of `v` where it is a table: a list of objects, or an object of flat objects (its keys
+    the first column)."""
     if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
         return [_flatten(x) for x in v]
     flat = lambda x: isinstance(x, dict) and not any(isinstance(y, dict) for y in x.values())  # noqa: E731
@@ -64,8 +70,7 @@ def _flatten(obj: dict, prefix: str = "") -> dict:
 
 
 def json_tables(obj: dict) -> str:
-    """Markdown of a result without tables of its own: scalars as key/value rows, each list of
-    objects (or object of flat objects) as a table."""
+    """Markdown of a result: its scalars as key/value rows, each of its tables as a table."""
     cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
     scalars, tables = [], []
     for key, value in _flatten(obj).items():
@@ -103,6 +108,10 @@ def medians(runs: list[dict], keys: Iterable[str]) -> dict:
     return {k: statistics.median(r[k] for r in runs) for k in keys}
 
 
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 # ---- CPU and memory -----------------------------------------------------------------------------
 
 
@@ -129,30 +138,22 @@ def proc_kb(pid: int, field: str) -> int | None:
     """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM), or None when the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
-    return None
-
-
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds over all its threads) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved(calls: dict[str, Callable[[], object]], reps: int) -> dict[str, list[tuple[float, float]]]:
-    """`timed` of each call over `reps` repetitions, the calls interleaved (the same load for all),
-    after one warm-up call each (tracing, compiling, work arrays)."""
+    """(wall s, this process's CPU s) of each call over `reps` repetitions, the calls interleaved (the
+    same load for all), after one warm-up call each (tracing, compiling, work arrays)."""
     for call in calls.values():
         call()
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():
-            times[name].append(timed(call))
+            wall, cpu = time.perf_counter(), time.process_time()
+            call()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
     return times
 
 
@@ -190,11 +191,6 @@ def make_images(n: int, distinct: int = 16) -> np.ndarray:
     return np.stack([base[i % len(base)] for i in range(n)])
 
 
-def item_of(i: int) -> dict:
-    url = f"http://bench.invalid/embed/{i}.jpg"
-    return {"k": hashlib.md5(url.encode()).hexdigest(), "u": url}
-
-
 def payloads_of(rgb: np.ndarray) -> list[dict]:
     """The embed messages' images as download workers build them (each distinct image encoded once)."""
     from common.messages import embed_image
@@ -205,7 +201,8 @@ def payloads_of(rgb: np.ndarray) -> list[dict]:
     for i, img in enumerate(rgb):
         digest = hashlib.md5(img.tobytes()).digest()
         pixels = encoded[digest] = encoded.get(digest) or encode_pixels(img)
-        out.append(embed_image(item_of(i), pixels))
+        url = f"http://bench.invalid/embed/{i}.jpg"
+        out.append(embed_image({"k": hashlib.md5(url.encode()).hexdigest(), "u": url}, pixels))
     return out
 
 
@@ -237,8 +234,7 @@ def register_downloaded(client, payloads: list[dict], prefix: str = "koala") -> 
 
 
 def send_chunks(redis_url: str, chunks: Iterable[list[dict]]) -> None:
-    """One `koala.embed` message per chunk of images, sent as workers.tasks.publish_embed sends a
-    download chunk's."""
+    """One `koala.embed` message per chunk of images, as workers.tasks.publish_embed sends a chunk's."""
     from common.celery_app import make_app
     from common.messages import EMBED_QUEUE, EMBED_TASK
     from common.settings import Settings
@@ -267,13 +263,9 @@ class NoStage:
         if sum(k for _, k in self.seen) >= self.n:
             self.consumer.stopping.set()
 
-    def infer(self, batch) -> None: ...
+    def infer(self, *args, **kwargs) -> None: ...
 
-    def write(self, batches: list) -> None: ...
-
-    def rotate(self) -> None: ...
-
-    def flush(self, timeout: float | None = None) -> None: ...
+    write = rotate = flush = infer
 
     def settled(self, batches: list) -> list:
         return batches
@@ -292,12 +284,8 @@ def drain(
     app = make_app(settings)
     stage = NoStage(n, settings)
     consumer = stage.consumer = BatchConsumer(
-        app,
-        stage,
-        batch_size=batch_size,
-        max_wait=0.2,
-        hostname="drain@bench",  # type: ignore
-    )
+        app, stage, batch_size=batch_size, max_wait=0.2, hostname="drain@bench"
+    )  # type: ignore
     start()
     guard = threading.Timer(timeout, consumer.stopping.set)  # never hang the benchmark
     guard.start()
@@ -312,56 +300,51 @@ def drain(
 # ---- a real embed worker ------------------------------------------------------------------------
 
 
-def watch_written(
-    client, proc: subprocess.Popen, n: int, batch: int, timeout: float, log_path: Path, poll: float
-) -> list[tuple[float, int, float, float]]:
-    """Poll `written` until n; (time, written, the worker's CPU s, the machine's busy CPU s) at its
-    first record, once `written` >= batch, and at n."""
-    marks: list[tuple[float, int, float, float]] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        written, t = int(client.hget("koala:counts", "written") or 0), time.monotonic()
-        while len(marks) < 3 and written >= (1, batch, n)[len(marks)]:
-            marks.append((t, written, cpu_seconds(proc.pid) or 0.0, machine_cpu_s()[0]))
-        if len(marks) == 3:
-            return marks
-        if proc.poll() is not None or t > deadline:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the embed worker wrote {written}/{n} (exit {proc.poll()}):\n{tail}")
-        time.sleep(poll)
-
-
 def embed_worker_round(
-    server, payloads: list[dict], out: Path, batch_size: int, env: dict[str, str], timeout: float, poll: float
+    server,
+    payloads: list[dict],
+    out: Path,
+    env: dict[str, str],
+    timeout: float,
+    poll: float,
+    watch: tuple = (),
 ) -> dict:
     """A real `python -m workers embed` on the queue pre-filled with the payloads as download workers
-    send them (the items registered and marked downloaded first): `watch_written`'s marks, its peak
-    RSS, then SIGTERM (it finalizes its shard) and the records it left in `out`."""
+    send them (the items registered and marked downloaded first), SIGTERMed (it finalizes its shard)
+    once every record is written. `samples`: (time, written, the worker's CPU s, each `watch` pid's
+    CPU s, the machine's busy CPU s) at each change of `written`; its peak RSS; the records in `out`."""
     from testkit.servers import worker_env
 
-    client = server.client()
+    client, n = server.client(), len(payloads)
     register_downloaded(client, payloads)
     fill_embed_queue(server.url, payloads)
     log_path = server.directory.parent / "embed-worker.log"
-    env = worker_env(
-        server.url,
-        out,
-        KOALA_BATCH_SIZE=str(batch_size),
-        KOALA_BATCH_WAIT="0.2",
-        KOALA_EXAMPLES_PER_SHARD="500",
-        **env,
-    )
-    command = [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"]
+    env = worker_env(server.url, out, **{"KOALA_BATCH_WAIT": "0.2", "KOALA_EXAMPLES_PER_SHARD": "500", **env})
     started = time.monotonic()
     with open(log_path, "wb") as log_file:
+        command = [sys.executable, "-m", "workers", "embed", "-n", "embed@bench"]
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    samples: list[tuple] = []
     try:
-        marks = watch_written(client, proc, len(payloads), batch_size, timeout, log_path, poll)
+        while not samples or samples[-1][1] < n:
+            written, t = int(client.hget("koala:counts", "written") or 0), time.monotonic()
+            if not samples or written != samples[-1][1]:
+                cpus = [cpu_seconds(pid) or 0.0 for pid in (proc.pid, *watch)]
+                samples.append((t, written, *cpus, machine_cpu_s()[0]))
+            if proc.poll() is not None or t - started > timeout:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the embed worker wrote {written}/{n} (exit {proc.poll()}):\n{tail}")
+            time.sleep(poll)
         peak_kb = proc_kb(proc.pid, "VmHWM") or 0  # a high-water mark, read while the worker lives
     finally:
         finalized = stop(proc)
-    done = {"marks": marks, "started": started, "finalized": finalized, "peak_kb": peak_kb}
-    return done | {"exit_code": proc.returncode, **count_records(out)}
+    run = {"samples": samples, "started": started, "finalized": finalized, "peak_kb": peak_kb}
+    return run | {"exit_code": proc.returncode, **count_records(out)}
+
+
+def first(samples: list[tuple], written: int) -> tuple:
+    """The first sample of `embed_worker_round` with at least `written` records written."""
+    return next(x for x in samples if x[1] >= written)
 
 
 def count_records(out: Path) -> dict:
@@ -371,12 +354,8 @@ def count_records(out: Path) -> dict:
 
     shards = sorted(out.glob(SHARD_GLOB))
     keys = [records.example_key(data) for shard in shards for _, _, data in records.iter_examples(shard)]
-    return {
-        "records": len(keys),
-        "distinct": len(set(keys)),
-        "shards": len(shards),
-        "temp_shards": len(list(out.glob(".*.tmp"))),
-    }
+    temps = len(list(out.glob(".*.tmp")))
+    return {"records": len(keys), "distinct": len(set(keys)), "shards": len(shards), "temp_shards": temps}
 
 
 def disk_write_mb_s(folder: Path, mb: int) -> float:
@@ -402,9 +381,9 @@ def null_round(
     server.client().flushall()
     shutil.rmtree(out, ignore_errors=True)
     disk = disk_write_mb_s(out, disk_mb)
-    env = {"KOALA_NULL_MODEL": "1", **env}
-    run = embed_worker_round(server, payloads, out, batch_size, env, 60 + len(payloads) / 20, 0.01)
-    (t0, w0, cpu0, busy0), _, (t1, w1, cpu1, busy1) = run["marks"]
+    env = {"KOALA_NULL_MODEL": "1", "KOALA_BATCH_SIZE": str(batch_size), **env}
+    run = embed_worker_round(server, payloads, out, env, 60 + len(payloads) / 20, 0.01)
+    (t0, w0, cpu0, busy0), (t1, w1, cpu1, busy1) = first(run["samples"], 1), run["samples"][-1]
     record_mb = sum(p.stat().st_size for p in out.glob("lab_images_*")) / max(1, run["records"]) / 1e6
     shutil.rmtree(out, ignore_errors=True)
     img_s = (w1 - w0) / (t1 - t0)
@@ -424,12 +403,7 @@ def null_round(
 
 
 def null_rounds(
-    name: str,
-    n: int,
-    batch_size: int,
-    rounds: int,
-    variants: dict[str, tuple[Path, dict[str, str]]],
-    disk_mb: int = 64,
+    name: str, n: int, batch_size: int, rounds: int, variants: dict[str, tuple[Path, dict]], disk_mb: int = 64
 ) -> dict[str, list[dict]]:
     """`null_round` of each variant (its output folder, its worker's environment) on the same n
     photo-like images, `rounds` times, the variants alternating within each round."""
@@ -438,7 +412,6 @@ def null_rounds(
     with redis_server(name) as server:
         for r in range(rounds):
             for v, (out, env) in variants.items():
-                runs[v].append(null_round(server, payloads, out, batch_size, env, disk_mb))
-                x = runs[v][-1]
+                runs[v].append(x := null_round(server, payloads, out, batch_size, env, disk_mb))
                 log(f"round {r + 1}/{rounds}, {v}: {x['images_per_s']} img/s, {x['cpu_ms_per_image']} CPU-ms")
     return runs

@@ -1,22 +1,15 @@
-"""Embed options on this machine's device: batch size, mixed precision, XLA; the share of the
-device's peak that the model's FLOPs reach; and where the Lab channels are cheaper.
+"""Embed options on this machine's device: batch size, mixed precision, XLA; the share of the device's
+peak the model's FLOPs reach; and where the Lab channels are cheaper.
 
-Run: .venv/bin/python -m bench.device [--batches 16,64,128] [--json bench/results/device.json] [--smoke]
+Run: .venv/bin/python -m bench.device [--batches 16,64,128] [--json PATH] [--smoke]
      .venv/bin/python -m bench.device --lab-only [--lab-reps 5]   (the Lab comparison alone)
 
-The peak is not a data-sheet figure: it is the best rate of large matrix products measured in the
-same run (float32, and float16 for the mixed-precision rows), so the fraction is a ratio of two
-numbers measured side by side. FLOPs per image come from TensorFlow's profiler on the model's graph
-(2 per multiply-add). Without a GPU the default grid is float32 without XLA at batch 16 (mixed
-precision on a CPU only emulates float16).
-
-Lab: at the first batch size, in float32, repetitions interleaved (same load for all three): the model
-call alone (`Embedder.embed`); the same call while the numpy `lab_channels` of the batch run in a pool
-of up to 4 threads, as the embed worker runs them; `Embedder.embed_lab` (the TF Lab inside the model's
-function); and each Lab path alone. Wall and process CPU time. The extra time per image over the
-model alone (median of differences paired by repetition) is often within the model call's variation
-on a shared machine; the CPU work of each Lab path alone is what
-`common.pictures.lab_tf.lab_on_device_default` was decided on for a machine without a GPU.
+The peak is the best rate of large matrix products measured in the same run (float32; float16 for the
+mixed-precision rows); FLOPs per image from TensorFlow's profiler on the model's graph. Without a GPU
+only float32 without XLA at the first batch size. Lab, at the first batch size, repetitions interleaved:
+the model call alone, beside numpy `lab_channels` in a pool of up to 4 threads (as the embed worker),
+`Embedder.embed_lab` (TF Lab inside the model's function), and each Lab path alone (what
+`common.pictures.lab_tf.TF_LAB_CHEAPER_ON_CPU` was decided on).
 """
 
 from __future__ import annotations
@@ -31,15 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import (
-    ensure_checkpoint,
-    finish,
-    interleaved,
-    log,
-    make_images,
-    paired,
-    quiet_tensorflow,
-)
+from bench import common as c
 
 
 def model_gflops_per_image() -> float:
@@ -53,8 +38,8 @@ def model_gflops_per_image() -> float:
     spec = tf.TensorSpec([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32)
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
     builder = option_builder.ProfileOptionBuilder
-    options = builder(builder.float_operation()).with_empty_output().build()
-    return model_analyzer.profile(graph, options=options).total_float_ops / 1e9
+    opts = builder(builder.float_operation()).with_empty_output().build()
+    return model_analyzer.profile(graph, options=opts).total_float_ops / 1e9
 
 
 def matmul_tflops(dtype: str, n: int, seconds: float) -> float:
@@ -114,25 +99,20 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
         "numpy_lab_alone": lambda: [lab_channels(image) for image in images],
         "tf_lab_alone": lambda: [t.numpy() for t in lab_tf_compiled()(images)],
     }
-    times = interleaved(calls, reps)
+    times = c.interleaved(calls, reps)
     pool.shutdown()
     ms: dict = {}  # per image, medians; the extras paired with the model-alone call of the same repetition
     for i, kind in enumerate(("wall", "cpu")):
         per_image = {name: [1000 * t[i] / batch for t in ts] for name, ts in times.items()}
         ms[kind] = {name: round(statistics.median(v), 2) for name, v in per_image.items()}
         for path in ("numpy", "tf"):
-            extra = paired(per_image[f"model_{path}_lab"], per_image["model"], 2)
+            extra = c.paired(per_image[f"model_{path}_lab"], per_image["model"], 2)
             ms[kind] |= {f"{path}_extra": extra["median"], f"{path}_extra_range": extra["range"]}
-    return {
-        "batch": batch,
-        "reps": reps,
-        "device": embedder.device,
-        "ms_per_image": ms,
-        # Within a model call the Lab's few ms per image are often below the call's variation on a shared
-        # machine (see the ranges); the CPU work of each Lab path alone, measured in the same run, decides.
-        "tf_cheaper": ms["cpu"]["tf_lab_alone"] < ms["cpu"]["numpy_lab_alone"],
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
+    # the Lab's few ms per image are often below the model call's variation on a shared machine (see the
+    # ranges): the CPU work of each Lab path alone, measured in the same run, decides
+    result = {"batch": batch, "reps": reps, "device": embedder.device, "ms_per_image": ms}
+    result["tf_cheaper"] = ms["cpu"]["tf_lab_alone"] < ms["cpu"]["numpy_lab_alone"]
+    return result | {"load_average": c.load()}
 
 
 def run(
@@ -142,13 +122,12 @@ def run(
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    checkpoint = ensure_checkpoint()
-    rgb = make_images(max(images, max(batches)))
+    checkpoint = c.ensure_checkpoint()
+    rgb = c.make_images(max(images, max(batches)))
     gflops = model_gflops_per_image()
-    log(f"model: {gflops:.2f} GFLOPs per image; measuring the matmul peak")
+    c.log(f"model: {gflops:.2f} GFLOPs per image; measuring the matmul peak")
     peak = {"float32": round(matmul_tflops("float32", matmul_n, peak_seconds), 3)}
-    # (batch, mixed precision, XLA): every combination on a GPU (mixed precision on a CPU only emulates
-    # float16), else float32 without XLA at the first batch size
+    # (batch, mixed precision, XLA): every combination on a GPU (a CPU only emulates float16)
     full = on_gpu and not smoke
     combos = (
         list(itertools.product(batches, (False, True), (False, True)))
@@ -159,12 +138,12 @@ def run(
         peak["float16"] = round(matmul_tflops("float16", matmul_n, peak_seconds), 3)
     rows = []
     for batch, mixed, xla in combos:
-        log(f"batch {batch}, mixed precision {mixed}, XLA {xla}")
+        c.log(f"batch {batch}, mixed precision {mixed}, XLA {xla}")
         row = embed_rate(checkpoint, rgb, batch, mixed, xla)
         row["model_tflops"] = round(row["img_s"] * gflops / 1000, 3)
         row["share_of_peak"] = round(row["model_tflops"] / peak["float16" if mixed else "float32"], 3)
         rows.append(row)
-    log(f"Lab: numpy beside the model vs TF inside it, batch {batches[0]}, {lab_reps} repetitions")
+    c.log(f"Lab: numpy beside the model vs TF inside it, batch {batches[0]}, {lab_reps} repetitions")
     return {
         "bench": "device",
         "device": "GPU" if on_gpu else "CPU",
@@ -183,28 +162,26 @@ def run(
     "--batches", default="16,64,128", show_default=True, help="batch sizes (the first alone off GPU)"
 )
 @click.option("--images", type=int, default=256, show_default=True, help="images per measurement")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--smoke", is_flag=True, help="batch 2, 4 images, a small matmul: checks the path works")
 @click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
 @click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
+@c.options
 def main(
-    batches: str, images: int, json_path: Path | None, smoke: bool, lab_reps: int, lab_only: bool
+    batches: str, images: int, lab_reps: int, lab_only: bool, json_path: Path | None, smoke: bool
 ) -> None:
     """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
-    quiet_tensorflow()
+    c.quiet_tensorflow()
     sizes = [int(b) for b in batches.split(",") if b.strip()]
     if smoke:
         sizes, images, lab_reps = [2], 4, 1
     if lab_only:
-        lab = lab_comparison(ensure_checkpoint(), make_images(sizes[0]), sizes[0], lab_reps)
-        finish("device_lab", lab, json_path, smoke)
-        return
+        lab = lab_comparison(c.ensure_checkpoint(), c.make_images(sizes[0]), sizes[0], lab_reps)
+        return c.finish("device_lab", lab, json_path, smoke)
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
     matmul_n = 8192 if on_gpu else (512 if smoke else 2048)
     result = run(sizes, smoke, images, matmul_n, 1.0 if smoke else 5.0, lab_reps)
-    finish("device", result | {"smoke": smoke}, json_path, smoke)
+    c.finish("device", result | {"smoke": smoke}, json_path, smoke)
 
 
 if __name__ == "__main__":

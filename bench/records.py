@@ -1,18 +1,15 @@
-"""Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression.
+"""Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression; with
+--compact, the record formats side by side (issue 20).
 
-Run: .venv/bin/python -m bench.records [--n 500] [--json bench/results/records.json] [--smoke]
+Run: .venv/bin/python -m bench.records [--n 500] [--json PATH] [--smoke]
      .venv/bin/python -m bench.records --compact [--n 500] [--rounds 3]
-The records hold the Lab channels of 16 photo-like generated images (testkit/corpus.photo), so that
-the compressed sizes mean something (uniform noise would not compress at all).
-`--compact` instead compares the record formats side by side (issue 20): bytes per record and codec
-costs on three corpora, a real null-model embed worker's CPU per image writing each format (rounds
-alternating), and tf.data reading each from local disk (examples per CPU-second of this process).
-Ratios, not absolute times, are what to compare: the machine is shared and noisy.
+The records hold the Lab channels of photo-like images (testkit.corpus.photo: uniform noise would not
+compress). --compact: bytes per record and codec costs on three corpora, a real null-model embed worker's
+CPU per image writing each format (rounds alternating), tf.data reading each from local disk.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import RESULTS, finish, medians, null_rounds
+from bench.common import RESULTS, finish, load, medians, null_rounds, options
 from common.output import records
 from common.output.shards import ShardWriter
 
@@ -53,11 +50,9 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
         start = time.perf_counter()
         for i in range(0, n, 16):
             writer.append(data[i : i + 16])
-        final = writer.close()
-        seconds = time.perf_counter() - start
-        size = final.stat().st_size
-    out = {"compression": compression, "records": n, "seconds": round(seconds, 3)}
-    return out | {"mb_per_s": round(n * len(data[0]) / 1e6 / seconds, 1), "shard_mb": round(size / 1e6, 1)}
+        size, seconds = writer.close().stat().st_size, time.perf_counter() - start
+    mb_s = round(n * len(data[0]) / 1e6 / seconds, 1)
+    return {"compression": compression, "records": n, "mb_per_s": mb_s, "shard_mb": round(size / 1e6, 1)}
 
 
 def serializer(n: int) -> dict:
@@ -82,20 +77,17 @@ def serializer(n: int) -> dict:
 
 
 def corpora() -> dict[str, list[np.ndarray]]:
-    """299×299 images as the fleet makes them: photos (scikit-image's samples), bench.download's JPEGs,
-    testkit's photo-like ones."""
+    """299×299 images as the fleet makes them: scikit-image's photos, bench.download's JPEGs, testkit's."""
     import skimage
 
     from bench.download import make_jpeg
     from common.pictures.images import load_rgb
     from testkit.corpus import photo
 
-    folder = Path(skimage.__file__).parent / "data"
     names = "astronaut.png chelsea.png coffee.png motorcycle_left.png rocket.jpg retina.jpg color.png"
+    files = [Path(skimage.__file__).parent / "data" / f for f in [*names.split(), "hubble_deep_field.jpg"]]
     return {
-        "photos (scikit-image)": [
-            load_rgb((folder / f).read_bytes()) for f in names.split() + ["hubble_deep_field.jpg"]
-        ],
+        "photos (scikit-image)": [load_rgb(f.read_bytes()) for f in files],
         "bench.download corpus": [load_rgb(make_jpeg(i)) for i in range(24)],
         "testkit photo": [photo(299, 299, seed) for seed in range(8)],
     }
@@ -119,23 +111,18 @@ def formats_sizes() -> dict:
     out = {}
     emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
     for name, rgbs in corpora().items():
-        lab299 = np.mean([len(records.serialize_example(*NAMES, *lab.lab_channels(x), emb)) for x in rgbs])
-        lab224 = np.mean(
-            [len(records.serialize_example(*NAMES, *lab.lab_channels(x, 224), emb)) for x in rgbs]
-        )
-        compact = np.mean([len(records.serialize_compact(*NAMES, images.encode_png(x), emb)) for x in rgbs])
+        size = lambda serialize, x: len(serialize(*NAMES, *x, emb))  # noqa: E731
+        lab299 = np.mean([size(records.serialize_example, lab.lab_channels(x)) for x in rgbs])
+        lab224 = np.mean([size(records.serialize_example, lab.lab_channels(x, 224)) for x in rgbs])
+        compact = np.mean([size(records.serialize_compact, [images.encode_png(x)]) for x in rgbs])
         pngs, payloads = [images.encode_png(x) for x in rgbs], [images.encode_pixels(x) for x in rgbs]
-        out[name] = {
-            "images": len(rgbs),
-            "bytes lab 299": round(lab299),
-            "bytes lab 224": round(lab224),
-            "bytes compact": round(compact),
-            "lab299_over_compact": round(lab299 / compact, 2),
+        out[name] = {"images": len(rgbs), "bytes lab 299": round(lab299), "bytes lab 224": round(lab224)}
+        out[name] |= {"bytes compact": round(compact), "lab299_over_compact": round(lab299 / compact, 2)}
+        out[name] |= {
             "ms encode_png": ms_each(images.encode_png, rgbs),
             "ms decode_png": ms_each(images.decode_png, pngs),
             "ms encode_pixels (zstd payload)": ms_each(images.encode_pixels, rgbs),
             "ms decode_pixels (zstd payload)": ms_each(images.decode_pixels, payloads),
-            "ms lab_channels 299": ms_each(lab.lab_channels, rgbs),
         }
     return out
 
@@ -194,19 +181,19 @@ def reading(n: int) -> dict:
 
 @click.command()
 @click.option("--n", type=int, help="records per measurement (and per shard: 500 as the default shard)")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--smoke", is_flag=True, help="--n 20 (--compact: 96, one round): checks the path works")
 @click.option("--compact", is_flag=True, help="the record formats side by side instead (issue 20)")
 @click.option("--rounds", default=3, help="--compact: rounds of the embed worker per format")
-def main(n: int | None, json_path: Path | None, smoke: bool, compact: bool, rounds: int) -> None:
-    """The records benchmark, saved and printed as tables."""
+@options
+def main(n: int | None, compact: bool, rounds: int, json_path: Path | None, smoke: bool) -> None:
+    """The records benchmark (smoke: --n 20; --compact: 96, one round), saved and printed as tables."""
     n = n or ((96 if compact else 20) if smoke else 500)
     if compact:
-        result = {"load_before": os.getloadavg(), "sizes": formats_sizes()}
-        result["embed_worker"] = embed_cpu(n, 1 if smoke else rounds)
-        result["reading"] = reading(n)
-        result["load_after"] = os.getloadavg()
-        finish("records-compact", result, json_path, smoke)
+        result = {
+            "load_before": load(),
+            "sizes": formats_sizes(),
+            "embed_worker": embed_cpu(n, 1 if smoke else rounds),
+        }
+        finish("records-compact", result | {"reading": reading(n), "load_after": load()}, json_path, smoke)
     else:
         finish("records", serializer(n), json_path, smoke)
 
