@@ -193,8 +193,7 @@ def make_images(n: int, distinct: int = 16) -> np.ndarray:
 
 def payloads_of(rgb: np.ndarray) -> list[dict]:
     """The embed messages' images as download workers build them (each distinct image encoded once)."""
-    from common.messages import embed_image
-    from common.pictures.images import encode_pixels
+    from common.messages import embed_image, encode_pixels
 
     encoded: dict[bytes, bytes] = {}
     out = []

@@ -736,10 +736,10 @@ def images_in(raw: bytes) -> tuple[list[dict], str | None]:
 
 def check_pixels(image: dict) -> str:
     """Decode one image's pixels as the embed stage would."""
-    from common.pictures import images
+    from common.messages import decode_pixels
 
     try:
-        pixels = images.decode_pixels(image["pixels"])
+        pixels = decode_pixels(image["pixels"])
         return f"{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]} ok"
     except Exception as e:  # a report, not a crash
         return f"cannot decode: {type(e).__name__}: {e}"

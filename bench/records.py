@@ -106,6 +106,7 @@ def ms_each(fn, items: list) -> float:
 
 def formats_sizes() -> dict:
     """Mean bytes of a record of each format, and the per-image codec costs in ms (one thread)."""
+    from common import messages
     from common.pictures import images, lab
 
     out = {}
@@ -115,14 +116,14 @@ def formats_sizes() -> dict:
         lab299 = np.mean([size(records.serialize_example, lab.lab_channels(x)) for x in rgbs])
         lab224 = np.mean([size(records.serialize_example, lab.lab_channels(x, 224)) for x in rgbs])
         compact = np.mean([size(records.serialize_compact, [images.encode_png(x)]) for x in rgbs])
-        pngs, payloads = [images.encode_png(x) for x in rgbs], [images.encode_pixels(x) for x in rgbs]
+        pngs, payloads = [images.encode_png(x) for x in rgbs], [messages.encode_pixels(x) for x in rgbs]
         out[name] = {"images": len(rgbs), "bytes lab 299": round(lab299), "bytes lab 224": round(lab224)}
         out[name] |= {"bytes compact": round(compact), "lab299_over_compact": round(lab299 / compact, 2)}
         out[name] |= {
             "ms encode_png": ms_each(images.encode_png, rgbs),
             "ms decode_png": ms_each(images.decode_png, pngs),
-            "ms encode_pixels (zstd payload)": ms_each(images.encode_pixels, rgbs),
-            "ms decode_pixels (zstd payload)": ms_each(images.decode_pixels, payloads),
+            "ms encode_pixels (zstd payload)": ms_each(messages.encode_pixels, rgbs),
+            "ms decode_pixels (zstd payload)": ms_each(messages.decode_pixels, payloads),
         }
     return out
 

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.messages import EmbedImage
+from common.messages import EmbedImage, encode_pixels
 from common.output import records
 from common.output.shards import SHARD_GLOB, ShardWriter
-from common.pictures import images
 from common.settings import Settings
 from common.stages import Model, record_of
 from common.state.job import JobState
@@ -32,7 +31,7 @@ def payload(i: int) -> dict:
         "name": key,
         "source": f"http://x/{i}",
         "kind": "url",
-        "pixels": images.encode_pixels(rgb),
+        "pixels": encode_pixels(rgb),
     }
 
 

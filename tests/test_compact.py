@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from common.celery_app import make_app
-from common.messages import EMBED_QUEUE, EMBED_TASK, embed_image
+from common.messages import EMBED_QUEUE, EMBED_TASK, embed_image, encode_pixels
 from common.output import records
 from common.output.shards import SHARD_GLOB, finished_shards
 from common.pictures import images, lab
@@ -62,7 +62,7 @@ def payloads(rgbs: list[np.ndarray]) -> list[dict]:
     return [
         embed_image(
             {"k": hashlib.md5(f"http://x/{i}".encode()).hexdigest(), "u": f"http://x/{i}"},
-            images.encode_pixels(px),
+            encode_pixels(px),
         )
         for i, px in enumerate(rgbs)
     ]

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from common.messages import encode_pixels
 from common.pictures import images as img
 from common.state.failures import ItemError
 from testkit.fleet import Workers, koala, wait_for
@@ -31,7 +32,7 @@ def test_payloads_and_failures_are_the_ones_decoding_here_gives(decoders, images
     inputs = [*images.values(), *(data for data, _ in bad_images.values())]
     with ThreadPoolExecutor(8) as threads:  # many callers at once, answers in each caller's order
         got = list(threads.map(lambda data: _outcome(decoders.payload, data), inputs))
-    here = [_outcome(lambda data: img.encode_pixels(img.load_rgb(data, **LIMITS)), data) for data in inputs]
+    here = [_outcome(lambda data: encode_pixels(img.load_rgb(data, **LIMITS)), data) for data in inputs]
     assert got == here
     assert {reason for ok, reason in got if not ok} == {reason for _, reason in bad_images.values()}
 

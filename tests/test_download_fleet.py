@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from common.messages import decode_pixels
 from common.pictures import images as img
 from testkit import ROOT
 from testkit.fleet import Workers, koala, wait_for
@@ -118,7 +119,7 @@ def test_submit_download_every_item_accounted_once(
         message = by_key[md5(url)]
         assert message["source"] == url and message["name"] == md5(url)
         expected = img.load_rgb(original, size=(299, 299), mode="contain", max_pixels=50_000_000)
-        np.testing.assert_array_equal(img.decode_pixels(message["pixels"]), expected, err_msg=url)
+        np.testing.assert_array_equal(decode_pixels(message["pixels"]), expected, err_msg=url)
 
     # every bad one is in the failures once, with the right reason
     out = koala(workers.env(), "failures", "--json")
@@ -167,7 +168,7 @@ def test_folder_submission_sends_bytes_and_names_by_relative_path(
     by_name = {m["name"]: m for m in embed_messages(rclient)}
     assert set(by_name) == {"a.jpg", "sub/b.png"}
     expected = img.load_rgb(images["png_rgba"], max_pixels=50_000_000)
-    np.testing.assert_array_equal(img.decode_pixels(by_name["sub/b.png"]["pixels"]), expected)
+    np.testing.assert_array_equal(decode_pixels(by_name["sub/b.png"]["pixels"]), expected)
     failures = json.loads(koala(workers.env(), "failures", "--json").stdout)
     assert [(f["path"], f["reason"]) for f in failures] == [("notes.txt", "not_an_image")]
 
@@ -216,7 +217,7 @@ def test_resize_mode_setting_reaches_the_worker(mode, images, workers: Workers, 
     workers.start("download", "-c", "1", KOALA_RESIZE_MODE=mode)
     assert koala(workers.env(), "submit", str(folder)).returncode == 0
     wait_for(lambda: len(embed_messages(rclient)) == 1, 60, "one image", workers.logs)
-    got = img.decode_pixels(embed_messages(rclient)[0]["pixels"])
+    got = decode_pixels(embed_messages(rclient)[0]["pixels"])
     np.testing.assert_array_equal(got, img.load_rgb(images["jpeg_rgb"], mode=mode, max_pixels=50_000_000))
 
 

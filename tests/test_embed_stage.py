@@ -127,10 +127,10 @@ def test_images_of_another_size_or_a_forged_size_fail_alone_and_the_batch_goes_o
 
     import numpy as np
 
-    from common.pictures import images
+    from common.messages import encode_pixels
 
     good = [payload(i) for i in range(3)]
-    other = payload(3) | {"pixels": images.encode_pixels(np.zeros((224, 224, 3), np.uint8))}
+    other = payload(3) | {"pixels": encode_pixels(np.zeros((224, 224, 3), np.uint8))}
     frame = b"\x28\xb5\x2f\xfd\xe0" + (65535 * 65535 * 3).to_bytes(8, "little") + b"\x01\x00\x00"
     forged = payload(4) | {"pixels": b"Z" + struct.pack(">HH", 65535, 65535) + frame}  # 12.9 GB declared
     corrupt = payload(5) | {"pixels": payload(5)["pixels"][:-20]}

@@ -82,6 +82,7 @@ def serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     reuse_freed_memory()
+    from common.messages import encode_pixels
     from common.pictures import images
     from common.stages import failure_of
 
@@ -91,7 +92,7 @@ def serve(
         except (EOFError, OSError):
             return
         try:
-            answer = _OK + images.encode_pixels(
+            answer = _OK + encode_pixels(
                 images.load_rgb(data, size=size, mode=mode, max_pixels=max_pixels, max_scans=max_scans)
             )
         except Exception as e:  # every failure goes back with its reason; the next image goes on
@@ -253,7 +254,7 @@ class Decoders:
 
     def decode(self, data: bytes, done: Done) -> None:
         """Have the least busy decoder decode an image's bytes; `done` gets, in its reader thread,
-        the lossless payload (`images.encode_pixels(images.load_rgb(...))`), or the ItemError the
+        the lossless payload (`messages.encode_pixels(images.load_rgb(...))`), or the ItemError the
         decoding raised, or DecoderDied. Waits while that decoder's pipe is full."""
         decoders = self._decoders or self.start()._decoders
         alive = [d for d in decoders if d.died is None] or decoders

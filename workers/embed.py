@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.messages import EmbedImage
+from common.messages import EmbedImage, PayloadSizeError, decode_pixels
 from common.output import records
 from common.output.shards import (
     ShardWriter,
@@ -36,7 +36,6 @@ from common.output.shards import (
     safe_node,
     shard_token,
 )
-from common.pictures import images
 from common.settings import Settings
 from common.stages import Model, compact_record_of, infer, record_of, start_lab, start_png
 from common.state.failures import Failure, now, record_failure
@@ -181,8 +180,8 @@ class EmbedStage:
         header declares is checked before anything is decompressed."""
         side = self.settings.image_size
         try:
-            return images.decode_pixels(payload["pixels"], (side, side))
-        except images.PayloadSizeError as e:
+            return decode_pixels(payload["pixels"], (side, side))
+        except PayloadSizeError as e:
             hint = "a download worker with another KOALA_IMAGE_SIZE?"
             self.fail(payload, "wrong_size", f"{e}: this embed worker takes {side}x{side} ({hint})")
         except (ValueError, KeyError, TypeError) as e:

@@ -23,7 +23,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import zstandard
 from PIL import Image, ImageFile
 
 from common.state.failures import ItemError
@@ -552,71 +551,6 @@ def _simd_lanczos(pixels: np.ndarray, box: Box, size: tuple[int, int]) -> np.nda
     return np.frombuffer(dst.get_buffer(), np.uint8).reshape(size[1], size[0], 3)
 
 
-# Queue payload: a tag, >HH (height, width), then the rows' "up" deltas (PNG's Up filter, mod 256)
-# compressed: b"Z" zstd level 1 with a checksum (written), b"U" zlib (read only: what workers wrote
-# before, still in a queue during an upgrade). The delta turns smooth areas and padding into
-# near-zero runs. Measured on 299x299 from the photo-like 640x480 JPEG of testkit/corpus.py (raw
-# 268,203 B; size, encode ms, decode ms; Pillow 13, 2-core box):
-#   PNG level 1      82,550 B  5.1 / 2.0
-#   zlib 1 of raw   130,427 B  3.3 / 0.9
-#   up + zlib 1      84,460 B  2.1 / 1.3
-# and on 60 images of bench.download's corpus (mean size, encode ms, decode ms):
-#   up + zlib 1 Z_RLE  130,414 B  3.16 / 1.42
-#   up + zstd 1        131,081 B  0.96 / 0.42   <- chosen
-_TAG_UP_ZSTD = b"Z"
-_TAG_UP_ZLIB = b"U"
-_HEADER = struct.Struct(">HH")
-# Largest image a payload may declare when no exact size is expected: the header allows 65535 x
-# 65535 (12.9 GB decoded), far beyond any image size the fleet sends.
-MAX_PAYLOAD_PIXELS = 4096 * 4096
-_ZSTD = threading.local()  # zstandard (de)compressors are not safe to share between threads
-
-
-def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
-    if not hasattr(_ZSTD, "pair"):
-        _ZSTD.pair = (zstandard.ZstdCompressor(level=1, write_checksum=True), zstandard.ZstdDecompressor())
-    return _ZSTD.pair
-
-
-def encode_pixels(arr: np.ndarray) -> bytes:
-    """Lossless, compact encoding of a uint8 [H, W, 3] array for the message queue."""
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
-    h, w, _ = arr.shape
-    if max(h, w) > 0xFFFF:
-        raise ValueError(f"{h}x{w} is too large for the pixel payload header")
-    delta = np.array(arr)
-    delta[1:] -= arr[:-1]  # uint8 arithmetic wraps mod 256, undone by a uint8 cumsum
-    return _TAG_UP_ZSTD + _HEADER.pack(h, w) + _zstd()[0].compress(delta.data)
-
-
-class PayloadSizeError(ValueError):
-    """A pixel payload whose header declares a size other than the one expected (or too large)."""
-
-
-def decode_pixels(
-    data: bytes, size: tuple[int, int] | None = None, max_pixels: int = MAX_PAYLOAD_PIXELS
-) -> np.ndarray:
-    """Exact inverse of encode_pixels; ValueError on a corrupt or unknown payload. The size its
-    header declares is checked before anything is decompressed: it must be `size` (width, height)
-    when given, and at most `max_pixels` (PayloadSizeError, a ValueError)."""
-    data = bytes(data)
-    tag = data[:1]
-    if len(data) < 1 + _HEADER.size or tag not in (_TAG_UP_ZSTD, _TAG_UP_ZLIB):
-        raise ValueError(f"unknown pixel payload (starts with {data[:8]!r})")
-    h, w = _HEADER.unpack_from(data, 1)
-    if size is not None and (w, h) != tuple(size):
-        raise PayloadSizeError(f"the image is {w}x{h}, not {size[0]}x{size[1]}")
-    if h * w > max_pixels:
-        raise PayloadSizeError(f"the payload declares {w}x{h} = {w * h} pixels > {max_pixels}")
-    expected = h * w * 3
-    body = data[1 + _HEADER.size :]
-    raw = _unzstd(body, expected) if tag == _TAG_UP_ZSTD else _unzlib(body, expected)
-    if len(raw) != expected:
-        raise ValueError(f"corrupt pixel payload: {len(raw)} bytes for {h}x{w}x3")
-    return undo_up_filter(np.frombuffer(raw, np.uint8).reshape(h, w, 3))
-
-
 def undo_up_filter(delta: np.ndarray) -> np.ndarray:
     """Rows' running sum mod 256 (the inverse of the Up filter), as a new array.
 
@@ -630,16 +564,8 @@ def undo_up_filter(delta: np.ndarray) -> np.ndarray:
     return out
 
 
-def _unzstd(body: bytes, expected: int) -> bytes:
-    try:
-        if zstandard.frame_content_size(body) != expected:
-            raise ValueError(f"corrupt pixel payload: frame size is not {expected}")
-        return _zstd()[1].decompress(body, max_output_size=expected, allow_extra_data=False)
-    except zstandard.ZstdError as e:
-        raise ValueError(f"corrupt pixel payload: {e}") from e
-
-
-def _unzlib(body: bytes, expected: int) -> bytes:
+def inflate_whole(body: bytes, expected: int) -> bytes:
+    """One whole zlib stream of at most `expected` bytes (ValueError otherwise): read no further."""
     inflater = zlib.decompressobj()
     try:
         raw = inflater.decompress(body, expected + 1)
@@ -715,7 +641,7 @@ def decode_png(data: bytes, max_pixels: int = 1 << 24) -> np.ndarray:
     w, h = header[:2]
     if not 0 < w * h <= max_pixels:
         raise ValueError(f"the PNG declares {w}x{h} pixels (at most {max_pixels})")
-    raw = _unzlib(b"".join(idat), h * (1 + w * 3))
+    raw = inflate_whole(b"".join(idat), h * (1 + w * 3))
     rows = np.frombuffer(raw, np.uint8).reshape(h, 1 + w * 3) if len(raw) == h * (1 + w * 3) else None
     if rows is None or (rows[:, 0] != _PNG_UP).any():
         raise ValueError("not a PNG of encode_png (rows of another size or filter)")
