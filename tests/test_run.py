@@ -87,6 +87,19 @@ def alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+def child_running(parent: int, kind: bytes) -> int:
+    """The pid of `parent`'s worker child of `kind` (`python -m workers <kind>`)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+            ppid = int((cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and argv[1:4] == [b"-m", b"workers", kind]:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no {kind.decode()} worker under {parent}")
+
+
 def listing_of(server: ImageServer, tmp_path: Path, hold: str = "") -> tuple[Path, list[str], list[str]]:
     """A loopback copy of data/unsplash.txt (its comments and blank lines kept, each photo URL
     replaced by a loopback image; with `hold`, all but the first two held until the test opens that gate
@@ -153,13 +166,18 @@ def test_interrupted_run_resumes_to_the_same_records(image_server, tmp_path, fak
 
     wait_for(lambda: written() >= 2 or proc.poll() is not None, 300, "two records")
     assert proc.poll() is None, "the run ended before it could be interrupted"
+    embed = child_running(proc.pid, b"embed")
     proc.send_signal(signal.SIGINT)
-    image_server.open_gate("run-interrupt")  # what the stopping workers still fetch comes, as it would
+    # the held images come once the embed worker has stopped (the download workers finish their
+    # fetches as they stop, and their images wait in the queue for the next run): without that order
+    # a fast machine wrote them all during the stop, and nothing was left to resume
+    wait_for(lambda: not alive(embed), 200, "the embed worker to stop")
+    image_server.open_gate("run-interrupt")
     _, stderr = proc.communicate(timeout=200)
     assert proc.returncode == 130, stderr[-3000:]
     assert "run the same command again" in stderr
     partial = record_names(out)
-    assert 2 <= len(partial) < len(good) and len(set(partial)) == len(partial)
+    assert 2 <= len(partial) < len(good) and len(set(partial)) == len(partial)  # the held ones not written
 
     again = koala_run(listing, out, fake_checkpoint, env)
     _, stderr = again.communicate(timeout=400)
