@@ -193,7 +193,10 @@ import json
 from common.output import records
 from common.output.storage import Store
 store = Store("s3://koala/tfrecords")
-keys = [records.example_key(r).decode() for n in store.shard_names() for r in store.iter_records(n)]
+keys = []
+for n in store.shard_names():
+    with store.open(n) as raw:
+        keys += [records.example_key(r).decode() for r in records.read_stream(raw, n)]
 print(json.dumps({"keys": keys, "open_uploads": len(store.incomplete_uploads())}))
 """
 

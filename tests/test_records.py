@@ -337,27 +337,11 @@ def test_no_temp_after_close(tmp_path: Path) -> None:
     w = shards.ShardWriter(tmp_path, "n")
     assert w.close() is None and list(tmp_path.iterdir()) == []  # nothing was opened
     path, start, _ = w.append([record(0)])
-    w.truncate_to(start)
-    assert w.close() is None and list(tmp_path.iterdir()) == []  # an emptied shard leaves nothing
+    w.discard(start, [False])
+    assert w.close() is None and list(tmp_path.iterdir()) == []  # a shard of discarded records leaves nothing
     w.append([record(1)])
     w.close()
     assert [p.name for p in tmp_path.iterdir()] == ["lab_images_n_00001.tfrecord"]
-
-
-def test_truncate_to_drops_a_batch(tmp_path: Path) -> None:
-    w = shards.ShardWriter(tmp_path, "n", examples_per_shard=3)
-    p0, _, mid = w.append([record(0), record(1)])
-    p1, start, end = w.append([record(2), record(3)])  # now full
-    assert p1 == p0 and start == mid and p0.stat().st_size == end
-    w.truncate_to(start)  # drop the batch (dedupe), then re-append the survivors
-    assert w.count == 2 and w.offset == start and p0.stat().st_size == start
-    p2, s2, _ = w.append([record(3)])
-    assert p2 == p0 and s2 == start  # the same shard, so claims made for p0 stay true
-    with pytest.raises(ValueError):
-        w.truncate_to(start + 1)
-    assert keys_in(p0) == [key(0), key(1), key(3)]
-    w.maybe_rotate()
-    assert [keys_in(p) for p in w.finalized] == [[key(0), key(1), key(3)]]
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip"])
@@ -375,7 +359,7 @@ def test_discard_drops_records_when_finalizing(tmp_path: Path, compression: str)
     _, start, _ = w.append([record(5)])
     w.discard(start, [False])
     _, start2, _ = w.append([record(6), record(7)])
-    w.truncate_to(start2)
+    w.discard(start2, [False, False])
     assert w.count == 0 and w.close() is None  # every record left out: no shard
     assert visible(tmp_path) == [final.name] and [p.name for p in tmp_path.iterdir()] == [final.name]
 
@@ -386,7 +370,7 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         shards.ShardWriter(tmp_path, "n", examples_per_shard=0)
     with pytest.raises(ValueError):
-        shards.ShardWriter(tmp_path, "n").truncate_to(0)  # nothing open
+        shards.ShardWriter(tmp_path, "n").discard(0, [True])  # nothing open
 
 
 # ---- recovery ---------------------------------------------------------------------------------------

@@ -252,8 +252,7 @@ class ShardWriter:
     shard holds `examples_per_shard` records plus less than one batch. A shard is never finalized
     inside the `append` that wrote to it, so the caller can still drop records of that batch
     (dedupe) from the shard whose path `append` returned: `discard` (crash-safe: the records stay
-    on disk until the shard is finalized without them) or `truncate_to` then `append` the survivors
-    (a kill in between loses the survivors). Age rotation happens only in `maybe_rotate` (call it
+    on disk until the shard is finalized without them). Age rotation happens only in `maybe_rotate` (call it
     after each append and when idle). Not thread-safe.
 
     Numbers continue after the highest of this node in the folder; with `reserve_number` (the
@@ -359,15 +358,6 @@ class ShardWriter:
         os.lseek(self._fd, offset, os.SEEK_SET)
         if self.durable:
             os.fsync(self._fd)
-
-    def truncate_to(self, offset: int) -> None:
-        """Drop every record after `offset` (a record boundary) in the open temp shard, fsynced."""
-        if self._fd is None or (offset != 0 and offset not in self._ends):
-            raise ValueError(f"{offset} is not a record boundary of the open shard")
-        self._cut(offset)
-        self._ends = [e for e in self._ends if e <= offset]
-        self._discarded = {s for s in self._discarded if s < offset}
-        self.count, self.offset = len(self._ends) - len(self._discarded), offset
 
     def _spans(self) -> list[tuple[int, int]]:
         return list(zip([0, *self._ends[:-1]], self._ends, strict=True)) if self._ends else []

@@ -24,7 +24,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -206,13 +206,6 @@ class Store:
 
     def open(self, name: str) -> BinaryIO:
         return self.fs.open(self.path(name), "rb", block_size=8 << 20)
-
-    def iter_records(self, name: str) -> Iterator[bytes]:
-        """The serialized examples of a shard in the store."""
-        from common.output import records
-
-        with self.open(name) as raw:
-            yield from records.read_stream(raw, name)
 
     # ---- uploads ------------------------------------------------------------------------------------
 
