@@ -1,39 +1,23 @@
 """Download benchmark: our download workers vs img2dataset, side by side on one loopback corpus.
 
-Run: .venv/bin/python -m bench.download [--corpus photos|imagenet] [--images 2000] [--latency 0.05]
-                                        [--rounds 3] [--workers 2] [--json PATH]
-     .venv/bin/python -m bench.download --smoke      (40 images, 1 round, no img2dataset: ~30 s)
-     .venv/bin/python -m bench.download --scenario mix --images 1000   (as root)
-     .venv/bin/python -m bench.download --scenario mix --smoke   (60 URLs, 2 s timeouts, ours only)
+Run: .venv/bin/python -m bench.download [--corpus photos|imagenet] [--images 2000] [--rounds 3] [--json PATH]
+     .venv/bin/python -m bench.download --scenario mix --images 1000   (as root: a private network)
+     .venv/bin/python -m bench.download --smoke [--scenario mix]   (40 images, mix 60 URLs; ours only)
 
-Corpora, generated once into bench/results/cache/: `photos` (the default), photos of the size users
-download (testkit.corpus.photo_jpeg: 1.0-3.0 Mpix, mean ~1.3 Mpix and ~200 KB, seven aspect ratios
-from 16:9 to 9:16, quality 80-93, a quarter progressive); `imagenet`, ImageNet-sized JPEGs
-(make_jpeg: 0.87 Mpix and 179 KB mean, the corpus of the earlier runs).
-
-`--scenario mix` is ImageNet's fall11_urls.txt as it is today, mostly dead links (MIX_SHARES): good
-images, 404s, parked-domain HTML pages, names that do not resolve (*.invalid), connects that hang (a
-port whose backlog is full), slow servers (the image dribbled), shuffled; both tools get the same
-list, timeout and retry count (MIX). The run re-executes itself in a private network namespace
-holding only loopback (`unshare --net`; needs root): nothing leaves the machine, names fail at once.
-
-What runs, all on 127.0.0.1: a threaded keep-alive HTTP server (its own process) serving the corpus
-after `--latency` seconds; img2dataset, installed into its own venv (bench/results/img2dataset-venv),
-`--processes_count` = our worker count, `--thread_count` 64; ours: a redis-server, `--workers`
-download workers started as `koala worker download` starts them (default settings, except
-KOALA_PER_HOST_CONNECTIONS: one loopback host stands for many hosts), the producer
-(`python -m producer submit`) and a sink draining the `embed` queue (standing for the embed
-workers, not measured here). The tools alternate, `--rounds` times each. Per run: images/s for the
-whole command (img2dataset's start-up included; ours from `submit` on, workers already up) and
-steady (img2dataset's own in-shard span; ours first image to last); CPU-s per image (all the tool's
-processes; ours split: workers' threads, decoders, redis-server, producer); busy cores (the tool's
-CPU-s per second, whole and steady, and the whole machine's in the steady span); peak RSS (sum over
-the tool's processes); what other jobs used. Compare the ratios: the machine may be shared.
+Corpora, generated once into bench/results/cache/: `photos` (the default; testkit.corpus.photo_jpeg,
+1.0-3.0 Mpix, the size users download) and `imagenet` (make_jpeg, 0.87 Mpix). `--scenario mix`: mostly
+dead links, as fall11_urls.txt is today (MIX_SHARES), both tools with the same timeout and retries, in a
+network namespace holding only loopback (`unshare --net`). All on 127.0.0.1: an HTTP server of its own
+answering after LATENCY s; img2dataset in its own venv (bench/results/img2dataset-venv), WORKERS processes
+of THREADS threads; ours: a redis-server, WORKERS download workers at their default settings, the
+producer and a sink draining `embed` (standing for the embed stage). The tools alternate; per run:
+images/s whole and steady, CPU per image (ours split by process), busy cores, peak RSS, others' load.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -49,34 +33,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import click
 import numpy as np
 
-from bench.common import CACHE, RESULTS, ROOT, log, machine_cpu_s, md_table
+from bench.common import CACHE, RESULTS, ROOT, finish, log, machine_cpu_s, md_table, options, redis_server
 
-I2D_VENV = RESULTS / "img2dataset-venv"
+I2D_VENV, TMP = RESULTS / "img2dataset-venv", RESULTS / "tmp"
 CORPORA = {"photos": "photos-v1", "imagenet": "corpus-v1"}  # name -> cache folder
-SIZE = 299
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+SIZE, THREADS = 299, 64  # the output side; img2dataset's --thread_count
+WORKERS, LATENCY = 2, 0.05  # our download workers = img2dataset's processes; seconds before each answer
+TICK, PAGE = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
-THREADS = 64  # img2dataset's --thread_count
 # what testkit.servers.worker_env sets for the tests (short timeouts, small limits, chunks of 4)
-TEST_SETTINGS = (
-    "KOALA_CONNECT_TIMEOUT",
-    "KOALA_READ_TIMEOUT",
-    "KOALA_DOWNLOAD_DEADLINE",
-    "KOALA_RETRY_BACKOFF",
-)
-TEST_SETTINGS += ("KOALA_MAX_BYTES", "KOALA_MAX_PIXELS", "KOALA_CHUNK_SIZE", "KOALA_BLOCKED_NETWORKS")
+TEST_SETTINGS = "CONNECT_TIMEOUT READ_TIMEOUT DOWNLOAD_DEADLINE RETRY_BACKOFF MAX_BYTES MAX_PIXELS CHUNK_SIZE"
+TEST_SETTINGS = tuple(f"KOALA_{s}" for s in (*TEST_SETTINGS.split(), "BLOCKED_NETWORKS"))
 QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' load to drop (smoke: 0)
-
-
-# --- corpora -------------------------------------------------------------------------------------
 
 
 def make_jpeg(index: int) -> bytes:
@@ -118,17 +92,11 @@ def _make_one(job: tuple[str, int]) -> tuple[int, bytes]:
     return index, (photo_jpeg if name == "photos" else make_jpeg)(index)
 
 
-def corpus_dir(name: str) -> Path:
-    return CACHE / CORPORA[name]
-
-
 def ensure_corpus(n: int, name: str) -> list[Path]:
     """The first n files of a corpus, generating (in parallel, once) the ones not cached yet."""
-    folder = corpus_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder := CACHE / CORPORA[name]).mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.jpg" for i in range(n)]
-    missing = [i for i, p in enumerate(paths) if not p.exists()]
-    if missing:
+    if missing := [i for i, p in enumerate(paths) if not p.exists()]:
         started = time.perf_counter()
         with multiprocessing.get_context("fork").Pool(os.cpu_count() or 2) as pool:
             for i, data in pool.imap_unordered(_make_one, [(name, i) for i in missing], chunksize=8):
@@ -161,13 +129,10 @@ def corpus_stats(paths: list[Path]) -> dict:
     }
 
 
-# --- the image server (its own process) ----------------------------------------------------------
-
-
-def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host: str = "127.0.0.1") -> None:
-    """Serve /img/<i>.jpg from memory, sleeping `latency` s first (`?nolatency` skips it); for the
-    mix also /html/... (a parked-domain page), /slow/<i>.jpg (the image dribbled over `slow_s` s)
-    and a second port that never accepts (its backlog is full: connects hang until they time out)."""
+def _serve(folder: str, n: int, conn, slow_s: float, host: str) -> None:
+    """Serve /img/<i>.jpg from memory after LATENCY s; for the mix also /html/... (a parked-domain
+    page), /slow/<i>.jpg (the image dribbled over `slow_s` s) and a second port that never accepts
+    (its backlog is full: connects hang until they time out)."""
     files = {f"{i:05d}.jpg": (Path(folder) / f"{i:05d}.jpg").read_bytes() for i in range(n)}
 
     class Handler(BaseHTTPRequestHandler):
@@ -177,17 +142,13 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host:
             pass
 
         def do_GET(self) -> None:
-            path, _, query = self.path.partition("?")
-            kind, name = path.strip("/").partition("/")[::2]
+            kind, name = self.path.partition("?")[0].strip("/").partition("/")[::2]
             body = files.get(name.rsplit("/", 1)[-1])
-            if latency and "nolatency" not in query:
-                time.sleep(latency)
+            time.sleep(LATENCY)
             if kind == "html":
                 self.answer(200, "text/html", b"<html><body>This domain is for sale</body></html>")
-            elif kind == "slow" and body is not None:
-                self.answer(200, "image/jpeg", body, dribble=slow_s)
             elif body is not None:
-                self.answer(200, "image/jpeg", body)
+                self.answer(200, "image/jpeg", body, dribble=slow_s if kind == "slow" else 0.0)
             else:
                 self.answer(404, "text/plain", b"not found")
 
@@ -196,11 +157,8 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host:
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            if not dribble:
-                self.wfile.write(body)
-                return
-            step = math.ceil(len(body) / 20)
-            for i in range(0, len(body), step):  # 20 pieces, evenly over `dribble` seconds
+            step = math.ceil(len(body) / 20) if dribble else len(body)
+            for i in range(0, len(body), step):  # dribbled: 20 pieces, evenly over `dribble` seconds
                 self.wfile.write(body[i : i + step])
                 time.sleep(dribble / 20)
 
@@ -208,8 +166,7 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host:
         daemon_threads = True
         request_queue_size = 1024  # many clients connect at once; the default 5 drops SYNs
 
-    httpd = Server((host, 0), Handler)
-    hang = socket.socket()
+    httpd, hang = Server((host, 0), Handler), socket.socket()
     hang.bind((host, 0))
     hang.listen(0)
     filler = socket.create_connection(("127.0.0.1", hang.getsockname()[1]))  # fills the backlog: SYNs dropped
@@ -224,11 +181,11 @@ def _serve(folder: str, n: int, latency: float, conn, slow_s: float = 3.0, host:
 class CorpusServer:
     """The image server process; `base` is its URL, `hang_port` the port that never accepts."""
 
-    def __init__(self, folder: Path, n: int, latency: float, slow_s: float = 3.0, any_address: bool = False):
+    def __init__(self, folder: Path, n: int, slow_s: float, any_address: bool):
         parent, child = multiprocessing.get_context("fork").Pipe()
         host = "0.0.0.0" if any_address else "127.0.0.1"  # any: only inside the loopback-only namespace
         self.proc = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(str(folder), n, latency, child, slow_s, host), daemon=True
+            target=_serve, args=(str(folder), n, child, slow_s, host), daemon=True
         )
         self.proc.start()
         if not parent.poll(120):
@@ -244,57 +201,36 @@ class CorpusServer:
         self.proc.join(10)
 
 
-# --- the realistic mix (what fall11_urls.txt is today: mostly dead links) -------------------------
-
-
+# good (an image after the latency), slow (the image dribbled over slow_s), http404, html (a parked-domain
+# page), dns (a name that does not resolve), hang (a port whose backlog is full: the connect hangs)
 MIX_SHARES = {"good": 0.40, "http404": 0.25, "dns": 0.20, "html": 0.05, "slow": 0.05, "hang": 0.05}
-SUCCEEDS = ("good", "slow")
-NETNS_FLAG = "KOALA_BENCH_NETNS"
+SUCCEEDS, NETNS_FLAG = ("good", "slow"), "KOALA_BENCH_NETNS"
+MIX = {"timeout_s": 10, "retries": 1, "slow_s": 3}  # both tools' limits on the mix
+SMOKE_MIX = {"timeout_s": 2, "retries": 1, "slow_s": 1}
 
 
-@dataclass(frozen=True)
-class Mix:
-    """Shares of URL kinds, and the limits both tools get: good (image after the latency), slow (the
-    image dribbled over slow_s), http404, html (a parked-domain page), dns (a name that does not
-    resolve), hang (a port whose backlog is full: the connect hangs until the timeout)."""
-
-    shares: dict[str, float]
-    timeout: float
-    retries: int
-    slow_s: float
-
-    def urls(self, server: CorpusServer, n: int, seed: int = 11) -> tuple[list[str], dict[str, int]]:
-        """n URLs in the shares (shuffled, same list every run), and how many of each kind."""
-        counts = {kind: int(share * n) for kind, share in self.shares.items()}
-        counts["good"] = counts.get("good", 0) + n - sum(counts.values())
-        kinds = [kind for kind, c in counts.items() for _ in range(c)]
-        random.Random(seed).shuffle(kinds)
-        return [self.url(kind, i, server) for i, kind in enumerate(kinds)], counts
-
-    @staticmethod
-    def url(kind: str, i: int, server: CorpusServer) -> str:
-        # a slow or dead server is a host of its own (an address of 127.0.0.0/8), as on the web: it
-        # must not use up the per-host slots of the host that serves the good images
+def mix_urls(server: CorpusServer, n: int, seed: int = 11) -> tuple[list[str], dict[str, int]]:
+    """n URLs in MIX_SHARES (shuffled, the same list every run), and how many of each kind. A slow or
+    dead server is a host of its own (an address of 127.0.0.0/8), as on the web: it must not use up the
+    per-host slots of the host that serves the good images."""
+    counts = {kind: int(share * n) for kind, share in MIX_SHARES.items()}
+    counts["good"] += n - sum(counts.values())
+    kinds = [kind for kind, c in counts.items() for _ in range(c)]
+    random.Random(seed).shuffle(kinds)
+    urls = []
+    for i, kind in enumerate(kinds):
         own_host = f"127.{1 + i // 62500}.{i // 250 % 250 + 1}.{i % 250 + 1}"
-        return {
-            "good": f"{server.base}/img/{i:05d}.jpg",
-            "slow": f"http://{own_host}:{server.port}/slow/{i:05d}.jpg",
-            "http404": f"{server.base}/img/gone-{i:05d}.jpg",
-            "html": f"{server.base}/html/{i:05d}",
-            "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
-            "hang": f"http://{own_host}:{server.hang_port}/img/{i:05d}.jpg",
-        }[kind]
-
-    def our_env(self) -> dict[str, str]:
-        return {
-            "KOALA_CONNECT_TIMEOUT": f"{self.timeout:g}",
-            "KOALA_READ_TIMEOUT": f"{self.timeout:g}",
-            "KOALA_RETRIES": str(self.retries),
-        }
-
-
-MIX = Mix(MIX_SHARES, timeout=10, retries=1, slow_s=3)  # both tools' limits on the mix
-SMOKE_MIX = Mix(MIX_SHARES, timeout=2, retries=1, slow_s=1)
+        urls.append(
+            {
+                "good": f"{server.base}/img/{i:05d}.jpg",
+                "slow": f"http://{own_host}:{server.port}/slow/{i:05d}.jpg",
+                "http404": f"{server.base}/img/gone-{i:05d}.jpg",
+                "html": f"{server.base}/html/{i:05d}",
+                "dns": f"http://img{i}.host{i % 97}.invalid/{i:05d}.jpg",
+                "hang": f"http://{own_host}:{server.hang_port}/img/{i:05d}.jpg",
+            }[kind]
+        )
+    return urls, counts
 
 
 def enter_private_network() -> None:
@@ -307,17 +243,8 @@ def enter_private_network() -> None:
     if not (unshare and ip):
         raise click.ClickException("--scenario mix needs unshare (util-linux) and ip (iproute2)")
     log("entering a private network namespace (loopback only)")
-    inner = [
-        "sh",
-        "-c",
-        f'{ip} link set lo up && exec "$@"',
-        "sh",
-        sys.executable,
-        "-m",
-        "bench.download",
-        *sys.argv[1:],
-    ]
-    os.execve(unshare, [unshare, "--net", "--", *inner], {**os.environ, NETNS_FLAG: "1"})
+    inner = ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh", sys.executable, "-m", "bench.download"]
+    os.execve(unshare, [unshare, "--net", "--", *inner, *sys.argv[1:]], {**os.environ, NETNS_FLAG: "1"})
 
 
 def check_private_network() -> dict:
@@ -342,9 +269,6 @@ def check_private_network() -> dict:
     return {"outside_address": unreachable, "dns_failure": dns}
 
 
-# --- what the processes use, from /proc ----------------------------------------------------------
-
-
 def proc_stat(pid: int) -> tuple[int, float, int] | None:
     """(ppid, CPU seconds of the process and of its reaped children, RSS bytes), None if gone."""
     try:
@@ -357,62 +281,78 @@ def proc_stat(pid: int) -> tuple[int, float, int] | None:
     return int(fields[1]), cpu, int(fields[21]) * PAGE
 
 
-def process_tree(roots: list[int]) -> list[int]:
-    """The roots and all their live (or not yet reaped) descendants."""
+def tree_stats(roots: list[int]) -> list[tuple[int, float, int]]:
+    """proc_stat of the roots and of all their live (or not yet reaped) descendants."""
+    stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := proc_stat(int(e)))}
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (st := proc_stat(int(entry))):
-            children.setdefault(st[0], []).append(int(entry))
+    for pid, st in stats.items():
+        children.setdefault(st[0], []).append(pid)
     out, todo = [], [r for r in roots if r]
     while todo:
         pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
+        out += [stats[pid]] if pid in stats else []
+        todo += children.get(pid, [])
     return out
 
 
 def tree_cpu(roots: list[int]) -> float:
-    return sum(st[1] for pid in process_tree(roots) if (st := proc_stat(pid)))
+    return sum(st[1] for st in tree_stats(roots))
 
 
-class Sampler(threading.Thread):
-    """Every `interval` s: the CPU seconds of the process trees under roots() (summed), the machine's
-    busy CPU seconds, and the trees' summed RSS (its peak kept)."""
+class Measure(threading.Thread):
+    """What a run uses, from its start: every 0.1 s the CPU seconds of the process trees under roots()
+    (summed), the machine's busy CPU seconds and the trees' summed RSS (its peak kept); and what else
+    used the CPU: the image server, this process (sink, sampler), everything else on the machine
+    (other jobs: the machine is shared)."""
 
-    def __init__(self, roots: Callable[[], list[int]], interval: float = 0.1):
+    def __init__(self, roots: Callable[[], list[int]], server: CorpusServer):
         super().__init__(daemon=True)
-        self.roots, self.interval = roots, interval
+        self.roots, self.server, self.done, self.peak = roots, server.proc.pid, threading.Event(), 0
+        self.machine0, self.server0 = machine_cpu_s()[0], tree_cpu([self.server])
+        self.self0 = time.process_time()
         self.samples: list[tuple[float, float, float]] = []  # (perf_counter, tool CPU s, machine CPU s)
-        self.peak = 0
-        self.done = threading.Event()
         self.sample()
         self.start()
 
     def sample(self) -> None:
-        stats = [st for pid in process_tree(self.roots()) if (st := proc_stat(pid))]
+        stats = tree_stats(self.roots())
         self.samples.append((time.perf_counter(), sum(s[1] for s in stats), machine_cpu_s()[0]))
         self.peak = max(self.peak, sum(s[2] for s in stats))
 
     def run(self) -> None:
-        while not self.done.wait(self.interval):
+        while not self.done.wait(0.1):
             self.sample()
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self.done.set()
         self.join()
         self.sample()
-        return self.peak
 
-    def cores(self, t0: float, t1: float) -> tuple[float, float] | None:
-        """(the trees' cores, the machine's busy cores) between t0 and t1 (interpolated)."""
-        if t1 - t0 < 0.3:
-            return None
-        t, tool, machine = (np.array(col) for col in zip(*self.samples, strict=True))
-        span = t1 - t0
-        return (
-            round(float(np.interp(t1, t, tool) - np.interp(t0, t, tool)) / span, 2),
-            round(float(np.interp(t1, t, machine) - np.interp(t0, t, machine)) / span, 2),
-        )
+    def result(self, n: int, success: int, wall: float, cpu: float, span: tuple) -> dict:
+        """The figures every run reports: rates, CPU per image, busy cores (whole; steady, interpolated
+        between the samples), peak RSS, others' use; `span` = (start, end, images in between) of the
+        tool's steady span."""
+        (t0, t1, images), (t, tool, machine) = span, np.array(self.samples).T
+        busy = lambda y: round(float(np.interp(t1, t, y) - np.interp(t0, t, y)) / (t1 - t0), 2)  # noqa: E731
+        steady = bool(t0 and t1 and t1 - t0 >= 0.3)
+        server, bench = tree_cpu([self.server]) - self.server0, time.process_time() - self.self0
+        others = max(0.0, machine_cpu_s()[0] - self.machine0 - cpu - server - bench)
+        return {
+            "images": n,
+            "success": success,
+            "wall_s": round(wall, 2),
+            "images_per_s": round(success / wall, 1),
+            "steady_images_per_s": round(images / (t1 - t0), 1) if steady else None,
+            "cpu_s": round(cpu, 2),
+            "cpu_ms_per_image": round(1000 * cpu / max(success, 1), 2),
+            "busy_cores": round(cpu / wall, 2),
+            "steady_busy_cores": busy(tool) if steady else None,
+            "steady_machine_cores": busy(machine) if steady else None,
+            "peak_rss_mb": round(self.peak / 2**20),
+            "server_cpu_s": round(server, 2),
+            "bench_cpu_s": round(bench, 2),
+            "others_cores": round(others / wall, 2),
+        }
 
 
 def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
@@ -427,29 +367,12 @@ def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
             return round(busy, 2)
 
 
-class Others:
-    """What else used the CPU during a run: the image server, this process (sink, sampler) and
-    everything else on the machine (other people's jobs: the machine is shared)."""
-
-    def __init__(self, server: CorpusServer):
-        self.server, self.machine0 = server, machine_cpu_s()[0]
-        self.server0, self.self0 = tree_cpu([server.proc.pid]), time.process_time()
-
-    def finish(self, tool_cpu: float, wall: float) -> dict:
-        server = tree_cpu([self.server.proc.pid]) - self.server0
-        bench = time.process_time() - self.self0
-        others = max(0.0, machine_cpu_s()[0] - self.machine0 - tool_cpu - server - bench)
-        return {
-            "server_cpu_s": round(server, 2),
-            "bench_cpu_s": round(bench, 2),
-            "others_cores": round(others / wall, 2),
-        }
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
-    env["no_proxy"] = env["NO_PROXY"] = "127.0.0.1,localhost"
-    return env | extra
+def spawn(command: list[str], log_path: Path, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+    """A process in a session of its own (its group killed at once), its output into log_path."""
+    with open(log_path, "wb") as f:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def reap(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
@@ -465,86 +388,50 @@ def reap(proc: subprocess.Popen, deadline: float) -> tuple[int, float]:
         time.sleep(0.02)
 
 
-def tool_result(n: int, success: int, wall: float, cpu: float, sampler: Sampler, steady: tuple) -> dict:
-    """The figures every run reports: rates, CPU per image, busy cores (whole, steady), peak RSS;
-    `steady` = (start, end, images in between) of the tool's steady span."""
-    t0, t1, images = steady
-    cores = sampler.cores(t0, t1) if t0 and t1 else None
-    return {
-        "images": n,
-        "success": success,
-        "wall_s": round(wall, 2),
-        "images_per_s": round(success / wall, 1),
-        "steady_images_per_s": round(images / (t1 - t0), 1) if cores else None,
-        "cpu_s": round(cpu, 2),
-        "cpu_ms_per_image": round(1000 * cpu / max(success, 1), 2),
-        "busy_cores": round(cpu / wall, 2),
-        "steady_busy_cores": cores[0] if cores else None,
-        "steady_machine_cores": cores[1] if cores else None,
-        "peak_rss_mb": round(sampler.peak / 2**20),
-    }
-
-
-# --- img2dataset ---------------------------------------------------------------------------------
-
-
 def ensure_img2dataset() -> tuple[Path | None, str]:
-    """Its venv (created with `python3 -m venv` + `pip install img2dataset` if missing): (bin dir,
-    version) or (None, why not)."""
-    python = I2D_VENV / "bin" / "python"
+    """Its venv (`python3 -m venv` + `pip install img2dataset` if missing): (bin dir, version) or
+    (None, why not)."""
+    bindir = I2D_VENV / "bin"
+    run = {"check": True, "capture_output": True, "text": True, "timeout": 1200}
     try:
-        if not (I2D_VENV / "bin" / "img2dataset").exists():
+        if not (bindir / "img2dataset").exists():
             log("installing img2dataset into its own venv (bench/results/img2dataset-venv) ...")
-            run = {"check": True, "capture_output": True, "text": True, "timeout": 1200}
             subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)], **run)
-            subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset"], **run)
+            subprocess.run([str(bindir / "pip"), "install", "-q", "img2dataset"], **run)
         probe = "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)"
-        out = subprocess.run(
-            [str(python), "-c", probe], check=True, capture_output=True, text=True, timeout=120
-        )
+        version, cv2_version = subprocess.run([str(bindir / "python"), "-c", probe], **run).stdout.split()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         return None, f"img2dataset not usable: {e}\n{(getattr(e, 'stderr', '') or '')[-2000:]}"
-    version, cv2_version = out.stdout.split()
-    return I2D_VENV / "bin", f"img2dataset {version}, opencv {cv2_version}"
+    return bindir, f"img2dataset {version}, opencv {cv2_version}"
 
 
 def run_img2dataset(
-    bindir: Path, url_list: Path, n: int, processes: int, server: CorpusServer, timeout: float, **limits
+    bindir: Path, url_list: Path, n: int, server: CorpusServer, timeout: float, **limits
 ) -> dict:
     """One img2dataset run over the list (`limits`: fetch_timeout, retries: its --timeout and
     --retries; it retries every failure, at once): the run's figures, its failures by message."""
-    out = RESULTS / "tmp" / f"i2d-{os.getpid()}"
+    out = TMP / f"i2d-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh folder, in its default incremental mode
-    options = {
-        "url_list": url_list,
-        "input_format": "txt",
-        "output_folder": out,
-        "processes_count": processes,
-        "thread_count": THREADS,
-        "image_size": SIZE,
-        "resize_mode": "border",
-        "output_format": "files",
-        "encode_quality": 95,
-        "number_sample_per_shard": max(1, math.ceil(n / processes)),  # one shard per process
-        "timeout": f"{limits.get('fetch_timeout', 10):g}",
-        "retries": limits.get("retries", 0),
-        "enable_wandb": "False",
-        "distributor": "multiprocessing",
-    }
-    cmd = [str(bindir / "img2dataset"), *(x for k, v in options.items() for x in (f"--{k}", str(v)))]
-    env = clean_env(NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled", PYTHONWARNINGS="ignore")
-    log_path = RESULTS / "tmp" / "i2d-last.log"
-    with open(log_path, "wb") as logf:
-        others = Others(server)
-        clock = time.time() - time.perf_counter()  # its stats give wall-clock times
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=RESULTS, start_new_session=True
-        )
-        sampler = Sampler(lambda: [proc.pid])
-        code, cpu = reap(proc, t0 + timeout)
-        wall = time.perf_counter() - t0
-        sampler.stop()
+    options = f"--url_list {url_list} --input_format txt --output_folder {out} --processes_count {WORKERS}"
+    options += f" --thread_count {THREADS} --image_size {SIZE} --resize_mode border --output_format files"
+    options += (
+        f" --encode_quality 95 --number_sample_per_shard {max(1, math.ceil(n / WORKERS))}"  # a shard each
+    )
+    options += f" --timeout {limits.get('fetch_timeout', 10):g} --retries {limits.get('retries', 0)}"
+    cmd = [
+        str(bindir / "img2dataset"),
+        *options.split(),
+        *"--enable_wandb False --distributor multiprocessing".split(),
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS} | {"no_proxy": "127.0.0.1,localhost"}
+    env |= {"NO_PROXY": "127.0.0.1,localhost", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
+    procs: list[subprocess.Popen] = []
+    measure, clock = Measure(lambda: [p.pid for p in procs], server), time.time() - time.perf_counter()
+    t0 = time.perf_counter()  # (clock: its stats give wall-clock times)
+    procs.append(spawn(cmd, TMP / "i2d-last.log", env | {"PYTHONWARNINGS": "ignore"}, cwd=RESULTS))
+    code, cpu = reap(procs[0], t0 + timeout)
+    wall = time.perf_counter() - t0
+    measure.stop()
     stats = [json.loads(p.read_text()) for p in sorted(out.glob("*_stats.json"))]
     success = sum(s.get("successes", 0) for s in stats)
     errors: dict[str, int] = {}
@@ -554,62 +441,49 @@ def run_img2dataset(
     start = min((s["start_time"] for s in stats), default=0) - clock
     end = max((s["end_time"] for s in stats), default=0) - clock
     shutil.rmtree(out, ignore_errors=True)
-    result = {"tool": "img2dataset", "exit_code": code}
-    result |= tool_result(n, success, wall, cpu, sampler, (start, end, success) if stats else (0, 0, 0))
-    result |= others.finish(cpu, wall)
+    steady = (start, end, success) if stats else (0, 0, 0)
+    result = {"tool": "img2dataset", "exit_code": code, **measure.result(n, success, wall, cpu, steady)}
     if errors := {k: v for k, v in errors.items() if v}:
         result["errors"] = errors
     if code != 0 or not stats:
-        result["log_tail"] = log_path.read_text(errors="replace")[-1500:]
+        result["log_tail"] = (TMP / "i2d-last.log").read_text(errors="replace")[-1500:]
     return result
 
 
-# --- ours ----------------------------------------------------------------------------------------
-
-
 class Fleet:
-    """A redis-server and `workers` download workers at their default settings, kept up across
-    rounds (as a fleet is)."""
+    """WORKERS download workers at their default settings on `redis`, kept up across rounds (as a
+    fleet is); `close` stops them."""
 
-    def __init__(self, workers: int, workdir: Path, extra_env: dict[str, str] | None = None):
-        from testkit.servers import RedisServer, worker_env
+    def __init__(self, redis, workdir: Path, extra_env: dict[str, str]):
+        from testkit.servers import worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
-        self.workdir = workdir
-        self.redis = RedisServer(workdir / "redis").start()
+        workdir.mkdir(parents=True)
+        self.redis_pid, self.workdir, self.client = redis.proc.pid, workdir, redis.client()
         bench_env = {
             "KOALA_PER_HOST_CONNECTIONS": str(THREADS),  # one loopback host stands for many
             "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
         }
-        self.env = worker_env(self.redis.url, workdir / "out", **(bench_env | (extra_env or {})))
+        self.env = worker_env(redis.url, workdir / "out", **(bench_env | extra_env))
         for var in (*PROXY_VARS, *TEST_SETTINGS):  # the product's defaults, not the tests' short ones
-            if var not in (extra_env or {}):
+            if var not in extra_env:
                 self.env.pop(var, None)
-        started = time.perf_counter()
-        self.workers, logs = [], [workdir / f"dl{i + 1}.log" for i in range(workers)]
-        for i, path in enumerate(logs):
-            with open(path, "wb") as f:
-                command = [sys.executable, "-m", "workers", "download", "-n", f"dl{i + 1}@bench"]
-                self.workers.append(
-                    subprocess.Popen(
-                        command,
-                        cwd=ROOT,
-                        env=self.env,
-                        stdout=f,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
-        for proc, path in zip(self.workers, logs, strict=True):
-            while "ready." not in path.read_text(errors="replace"):
-                if proc.poll() is not None or time.perf_counter() - started > 120:
-                    raise RuntimeError(f"download worker did not start:\n{path.read_text()[-2000:]}")
-                time.sleep(0.1)
+        started, logs = time.perf_counter(), [workdir / f"dl{i}.log" for i in range(1, WORKERS + 1)]
+        command = [sys.executable, "-m", "workers", "download", "-n"]
+        self.workers = [spawn([*command, f"{p.stem}@bench"], p, self.env) for p in logs]
+        try:
+            for proc, path in zip(self.workers, logs, strict=True):
+                while "ready." not in path.read_text(errors="replace"):
+                    if proc.poll() is not None or time.perf_counter() - started > 120:
+                        raise RuntimeError(f"download worker did not start:\n{path.read_text()[-2000:]}")
+                    time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
         self.startup = {
             "wall_s": round(time.perf_counter() - started, 2),
             "cpu_s": round(tree_cpu(self.pids()), 2),
         }
-        self.client = self.redis.client()
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.workers]
@@ -632,39 +506,34 @@ class Fleet:
         return {
             "workers": main,
             "decoders": tree_cpu(self.pids()) - main,
-            "redis": tree_cpu([self.redis.proc.pid]),
+            "redis": tree_cpu([self.redis_pid]),
         }
 
     def run(self, url_list: Path, n: int, server: CorpusServer, timeout: float) -> dict:
-        """Submit the list, drain `embed` until every item is downloaded or failed."""
+        """Submit the list, drain `embed` until every item is downloaded or failed. The sink stands for
+        the embed stage, which runs elsewhere: it counts the images of each message from its header
+        (decoding each whole took ~0.15 of a core from the tools); the first message is decoded as the
+        embed stage does, one image's pixels too. The steady span: first message's arrival to the last's."""
         from common.state.job import JobState
 
         self.reset()
-        state = JobState(self.client)
-        others, cpu0 = Others(server), self.split()
+        state, cpu0 = JobState(self.client), self.split()
         producer: list[subprocess.Popen] = []  # not reaped before the end: its CPU stays in the samples
-        sampler = Sampler(lambda: [*self.pids(), self.redis.proc.pid, *(p.pid for p in producer)])
-        count = failed = payload_bytes = messages = 0
-        check, t_first, t_last, t_done, next_count, first_images = None, 0.0, 0.0, None, 0.0, 0
+        measure = Measure(lambda: [*self.pids(), self.redis_pid, *(p.pid for p in producer)], server)
+        count = failed = payload_bytes = messages = first_images = 0
+        check, t_first, t_last, t_done, next_count = None, 0.0, 0.0, None, 0.0
         t0 = time.perf_counter()
-        with open(self.workdir / "submit.json", "wb") as out:
-            command = [sys.executable, "-m", "producer", "submit", str(url_list), "--json"]
-            producer.append(
-                subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
-            )
+        command = [sys.executable, "-m", "producer", "submit", str(url_list), "--json"]
+        producer.append(spawn(command, self.workdir / "submit.json", self.env))
         while True:
-            # The sink stands for the embed stage, which runs elsewhere: it counts the images of each
-            # message from its header (decoding each whole took ~0.15 of a core from the tools); the
-            # first message is decoded as the embed stage does, one image's pixels too
             batch = self.client.rpop("embed", 64) or []
             for raw in batch:
                 images = counted(raw)
                 if check is None or images is None:
-                    found, check = images_in(raw)
-                    check, images = check or (found and check_pixels(found[0])), len(found)
+                    images, check = decoded(raw)
                 count, payload_bytes, messages = count + images, payload_bytes + len(raw), messages + 1
                 t_last = time.perf_counter()
-                if not t_first:  # the steady span: from the first message's arrival to the last's
+                if not t_first:
                     t_first, first_images = t_last, images
             now = time.perf_counter()
             if batch:
@@ -677,18 +546,15 @@ class Fleet:
             time.sleep(0.01)
         wall = (t_done or time.perf_counter()) - t0
         code, producer_cpu = reap(producer[0], time.perf_counter() + 60)
-        sampler.stop()
+        measure.stop()
         cpu = {k: v - cpu0[k] for k, v in self.split().items()} | {"producer": producer_cpu}
         total = sum(cpu.values())
         result = {"tool": "ours", "producer_exit": code}
-        result |= tool_result(n, count, wall, total, sampler, (t_first, t_last, count - first_images))
+        result |= measure.result(n, count, wall, total, (t_first, t_last, count - first_images))
         result |= {f"cpu_ms_per_image_{k}": round(1000 * v / max(count, 1), 2) for k, v in cpu.items()}
-        result |= others.finish(total, wall)
         result |= {
             "failed": state.counts()["failed"],
             "first_image_s": round(t_first - t0, 2) if t_first else None,
-        }
-        result |= {
             "images_per_message": round(count / max(messages, 1), 2),
             "bytes_per_image": round(payload_bytes / max(count, 1)),
             "payload_check": check,
@@ -699,9 +565,9 @@ class Fleet:
             result["failures_by_reason"] = state.failures_by_reason()
         return result
 
-    def stop(self) -> None:
+    def close(self) -> None:
         for proc in self.workers:
-            if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.workers:
             try:
@@ -709,7 +575,6 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        self.redis.stop()
 
 
 def counted(raw: bytes) -> int | None:
@@ -721,31 +586,21 @@ def counted(raw: bytes) -> int | None:
     return int(number) if number.isdigit() and rest.startswith(b"images]") else None
 
 
-def images_in(raw: bytes) -> tuple[list[dict], str | None]:
-    """The images of one raw `embed` message (kombu JSON envelope -> msgpack body ->
-    common.messages.images_of), and what was wrong if it cannot be read."""
+def decoded(raw: bytes) -> tuple[int, str]:
+    """The images of one raw `embed` message decoded as the embed stage decodes them (kombu JSON
+    envelope -> msgpack body -> common.messages.images_of; the first image's pixels): (images, what
+    was found)."""
     import msgpack
 
-    from common.messages import images_of
+    from common.messages import decode_pixels, images_of
 
+    found: list = []
     try:
-        return images_of(msgpack.unpackb(base64.b64decode(json.loads(raw)["body"]), raw=False)), None
+        found = images_of(msgpack.unpackb(base64.b64decode(json.loads(raw)["body"]), raw=False))
+        return len(found), "x".join(str(d) for d in decode_pixels(found[0]["pixels"]).shape) + " ok"
     except Exception as e:  # a report, not a crash
-        return [], f"cannot decode: {type(e).__name__}: {e}"
+        return len(found), f"cannot decode: {type(e).__name__}: {e}"
 
-
-def check_pixels(image: dict) -> str:
-    """Decode one image's pixels as the embed stage would."""
-    from common.messages import decode_pixels
-
-    try:
-        pixels = decode_pixels(image["pixels"])
-        return f"{pixels.shape[0]}x{pixels.shape[1]}x{pixels.shape[2]} ok"
-    except Exception as e:  # a report, not a crash
-        return f"cannot decode: {type(e).__name__}: {e}"
-
-
-# --- report --------------------------------------------------------------------------------------
 
 COLUMNS = {  # run table: key -> heading
     "images_per_s": "images/s",
@@ -758,6 +613,14 @@ COLUMNS = {  # run table: key -> heading
     "wall_s": "wall s",
     "others_cores": "others (cores)",
 }
+SPLIT = ("workers", "decoders", "redis", "producer")  # our CPU per image by process
+METHOD = (
+    "images/s: whole command (img2dataset's start-up included; ours from `submit`, workers up) and steady "
+    "(img2dataset's in-shard span; ours first image out to last). CPU-ms per image and busy cores (CPU-s "
+    "per second): all the tool's processes (ours: workers, decoders, redis-server, producer); machine: every "
+    "process in the steady span (the image server and the sink too); others: other jobs on this shared "
+    "machine during the run."
+)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -775,143 +638,84 @@ def summarize(runs: list[dict]) -> dict:
     }
     out: dict = {"medians": med}
     ours, i2d = med.get("ours"), med.get("img2dataset")
-    if ours and i2d:
-        for k in ("images_per_s", "steady_images_per_s", "cpu_ms_per_image", "peak_rss_mb"):
-            if ours[k] and i2d[k]:
-                out[f"ratio_{k}"] = round(ours[k] / i2d[k], 2)
+    for k in ("images_per_s", "steady_images_per_s", "cpu_ms_per_image", "peak_rss_mb"):
+        if ours and i2d and ours[k] and i2d[k]:
+            out[f"ratio_{k}"] = round(ours[k] / i2d[k], 2)
     return out
 
 
 def markdown(result: dict) -> str:
     """The tables printed to stdout and written beside the JSON."""
-    cfg, corpus, summary = result["config"], result["corpus"], result["summary"]
+    cfg, c, summary, runs = result["config"], result["corpus"], result["summary"], result["runs"]
     mix = cfg.get("mix")
     title = f"{cfg['corpus']} corpus" + (", realistic mix (mostly dead links)" if mix else "")
     lines = [
-        f"### Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset",
-        "",
-        f"`{cfg['command']}`  ",
-        f"{cfg['images']} {'URLs' if mix else 'images'}: {corpus['mean_kb']} KB and "
-        f"{corpus['mean_mpix']} Mpix on average "
-        f"({corpus['mpix_min_max'][0]}-{corpus['mpix_min_max'][1]} Mpix, "
-        f"width/height {corpus['aspect_min_max'][0]}-{corpus['aspect_min_max'][1]}, "
-        f"{corpus['progressive_share']:.0%} progressive), "
+        f"### Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset\n\n`{cfg['command']}`  ",
+        f"{cfg['images']} {'URLs' if mix else 'images'}: {c['mean_kb']} KB and {c['mean_mpix']} Mpix on "
+        f"average ({c['mpix_min_max'][0]}-{c['mpix_min_max'][1]} Mpix, width/height "
+        f"{c['aspect_min_max'][0]}-{c['aspect_min_max'][1]}, {c['progressive_share']:.0%} progressive), "
         f"{cfg['latency']} s latency per response, {cfg['workers']} processes each (ours: download workers "
         f"at their default settings, each with its decoder processes), {os.cpu_count()} CPU cores; "
-        f"{result.get('img2dataset_version') or 'img2dataset not run'}.",
-        "",
-        "images/s: whole command (img2dataset's start-up included; ours from `submit`, workers up) and "
-        "steady (img2dataset's in-shard span; ours first image out to last). CPU-ms per image and busy "
-        "cores (CPU-s per second): all the tool's processes (ours: workers, decoders, redis-server, "
-        "producer); machine: every process in the steady span (the image server and the sink too); "
-        "others: other jobs on this shared machine during the run.",
-        "",
+        f"{result.get('img2dataset_version') or 'img2dataset not run'}.\n\n{METHOD}\n",
     ]
     if mix:
         kinds = ", ".join(f"{k} {v}" for k, v in mix["counts"].items())
-        lines += [
+        lines.append(
             f"Mix: {kinds}; {mix['expected_successes']} can succeed. Both tools: timeout "
-            f"{mix['timeout_s']:g} s, "
-            f"{mix['retries']} retries (img2dataset retries every failure at once; ours timeouts, connection "
-            "and DNS errors, 429 and 5xx, after a 1 s backoff). Slow servers dribble an image over "
-            f"{mix['slow_s']:g} s. Loopback-only network namespace ({result['network']['dns_failure']}). "
-            "Rates and CPU per image count successful images only.",
-            "",
-        ]
-    runs = result["runs"]
+            f"{mix['timeout_s']:g} s, {mix['retries']} retries (img2dataset retries every failure at once; "
+            "ours timeouts, connection and DNS errors, 429 and 5xx, after a 1 s backoff). Slow servers "
+            f"dribble an image over {mix['slow_s']:g} s. Loopback-only network namespace "
+            f"({result['network']['dns_failure']}). Rates and CPU per image count successful images only.\n"
+        )
     rows = [
         [i, r["tool"], *(r[k] for k in COLUMNS), f"{r['success']} / {r['expected']}"]
         for i, r in enumerate(runs, 1)
     ]
-    lines += [md_table(["run", "tool", *COLUMNS.values(), "ok"], rows), ""]
-    ours = [r for r in result["runs"] if r["tool"] == "ours"]
-    if ours:
-        parts = ("workers", "decoders", "redis", "producer")
-        split = [
-            [i, *(r[f"cpu_ms_per_image_{p}"] for p in parts), r["first_image_s"]]
+    lines.append(md_table(["run", "tool", *COLUMNS.values(), "ok"], rows) + "\n")
+    if ours := [r for r in runs if r["tool"] == "ours"]:
+        rows = [
+            [i, *(r[f"cpu_ms_per_image_{p}"] for p in SPLIT), r["first_image_s"]]
             for i, r in enumerate(ours, 1)
         ]
-        lines += [
-            "Our CPU-ms per image by process:",
-            "",
-            md_table(["ours run", *parts, "first image s"], split),
-            "",
-        ]
-    med = summary["medians"]
+        table = md_table(["ours run", *SPLIT, "first image s"], rows)
+        lines.append(f"Our CPU-ms per image by process:\n\n{table}\n")
     rows = [
         [tool, *(m[k] for k in COLUMNS), m["runs"], "yes" if m["all_images"] else "NO"]
-        for tool, m in med.items()
+        for tool, m in summary["medians"].items()
     ]
-    lines += [md_table(["median", *COLUMNS.values(), "runs", "all images"], rows)]
-    start = result["ours_startup"]
+    lines.append(md_table(["median", *COLUMNS.values(), "runs", "all images"], rows))
     if fixed := result.get("img2dataset_fixed_cost_1_image"):
-        lines += [
-            "",
-            f"img2dataset's fixed cost (a 1-image run): {fixed['wall_s']} s, {fixed['cpu_s']} CPU-s. Our "
-            f"workers' start-up (not in our runs): {start['wall_s']} s, {start['cpu_s']} CPU-s.",
-        ]
+        start = result["ours_startup"]
+        lines.append(
+            f"\nimg2dataset's fixed cost (a 1-image run): {fixed['wall_s']} s, {fixed['cpu_s']} CPU-s. Our "
+            f"workers' start-up (not in our runs): {start['wall_s']} s, {start['cpu_s']} CPU-s."
+        )
     if "ratio_images_per_s" in summary:
         targets = "x1 or more" if mix else "x2 or more whole and steady; CPU per image x0.5 or less"
-        lines += [
-            "",
-            f"**ours / img2dataset (medians): images/s x{summary['ratio_images_per_s']}, steady "
+        lines.append(
+            f"\n**ours / img2dataset (medians): images/s x{summary['ratio_images_per_s']}, steady "
             f"x{summary.get('ratio_steady_images_per_s')}, CPU per image "
-            f"x{summary['ratio_cpu_ms_per_image']}, "
-            f"peak RSS x{summary['ratio_peak_rss_mb']}** (targets: images/s {targets})",
-        ]
-    if mix:
-        for r in result["runs"][-2:]:
-            why = r.get("failures_by_reason") or r.get("errors") or {}
-            listed = "; ".join(f"{k[:70]}: {v}" for k, v in sorted(why.items(), key=lambda kv: -kv[1])[:6])
-            lines.append(f"\n{r['tool']}, last run's failures: {listed or 'none'}")
+            f"x{summary['ratio_cpu_ms_per_image']}, peak RSS x{summary['ratio_peak_rss_mb']}** (targets: "
+            f"images/s {targets})"
+        )
+    for r in runs[-2:] if mix else []:
+        why = sorted((r.get("failures_by_reason") or r.get("errors") or {}).items(), key=lambda kv: -kv[1])
+        listed = "; ".join(f"{k[:70]}: {v}" for k, v in why[:6])
+        lines.append(f"\n{r['tool']}, last run's failures: {listed or 'none'}")
     if result.get("img2dataset_error"):
-        lines += ["", f"img2dataset not measured: {result['img2dataset_error']}"]
-    return "\n".join(lines) + "\n"
-
-
-# --- the run -------------------------------------------------------------------------------------
+        lines.append(f"\nimg2dataset not measured: {result['img2dataset_error']}")
+    return "\n".join(lines)
 
 
 @click.command()
 @click.option("--images", type=int, default=2000, show_default=True, help="corpus size (mix: URLs)")
-@click.option("--latency", type=float, default=0.05, show_default=True, help="seconds before each answer")
 @click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
-@click.option(
-    "--workers", type=int, default=2, show_default=True, help="our download workers = img2dataset processes"
-)
-@click.option(
-    "--corpus",
-    type=click.Choice(sorted(CORPORA)),
-    default="photos",
-    show_default=True,
-    help="photos: of the size users download (>= 1 Mpix); imagenet: ImageNet-sized (0.87 Mpix)",
-)
-@click.option(
-    "--scenario",
-    type=click.Choice(["clean", "mix"]),
-    default="clean",
-    show_default=True,
-    help="clean: every URL a good image; mix: mostly dead links (MIX_SHARES), in a private network namespace",
-)
-@click.option("--smoke", is_flag=True, help="40 images (mix: 60, 2 s timeouts), 1 round, no img2dataset")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="default bench/results/download[-mix].json",
-)
-def main(
-    images: int,
-    latency: float,
-    rounds: int,
-    workers: int,
-    corpus: str,
-    scenario: str,
-    smoke: bool,
-    json_path: str | None,
-) -> None:
-    """Download + resize throughput, CPU and busy cores: ours vs img2dataset on a loopback corpus."""
+@click.option("--corpus", type=click.Choice(sorted(CORPORA)), default="photos", show_default=True)
+@click.option("--scenario", type=click.Choice(["clean", "mix"]), default="clean", show_default=True)
+@options
+def main(images: int, rounds: int, corpus: str, scenario: str, json_path: Path | None, smoke: bool) -> None:
+    """Download + resize throughput, CPU and busy cores: ours vs img2dataset on a loopback corpus (smoke:
+    40 images, mix 60 URLs and 2 s timeouts; 1 round, no img2dataset)."""
     mix = (SMOKE_MIX if smoke else MIX) if scenario == "mix" else None
     if smoke:
         images, rounds = (60 if mix else 40), 1
@@ -919,91 +723,62 @@ def main(
     bindir, i2d = (None, "not run (--smoke)") if smoke else ensure_img2dataset()
     if mix:
         enter_private_network()  # after what needs the network (pip) and many files; runs again inside
-    (RESULTS / "tmp").mkdir(parents=True, exist_ok=True)
+    TMP.mkdir(parents=True, exist_ok=True)
     command = ("python -m bench.download " + " ".join(sys.argv[1:])).strip()
-    config = {
-        "command": command,
-        "corpus": corpus,
-        "scenario": scenario,
-        "images": images,
-        "latency": latency,
-    }
-    result: dict = {
-        "config": config | {"rounds": rounds, "workers": workers},
-        "corpus": corpus_stats(paths),
-        "runs": [],
-    }
-    result["img2dataset_version" if bindir else "img2dataset_error"] = i2d
+    config = {"command": command, "corpus": corpus, "scenario": scenario, "images": images}
+    config |= {"latency": LATENCY, "rounds": rounds, "workers": WORKERS}
+    result: dict = {"config": config, "corpus": corpus_stats(paths)}
+    result |= {"runs": [], "img2dataset_version" if bindir else "img2dataset_error": i2d}
     if mix:
         result["network"] = check_private_network()
-    server = CorpusServer(
-        corpus_dir(corpus), images, latency, mix.slow_s if mix else 3.0, any_address=mix is not None
-    )
+    server = CorpusServer(CACHE / CORPORA[corpus], images, mix["slow_s"] if mix else 3.0, mix is not None)
     try:
         compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT)
     finally:
         server.stop()
     result["summary"] = summarize(result["runs"])
-    json_out = (
-        Path(json_path)
-        if json_path
-        else RESULTS / ("smoke" if smoke else "") / f"download{'-mix' if mix else ''}.json"
-    )
-    json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    json_out.with_suffix(".md").write_text(table)
-    print(table)
+    finish("download-mix" if mix else "download", result, json_path, smoke, markdown(result))
 
 
-def compare(result: dict, server: CorpusServer, mix: Mix | None, bindir: Path | None, quiet: float) -> None:
+def url_list(name: str, urls: list[str]) -> Path:
+    (path := TMP / f"{name}.txt").write_text("\n".join(urls) + "\n")
+    return path
+
+
+def compare(result: dict, server: CorpusServer, mix: dict | None, bindir: Path | None, quiet: float) -> None:
     """img2dataset's fixed cost, then the rounds (img2dataset, then ours), into `result`."""
-    cfg = result["config"]
-    n = cfg["images"]
-    urls, expected = server.urls(n), n
+    cfg, n = result["config"], result["config"]["images"]
+    urls, expected, env, limits, timeout = server.urls(n), n, {}, {}, max(120.0, n / 5)
     if mix:
-        urls, counts = mix.urls(server, n)
-        expected = sum(counts.get(k, 0) for k in SUCCEEDS)
-        cfg["mix"] = {
-            "counts": counts,
-            "expected_successes": expected,
-            "timeout_s": mix.timeout,
-            "retries": mix.retries,
-            "slow_s": mix.slow_s,
-        }
-    url_list = RESULTS / "tmp" / f"urls-{cfg['scenario']}-{n}.txt"
-    url_list.write_text("\n".join(urls) + "\n")
-    timeout = max(120.0, n / 5) + (2 * (mix.retries + 1) * mix.timeout + mix.slow_s if mix else 0)
-    limits = {"fetch_timeout": mix.timeout, "retries": mix.retries} if mix else {}
-    fleet = Fleet(cfg["workers"], RESULTS / "tmp" / "fleet", mix.our_env() if mix else None)
-    try:
+        urls, counts = mix_urls(server, n)
+        expected = sum(counts[k] for k in SUCCEEDS)
+        cfg["mix"] = {"counts": counts, "expected_successes": expected, **mix}
+        env = {f"KOALA_{k}_TIMEOUT": f"{mix['timeout_s']:g}" for k in ("CONNECT", "READ")}
+        env["KOALA_RETRIES"] = str(mix["retries"])
+        limits = {"fetch_timeout": mix["timeout_s"], "retries": mix["retries"]}
+        timeout += 2 * (mix["retries"] + 1) * mix["timeout_s"] + mix["slow_s"]
+    listed = url_list(f"urls-{cfg['scenario']}-{n}", urls)
+    with redis_server("download") as redis, contextlib.closing(Fleet(redis, TMP / "fleet", env)) as fleet:
         result["ours_startup"] = fleet.startup
         if bindir:
-            one = RESULTS / "tmp" / "urls-1.txt"
-            one.write_text(urls[0] + "\n")
-            fixed = run_img2dataset(bindir, one, 1, cfg["workers"], server, 120)
+            fixed = run_img2dataset(bindir, url_list("urls-1", urls[:1]), 1, server, 120)
             result["img2dataset_fixed_cost_1_image"] = {
                 k: fixed[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")
             }
-        warm = RESULTS / "tmp" / "urls-warm.txt"  # a warm-up: connections, the decoders' first images
-        warm.write_text("\n".join(server.urls(min(n, 200))) + "\n")
-        fleet.run(warm, min(n, 200), server, timeout)
+        # a warm-up: connections, the decoders' first images
+        fleet.run(url_list("urls-warm", server.urls(min(n, 200))), min(n, 200), server, timeout)
         for round_no in range(1, cfg["rounds"] + 1):
-            runs: dict[str, Callable[[], dict]] = {"ours": lambda: fleet.run(url_list, n, server, timeout)}
-            if bindir:
-                runs = {
-                    "img2dataset": lambda: run_img2dataset(
-                        bindir, url_list, n, cfg["workers"], server, timeout, **limits
-                    )
-                } | runs
-            for tool, run in runs.items():
+            for tool in ("img2dataset", "ours") if bindir else ("ours",):
                 before = wait_quiet(quiet) if quiet else None
-                r = run() | {"round": round_no, "expected": expected, "others_before_cores": before}
-                result["runs"].append(r)
+                if tool == "ours":
+                    r = fleet.run(listed, n, server, timeout)
+                else:
+                    r = run_img2dataset(bindir, listed, n, server, timeout, **limits)
+                result["runs"].append(
+                    r | {"round": round_no, "expected": expected, "others_before_cores": before}
+                )
                 rate, cpu = r["images_per_s"], r["cpu_ms_per_image"]
                 log(f"round {round_no} {tool}: {rate} img/s, {cpu} CPU-ms/img, {r['success']}/{expected}")
-    finally:
-        fleet.stop()
 
 
 if __name__ == "__main__":
