@@ -25,15 +25,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 CACHE = RESULTS / "cache"
-_T0 = time.monotonic()
+_T0, TICK = time.monotonic(), os.sysconf("SC_CLK_TCK")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow quiet in every benchmark
 
 
 def log(msg: str) -> None:
     print(f"[bench {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def options(fn: Callable) -> Callable:
@@ -42,45 +39,34 @@ def options(fn: Callable) -> Callable:
     return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))(fn)
 
 
-# ---- results ------------------------------------------------------------------------------------
-
-
 def md_table(headers: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def _rows(v: object) -> list[dict] | None:
-    """The rows of `v` where it is a table: a list of objects, or an object of flat objects (its keys
-    the first column)."""
-    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-        return [_flatten(x) for x in v]
-    flat = lambda x: isinstance(x, dict) and not any(isinstance(y, dict) for y in x.values())  # noqa: E731
-    if isinstance(v, dict) and len(v) > 1 and all(flat(x) for x in v.values()):
-        return [{"": k, **x} for k, x in v.items()]
-    return None
-
-
-def _flatten(obj: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in obj.items():
-        nested = isinstance(v, dict) and _rows(v) is None
-        out.update(_flatten(v, f"{prefix}{k}.") if nested else {f"{prefix}{k}": v})
-    return out
-
-
 def json_tables(obj: dict) -> str:
-    """Markdown of a result: its scalars as key/value rows, each of its tables as a table."""
+    """Markdown of a result: each table in it (a list of objects, or an object of flat objects: its keys
+    the first column) as a table, every other value as a key/value row (nested keys joined by dots)."""
     cell = lambda v: json.dumps(v) if isinstance(v, (dict, list)) else str(v)  # noqa: E731
+    flat = lambda x: isinstance(x, dict) and not any(isinstance(y, dict) for y in x.values())  # noqa: E731
     scalars, tables = [], []
-    for key, value in _flatten(obj).items():
-        if rows := _rows(value):
+
+    def walk(key: str, v: object) -> None:
+        rows = v if isinstance(v, list) and v and all(isinstance(x, dict) for x in v) else None
+        if isinstance(v, dict) and len(v) > 1 and all(flat(x) for x in v.values()):
+            rows = [{"": k, **x} for k, x in v.items()]
+        if rows:
             cols = list(dict.fromkeys(c for r in rows for c in r))
             tables.append(
                 f"`{key}`:\n\n" + md_table(cols, [[cell(r.get(c, "")) for c in cols] for r in rows])
             )
+        elif isinstance(v, dict) and v:
+            for k, x in v.items():
+                walk(f"{key}.{k}" if key else str(k), x)
         else:
-            scalars.append([f"`{key}`", cell(value)])
+            scalars.append([f"`{key}`", cell(v)])
+
+    walk("", obj)
     return "\n\n".join(([md_table(["measurement", "value"], scalars)] if scalars else []) + tables)
 
 
@@ -112,26 +98,30 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-# ---- CPU and memory -----------------------------------------------------------------------------
-
-
 def machine_cpu_s() -> tuple[float, float]:
     """(CPU seconds the whole machine spent busy since boot, all cores, idle and iowait excluded;
     of which stolen by the hypervisor), from /proc/stat."""
     with open("/proc/stat") as f:
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
-    tick = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq + steal) / tick, steal / tick
+    return (user + nice + system + irq + softirq + steal) / TICK, steal / TICK
+
+
+def proc_stat(pid: int) -> tuple[int, float, float, int] | None:
+    """(ppid, CPU seconds of the process (all its threads), of its reaped children, RSS bytes) from
+    /proc/<pid>/stat; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()  # fields from the 3rd (state) on
+    cpu, children = (int(fields[11]) + int(fields[12])) / TICK, (int(fields[13]) + int(fields[14])) / TICK
+    return int(fields[1]), cpu, children, int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """user + system CPU seconds of a process so far (all its threads), from /proc/<pid>/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    """user + system CPU seconds of a process so far (all its threads)."""
+    return st[1] if (st := proc_stat(pid)) else None
 
 
 def proc_kb(pid: int, field: str) -> int | None:
@@ -170,9 +160,6 @@ def stop(proc: subprocess.Popen, timeout: float = 120) -> float:
     return time.monotonic()
 
 
-# ---- inputs -------------------------------------------------------------------------------------
-
-
 def ensure_checkpoint(cache: Path = CACHE) -> Path:
     """The generated checkpoint (testkit.checkpoint, ~230 MB; the model's cost does not depend on the
     weights), written once into the cache folder."""
@@ -203,9 +190,6 @@ def payloads_of(rgb: np.ndarray) -> list[dict]:
         url = f"http://bench.invalid/embed/{i}.jpg"
         out.append(embed_image({"k": hashlib.md5(url.encode()).hexdigest(), "u": url}, pixels))
     return out
-
-
-# ---- Redis and the embed queue ------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -294,9 +278,6 @@ def drain(
         guard.cancel()
         app.close()
     return stage.seen
-
-
-# ---- a real embed worker ------------------------------------------------------------------------
 
 
 def embed_worker_round(

@@ -1,15 +1,9 @@
-"""Embed options on this machine's device: batch size, mixed precision, XLA; the share of the device's
-peak the model's FLOPs reach; and where the Lab channels are cheaper.
+"""Embed options on this device: batch size, mixed precision, XLA (without a GPU: float32, no XLA, the
+first batch size); the share of the peak (the best rate of large matrix products in the same run) the
+model's FLOPs (TensorFlow's profiler) reach; and where the Lab channels are cheaper (the model alone, beside
+numpy Lab in a pool of up to 4 threads, with TF Lab inside it, each Lab alone; repetitions interleaved).
 
-Run: .venv/bin/python -m bench.device [--batches 16,64,128] [--json PATH] [--smoke]
-     .venv/bin/python -m bench.device --lab-only [--lab-reps 5]   (the Lab comparison alone)
-
-The peak is the best rate of large matrix products measured in the same run (float32; float16 for the
-mixed-precision rows); FLOPs per image from TensorFlow's profiler on the model's graph. Without a GPU
-only float32 without XLA at the first batch size. Lab, at the first batch size, repetitions interleaved:
-the model call alone, beside numpy `lab_channels` in a pool of up to 4 threads (as the embed worker),
-`Embedder.embed_lab` (TF Lab inside the model's function), and each Lab path alone (what
-`common.pictures.lab_tf.TF_LAB_CHEAPER_ON_CPU` was decided on).
+Run: .venv/bin/python -m bench.device [--batches 16,64,128] [--lab-only] [--lab-reps 5] [--smoke]
 """
 
 from __future__ import annotations
@@ -65,9 +59,7 @@ def embed_rate(checkpoint: Path, rgb: np.ndarray, batch: int, mixed: bool, xla: 
     started = time.perf_counter()
     embedder = Embedder(checkpoint, batch_size=batch, mixed_precision=mixed, xla=xla)
     embedder.embed(rgb[:batch])
-    ready = time.perf_counter() - started
-    calls = max(2, len(rgb) // batch)
-    start = time.perf_counter()
+    ready, calls, start = time.perf_counter() - started, max(2, len(rgb) // batch), time.perf_counter()
     for i in range(calls):
         embedder.embed(rgb[(i * batch) % len(rgb) :][:batch])
     img_s = calls * batch / (time.perf_counter() - start)
@@ -115,26 +107,21 @@ def lab_comparison(checkpoint: Path, rgb: np.ndarray, batch: int, reps: int) -> 
     return result | {"load_average": c.load()}
 
 
-def run(
-    batches: list[int], smoke: bool, images: int, matmul_n: int, peak_seconds: float, lab_reps: int
-) -> dict:
+def run(batches: list[int], smoke: bool, images: int, lab_reps: int) -> dict:
     """Measure the grid, the model's FLOPs, the device's matmul peak and the Lab comparison."""
     import tensorflow as tf
 
     on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    matmul_n, peak_seconds = 8192 if on_gpu else (512 if smoke else 2048), 1.0 if smoke else 5.0
     checkpoint = c.ensure_checkpoint()
     rgb = c.make_images(max(images, max(batches)))
     gflops = model_gflops_per_image()
     c.log(f"model: {gflops:.2f} GFLOPs per image; measuring the matmul peak")
     peak = {"float32": round(matmul_tflops("float32", matmul_n, peak_seconds), 3)}
     # (batch, mixed precision, XLA): every combination on a GPU (a CPU only emulates float16)
-    full = on_gpu and not smoke
-    combos = (
-        list(itertools.product(batches, (False, True), (False, True)))
-        if full
-        else [(batches[0], False, False)]
-    )
-    if any(mixed for _, mixed, _ in combos):
+    combos = [(batches[0], False, False)]
+    if on_gpu and not smoke:
+        combos = list(itertools.product(batches, (False, True), (False, True)))
         peak["float16"] = round(matmul_tflops("float16", matmul_n, peak_seconds), 3)
     rows = []
     for batch, mixed, xla in combos:
@@ -158,30 +145,20 @@ def run(
 
 
 @click.command()
-@click.option(
-    "--batches", default="16,64,128", show_default=True, help="batch sizes (the first alone off GPU)"
-)
+@click.option("--batches", default="16,64,128", show_default=True, help="batch sizes (off GPU: the first)")
 @click.option("--images", type=int, default=256, show_default=True, help="images per measurement")
 @click.option("--lab-reps", type=int, default=5, show_default=True, help="repetitions of the Lab comparison")
 @click.option("--lab-only", is_flag=True, help="only the Lab comparison (at the first batch size)")
 @c.options
-def main(
-    batches: str, images: int, lab_reps: int, lab_only: bool, json_path: Path | None, smoke: bool
-) -> None:
+def main(batches: str, images: int, lab_reps: int, lab_only: bool, json_path: Path | None, smoke: bool):
     """Embed images/s per option on this device, the share of the measured peak, and the Lab comparison."""
-    c.quiet_tensorflow()
     sizes = [int(b) for b in batches.split(",") if b.strip()]
     if smoke:
         sizes, images, lab_reps = [2], 4, 1
     if lab_only:
         lab = lab_comparison(c.ensure_checkpoint(), c.make_images(sizes[0]), sizes[0], lab_reps)
         return c.finish("device_lab", lab, json_path, smoke)
-    import tensorflow as tf
-
-    on_gpu = bool(tf.config.list_physical_devices("GPU"))
-    matmul_n = 8192 if on_gpu else (512 if smoke else 2048)
-    result = run(sizes, smoke, images, matmul_n, 1.0 if smoke else 5.0, lab_reps)
-    c.finish("device", result | {"smoke": smoke}, json_path, smoke)
+    c.finish("device", run(sizes, smoke, images, lab_reps) | {"smoke": smoke}, json_path, smoke)
 
 
 if __name__ == "__main__":

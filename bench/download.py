@@ -1,23 +1,18 @@
-"""Download benchmark: our download workers vs img2dataset, side by side on one loopback corpus.
+"""Download benchmark: our download workers vs img2dataset, alternating, on one loopback corpus served
+by a process of its own (cached in bench/results/cache/: `photos`, testkit.corpus.photo_jpeg, the size
+users download; `imagenet`, make_jpeg); `--scenario mix`: mostly dead links (MIX_SHARES), the same limits
+for both, in a network namespace holding only loopback. img2dataset runs from its own venv; ours is a
+redis-server, WORKERS download workers at their default settings, the producer and a sink draining `embed`.
 
-Run: .venv/bin/python -m bench.download [--corpus photos|imagenet] [--images 2000] [--rounds 3] [--json PATH]
-     .venv/bin/python -m bench.download --scenario mix --images 1000   (as root: a private network)
-     .venv/bin/python -m bench.download --smoke [--scenario mix]   (40 images, mix 60 URLs; ours only)
-
-Corpora, generated once into bench/results/cache/: `photos` (the default; testkit.corpus.photo_jpeg,
-1.0-3.0 Mpix, the size users download) and `imagenet` (make_jpeg, 0.87 Mpix). `--scenario mix`: mostly
-dead links, as fall11_urls.txt is today (MIX_SHARES), both tools with the same timeout and retries, in a
-network namespace holding only loopback (`unshare --net`). All on 127.0.0.1: an HTTP server of its own
-answering after LATENCY s; img2dataset in its own venv (bench/results/img2dataset-venv), WORKERS processes
-of THREADS threads; ours: a redis-server, WORKERS download workers at their default settings, the
-producer and a sink draining `embed` (standing for the embed stage). The tools alternate; per run:
-images/s whole and steady, CPU per image (ours split by process), busy cores, peak RSS, others' load.
+Run: .venv/bin/python -m bench.download [--corpus photos|imagenet] [--scenario mix] [--images 2000]
+     [--rounds 3] [--json PATH] [--smoke]   (mix as root; smoke: 40 images or 60 URLs, ours only)
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import io
 import json
 import math
@@ -39,13 +34,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import CACHE, RESULTS, ROOT, finish, log, machine_cpu_s, md_table, options, redis_server
+from bench import common
+from bench.common import CACHE, RESULTS, ROOT, finish, log, machine_cpu_s, md_table, options
 
 I2D_VENV, TMP = RESULTS / "img2dataset-venv", RESULTS / "tmp"
 CORPORA = {"photos": "photos-v1", "imagenet": "corpus-v1"}  # name -> cache folder
 SIZE, THREADS = 299, 64  # the output side; img2dataset's --thread_count
 WORKERS, LATENCY = 2, 0.05  # our download workers = img2dataset's processes; seconds before each answer
-TICK, PAGE = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
 PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 # what testkit.servers.worker_env sets for the tests (short timeouts, small limits, chunks of 4)
 TEST_SETTINGS = "CONNECT_TIMEOUT READ_TIMEOUT DOWNLOAD_DEADLINE RETRY_BACKOFF MAX_BYTES MAX_PIXELS CHUNK_SIZE"
@@ -54,8 +49,8 @@ QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' lo
 
 
 def make_jpeg(index: int) -> bytes:
-    """One deterministic ImageNet-sized JPEG: 400..1600 x 350..1200 (a quarter portrait), smooth
-    colour field + flat shapes + sensor noise; quality adjusted so the file lands near 100..300 KB."""
+    """One deterministic ImageNet-sized JPEG (400..1600 x 350..1200, a quarter portrait, near 100..300 KB):
+    a smooth colour field, flat shapes, sensor noise."""
     from PIL import Image, ImageDraw, ImageFilter
 
     rng = np.random.default_rng(1000 + index)
@@ -130,9 +125,8 @@ def corpus_stats(paths: list[Path]) -> dict:
 
 
 def _serve(folder: str, n: int, conn, slow_s: float, host: str) -> None:
-    """Serve /img/<i>.jpg from memory after LATENCY s; for the mix also /html/... (a parked-domain
-    page), /slow/<i>.jpg (the image dribbled over `slow_s` s) and a second port that never accepts
-    (its backlog is full: connects hang until they time out)."""
+    """Serve /img/<i>.jpg from memory after LATENCY s; for the mix also /html/... (a parked-domain page),
+    /slow/<i>.jpg (dribbled over `slow_s` s) and a second port whose backlog is full (connects hang)."""
     files = {f"{i:05d}.jpg": (Path(folder) / f"{i:05d}.jpg").read_bytes() for i in range(n)}
 
     class Handler(BaseHTTPRequestHandler):
@@ -152,13 +146,15 @@ def _serve(folder: str, n: int, conn, slow_s: float, host: str) -> None:
             else:
                 self.answer(404, "text/plain", b"not found")
 
-        def answer(self, code: int, ctype: str, body: bytes, dribble: float = 0.0) -> None:
+        def answer(self, code: int, ctype: str, body: bytes, dribble: float = 0.0) -> object:
             self.send_response(code)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            step = math.ceil(len(body) / 20) if dribble else len(body)
-            for i in range(0, len(body), step):  # dribbled: 20 pieces, evenly over `dribble` seconds
+            if not dribble:
+                return self.wfile.write(body)
+            step = math.ceil(len(body) / 20)
+            for i in range(0, len(body), step):  # 20 pieces, evenly over `dribble` seconds
                 self.wfile.write(body[i : i + step])
                 time.sleep(dribble / 20)
 
@@ -234,9 +230,8 @@ def mix_urls(server: CorpusServer, n: int, seed: int = 11) -> tuple[list[str], d
 
 
 def enter_private_network() -> None:
-    """Re-run this command in a new network namespace holding only loopback (no route: no packet
-    leaves the machine, names fail to resolve at once); servers, Redis, workers and img2dataset then
-    all start inside it. Needs root (or CAP_SYS_ADMIN), unshare and ip."""
+    """Re-run this command in a new network namespace holding only loopback (no packet leaves the
+    machine, names fail at once), where every process of the run starts. Needs root, unshare and ip."""
     if os.environ.get(NETNS_FLAG):
         return
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
@@ -249,41 +244,23 @@ def enter_private_network() -> None:
 
 def check_private_network() -> dict:
     """Refuse to run the mix unless the network has no way out and names fail fast."""
-    probe = socket.socket()
-    try:
+    with socket.socket() as probe:
         probe.settimeout(1)
-        probe.connect(("192.0.2.1", 80))  # TEST-NET-1: must be unreachable here
-        raise click.ClickException("a route leaves this network namespace; refusing to run the mix")
-    except OSError as e:
-        if isinstance(e, TimeoutError):
-            raise click.ClickException("packets leave this namespace (connect timed out)") from None
-        unreachable = e.strerror
-    finally:
-        probe.close()
+        code = probe.connect_ex(("192.0.2.1", 80))  # TEST-NET-1: must be unreachable here
+    if code != errno.ENETUNREACH:
+        raise click.ClickException(f"a route leaves this namespace ({os.strerror(code)}); refusing the mix")
     started = time.monotonic()
     try:
         socket.getaddrinfo("koala-bench.invalid", 80)
-        raise click.ClickException("koala-bench.invalid resolves here; refusing to run the mix")
     except socket.gaierror as e:
         dns = f"{e.strerror} in {time.monotonic() - started:.3f} s"
-    return {"outside_address": unreachable, "dns_failure": dns}
+        return {"outside_address": os.strerror(code), "dns_failure": dns}
+    raise click.ClickException("koala-bench.invalid resolves here; refusing to run the mix")
 
 
-def proc_stat(pid: int) -> tuple[int, float, int] | None:
-    """(ppid, CPU seconds of the process and of its reaped children, RSS bytes), None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()  # fields from the 3rd (state) on
-    cpu = sum(int(fields[i]) for i in (11, 12, 13, 14)) / TICK  # utime stime cutime cstime
-    return int(fields[1]), cpu, int(fields[21]) * PAGE
-
-
-def tree_stats(roots: list[int]) -> list[tuple[int, float, int]]:
-    """proc_stat of the roots and of all their live (or not yet reaped) descendants."""
-    stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := proc_stat(int(e)))}
+def tree_stats(roots: list[int]) -> list[tuple[int, float, float, int]]:
+    """common.proc_stat of the roots and of all their live (or not yet reaped) descendants."""
+    stats = {int(e): st for e in os.listdir("/proc") if e.isdigit() and (st := common.proc_stat(int(e)))}
     children: dict[int, list[int]] = {}
     for pid, st in stats.items():
         children.setdefault(st[0], []).append(pid)
@@ -296,14 +273,14 @@ def tree_stats(roots: list[int]) -> list[tuple[int, float, int]]:
 
 
 def tree_cpu(roots: list[int]) -> float:
-    return sum(st[1] for st in tree_stats(roots))
+    """CPU seconds of the trees: their processes and the children they reaped."""
+    return sum(st[1] + st[2] for st in tree_stats(roots))
 
 
 class Measure(threading.Thread):
-    """What a run uses, from its start: every 0.1 s the CPU seconds of the process trees under roots()
-    (summed), the machine's busy CPU seconds and the trees' summed RSS (its peak kept); and what else
-    used the CPU: the image server, this process (sink, sampler), everything else on the machine
-    (other jobs: the machine is shared)."""
+    """What a run uses: every 0.1 s the CPU seconds of the process trees under roots(), the machine's
+    busy CPU seconds and the trees' RSS (its peak kept); and what the image server, this process (sink,
+    sampler) and everything else on the machine (other jobs: it may be shared) used meanwhile."""
 
     def __init__(self, roots: Callable[[], list[int]], server: CorpusServer):
         super().__init__(daemon=True)
@@ -316,8 +293,8 @@ class Measure(threading.Thread):
 
     def sample(self) -> None:
         stats = tree_stats(self.roots())
-        self.samples.append((time.perf_counter(), sum(s[1] for s in stats), machine_cpu_s()[0]))
-        self.peak = max(self.peak, sum(s[2] for s in stats))
+        self.samples.append((time.perf_counter(), sum(s[1] + s[2] for s in stats), machine_cpu_s()[0]))
+        self.peak = max(self.peak, sum(s[3] for s in stats))
 
     def run(self) -> None:
         while not self.done.wait(0.1):
@@ -329,9 +306,7 @@ class Measure(threading.Thread):
         self.sample()
 
     def result(self, n: int, success: int, wall: float, cpu: float, span: tuple) -> dict:
-        """The figures every run reports: rates, CPU per image, busy cores (whole; steady, interpolated
-        between the samples), peak RSS, others' use; `span` = (start, end, images in between) of the
-        tool's steady span."""
+        """The figures of every run; `span` = (start, end, images in between) of the tool's steady span."""
         (t0, t1, images), (t, tool, machine) = span, np.array(self.samples).T
         busy = lambda y: round(float(np.interp(t1, t, y) - np.interp(t0, t, y)) / (t1 - t0), 2)  # noqa: E731
         steady = bool(t0 and t1 and t1 - t0 >= 0.3)
@@ -412,17 +387,12 @@ def run_img2dataset(
     --retries; it retries every failure, at once): the run's figures, its failures by message."""
     out = TMP / f"i2d-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh folder, in its default incremental mode
-    options = f"--url_list {url_list} --input_format txt --output_folder {out} --processes_count {WORKERS}"
-    options += f" --thread_count {THREADS} --image_size {SIZE} --resize_mode border --output_format files"
-    options += (
-        f" --encode_quality 95 --number_sample_per_shard {max(1, math.ceil(n / WORKERS))}"  # a shard each
-    )
-    options += f" --timeout {limits.get('fetch_timeout', 10):g} --retries {limits.get('retries', 0)}"
-    cmd = [
-        str(bindir / "img2dataset"),
-        *options.split(),
-        *"--enable_wandb False --distributor multiprocessing".split(),
-    ]
+    flags = f"--input_format txt --processes_count {WORKERS} --thread_count {THREADS} --image_size {SIZE}"
+    flags += " --resize_mode border --output_format files --encode_quality 95 --enable_wandb False"
+    flags += f" --distributor multiprocessing --number_sample_per_shard {math.ceil(n / WORKERS)}"  # one each
+    flags += f" --timeout {limits.get('fetch_timeout', 10):g} --retries {limits.get('retries', 0)}"
+    cmd = [str(bindir / "img2dataset"), "--url_list", str(url_list), "--output_folder", str(out)]
+    cmd += flags.split()
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS} | {"no_proxy": "127.0.0.1,localhost"}
     env |= {"NO_PROXY": "127.0.0.1,localhost", "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     procs: list[subprocess.Popen] = []
@@ -480,10 +450,8 @@ class Fleet:
         except BaseException:
             self.close()
             raise
-        self.startup = {
-            "wall_s": round(time.perf_counter() - started, 2),
-            "cpu_s": round(tree_cpu(self.pids()), 2),
-        }
+        wall, cpu = round(time.perf_counter() - started, 2), round(tree_cpu(self.pids()), 2)
+        self.startup = {"wall_s": wall, "cpu_s": cpu}
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.workers]
@@ -502,7 +470,7 @@ class Fleet:
 
     def split(self) -> dict[str, float]:
         """CPU seconds so far: the workers' own processes (their threads), their decoders, Redis."""
-        main = sum(st[1] for pid in self.pids() if (st := proc_stat(pid)))
+        main = sum(st[1] + st[2] for pid in self.pids() if (st := common.proc_stat(pid)))
         return {
             "workers": main,
             "decoders": tree_cpu(self.pids()) - main,
@@ -625,17 +593,12 @@ METHOD = (
 
 def summarize(runs: list[dict]) -> dict:
     """Medians per tool and the ratios ours / img2dataset."""
-    groups: dict[str, list[dict]] = {}
-    for r in runs:
-        groups.setdefault(r["tool"], []).append(r)
-    med = {
-        tool: {
-            k: statistics.median(v) if (v := [r[k] for r in rows if r.get(k) is not None]) else None
-            for k in COLUMNS
-        }
-        | {"runs": len(rows), "all_images": all(r["success"] == r["expected"] for r in rows)}
-        for tool, rows in groups.items()
-    }
+    med: dict[str, dict] = {}
+    for tool in dict.fromkeys(r["tool"] for r in runs):
+        rows = [r for r in runs if r["tool"] == tool]
+        values = {k: [r[k] for r in rows if r.get(k) is not None] for k in COLUMNS}
+        med[tool] = {k: statistics.median(v) if v else None for k, v in values.items()} | {"runs": len(rows)}
+        med[tool]["all_images"] = all(r["success"] == r["expected"] for r in rows)
     out: dict = {"medians": med}
     ours, i2d = med.get("ours"), med.get("img2dataset")
     for k in ("images_per_s", "steady_images_per_s", "cpu_ms_per_image", "peak_rss_mb"):
@@ -758,7 +721,10 @@ def compare(result: dict, server: CorpusServer, mix: dict | None, bindir: Path |
         limits = {"fetch_timeout": mix["timeout_s"], "retries": mix["retries"]}
         timeout += 2 * (mix["retries"] + 1) * mix["timeout_s"] + mix["slow_s"]
     listed = url_list(f"urls-{cfg['scenario']}-{n}", urls)
-    with redis_server("download") as redis, contextlib.closing(Fleet(redis, TMP / "fleet", env)) as fleet:
+    with (
+        common.redis_server("download") as redis,
+        contextlib.closing(Fleet(redis, TMP / "fleet", env)) as fleet,
+    ):
         result["ours_startup"] = fleet.startup
         if bindir:
             fixed = run_img2dataset(bindir, url_list("urls-1", urls[:1]), 1, server, 120)

@@ -1,15 +1,11 @@
-"""Embed benchmark: the bare model against the embed worker end to end, and where a batch's time goes;
-with --null-model, the worker's ceiling.
+"""Embed benchmark: the bare model (`Embedder.embed`, before and after: the mean) against a real embed
+worker on the queue pre-filled as download workers fill it (steady from one batch written to N), and where
+a batch's time goes (`EmbedStage.process` in this process, parts timed; the queue side by the real
+`BatchConsumer`, no-op steps). --null-model: the worker's ceiling (KOALA_NULL_MODEL=1) on local disk and
+tmpfs, Lab on this CPU and off it (KOALA_NULL_LAB=1, as a GPU worker's CPU sees it), medians.
 
 Run: .venv/bin/python -m bench.embed [--images 96] [--batch-size 16] [--json PATH] [--smoke]
      .venv/bin/python -m bench.embed --null-model [--images 3000] [--batch-size 128] [--rounds 3]
-
-Bare model: `Embedder.embed` in memory, before and after the worker run (the mean is the reference).
-Worker: a real `python -m workers embed` on the `embed` queue pre-filled as download workers fill it,
-steady from `written` >= one batch (model loaded, traced) to N. Steps: `EmbedStage.process` in this
-process with its parts timed, and the queue side by the real `BatchConsumer` with a no-op stage.
-Ceiling: a worker whose forward pass returns zeros (KOALA_NULL_MODEL=1), on local disk and tmpfs,
-with Lab on this CPU and off it (KOALA_NULL_LAB=1: zeros, as a GPU worker's CPU sees it), medians.
 """
 
 from __future__ import annotations
@@ -50,11 +46,7 @@ def worker_run(server, payloads: list[dict], out: Path, batch_size: int, checkpo
     """The worker steady (from its first full batch: model loaded and traced) to its last record."""
     n = len(payloads)
     c.log(f"the embed worker on {n} queued images")
-    env = {
-        "KOALA_CHECKPOINT": str(checkpoint),
-        "KOALA_BATCH_SIZE": str(batch_size),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
-    }
+    env = {"KOALA_CHECKPOINT": str(checkpoint), "KOALA_BATCH_SIZE": str(batch_size)}
     run = c.embed_worker_round(server, payloads, out, env, max(300.0, 5.0 * n), 0.05)
     first, batch, done = c.first(run["samples"], 1), c.first(run["samples"], batch_size), run["samples"][-1]
     images, seconds, cpu = n - batch[1], done[0] - batch[0], done[2] - batch[2]
@@ -91,11 +83,11 @@ def stage_steps(embedder, server, payloads: list[dict], batch_size: int, out: Pa
     """EmbedStage.process on the batches with its parts timed, in this process: ms per image."""
     from common.output import records
     from common.output.shards import ShardWriter
-    from common.pictures import images, lab
+    from common.pictures import lab
     from common.settings import Settings
     from common.stages import Model
     from common.state.job import JobState
-    from workers.embed import EmbedStage
+    from workers import embed as worker
 
     c.register_downloaded(server.client(), payloads, "benchsteps")
     state = JobState(server.client(), "benchsteps")
@@ -114,14 +106,14 @@ def stage_steps(embedder, server, payloads: list[dict], batch_size: int, out: Pa
         return run
 
     model = Model(timed("model", embedder.embed), None, embedder.device, batch_size)
-    stage = EmbedStage(
+    stage = worker.EmbedStage(
         Settings(broker_url=server.url, output_dir=str(out)), state, "steps@bench", model, writer
     )
     stage.infer = timed("infer", stage.infer)  # model + lab wait
     stage.process(payloads[:batch_size])  # warm-up: threads, first fsync (a batch of its own items)
     times.clear()
     wrapped = [
-        (images, "decode_pixels", "decode_pixels"),
+        (worker, "decode_pixels", "decode_pixels"),
         (lab, "lab_channels", "lab (threads)"),
         (records, "serialize_example", "serialize"),
         (state, "states", "state lookup"),
@@ -150,17 +142,13 @@ def stage_steps(embedder, server, payloads: list[dict], batch_size: int, out: Pa
 
 
 def run(n: int, batch_size: int, smoke: bool) -> dict:
-    c.quiet_tensorflow()
-    checkpoint = c.ensure_checkpoint()
-    rgb = c.make_images(n)
+    checkpoint, rgb = c.ensure_checkpoint(), c.make_images(n)
     payloads = c.payloads_of(rgb)
     result: dict = {"bench": "embed", "smoke": smoke, "images": n, "batch_size": batch_size}
     with c.redis_server("embed") as server, ThreadPoolExecutor(1) as pool:
         tmp = server.directory.parent
         start_worker = lambda: pool.submit(worker_run, server, payloads, tmp / "out", batch_size, checkpoint)  # noqa: E731
-        worker = (
-            start_worker() if smoke else None
-        )  # smoke: the worker loads its model while this process does
+        worker = start_worker() if smoke else None  # smoke: the worker loads its model while this one does
         from common.model.embedder import Embedder
 
         embedder = Embedder(checkpoint, batch_size=batch_size)
@@ -178,10 +166,8 @@ def run(n: int, batch_size: int, smoke: bool) -> dict:
     bare_cpu = sum(b["cpu_s_per_image"] for b in bare) / len(bare)
     result["bare"] = {"img_s": round(bare_img_s, 3), "cpu_s_per_image": round(bare_cpu, 3), "runs": bare}
     ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
-    w |= {
-        "ratio_vs_bare": ratio(w["img_s"], bare_img_s),
-        "cpu_ratio_vs_bare": ratio(bare_cpu, w["cpu_s_per_image"]),
-    }
+    w["ratio_vs_bare"] = ratio(w["img_s"], bare_img_s)
+    w["cpu_ratio_vs_bare"] = ratio(bare_cpu, w["cpu_s_per_image"])
     w["target_met"] = bool(w["ratio_vs_bare"] and w["ratio_vs_bare"] >= TARGET_RATIO)
     per_image = steps["ms_per_image"]
     steps["share"] = {k: round(v / sum(per_image.values()), 4) for k, v in per_image.items()}
@@ -231,13 +217,9 @@ def markdown(result: dict) -> str:
     smoke = ", SMOKE" if result["smoke"] else ""
     head = f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}"
     head += f", generated weights{smoke})"
-    return "\n\n".join(
-        [head, c.md_table(["measurement", "images/s", "ratio"], t1), c.md_table(["worker", "value"], t2)]
-        + [
-            "Share of time per step inside the worker (in-process):",
-            c.md_table(["step", "ms/image", "share", "what"], t3),
-        ]
-    )
+    tables = [c.md_table(["measurement", "images/s", "ratio"], t1), c.md_table(["worker", "value"], t2)]
+    steps = c.md_table(["step", "ms/image", "share", "what"], t3)
+    return "\n\n".join([head, *tables, "Share of time per step inside the worker (in-process):", steps])
 
 
 def null_ceiling(n: int, batch_size: int, rounds: int) -> tuple[dict, str]:
@@ -279,14 +261,12 @@ def null_ceiling(n: int, batch_size: int, rounds: int) -> tuple[dict, str]:
 @click.option(
     "--batch-size", type=int, help="images per model call (default 16, null model 128; smoke 2, 16)"
 )
-@click.option(
-    "--null-model", is_flag=True, help="the worker's ceiling: a forward pass that returns zeros at once"
-)
+@click.option("--null-model", is_flag=True, help="the worker's ceiling: a forward pass that returns zeros")
 @click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
 @c.options
 def main(
     n: int | None, batch_size: int | None, null_model: bool, rounds: int, json_path: Path | None, smoke: bool
-) -> None:
+):
     """Bare model vs embed worker, and the share of each step; or the worker's ceiling (--null-model)."""
     if null_model:
         n, batch_size = n or (64 if smoke else 3000), batch_size or (16 if smoke else 128)

@@ -1,11 +1,8 @@
-"""What KOALA_LAB_SIZE=224 costs the embed worker's CPU over 299.
+"""What KOALA_LAB_SIZE=224 costs the embed worker's CPU over 299, both sizes interleaved (the same load):
+the Lab channels alone (numpy `lab_channels`, TF `lab_tf_padded` of a batch) and a real null-model embed
+worker (`bench.common.null_round`), CPU-ms per image; medians, and 224 − 299 paired by repetition.
 
 Run: .venv/bin/python -m bench.lab_size [--images 600] [--rounds 3] [--batch 32] [--reps 9] [--smoke]
-
-Both sizes interleaved in each measure, so that both see the same load: (1) the Lab channels alone,
-process CPU-ms per image: numpy `lab_channels` one image at a time, and the TensorFlow Lab of a batch
-(`lab_tf_padded`); (2) a real null-model embed worker (`bench.common.null_round`: first record to last),
-CPU-ms per image, numpy and TF Lab. Medians, and 224 − 299 paired by repetition (median and range).
 """
 
 from __future__ import annotations
@@ -64,7 +61,6 @@ def summary(times: dict[str, list[float]]) -> dict:
 @c.options
 def main(images: int, rounds: int, batch: int, reps: int, json_path: Path | None, smoke: bool) -> None:
     """CPU cost of KOALA_LAB_SIZE=224 over 299, Lab alone and in an embed worker."""
-    c.quiet_tensorflow()
     if smoke:
         images, rounds, batch, reps = 32, 1, 8, 1
     result: dict = {"images": images, "rounds": rounds, "batch": batch, "reps": reps, "load_before": c.load()}
