@@ -1,12 +1,8 @@
-"""All the benchmarks, one after the other, and a summary.
+"""All the benchmarks, one after the other (each its own subprocess, `--json DIR/<name>.json`), and a
+summary: DIR/summary.md (default bench/results/, smoke: .../smoke/), and bench/RESULTS.md after a full run
+into the default folder in which every benchmark passed or was reused. Exits non-zero when one failed.
 
 Run: .venv/bin/python -m bench [--smoke] [--out DIR] [--only NAME,...] [--reuse NAME,...]
-
-Each benchmark runs as its own subprocess, never two at once, with `--json DIR/<name>.json` (and
-`--smoke`, its tiny version), and writes its JSON and markdown into DIR (default bench/results/;
-smoke runs bench/results/smoke/). DIR/summary.md gets every table and the machine; a full run into the
-default folder in which every benchmark passed (or was reused) also writes bench/RESULTS.md, kept in
-git. Exits non-zero when a benchmark failed.
 """
 
 from __future__ import annotations
@@ -78,27 +74,17 @@ def tables_of(markdown: str) -> str:
     return "\n".join(re.sub(r"^#{1,2} ", "### ", line) for line in lines[start:]).strip() or "(no output)"
 
 
-def reuse_one(name: str, out: Path) -> dict:
-    """The section of a benchmark from the results an earlier run left in `out` (its .md, else its JSON)."""
-    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    if not json_path.exists():
-        return {"name": name, "status": "skipped", "note": f"--reuse, but there is no {json_path}"}
-    when = dt.datetime.fromtimestamp(json_path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    md = md_path.read_text() if md_path.exists() else json_tables(json.loads(json_path.read_text()))
-    command = f"(reused: {json_path.name} of {when})"
-    return {
-        "name": name,
-        "command": command,
-        "status": "reused",
-        "json": str(json_path),
-        "tables": tables_of(md),
-    }
-
-
-def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
-    """Run one benchmark; its section of the summary."""
+def section(name: str, smoke: bool, out: Path, timeout: float, reuse: bool) -> dict:
+    """Run one benchmark, or with `reuse` take the results an earlier run left in `out`: its section."""
     module, options, smoke_options = VARIANTS.get(name, (name, [], []))
-    json_path = out / f"{name}.json"
+    json_path, md_path = out / f"{name}.json", out / f"{name}.md"
+    if reuse and not json_path.exists():
+        return {"name": name, "status": "skipped", "note": f"--reuse, but there is no {json_path}"}
+    if reuse:
+        when = dt.datetime.fromtimestamp(json_path.stat().st_mtime, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        md = md_path.read_text() if md_path.exists() else json_tables(json.loads(json_path.read_text()))
+        reused = {"name": name, "command": f"(reused: {json_path.name} of {when})", "status": "reused"}
+        return reused | {"json": str(json_path), "tables": tables_of(md)}
     json_path.unlink(missing_ok=True)
     args = [sys.executable, "-m", f"bench.{module}", *(smoke_options if smoke else options)]
     args += ["--json", str(json_path), *(["--smoke"] if smoke else [])]
@@ -113,23 +99,12 @@ def run_one(name: str, smoke: bool, out: Path, timeout: float) -> dict:
         rc, stdout, stderr = "timeout", text(e.stdout), text(e.stderr) + f"\ntimed out after {timeout:.0f}s"
     seconds = round(time.monotonic() - started, 1)
     (out / f"{name}.log").write_text(f"$ {shown}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
-    section = {
-        "name": name,
-        "command": shown,
-        "exit": rc,
-        "seconds": seconds,
-        "status": "ok" if rc == 0 else "failed",
-    }
-    if rc == 0:
-        md_path = json_path.with_suffix(".md")
-        section |= {
-            "json": str(json_path),
-            "tables": tables_of(md_path.read_text() if md_path.exists() else stdout),
-        }
-    else:
-        section["error"] = "\n".join(stderr.strip().splitlines()[-25:])
-    click.echo(f"    {section['status']} in {seconds:.0f}s", err=True)
-    return section
+    click.echo(f"    {'ok' if rc == 0 else 'failed'} in {seconds:.0f}s", err=True)
+    result = {"name": name, "command": shown, "exit": rc, "seconds": seconds}
+    if rc != 0:
+        return result | {"status": "failed", "error": "\n".join(stderr.strip().splitlines()[-25:])}
+    tables = tables_of(md_path.read_text() if md_path.exists() else stdout)
+    return result | {"status": "ok", "json": str(json_path), "tables": tables}
 
 
 def summary(sections: list[dict], info: dict, smoke: bool) -> str:
@@ -144,8 +119,8 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
         elif s["status"] == "reused":
             parts += [f"Not run this time: {s['command']}.", s["tables"]]
         elif s["status"] == "failed":
-            parts.append(f"`{s['command']}` — failed in {s['seconds']} s")
-            parts.append(f"Failed (exit {s['exit']}):\n\n```\n{s['error']}\n```")
+            parts += [f"`{s['command']}` — failed in {s['seconds']} s", f"Failed (exit {s['exit']}):"]
+            parts.append(f"```\n{s['error']}\n```")
         else:
             parts += [f"`{s['command']}` — ok in {s['seconds']} s", s["tables"]]
     return "\n\n".join(parts) + "\n"
@@ -154,9 +129,7 @@ def summary(sections: list[dict], info: dict, smoke: bool) -> str:
 @click.command()
 @click.option("--smoke", is_flag=True, help="tiny versions of every benchmark (checks they work)")
 @click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="folder of the JSON files and summary.md (default bench/results/; smoke: .../smoke/)",
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="default bench/results/[smoke/]"
 )
 @click.option("--only", default=",".join(TITLES), help="comma-separated subset of " + ",".join(TITLES))
 @click.option("--reuse", default="", help="benchmarks not to run again: their results already in the folder")
@@ -165,20 +138,17 @@ def main(smoke: bool, out: Path | None, only: str, reuse: str, timeout: float | 
     """Run the benchmarks in sequence and write summary.md."""
     wanted = [b.strip() for b in only.split(",") if b.strip()]
     reused = [b.strip() for b in reuse.split(",") if b.strip()]
-    unknown = set(wanted + reused) - set(TITLES)
-    if unknown:
+    if unknown := set(wanted + reused) - set(TITLES):
         raise click.BadParameter(f"unknown: {', '.join(sorted(unknown))}", param_hint="--only")
     out = (out or (RESULTS / "smoke" if smoke else RESULTS)).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    info = machine()
-    sections = []
-    for name in TITLES:
-        if name in reused:
-            sections.append(reuse_one(name, out))
-        elif name in wanted:
-            sections.append(run_one(name, smoke, out, timeout or (300.0 if smoke else 3600.0)))
-        else:
-            sections.append({"name": name, "status": "skipped", "note": "not asked for (--only)"})
+    info, timeout = machine(), timeout or (300.0 if smoke else 3600.0)
+    sections = [
+        section(name, smoke, out, timeout, name in reused)
+        if name in reused or name in wanted
+        else {"name": name, "status": "skipped", "note": "not asked for (--only)"}
+        for name in TITLES
+    ]
     text = summary(sections, info, smoke)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"machine": info, "sections": sections}, indent=2) + "\n")
