@@ -60,10 +60,8 @@ def main(n: int | None, rounds: int, json_path: Path | None, smoke: bool) -> Non
             c.log(f"round {r + 1}/{rounds}: {result['runs'][-1]}")
     keys = ("images_per_s", "redis_cpu_ms_per_image", "redis_bound_images_per_s")
     result |= {"median": c.medians(result["runs"], keys), "load_average_after": c.load()}
-    head = (
-        f"### Broker: the `embed` queue on one Redis ({n} images of {kb} kB, {SENDERS} senders + 1 consumer"
-    )
-    head += f" on this machine, medians of {rounds} rounds)"
+    head = f"### Broker: the `embed` queue on one Redis ({n} images of {kb} kB, {SENDERS} senders + 1 "
+    head += f"consumer on this machine, medians of {rounds} rounds)"
     cols = [
         "message format",
         "images/s through the queue",

@@ -1,11 +1,9 @@
-"""Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression; with
---compact, the record formats side by side (issue 20).
+"""Records benchmark: our Example serializer vs tf.train.Example, and shard writing per compression, on
+the Lab channels of photo-like images (uniform noise would not compress). --compact (issue 20): the record
+formats side by side: bytes per record and codec costs on three corpora, a real null-model embed worker's
+CPU per image writing each (rounds alternating), tf.data reading each from local disk.
 
-Run: .venv/bin/python -m bench.records [--n 500] [--json PATH] [--smoke]
-     .venv/bin/python -m bench.records --compact [--n 500] [--rounds 3]
-The records hold the Lab channels of photo-like images (testkit.corpus.photo: uniform noise would not
-compress). --compact: bytes per record and codec costs on three corpora, a real null-model embed worker's
-CPU per image writing each format (rounds alternating), tf.data reading each from local disk.
+Run: .venv/bin/python -m bench.records [--compact] [--n 500] [--rounds 3] [--json PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.common import RESULTS, finish, load, medians, null_rounds, options
+from bench.common import RESULTS, finish, load, make_images, medians, null_rounds, options
 from common.output import records
 from common.output.shards import ShardWriter
 
@@ -58,13 +56,12 @@ def writing(n: int, compression: str, data: list[bytes]) -> dict:
 def serializer(n: int) -> dict:
     """Examples per second of ours and of tf.train.Example, and shard writing per compression."""
     from common.pictures.lab import lab_channels
-    from testkit.corpus import photo
 
     rng = np.random.default_rng(0)
     made = [
         (f"{i:032x}".encode(), f"{i:032x}".encode(), f"http://example.com/{i}.jpg".encode())
-        + (*lab_channels(photo(299, 299, i)), rng.normal(size=1001).astype(np.float32))
-        for i in range(16)
+        + (*lab_channels(rgb), rng.normal(size=1001).astype(np.float32))
+        for i, rgb in enumerate(make_images(16))
     ]
     ours = per_second(lambda: records.serialize_example(*made[0]), n)
     theirs = per_second(lambda: tf_example(*made[0]), max(5, n // 10))
@@ -73,23 +70,19 @@ def serializer(n: int) -> dict:
     return {"serialize_per_s": speed, "write": [writing(n, c, serialized) for c in ("none", "gzip", "zlib")]}
 
 
-# ---- --compact: the record formats side by side -------------------------------------------------
-
-
 def corpora() -> dict[str, list[np.ndarray]]:
     """299×299 images as the fleet makes them: scikit-image's photos, bench.download's JPEGs, testkit's."""
     import skimage
 
     from bench.download import make_jpeg
     from common.pictures.images import load_rgb
-    from testkit.corpus import photo
 
     names = "astronaut.png chelsea.png coffee.png motorcycle_left.png rocket.jpg retina.jpg color.png"
     files = [Path(skimage.__file__).parent / "data" / f for f in [*names.split(), "hubble_deep_field.jpg"]]
     return {
         "photos (scikit-image)": [load_rgb(f.read_bytes()) for f in files],
         "bench.download corpus": [load_rgb(make_jpeg(i)) for i in range(24)],
-        "testkit photo": [photo(299, 299, seed) for seed in range(8)],
+        "testkit photo": list(make_images(8)),
     }
 
 
@@ -146,13 +139,9 @@ def reading(n: int) -> dict:
 
     from common.output.dataset import read_dataset
     from common.pictures import images, lab
-    from testkit.corpus import photo
 
-    rgbs = [photo(299, 299, seed) for seed in range(16)]
-    emb = np.zeros(records.EMBEDDING_SIZE, np.float32)
-    folder = RESULTS / "tmp" / "reading"
-    folder.mkdir(parents=True, exist_ok=True)
-    nks = (b"n", b"k", b"s")
+    rgbs, emb, nks = make_images(16), np.zeros(records.EMBEDDING_SIZE, np.float32), (b"n", b"k", b"s")
+    (folder := RESULTS / "tmp" / "reading").mkdir(parents=True, exist_ok=True)
     made = {
         "lab299": [records.serialize_example(*nks, *lab.lab_channels(x), emb) for x in rgbs],
         "lab224": [records.serialize_example(*nks, *lab.lab_channels(x, 224), emb) for x in rgbs],

@@ -1,13 +1,10 @@
-"""Resize benchmark: JPEG bytes -> 299x299 RGB (contain), single-threaded CPU cost and quality per path.
+"""Resize benchmark: JPEG bytes -> 299x299 RGB (contain), single-threaded CPU cost and quality per path
+(common.pictures.images): pillow_full (full decode + LANCZOS), pillow_draft (`load_rgb` without simplejpeg),
+fast (`load_rgb`: simplejpeg DCT-scaled decode + cykooz Lanczos-3); floor: the JPEGs decoded at 1/8 scale.
+Cost: this thread's CPU, least of --repeat runs, median over images; quality: PSNR against a float32
+Lanczos-3 of the full decode. Corpus: scikit-image's photos scaled to 0.5-2 Mpix, cropped, noised, JPEG.
 
 Run: .venv/bin/python -m bench.resize [--images 200] [--repeat 3] [--json PATH] [--smoke]
-
-Corpus: scikit-image's bundled colour photos scaled to cover a random 0.5-2 Mpix (odd sizes too),
-cropped, noised, re-encoded as JPEG at quality 85-92 (4:2:0, a fifth 4:4:4). Paths (common.pictures.images):
-pillow_full (full decode + LANCZOS), pillow_draft (`load_rgb` without simplejpeg: draft decode + LANCZOS
-from the exact box), fast (`load_rgb`: simplejpeg DCT-scaled decode + cykooz Lanczos-3). Cost: this
-thread's CPU time, least of --repeat runs, median over images, paths interleaved. Quality: PSNR against a
-float32 Lanczos-3 of the full decode over the picture's area. Floor: the JPEGs decoded at 1/8 scale.
 """
 
 from __future__ import annotations
@@ -30,9 +27,7 @@ from common.pictures import images
 
 PHOTOS = "astronaut chelsea coffee hubble_deep_field immunohistochemistry retina rocket stereo_motorcycle"
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4)
-SIZE = (299, 299)
-TARGET_MS = 4.5
-MODE = "contain"
+SIZE, MODE, TARGET_MS = (299, 299), "contain", 4.5
 
 
 def make_corpus(n: int, seed: int = 0) -> list[bytes]:
@@ -139,13 +134,11 @@ def measure(corpus: list[bytes], repeat: int) -> dict[str, dict]:
             rows[name]["psnr"].append(psnr(out, ref))
         if (i + 1) % 50 == 0:
             log(f"{i + 1}/{len(corpus)} images")
+    median, mean = statistics.median, statistics.fmean
     return {
-        name: {
-            "cpu_ms_median": round(statistics.median(r["cpu"]), 3),
-            "psnr_mean": round(statistics.fmean(r["psnr"]), 2),
-            "psnr_min": round(min(r["psnr"]), 2),
-        }
-        for name, r in rows.items()
+        n: {"cpu_ms_median": round(median(r["cpu"]), 3), "psnr_mean": round(mean(r["psnr"]), 2)}
+        | {"psnr_min": round(min(r["psnr"]), 2)}
+        for n, r in rows.items()
     }
 
 
@@ -160,18 +153,16 @@ def markdown(result: dict) -> str:
         f"# resize: JPEG -> {list(SIZE)} ({MODE}), one thread",
         f"{corpus['images']} photo JPEGs, median {corpus['mpix_median']} Mpix ({corpus['mpix_min']}-"
         f"{corpus['mpix_max']}), {corpus['odd_width_or_height']} with an odd side; DCT scales "
-        f"{result['dct_scales']}; load average at start {result['load_average']}.",
-        "",
+        f"{result['dct_scales']}; load average at start {result['load_average']}.\n",
         md_table(["path", "CPU ms (median)", "speed vs pillow_full", "PSNR mean dB", "PSNR min dB"], body),
     ]
     if "fast" in rows:
         fast, draft = rows["fast"]["cpu_ms_median"], rows["pillow_draft"]["cpu_ms_median"]
-        lines += [
-            "",
-            f"fast path: {fast} ms CPU median (target <= {TARGET_MS}), {draft / fast:.2f}x faster than",
-        ]
-        lines += [f"floor: the same JPEGs decoded at 1/8 scale cost {result['floor_ms']} ms CPU median."]
-        lines[-2] += " pillow_draft."
+        lines.append(f"\nfast path: {fast} ms CPU median (target <= {TARGET_MS}), {draft / fast:.2f}x faster")
+        lines[-1] += (
+            f" than pillow_draft.\nfloor: the same JPEGs decoded at 1/8 scale cost {result['floor_ms']}"
+        )
+        lines[-1] += " ms CPU median."
     return "\n".join(lines)
 
 

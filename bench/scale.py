@@ -1,11 +1,8 @@
-"""Scale benchmark: job state per URL in Redis, and the producer's memory and rate.
+"""Scale benchmark: job state per URL in Redis (`used_memory` before and after a real `producer submit` of
+a generated fall11-style list, workers stopped, then without the `download` list: the state alone), and
+the producer's peak RSS (VmHWM) and rate.
 
 Run: .venv/bin/python -m bench.scale [--sizes 10000,100000,1000000] [--json PATH] [--smoke]
-
-Per size, workers stopped: a generated URL list in fall11 layout (`<id><TAB><url>`) submitted by a
-real `python -m producer submit`, the download-queue limit above every chunk. Redis `used_memory`
-before and after, then with the `download` list deleted: that delta is the job state alone. The
-producer's peak RSS (VmHWM, sampled from /proc) and rate.
 """
 
 from __future__ import annotations
@@ -89,9 +86,7 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
 
 @click.command()
 @click.option("--sizes", help="URL counts to submit, comma separated (default 10000,100000,1000000)")
-@click.option(
-    "--timeout", type=float, default=300.0, help="seconds per submission (then its rate is reported)"
-)
+@click.option("--timeout", type=float, default=300.0, help="seconds per submission (then its rate so far)")
 @c.options
 def main(sizes: str | None, timeout: float, json_path: Path | None, smoke: bool) -> None:
     """Redis bytes per URL, producer memory and rate."""
@@ -99,12 +94,10 @@ def main(sizes: str | None, timeout: float, json_path: Path | None, smoke: bool)
     result: dict = {"smoke": smoke, "target_bytes_per_url": TARGET_BYTES_PER_URL}
     with c.redis_server("scale") as server:
         result["redis_version"] = server.client().info("server")["redis_version"]
-        result["submit"] = []
+        tmp, result["submit"] = server.directory.parent, []
         for n in counts:
             c.log(f"submitting {n} URLs")
-            result["submit"].append(
-                submit_size(server.client(), server.url, server.directory.parent, n, timeout)
-            )
+            result["submit"].append(submit_size(server.client(), server.url, tmp, n, timeout))
     subs = result["submit"]
     big = max(subs, key=lambda s: s["submitted"])
     ratio = round(big["producer_peak_rss_mb"] / subs[0]["producer_peak_rss_mb"], 3)

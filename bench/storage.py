@@ -1,12 +1,9 @@
 """Storage benchmark (issue 20 B): the embed worker's ceiling (null model) writing its shards to a loopback
-S3 server (moto's server mode, testkit/s3.py) against local disk, per record format, with CPU per image.
+S3 server (moto, testkit/s3.py) vs local disk, per record format; variants alternate within each round.
+Shards of 500: the rate from `written` >= 500 to the last sample before the final shard (an object-store
+record counts once its shard's upload is committed); each round checks each image once in the shards.
 
 Run: .venv/bin/python -m bench.storage [--images 3000] [--rounds 3] [--json PATH] [--smoke]
-
-Variants alternate within each round. Shards of 500, N a multiple of 500: the rate is taken between
-`written` >= 500 and the last sample before the final shard in both (an object-store record counts
-once its shard's upload is committed). Each round checks each image once in the finalized shards
-(local: read back; the bucket: records its manifest lists == items written == N).
 """
 
 from __future__ import annotations
