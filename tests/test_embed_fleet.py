@@ -106,7 +106,10 @@ def test_kill_9_embed_worker_then_restart_gives_exactly_one_record_each(
     # the embed worker's visibility timeout: a worker restores every message older than its own
     # timeout, a holder renews its leases by its own (README, KOALA_VISIBILITY_TIMEOUT: one per fleet)
     late = {"KOALA_READ_TIMEOUT": "60", "KOALA_DOWNLOAD_DEADLINE": "90", "KOALA_VISIBILITY_TIMEOUT": "5"}
-    workers.start("download", "-c", "4", **late)
+    # every URL in flight at once: with fewer slots than held URLs, the held ones could take them all
+    # (in whatever order the chunks reach the fetch threads) and nothing was written until they timed out
+    every = {"KOALA_PER_HOST_CONNECTIONS": str(len(urls))}
+    workers.start("download", "-c", str(len(urls)), **late, **every)
     first = workers.start("embed", "-n", "embed-a@test", **env)
     assert koala(workers.env(), "submit", str(listing)).returncode == 0
 

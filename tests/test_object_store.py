@@ -191,7 +191,9 @@ def lose_a_machine(
     prefix = f"koala-{record_format}"
     common = fleet_env(s3, out, KOALA_STATE_PREFIX=prefix, KOALA_RECORD_FORMAT=record_format)
     late = {"KOALA_READ_TIMEOUT": "60", "KOALA_DOWNLOAD_DEADLINE": "90"}
-    workers.start("download", "-c", "4", **common, **late)
+    # every URL in flight at once, so that the held ones cannot take every fetch slot
+    late["KOALA_PER_HOST_CONNECTIONS"] = str(len(urls))
+    workers.start("download", "-c", str(len(urls)), **common, **late)
     scratch_a, scratch_b = tmp_path / f"machine-a-{record_format}", tmp_path / f"machine-b-{record_format}"
     # a shard that stays open: many records per shard, no commit for being idle
     a = workers.start(
