@@ -57,9 +57,8 @@ def json_tables(obj: dict) -> str:
             rows = [{"": k, **x} for k, x in v.items()]
         if rows:
             cols = list(dict.fromkeys(c for r in rows for c in r))
-            tables.append(
-                f"`{key}`:\n\n" + md_table(cols, [[cell(r.get(c, "")) for c in cols] for r in rows])
-            )
+            body = [[cell(r.get(c, "")) for c in cols] for r in rows]
+            tables.append(f"`{key}`:\n\n" + md_table(cols, body))
         elif isinstance(v, dict) and v:
             for k, x in v.items():
                 walk(f"{key}.{k}" if key else str(k), x)
@@ -281,13 +280,7 @@ def drain(
 
 
 def embed_worker_round(
-    server,
-    payloads: list[dict],
-    out: Path,
-    env: dict[str, str],
-    timeout: float,
-    poll: float,
-    watch: tuple = (),
+    server, payloads: list[dict], out: Path, env: dict[str, str], timeout: float, poll: float, watch=()
 ) -> dict:
     """A real `python -m workers embed` on the queue pre-filled with the payloads as download workers
     send them (the items registered and marked downloaded first), SIGTERMed (it finalizes its shard)

@@ -182,16 +182,12 @@ def markdown(result: dict) -> str:
     runs = ", ".join(
         f"{r['img_s']} on {r['cores_used']} cores, others {r['other_processes_cores']}" for r in bare["runs"]
     )
-    met = "met" if w["target_met"] else "NOT met"
+    met = f"**{w['ratio_vs_bare']}** (target ≥ {TARGET_RATIO}: {'met' if w['target_met'] else 'NOT met'})"
     steady = f"{w['steady_images']} images after the first batch, on {w['cores_used']} cores"
     steady += f", others {w['other_processes_cores']}"
     t1 = [
         [f"bare `Embedder.embed` (runs: {runs})", bare["img_s"], "1.00 (reference)"],
-        [
-            f"embed worker, steady ({steady})",
-            w["img_s"],
-            f"**{w['ratio_vs_bare']}** (target ≥ {TARGET_RATIO}: {met})",
-        ],
+        [f"embed worker, steady ({steady})", w["img_s"], met],
         [f"CPU-seconds per image: bare {bare['cpu_s_per_image']}, worker {w['cpu_s_per_image']}", "-"]
         + [f"**{w['cpu_ratio_vs_bare']}** (bare/worker)"],
     ]
@@ -206,14 +202,8 @@ def markdown(result: dict) -> str:
         [name, s["ms_per_image"][name], f"{100 * s['share'][name]:.1f} %", what]
         for name, what in STEPS.items()
     ]
-    t3.append(
-        [
-            "(lab in threads)",
-            s["lab_threads_ms_per_image"],
-            "overlaps the model",
-            "lab_channels in the stage's pool",
-        ]
-    )
+    lab = s["lab_threads_ms_per_image"]
+    t3.append(["(lab in threads)", lab, "overlaps the model", "lab_channels in the stage's pool"])
     smoke = ", SMOKE" if result["smoke"] else ""
     head = f"### Embed ({result['images']} images, batch {result['batch_size']}, {result['device']}"
     head += f", generated weights{smoke})"
@@ -251,16 +241,13 @@ def null_ceiling(n: int, batch_size: int, rounds: int) -> tuple[dict, str]:
     head = f"### Embed worker ceiling (null model: {n} images, batch {batch_size}, medians of {rounds} rounds"
     head += f"; load before {', '.join(map(str, load_before))})"
     cols = "output|folder|images/s|worker CPU-ms/image|records MB/s|disk MB/s (fdatasync)|records / disk"
-    return result, head + "\n\n" + c.md_table(
-        [*cols.split("|"), "machine busy cores", "each image once"], rows
-    )
+    cols += "|machine busy cores|each image once"
+    return result, head + "\n\n" + c.md_table(cols.split("|"), rows)
 
 
 @click.command()
 @click.option("--images", "n", type=int, help="images (default 96, null model 3000; smoke 4, 64)")
-@click.option(
-    "--batch-size", type=int, help="images per model call (default 16, null model 128; smoke 2, 16)"
-)
+@click.option("--batch-size", type=int, help="per model call (default 16, null model 128; smoke 2, 16)")
 @click.option("--null-model", is_flag=True, help="the worker's ceiling: a forward pass that returns zeros")
 @click.option("--rounds", type=int, default=3, show_default=True, help="null model: rounds per output")
 @c.options
