@@ -430,10 +430,8 @@ class Fleet:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         self.redis_pid, self.workdir, self.client = redis.proc.pid, workdir, redis.client()
-        bench_env = {
-            "KOALA_PER_HOST_CONNECTIONS": str(THREADS),  # one loopback host stands for many
-            "KOALA_EMBED_QUEUE_LIMIT": str(10**9),  # the sink drains; never hold back
-        }
+        # one loopback host stands for many; the sink drains `embed`: never hold back
+        bench_env = {"KOALA_PER_HOST_CONNECTIONS": str(THREADS), "KOALA_EMBED_QUEUE_LIMIT": str(10**9)}
         self.env = worker_env(redis.url, workdir / "out", **(bench_env | extra_env))
         for var in (*PROXY_VARS, *TEST_SETTINGS):  # the product's defaults, not the tests' short ones
             if var not in extra_env:

@@ -39,14 +39,12 @@ def submit_size(client, redis_url: str, tmp: Path, n: int, timeout: float) -> di
     client.flushall()
     baseline = client.info("memory")["used_memory"]
     counted = lambda: int(client.hget("koala:counts", "submitted") or 0)  # noqa: E731
-    env = worker_env(
-        redis_url, tmp / "out", KOALA_CHUNK_SIZE="16", KOALA_DOWNLOAD_QUEUE_LIMIT=str(n // 16 + 1001)
-    )
+    limit = str(n // 16 + 1001)  # above every chunk
+    env = worker_env(redis_url, tmp / "out", KOALA_CHUNK_SIZE="16", KOALA_DOWNLOAD_QUEUE_LIMIT=limit)
     command = [sys.executable, "-m", "producer", "submit", str(listing), "--json"]
     started = time.monotonic()
-    proc = subprocess.Popen(
-        command, cwd=c.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    proc = subprocess.Popen(command, cwd=c.ROOT, env=env, **pipes)
     first, first_count, peak_kb = 0.0, 0, 0
     try:
         while proc.poll() is None and time.monotonic() - started < timeout:  # VmHWM sampled until it exits
