@@ -1,8 +1,9 @@
 """Download benchmark: our download workers vs img2dataset, alternating, on one loopback corpus served
 by a process of its own (cached in bench/results/cache/: `photos`, testkit.corpus.photo_jpeg, the size
-users download; `imagenet`, make_jpeg); `--scenario mix`: mostly dead links (MIX_SHARES), the same limits
-for both, in a network namespace holding only loopback. img2dataset runs from its own venv; ours is a
-redis-server, WORKERS download workers at their default settings, the producer and a sink draining `embed`.
+users download; `imagenet`, testkit.corpus.imagenet_jpeg); `--scenario mix`: mostly dead links
+(MIX_SHARES), the same limits for both, in a network namespace holding only loopback. img2dataset runs
+from its own venv; ours is a redis-server, WORKERS download workers at their default settings, the
+producer and a sink draining `embed`.
 
 Run: .venv/bin/python -m bench.download [--corpus photos|imagenet] [--scenario mix] [--images 2000]
      [--rounds 3] [--json PATH] [--smoke]   (mix as root; smoke: 40 images or 60 URLs, ours only)
@@ -13,7 +14,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import io
 import json
 import math
 import multiprocessing
@@ -48,43 +48,11 @@ TEST_SETTINGS = tuple(f"KOALA_{s}" for s in (*TEST_SETTINGS.split(), "BLOCKED_NE
 QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' load to drop (smoke: 0)
 
 
-def make_jpeg(index: int) -> bytes:
-    """One deterministic ImageNet-sized JPEG (400..1600 x 350..1200, a quarter portrait, near 100..300 KB):
-    a smooth colour field, flat shapes, sensor noise."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(1000 + index)
-    w = int(rng.integers(400, 1601))
-    h = int(np.clip(w * rng.uniform(0.6, 0.95), 350, 1200))
-    if rng.random() < 0.25:
-        w, h = h, w
-    field = rng.uniform(20, 235, (max(4, h // 24), max(4, w // 24), 3)).astype(np.uint8)
-    img = Image.fromarray(field, "RGB").resize((w, h), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(6, 16))):
-        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
-    img = img.filter(ImageFilter.GaussianBlur(1.0))
-    arr = np.asarray(img).astype(np.int16)
-    arr += rng.normal(0, rng.uniform(3, 7), arr.shape).astype(np.int16)
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
-    target, quality = rng.uniform(100_000, 300_000), 90
-    for _ in range(3):
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
-        if 0.8 * target < buf.tell() < 1.25 * target:
-            break
-        quality = int(np.clip(quality + (6 if buf.tell() < target else -8), 60, 97))
-    return buf.getvalue()
-
-
 def _make_one(job: tuple[str, int]) -> tuple[int, bytes]:
-    from testkit.corpus import photo_jpeg
+    from testkit.corpus import imagenet_jpeg, photo_jpeg
 
     name, index = job
-    return index, (photo_jpeg if name == "photos" else make_jpeg)(index)
+    return index, (photo_jpeg if name == "photos" else imagenet_jpeg)(index)
 
 
 def ensure_corpus(n: int, name: str) -> list[Path]:

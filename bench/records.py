@@ -74,14 +74,14 @@ def corpora() -> dict[str, list[np.ndarray]]:
     """299×299 images as the fleet makes them: scikit-image's photos, bench.download's JPEGs, testkit's."""
     import skimage
 
-    from bench.download import make_jpeg
     from common.pictures.images import load_rgb
+    from testkit.corpus import imagenet_jpeg
 
     names = "astronaut.png chelsea.png coffee.png motorcycle_left.png rocket.jpg retina.jpg color.png"
     files = [Path(skimage.__file__).parent / "data" / f for f in [*names.split(), "hubble_deep_field.jpg"]]
     return {
         "photos (scikit-image)": [load_rgb(f.read_bytes()) for f in files],
-        "bench.download corpus": [load_rgb(make_jpeg(i)) for i in range(24)],
+        "bench.download corpus": [load_rgb(imagenet_jpeg(i)) for i in range(24)],
         "testkit photo": list(make_images(8)),
     }
 

@@ -434,3 +434,35 @@ def photo_jpeg(index: int) -> bytes:
         "optimize": True,
     }
     return _save(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), "JPEG", **options)
+
+
+def imagenet_jpeg(index: int) -> bytes:
+    """One deterministic ImageNet-sized JPEG (400..1600 x 350..1200, a quarter portrait, near 100..300 KB):
+    a smooth colour field, flat shapes, sensor noise (`bench.download --corpus imagenet`)."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(1000 + index)
+    w = int(rng.integers(400, 1601))
+    h = int(np.clip(w * rng.uniform(0.6, 0.95), 350, 1200))
+    if rng.random() < 0.25:
+        w, h = h, w
+    field = rng.uniform(20, 235, (max(4, h // 24), max(4, w // 24), 3)).astype(np.uint8)
+    img = Image.fromarray(field, "RGB").resize((w, h), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(6, 16))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        box = (x0, y0, x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2)))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1.0))
+    arr = np.asarray(img).astype(np.int16)
+    arr += rng.normal(0, rng.uniform(3, 7), arr.shape).astype(np.int16)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    target, quality = rng.uniform(100_000, 300_000), 90
+    for _ in range(3):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        if 0.8 * target < buf.tell() < 1.25 * target:
+            break
+        quality = int(np.clip(quality + (6 if buf.tell() < target else -8), 60, 97))
+    return buf.getvalue()
