@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import signal
 import threading
@@ -260,9 +261,13 @@ def test_a_lost_machine_loses_nothing_and_compact_reads_as_lab(
 
     read = {fmt: {image(r): r for r in read_dataset(f"s3://koala/{fmt}")} for fmt in shards}
     assert read["lab"].keys() == read["compact"].keys() and len(read["lab"]) == 2 * len(GOOD)
+    # KOALA_TEST_PACE=fast (testkit/repeat.sh) makes the lab workers write zeros for Lab; a compact
+    # record's Lab is computed from its pixels as it is read, so only the embeddings compare then
+    fast = os.environ.get("KOALA_TEST_PACE") == "fast"
+    features = ("image_embedding",) if fast else ("image_l", "image_ab", "image_embedding")
     for picture, lab in read["lab"].items():
         compact = read["compact"][picture]
-        for feature in ("image_l", "image_ab", "image_embedding"):
+        for feature in features:
             np.testing.assert_allclose(compact[feature].numpy(), lab[feature].numpy(), atol=1e-6)
 
 
