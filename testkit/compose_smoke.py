@@ -192,11 +192,9 @@ READ_BUCKET = """
 import json
 from common.output import records
 from common.output.storage import Store
+from producer.steps.preview import shard_records
 store = Store("s3://koala/tfrecords")
-keys = []
-for n in store.shard_names():
-    with store.open(n) as raw:
-        keys += [records.example_key(r).decode() for r in records.read_stream(raw, n)]
+keys = [records.example_key(r).decode() for n in store.shard_names() for r in shard_records(store.url(n))]
 print(json.dumps({"keys": keys, "open_uploads": len(store.incomplete_uploads())}))
 """
 

@@ -21,16 +21,10 @@ import pytest
 from common.output import records
 from common.output.shards import ShardWriter, publish_to_store, split_store
 from common.output.storage import StorageError, Store
+from producer.steps.preview import shard_records
 from testkit.fleet import Workers, embed_env, koala, wait_for
 from testkit.s3 import FaultyProxy, S3Server
 from testkit.servers import ImageServer
-
-
-def shard_records(store: Store, name: str) -> list[bytes]:
-    """A shard's records read back as `read_dataset` and `koala preview` read a store's shards."""
-    with store.open(name) as raw:
-        return list(records.read_stream(raw, name))
-
 
 GOOD = ["jpeg_rgb", "jpeg_portrait", "jpeg_small", "png_rgba", "png_p", "gif_animated", "webp"]
 
@@ -163,7 +157,8 @@ def test_standalone_shards_go_to_the_store_and_split_there(aws: S3Server, tmp_pa
     assert [e["name"] for e in store.manifest()] == names
     assert [e["records"] for e in store.manifest()] == [2, 2, 2, 1]
     assert list((tmp_path / "scratch").iterdir()) == [], "the scratch copies are gone"
-    assert [r for n in names for r in shard_records(store, n)] == [f"record {i}".encode() for i in range(7)]
+    written = [r for n in names for r in shard_records(store.url(n))]
+    assert written == [f"record {i}".encode() for i in range(7)]
 
     renamed = split_store("s3://koala/run", 0.5)
     assert len(renamed) == 2 and split_store("s3://koala/run", 0.5) == []  # a rerun changes nothing
@@ -344,7 +339,7 @@ def test_compressed_shards_and_left_out_records_upload_as_their_final_bytes(aws:
         w.discard(start, [True, False, True])  # another shard claimed the middle one first
     (entry,) = store.manifest()
     assert entry["name"] == "lab_images_n_00000.tfrecord.gz" and entry["records"] == 2
-    assert shard_records(store, entry["name"]) == [b"kept 0", b"kept 1"]
+    assert list(shard_records(store.url(entry["name"]))) == [b"kept 0", b"kept 1"]
     assert list(tmp_path.iterdir()) == []
 
 
