@@ -240,7 +240,14 @@ class Submitter:
         """One download message, once the queue has room."""
         if items:
             self._wait_for_room()
-            self.app.send_task(DOWNLOAD_TASK, args=[items], queue=DOWNLOAD_QUEUE)
+            # argsrepr: else Celery reprs every chunk (file bytes too) for its events: a third of a send
+            self.app.send_task(
+                DOWNLOAD_TASK,
+                args=[items],
+                queue=DOWNLOAD_QUEUE,
+                argsrepr=f"[{len(items)} items]",
+                kwargsrepr="{}",
+            )
 
     def _ready(self, item: Submitted) -> ChunkItem | None:
         """The item as it goes to the workers (a file's bytes read), or None once the failure of an

@@ -584,12 +584,18 @@ def test_jpeg_scans_counts_the_first_image_s_scans_only():
 
 
 def test_a_jpeg_of_too_many_marker_segments_is_refused_without_a_long_walk():
-    comments = b"\xff\xfe\x00\x02" * 70_000  # empty COM segments: cheap for libjpeg, not for a Python loop
+    # COM segments holding an SOS marker's two bytes: cheap for libjpeg, not for a Python loop
+    comments = b"\xff\xfe\x00\x04\xff\xda" * 70_000
     data = GOOD["jpeg_rgb"][:2] + comments + GOOD["jpeg_rgb"][2:]
     assert img.jpeg_scans(data) == -1
     with pytest.raises(img.ImageError, match="marker segments") as info:
         img.load_rgb(data)
     assert info.value.reason == "too_many_scans"
+    # no more SOS bytes in the file than the limit allows scans: nothing is walked, libjpeg decodes
+    empty_comments = b"\xff\xfe\x00\x02" * 70_000
+    plain = GOOD["jpeg_rgb"][:2] + empty_comments + GOOD["jpeg_rgb"][2:]
+    assert img.jpeg_scans(plain) == -1
+    assert img.load_rgb(plain).shape == (299, 299, 3)
 
 
 def _bmp_icon(kind: int) -> bytes:
