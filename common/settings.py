@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     )
     retries: int = Field(3, description="extra attempts after a timeout, connection error, 429 or 5xx")
     retry_backoff: float = Field(
-        1.0, description="first backoff in seconds, doubled each attempt (Retry-After wins when longer)"
+        1.0,
+        description="first backoff in seconds, doubled each attempt (Retry-After wins when longer); a timed-out attempt is retried at once",
     )
     max_bytes: int = Field(25_000_000, description="largest image download accepted, in bytes")
     max_pixels: int = Field(89_478_485, description="largest image accepted, in pixels (decompression bombs)")

@@ -77,6 +77,22 @@ def test_404_is_not_retried_but_500_is(image_server: ImageServer, session, polic
     assert image_server.behaviour.hits["/counted/500/a"] == policy.retries + 1
 
 
+def test_a_timed_out_attempt_is_retried_at_once_the_others_after_a_backoff(image_server, monkeypatch):
+    import types
+
+    from common.fetching import fetch as module
+
+    pauses: list[float] = []
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=pauses.append))
+    quick = Policy(allow_private=True, read_timeout=0.2, deadline=6, retries=2, backoff=0.1)
+    with make_session(quick) as s:
+        assert reason_of(f"{image_server.base}/slow/1", s, quick) == "timeout"
+        assert pauses == []  # three attempts, each waited its 0.2 s timeout, none a backoff
+        assert reason_of(f"{image_server.base}/counted/500/backoff", s, quick) == "http_error"
+        assert pauses == [0.1, 0.2]
+    assert image_server.behaviour.hits["/counted/500/backoff"] == 3
+
+
 def test_503_then_200_is_retried_into_success(image_server: ImageServer, images, session, policy):
     url = f"{image_server.base}/flaky503/fetch-test"
     assert fetch(url, session, policy) == images["jpeg_rgb"]

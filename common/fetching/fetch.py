@@ -249,10 +249,14 @@ def fetch(url: str, session: Client, policy: Policy) -> bytes:
                 return _attempt(url, session, policy, start)
             except TransientError as e:
                 attempts += 1
-                pause = max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
+                # a timed-out attempt has waited already; backing off is for answers that came fast
+                pause = (
+                    0.0 if e.reason == "timeout" else max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
+                )
                 if attempts > policy.retries or time.monotonic() - start + pause >= policy.deadline:
                     raise
-                time.sleep(pause)
+                if pause:
+                    time.sleep(pause)
 
 
 def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
