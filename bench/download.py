@@ -592,8 +592,8 @@ def markdown(result: dict) -> str:
         lines.append(
             f"Mix: {kinds}; {mix['expected_successes']} can succeed. Both tools: timeout "
             f"{mix['timeout_s']:g} s, {mix['retries']} retries (img2dataset retries every failure at once; "
-            "ours timeouts, connection and DNS errors, 429 and 5xx, after a 1 s backoff). Slow servers "
-            f"dribble an image over {mix['slow_s']:g} s. Loopback-only network namespace "
+            "ours timeouts at once; connection and DNS errors, 429 and 5xx after a 1 s backoff). Slow "
+            f"servers dribble an image over {mix['slow_s']:g} s. Loopback-only network namespace "
             f"({result['network']['dns_failure']}). Rates and CPU per image count successful images only.\n"
         )
     rows = [
