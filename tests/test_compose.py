@@ -493,7 +493,7 @@ def test_dockerfiles_install_the_project_and_run_koala(path: Path) -> None:
     assert [args for op, args in steps if op == "WORKDIR"][-1] == "/app"
     copied = " ".join(args for op, args in steps if op == "COPY")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    packages = {name.split(".")[0] for name in pyproject["tool"]["setuptools"]["packages"]}
+    packages = {name.rstrip("*") for name in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
     needed = [*sorted(packages), "pyproject.toml", pyproject["project"]["readme"]]
     for name in needed:
         assert re.search(rf"(?<![\w.-]){re.escape(name)}/?(?![\w.-])", copied), f"{path.name} lacks {name}"
