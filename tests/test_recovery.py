@@ -128,7 +128,7 @@ class SentTasks:
     def __init__(self) -> None:
         self.sent: list[list[dict]] = []
 
-    def send_task(self, name: str, args: list, queue: str) -> None:
+    def send_task(self, name: str, args: list, queue: str, **_reprs: str) -> None:
         self.sent.append(args[0])
 
 
