@@ -38,7 +38,8 @@ class FastBase64:
     image on each side: a chunk message's body is megabytes)."""
 
     def encode(self, s: str | bytes) -> str:
-        return pybase64.b64encode(s.encode() if isinstance(s, str) else s).decode("ascii")
+        # straight to str: b64encode + decode("ascii") copied the megabytes once more
+        return pybase64.b64encode_as_string(s.encode() if isinstance(s, str) else s)
 
     def decode(self, s: str | bytes) -> bytes:
         """The body; empty where it is not base64 (the consumer then refuses it as undecodable)."""
