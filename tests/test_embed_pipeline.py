@@ -145,6 +145,7 @@ def test_the_fast_wire_codecs_write_what_kombu_writes():
     body = bytes(range(256)) * 100
     assert FastBase64().encode(body) == base64.b64encode(body).decode()
     assert FastBase64().decode(base64.b64encode(body).decode()) == body
+    assert FastBase64().decode("eyJh\neyJh") == b""  # outside the alphabet: refused, not skipped
     envelope = [
         {
             "body": "eyJh",
