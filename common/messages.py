@@ -149,7 +149,7 @@ _ZSTD = threading.local()  # zstandard (de)compressors are not safe to share bet
 
 def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
     if not hasattr(_ZSTD, "pair"):
-        params = zstandard.ZstdCompressionParameters.from_level(
+        params = zstandard.ZstdCompressionParameters.from_level(  # sized for 299x299 (any size encodes)
             1, source_size=299 * 299 * 3, hash_log=12, min_match=7, write_checksum=1
         )
         _ZSTD.pair = (zstandard.ZstdCompressor(compression_params=params), zstandard.ZstdDecompressor())
