@@ -36,7 +36,7 @@ from common.fetching.sources import (
     read_regular,
 )
 from common.fetching.urls import url_problem
-from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, ChunkItem, FetchItem
+from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, ChunkItem, FetchItem, source_of
 from common.settings import Settings
 from common.state.failures import Failure, record_failure
 from common.state.job import JobState, Registered, room_for
@@ -240,12 +240,13 @@ class Submitter:
         """One download message, once the queue has room."""
         if items:
             self._wait_for_room()
-            # argsrepr: else Celery reprs every chunk (file bytes too) for its events: a third of a send
+            # argsrepr (what Flower shows): else Celery reprs every chunk, file bytes too: a third of a send
+            first = "".join(source_of(items[0]))[:200]
             self.app.send_task(
                 DOWNLOAD_TASK,
                 args=[items],
                 queue=DOWNLOAD_QUEUE,
-                argsrepr=f"[{len(items)} items]",
+                argsrepr=f"[{len(items)} item{'s' * (len(items) != 1)}, the first {first!r}]",
                 kwargsrepr="{}",
             )
 

@@ -56,6 +56,14 @@ def submitted(rclient: redis.Redis) -> int:
     return int(rclient.hget("koala:counts", "submitted") or 0)
 
 
+def test_a_chunk_is_shown_by_its_size_and_first_item_not_its_repr(redis_url, rclient, tmp_path):
+    path = tmp_path / "list.txt"
+    path.write_bytes(listing(urls(5)))  # KOALA_CHUNK_SIZE=4 in the tests: two messages
+    assert koala(worker_env(redis_url, tmp_path / "out"), "submit", str(path)).returncode == 0
+    shown = [json.loads(raw)["headers"]["argsrepr"] for raw in reversed(rclient.lrange("download", 0, -1))]
+    assert shown == [f"[4 items, the first {urls(5)[0]!r}]", f"[1 item, the first {urls(5)[4]!r}]"]
+
+
 def test_gzip_list_with_a_bad_crc_is_reported_in_one_line(redis_url, rclient, tmp_path):
     path = tmp_path / "list.gz"
     path.write_bytes(bad_crc(listing(urls(10))))
