@@ -36,7 +36,7 @@ from common.fetching.sources import (
     read_regular,
 )
 from common.fetching.urls import url_problem
-from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, ChunkItem, FetchItem, source_of
+from common.messages import DOWNLOAD_QUEUE, DOWNLOAD_TASK, ChunkItem, FetchItem, chunk_repr
 from common.settings import Settings
 from common.state.failures import Failure, record_failure
 from common.state.job import JobState, Registered, room_for
@@ -240,14 +240,8 @@ class Submitter:
         """One download message, once the queue has room."""
         if items:
             self._wait_for_room()
-            # argsrepr (what Flower shows): else Celery reprs every chunk, file bytes too: a third of a send
-            first = "".join(source_of(items[0]))[:200]
             self.app.send_task(
-                DOWNLOAD_TASK,
-                args=[items],
-                queue=DOWNLOAD_QUEUE,
-                argsrepr=f"[{len(items)} item{'s' * (len(items) != 1)}, the first {first!r}]",
-                kwargsrepr="{}",
+                DOWNLOAD_TASK, args=[items], queue=DOWNLOAD_QUEUE, argsrepr=chunk_repr(items), kwargsrepr="{}"
             )
 
     def _ready(self, item: Submitted) -> ChunkItem | None:

@@ -26,6 +26,7 @@ from common.messages import (
     EMBED_TASK,
     ChunkItem,
     EmbedImage,
+    chunk_repr,
     items_of,
     source_of,
 )
@@ -176,7 +177,11 @@ def give_up_on(stage: DownloadStage, items: list[ChunkItem], alone: bool, deaths
     log.warning("a chunk outlived %d workers: its %d items go on one by one, each alone", deaths, len(items))
     for item in items:
         retry_on_broker(app.send_task)(
-            DOWNLOAD_TASK, args=[[item]], kwargs={"alone": True}, queue=DOWNLOAD_QUEUE, argsrepr="[1 item]"
+            DOWNLOAD_TASK,
+            args=[[item]],
+            kwargs={"alone": True},
+            queue=DOWNLOAD_QUEUE,
+            argsrepr=chunk_repr([item]),
         )
 
 
