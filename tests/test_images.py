@@ -583,6 +583,19 @@ def test_jpeg_scans_counts_the_first_image_s_scans_only():
     assert img.jpeg_scans(hostile.many_scan_jpeg(40)[:-300]) < 40
 
 
+@given(st.lists(st.sampled_from([b"\xff", b"\xda", b"\x00", b"\xff\xda"]), max_size=40))
+def test_sos_markers_counts_every_ff_da_pair(parts):
+    data = b"".join(parts)
+    assert img._sos_markers(data) == data.count(b"\xff\xda")
+
+
+def test_common_formats_are_tried_first_and_the_refused_ones_never():
+    formats = img._formats()
+    assert formats[:4] == ["JPEG", "PNG", "WEBP", "GIF"]
+    assert "EPS" not in formats and not set(formats) & {"ICO", "CUR", "ICNS"}
+    assert len(formats) == len(set(formats))
+
+
 def test_a_jpeg_of_too_many_marker_segments_is_refused_without_a_long_walk():
     # COM segments holding an SOS marker's two bytes: cheap for libjpeg, not for a Python loop
     comments = b"\xff\xfe\x00\x04\xff\xda" * 70_000
