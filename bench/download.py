@@ -46,6 +46,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PRO
 TEST_SETTINGS = "CONNECT_TIMEOUT READ_TIMEOUT DOWNLOAD_DEADLINE RETRY_BACKOFF MAX_BYTES MAX_PIXELS CHUNK_SIZE"
 TEST_SETTINGS = tuple(f"KOALA_{s}" for s in (*TEST_SETTINGS.split(), "BLOCKED_NETWORKS"))
 QUIET_WAIT = 30.0  # before each run, seconds to wait at most for other jobs' load to drop (smoke: 0)
+CALIBRATION_IMAGES = 20  # corpus files timed before each run (calibrate)
 
 
 def _make_one(job: tuple[str, int]) -> tuple[int, bytes]:
@@ -298,6 +299,19 @@ class Measure(threading.Thread):
         }
 
 
+def calibrate(paths: list[Path]) -> float:
+    """One thread's CPU-ms per image decoding and resizing the first corpus files (the product's
+    `load_rgb`): compares the machine's speed across runs, which the tools' ratio does not need."""
+    from common.pictures.images import load_rgb
+
+    datas = [p.read_bytes() for p in paths[:CALIBRATION_IMAGES]]
+    load_rgb(datas[-1])  # first-call costs out of the timing
+    start = time.thread_time()
+    for data in datas:
+        load_rgb(data)
+    return round(1000 * (time.thread_time() - start) / len(datas), 2)
+
+
 def wait_quiet(max_wait: float, threshold: float = 0.3) -> float:
     """Wait (at most max_wait s) for a 1-second window in which the machine is busy less than
     `threshold` cores; returns the last window's busy cores (others' load before a run)."""
@@ -341,6 +355,11 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
             log("installing img2dataset into its own venv (bench/results/img2dataset-venv) ...")
             subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)], **run)
             subprocess.run([str(bindir / "pip"), "install", "-q", "img2dataset"], **run)
+        # its bytecode, which pip wrote at install: without it (deleted, or never written) every
+        # img2dataset process compiles its imports (PYTHONDONTWRITEBYTECODE: a 1-image run 3 -> 7 s)
+        for site in (I2D_VENV / "lib").glob("python3*/site-packages"):
+            compile_all = [str(bindir / "python"), "-m", "compileall", "-q", "-j", "0", str(site)]
+            subprocess.run(compile_all, capture_output=True, timeout=1200)  # rc 1: some file is not Python 3
         probe = "import importlib.metadata as m, cv2; print(m.version('img2dataset'), cv2.__version__)"
         version, cv2_version = subprocess.run([str(bindir / "python"), "-c", probe], **run).stdout.split()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
@@ -546,6 +565,7 @@ COLUMNS = {  # run table: key -> heading
     "peak_rss_mb": "peak RSS MB",
     "wall_s": "wall s",
     "others_cores": "others (cores)",
+    "calibration_ms": "calibration CPU-ms",
 }
 SPLIT = ("workers", "decoders", "redis", "producer")  # our CPU per image by process
 METHOD = (
@@ -553,7 +573,9 @@ METHOD = (
     "(img2dataset's in-shard span; ours first image out to last). CPU-ms per image and busy cores (CPU-s "
     "per second): all the tool's processes (ours: workers, decoders, redis-server, producer); machine: every "
     "process in the steady span (the image server and the sink too); others: other jobs on this shared "
-    "machine during the run."
+    "machine during the run; calibration: one thread's CPU-ms per image decoding and resizing the first "
+    f"{CALIBRATION_IMAGES} corpus files, just before the run (the machine's own speed, which drifts between "
+    "runs on a shared VM even when others are at 0)."
 )
 
 
@@ -597,7 +619,7 @@ def markdown(result: dict) -> str:
             f"({result['network']['dns_failure']}). Rates and CPU per image count successful images only.\n"
         )
     rows = [
-        [i, r["tool"], *(r[k] for k in COLUMNS), f"{r['success']} / {r['expected']}"]
+        [i, r["tool"], *(r.get(k) for k in COLUMNS), f"{r['success']} / {r['expected']}"]
         for i, r in enumerate(runs, 1)
     ]
     lines.append(md_table(["run", "tool", *COLUMNS.values(), "ok"], rows) + "\n")
@@ -662,7 +684,7 @@ def main(images: int, rounds: int, corpus: str, scenario: str, json_path: Path |
         result["network"] = check_private_network()
     server = CorpusServer(CACHE / CORPORA[corpus], images, mix["slow_s"] if mix else 3.0, mix is not None)
     try:
-        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT)
+        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths)
     finally:
         server.stop()
     result["summary"] = summarize(result["runs"])
@@ -674,7 +696,9 @@ def url_list(name: str, urls: list[str]) -> Path:
     return path
 
 
-def compare(result: dict, server: CorpusServer, mix: dict | None, bindir: Path | None, quiet: float) -> None:
+def compare(
+    result: dict, server: CorpusServer, mix: dict | None, bindir: Path | None, quiet: float, paths: list[Path]
+) -> None:
     """img2dataset's fixed cost, then the rounds (img2dataset, then ours), into `result`."""
     cfg, n = result["config"], result["config"]["images"]
     urls, expected, env, limits, timeout = server.urls(n), n, {}, {}, max(120.0, n / 5)
@@ -702,12 +726,15 @@ def compare(result: dict, server: CorpusServer, mix: dict | None, bindir: Path |
         for round_no in range(1, cfg["rounds"] + 1):
             for tool in ("img2dataset", "ours") if bindir else ("ours",):
                 before = wait_quiet(quiet) if quiet else None
+                calibration = calibrate(paths)
                 if tool == "ours":
                     r = fleet.run(listed, n, server, timeout)
                 else:
                     r = run_img2dataset(bindir, listed, n, server, timeout, **limits)
                 result["runs"].append(
-                    r | {"round": round_no, "expected": expected, "others_before_cores": before}
+                    r
+                    | {"round": round_no, "expected": expected, "others_before_cores": before}
+                    | {"calibration_ms": calibration}
                 )
                 rate, cpu = r["images_per_s"], r["cpu_ms_per_image"]
                 log(f"round {round_no} {tool}: {rate} img/s, {cpu} CPU-ms/img, {r['success']}/{expected}")

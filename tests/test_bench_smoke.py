@@ -47,6 +47,7 @@ def check_download(out: Path) -> None:
     download = json.loads((out / "download.json").read_text())
     assert all(r["success"] == r["images"] for r in download["runs"])
     assert all(r["cpu_ms_per_image_decoders"] > 0 and r["busy_cores"] > 0 for r in download["runs"])
+    assert all(r["calibration_ms"] > 0 for r in download["runs"])
 
 
 def check_resize(out: Path) -> None:
