@@ -436,6 +436,19 @@ def photo_jpeg(index: int) -> bytes:
     return _save(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), "JPEG", **options)
 
 
+def shrunk_jpeg(data: bytes, factor: float) -> bytes:
+    """A JPEG resized by `factor` on each side (Lanczos), saved at quality 90, progressive where
+    the original is (`bench.download --corpus small`: the photos at 0.4)."""
+    with Image.open(io.BytesIO(data)) as img:
+        progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+        w, h = img.size
+        size = (max(1, round(w * factor)), max(1, round(h * factor)))
+        small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    small.save(out, "JPEG", quality=90, progressive=progressive)
+    return out.getvalue()
+
+
 def imagenet_jpeg(index: int) -> bytes:
     """One deterministic ImageNet-sized JPEG (400..1600 x 350..1200, a quarter portrait, near 100..300 KB):
     a smooth colour field, flat shapes, sensor noise (`bench.download --corpus imagenet`)."""
