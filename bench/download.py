@@ -79,13 +79,15 @@ def corpus_stats(paths: list[Path]) -> dict:
     """Sizes of the corpus files: bytes, pixels, aspect ratios, progressive share (JPEG headers)."""
     from PIL import Image
 
+    from testkit.corpus import is_progressive
+
     sizes, pixels, wide, progressive = [], [], [], 0
     for p in paths:
         sizes.append(p.stat().st_size)
         with Image.open(p) as im:
             pixels.append(im.size[0] * im.size[1])
             wide.append(im.size[0] / im.size[1])
-            progressive += bool(im.info.get("progressive") or im.info.get("progression"))
+            progressive += is_progressive(im)
     px, kb = np.array(pixels) / 1e6, np.array(sizes) / 1e3
     return {
         "images": len(paths),
@@ -731,16 +733,18 @@ def compare(
         for round_no in range(1, cfg["rounds"] + 1):
             for tool in ("img2dataset", "ours") if bindir else ("ours",):
                 before = wait_quiet(quiet) if quiet else None
-                calibration = calibrate(paths)
+                calibration_ms = calibrate(paths)
                 if tool == "ours":
                     r = fleet.run(listed, n, server, timeout)
                 else:
                     r = run_img2dataset(bindir, listed, n, server, timeout, **limits)
-                result["runs"].append(
-                    r
-                    | {"round": round_no, "expected": expected, "others_before_cores": before}
-                    | {"calibration_ms": calibration}
-                )
+                more = {
+                    "round": round_no,
+                    "expected": expected,
+                    "others_before_cores": before,
+                    "calibration_ms": calibration_ms,
+                }
+                result["runs"].append(r | more)
                 rate, cpu = r["images_per_s"], r["cpu_ms_per_image"]
                 log(f"round {round_no} {tool}: {rate} img/s, {cpu} CPU-ms/img, {r['success']}/{expected}")
 

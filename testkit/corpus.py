@@ -436,11 +436,16 @@ def photo_jpeg(index: int) -> bytes:
     return _save(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"), "JPEG", **options)
 
 
+def is_progressive(img: Image.Image) -> bool:
+    """Whether an opened JPEG is progressive (Pillow says so in either of two keys)."""
+    return bool(img.info.get("progressive") or img.info.get("progression"))
+
+
 def shrunk_jpeg(data: bytes, factor: float) -> bytes:
     """A JPEG resized by `factor` on each side (Lanczos), saved at quality 90, progressive where
     the original is (`bench.download --corpus small`: the photos at 0.4)."""
     with Image.open(io.BytesIO(data)) as img:
-        progressive = bool(img.info.get("progressive") or img.info.get("progression"))
+        progressive = is_progressive(img)
         w, h = img.size
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         small = img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
