@@ -48,7 +48,11 @@ def item_bytes(item: ChunkItem, client: Client, policy: Policy, keep_originals: 
     `keep_originals` as <key>.<ext> when set)."""
     if not is_fetch(item):
         return cast(FileItem, item)["b"]
-    data = fetch(item["u"], client, policy)
+    return kept(item, fetch(item["u"], client, policy), keep_originals)
+
+
+def kept(item: ChunkItem, data: bytes, keep_originals: Path | None) -> bytes:
+    """The fetched bytes of an item, saved in `keep_originals` as <key>.<ext> first when set."""
     if keep_originals:
         images.save_original(keep_originals, item["k"], data)
     return data

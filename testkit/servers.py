@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import os
 import shutil
 import signal
@@ -300,11 +302,22 @@ class Handler(BaseHTTPRequestHandler):
             os.kill(pid, signal.SIGKILL)
         self.send_body(self.files["jpeg_small"])  # to a dead process; anyone else gets an image
 
+    def gzipped(self, path: str, rest: str) -> None:  # /gzip/<name>: the file, gzip-encoded on the wire
+        self.send_body(gzip.compress(self.files[rest]), headers={"Content-Encoding": "gzip"})
+
+    def gzip_bomb(self, path: str, rest: str) -> None:  # 64 MB of zeros in ~64 KB of gzip
+        self.send_body(_zeros_gzipped(), headers={"Content-Encoding": "gzip"})
+
     def url_list(self, path: str, rest: str) -> None:  # a URL list served over HTTP
         self.send_body(self.files["__list__"], "text/plain")
 
     def url_list_cut(self, path: str, rest: str) -> None:  # a URL list whose body stops at half its length
         self.cut_short(self.files["__list__"])
+
+
+@functools.cache
+def _zeros_gzipped() -> bytes:
+    return gzip.compress(bytes(64 << 20), compresslevel=9)
 
 
 def pid_of_peer(port: int) -> int | None:
@@ -353,6 +366,8 @@ ROUTES: dict[str, Callable[[Handler, str, str], None]] = {
     "dribble-headers": Handler.dribble_headers,
     "dribble-after-status": Handler.dribble_after_status,
     "slow-hops": Handler.slow_hops,
+    "gzip": Handler.gzipped,
+    "gzip-bomb": Handler.gzip_bomb,
     "list": Handler.url_list,
     "list-cut": Handler.url_list_cut,
 }

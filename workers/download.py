@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import cast
 
 from common.fetching.fetch import make_session, policy_from_settings
-from common.messages import EMBED_QUEUE, ChunkItem, EmbedImage, embed_image, source_of
+from common.messages import EMBED_QUEUE, ChunkItem, EmbedImage, FileItem, embed_image, is_fetch, source_of
 from common.settings import Settings
-from common.stages import failure_of, item_bytes
+from common.stages import failure_of, kept
 from common.state.failures import Failure, record_failure
 from common.state.job import FAILED, WRITTEN, JobState, room_for
 from workers.decoders import Decoders
@@ -28,22 +30,23 @@ GROUP_WAIT = 2.0  # seconds the images of a chunk wait for its slowest download 
 
 
 class DownloadStage:
-    """Per-process download state: settings, pooled HTTP session, job state, and the threads that
-    download (`download_concurrency` images in flight, shared by the chunks in progress)."""
+    """Per-process download state: settings, job state, the HTTP client whose loop downloads
+    (`download_concurrency` images in flight, shared by the chunks in progress) and the decoders."""
 
     def __init__(self, settings: Settings, state: JobState, node: str):
         self.settings = settings
         self.state = state
         self.node = node
         self.policy = policy_from_settings(settings)
-        self.session = make_session(self.policy, pool_maxsize=settings.per_host_connections)
-        self.pool = ThreadPoolExecutor(settings.download_concurrency, "fetch")
+        self.client = make_session(self.policy, concurrency=settings.download_concurrency)
         self._room = 0  # images we may still publish before looking at the queue again
         self._room_lock = threading.Lock()
         # decoding, resizing and encoding: in processes of their own, one per core (workers/decoders.py)
         size = (settings.image_size, settings.image_size)
         limits = (settings.resize_mode, settings.max_pixels, settings.max_jpeg_scans)
         self.decoders = Decoders(size, *limits, processes=settings.decoders)
+        # the bytes go to a decoder from these threads: a full pipe must not stop the download loop
+        self.handoff = ThreadPoolExecutor(self.decoders.processes + 1, "handoff")
 
     def run(self, items: list[ChunkItem], publish: Publish) -> None:
         """Process one chunk: its pending items downloaded at once, every one published or failed,
@@ -52,7 +55,10 @@ class DownloadStage:
         pending = [i for i, current in zip(items, states, strict=True) if current not in (WRITTEN, FAILED)]
         chunk = _Chunk(len(pending))
         for item in pending:
-            self.pool.submit(self.fetch, item, chunk)
+            if is_fetch(item):
+                self.client.submit(item["u"], partial(self.fetched, item, chunk))
+            else:
+                self.handoff.submit(self.decode, item, cast(FileItem, item)["b"], chunk)
         ready: list[EmbedImage] = []
         first_ready = 0.0
         left = len(pending)
@@ -77,11 +83,18 @@ class DownloadStage:
         publish(ready)
         self.state.mark_downloaded_many([image["key"] for image in ready])
 
-    def fetch(self, item: ChunkItem, chunk: _Chunk) -> None:
-        """In a fetch thread: download one item (or take its submitted bytes) and hand the bytes to a
-        decoder; its payload or its error ends the item in `chunk` (from the decoder's answer)."""
+    def fetched(self, item: ChunkItem, chunk: _Chunk, outcome: bytes | Exception) -> None:
+        """On the download loop: an item's bytes go on to a decoder; its error ends it in `chunk`."""
+        if isinstance(outcome, Exception):
+            chunk.end(item, outcome)
+        else:
+            self.handoff.submit(self.decode, item, outcome, chunk)
+
+    def decode(self, item: ChunkItem, data: bytes, chunk: _Chunk) -> None:
+        """In a handoff thread: keep a download's original when asked, then have a decoder decode the
+        bytes; its payload or its error ends the item in `chunk` (from the decoder's answer)."""
         try:
-            data = item_bytes(item, self.session, self.policy, self.settings.keep_originals)
+            data = kept(item, data, self.settings.keep_originals) if is_fetch(item) else data
         except Exception as e:
             chunk.end(item, e)
             return

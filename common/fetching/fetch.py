@@ -1,44 +1,46 @@
-"""Guarded HTTP download on urllib3: http(s) only, public addresses only (checked after DNS and on
-every redirect hop), byte limit, timeouts, an overall deadline that bounds every socket read (status
-line and headers included), and retries only where they help."""
+"""Guarded HTTP download on aiohttp: http(s) only, public addresses only (checked after DNS and on
+every redirect hop), byte limit, timeouts, an overall deadline that bounds every step (connect, TLS,
+status line, headers, body), and retries only where they help.
+
+All downloads of a `Client` run on one event loop in a thread of its own: a download worker keeps
+64 in flight without 64 threads waking for every read (README, "The download stage", for what it
+saved). `fetch` is the blocking call (the standalone `koala download`, tests), `Client.submit` the
+callback one (the workers).
+"""
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import io
+import logging
 import socket
-import ssl
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from http.client import HTTPException
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
 from ipaddress import IPv4Network, IPv6Network
-from typing import cast
-from urllib.parse import urljoin, urlsplit
+from typing import Any, TypeVar, cast
+from urllib.parse import urljoin
 
-from urllib3 import BaseHTTPResponse, PoolManager, Timeout
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    LocationValueError,
-    NewConnectionError,
-    ReadTimeoutError,
-)
-from urllib3.util.ssl_ import create_urllib3_context
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.helpers import is_ip_address
+from yarl import URL
 
 from common.fetching.addresses import classify, parse_networks
 from common.fetching.urls import url_problem
 from common.settings import Settings
 from common.state.failures import ItemError
 
+log = logging.getLogger("koala.fetch")
 _READ = 64 * 1024
 _DRAIN = 64 * 1024  # error and redirect bodies up to this size are read so the connection is kept
-_HEADERS = {"User-Agent": "", "Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "gzip, deflate"}
-_deadline = threading.local()  # .at: monotonic deadline of the download this thread runs
+_HEADERS = {"Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "gzip, deflate"}
+T = TypeVar("T")
+Done = Callable[[bytes | Exception], None]  # gets the body, or why there is none
 
 
 class FetchError(ItemError):
@@ -53,7 +55,7 @@ class TransientError(FetchError):
         self.retry_after = retry_after
 
 
-# Not OSError subclasses on purpose: urllib3 re-wraps OSError, these pass through.
+# Not OSError subclasses on purpose: aiohttp wraps OSError from a resolver, these pass through.
 class BlockedAddress(Exception):
     """The host resolved to an address the policy refuses."""
 
@@ -77,16 +79,6 @@ class Policy:
     backoff: float = 1.0
     user_agent: str = "koala-fleet/0.1"
     per_host: int = 8
-    _host_slots: dict = field(default_factory=dict, compare=False, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
-
-    def host_slot(self, host: str) -> threading.BoundedSemaphore:
-        """The semaphore that bounds concurrent downloads from one host (in this process)."""
-        with self._lock:
-            slot = self._host_slots.get(host)
-            if slot is None:
-                slot = self._host_slots[host] = threading.BoundedSemaphore(self.per_host)
-            return slot
 
 
 def resolve_checked(host: str, port: int, policy: Policy) -> list[tuple]:
@@ -103,126 +95,145 @@ def resolve_checked(host: str, port: int, policy: Policy) -> list[tuple]:
     return infos
 
 
-# --- sockets whose reads stop at the download's deadline ---------------------------------------
+class _GuardedResolver(AbstractResolver):
+    """aiohttp's resolver: the addresses it connects to are the ones checked here (aiohttp skips
+    the resolver for hosts that look like IP addresses: `_check_literal` covers those)."""
+
+    def __init__(self, policy: Policy, lookups: int):
+        self.policy = policy
+        # getaddrinfo blocks: as many lookups at once as downloads (a dead name server can take seconds)
+        self.pool = ThreadPoolExecutor(lookups, "dns")
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.run_in_executor(self.pool, resolve_checked, host, port, self.policy)
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        return [
+            ResolveResult(hostname=host, host=addr[0], port=addr[1], family=fam, proto=proto, flags=flags)
+            for fam, _, proto, _, addr in infos
+        ]
+
+    async def close(self) -> None:
+        self.pool.shutdown(wait=False)
 
 
-class _DeadlineReads:
-    """Socket mixin: each read waits at most the timeout urllib3 set and never past the deadline
-    of the download the calling thread runs (a server dribbling headers cannot hold it)."""
-
-    _wanted: float | None = None
-    _cut = False
-
-    def settimeout(self, value: float | None) -> None:
-        self._wanted, self._cut = value, False
-        super().settimeout(value)  # type: ignore[misc]
-
-    def _bound(self) -> None:
-        at = getattr(_deadline, "at", None)
-        left = None if at is None else at - time.monotonic()
-        if left is not None and left <= 0:
-            raise TimeoutError("the download deadline passed")
-        if left is not None and (self._wanted is None or left < self._wanted):
-            super().settimeout(left)  # type: ignore[misc]
-            self._cut = True
-        elif self._cut:
-            super().settimeout(self._wanted)  # type: ignore[misc]
-            self._cut = False
-
-    def recv_into(self, *args, **kwargs) -> int:
-        self._bound()
-        return super().recv_into(*args, **kwargs)  # type: ignore[misc]
-
-    def recv(self, *args, **kwargs) -> bytes:
-        self._bound()
-        return super().recv(*args, **kwargs)  # type: ignore[misc]
+@lru_cache(maxsize=4096)
+def _check_literal(host: str, policy: Policy) -> None:
+    """Refuse a host aiohttp takes for an IP address (it connects without resolving) when the
+    address it stands for is refused ("127.1" included: getaddrinfo reads it without DNS, so the
+    verdict is the same every time: kept)."""
+    if is_ip_address(host):
+        resolve_checked(host, 0, policy)
 
 
-class _DeadlineSocket(_DeadlineReads, socket.socket):
-    """A TCP socket with deadline-bounded reads."""
+@cache
+def _tls_context() -> Any:
+    """One verifying TLS context per process (certifi's roots, as requests used), shared by clients."""
+    import ssl
 
-
-class _DeadlineSSLSocket(_DeadlineReads, ssl.SSLSocket):
-    """A TLS socket with deadline-bounded reads (the SSL context creates it)."""
-
-
-@functools.cache
-def _tls_context() -> ssl.SSLContext:
-    """One verifying TLS context per process (certifi's roots, as requests used), shared by pools."""
-    context = create_urllib3_context()
-    context.sslsocket_class = _DeadlineSSLSocket
+    context = ssl.create_default_context()
     try:
         import certifi
 
         context.load_verify_locations(certifi.where())
     except ImportError:
-        context.load_default_certs()
+        pass
     return context
-
-
-@contextmanager
-def _download_deadline(at: float) -> Iterator[None]:
-    """Socket reads in this thread stop at `at` (time.monotonic) while the block runs."""
-    previous = getattr(_deadline, "at", None)
-    _deadline.at = at
-    try:
-        yield
-    finally:
-        _deadline.at = previous
-
-
-def _guarded_conn(base: type[HTTPConnection], policy: Policy) -> type[HTTPConnection]:
-    """A urllib3 connection class that connects only to addresses the policy allows."""
-
-    class Guarded(base):  # type: ignore[misc, valid-type]
-        def _new_conn(self) -> socket.socket:
-            last: OSError | None = None
-            for family, kind, proto, _, addr in resolve_checked(self._dns_host, self.port, policy):
-                sock = _DeadlineSocket(family, kind, proto)
-                try:
-                    sock.settimeout(self.timeout)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    sock._bound()  # the connect, too, ends at the deadline
-                    sock.connect(addr)
-                    return sock
-                except TimeoutError as e:
-                    sock.close()
-                    raise ConnectTimeoutError(self, f"connect to {self.host} timed out") from e
-                except OSError as e:
-                    sock.close()
-                    last = e
-            raise NewConnectionError(self, f"cannot connect to {self.host}: {last}")
-
-    return Guarded
 
 
 # --- the client ---------------------------------------------------------------------------------
 
 
-class Client:
-    """Pooled guarded connections (a urllib3 PoolManager) and the request headers; close() or `with`.
-    Proxy variables are never read: the guard must see the real peer."""
+@dataclass
+class _Slots:
+    """A host's semaphore and the downloads holding or waiting for it."""
 
-    def __init__(self, policy: Policy, pool_maxsize: int = 64):
-        self.headers = {**_HEADERS, "User-Agent": policy.user_agent}
-        self.pool = PoolManager(
-            num_pools=256, maxsize=pool_maxsize, retries=False, ssl_context=_tls_context()
+    semaphore: asyncio.Semaphore
+    users: int = 0
+
+
+class Client:
+    """An aiohttp session on an event loop in a thread of its own ("fetch-loop"), pooled guarded
+    connections, the per-host limits and at most `concurrency` downloads at once; close() or `with`.
+    Proxy variables are never read (the guard must see the real peer) and cookies never kept."""
+
+    def __init__(self, policy: Policy, concurrency: int = 64):
+        self.policy = policy
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fetch-loop", daemon=True)
+        self._thread.start()
+        self._slots: dict[str, _Slots] = {}  # touched on the loop only
+        self._tasks: set[asyncio.Task] = set()
+        self._running = self.call(self._start(concurrency))
+
+    async def _start(self, concurrency: int) -> asyncio.Semaphore:
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=0,
+            resolver=_GuardedResolver(self.policy, concurrency),
+            ssl=_tls_context(),
         )
-        self.pool.pool_classes_by_scheme = {
-            "http": type(
-                "GuardedHTTPPool",
-                (HTTPConnectionPool,),
-                {"ConnectionCls": _guarded_conn(HTTPConnection, policy)},
-            ),
-            "https": type(
-                "GuardedHTTPSPool",
-                (HTTPSConnectionPool,),
-                {"ConnectionCls": _guarded_conn(HTTPSConnection, policy)},
-            ),
-        }
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            headers={**_HEADERS, "User-Agent": self.policy.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return asyncio.Semaphore(concurrency)
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the client's loop and wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def submit(self, url: str, done: Done) -> None:
+        """Start downloading url; `done` gets the body or the exception, on the loop's thread (it
+        must not block)."""
+        self.loop.call_soon_threadsafe(self._start_task, url, done)
+
+    def _start_task(self, url: str, done: Done) -> None:
+        task = self.loop.create_task(self._fetch_then(url, done))
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch_then(self, url: str, done: Done) -> None:
+        try:
+            outcome: bytes | Exception = await self.fetch(url)
+        except Exception as e:
+            outcome = e
+        try:
+            done(outcome)
+        except Exception:  # never the loop's end: the other downloads go on
+            log.exception("a download's callback failed")
+
+    async def fetch(self, url: str) -> bytes:
+        """The body of url, following redirects, with retries; FetchError with a reason otherwise."""
+        async with self._running:
+            return await _fetch(url, self, self.policy)
+
+    @asynccontextmanager
+    async def host_slot(self, host: str) -> AsyncIterator[None]:
+        """Hold one of the host's `per_host` slots (on this client); a host's semaphore is dropped when
+        no download uses it (a URL list may name millions of hosts)."""
+        entry = self._slots.get(host)
+        if entry is None:
+            entry = self._slots[host] = _Slots(asyncio.Semaphore(self.policy.per_host))
+        entry.users += 1
+        try:
+            async with entry.semaphore:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._slots[host]
 
     def close(self) -> None:
-        self.pool.clear()
+        if self.loop.is_closed():
+            return
+        if self._thread.is_alive():
+            self.call(self.session.close())
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+        self.loop.close()
 
     def __enter__(self) -> Client:
         return self
@@ -231,45 +242,66 @@ class Client:
         self.close()
 
 
-def make_session(policy: Policy, pool_maxsize: int = 64) -> Client:
-    """A pooled guarded client for fetch (keep one per process or thread pool)."""
-    return Client(policy, pool_maxsize)
+def make_session(policy: Policy, concurrency: int = 64) -> Client:
+    """A guarded client for fetch (keep one per process)."""
+    return Client(policy, concurrency)
 
 
-def fetch(url: str, session: Client, policy: Policy) -> bytes:
-    """The body of url, following redirects, with retries; FetchError with a reason otherwise."""
+def fetch(url: str, client: Client, policy: Policy | None = None) -> bytes:
+    """The body of url (blocking): `Client.fetch` on the client's loop, under `policy` when given."""
+    if policy is None or policy == client.policy:
+        return client.call(client.fetch(url))
+    return client.call(_fetch(url, client, policy))
+
+
+_sleep = asyncio.sleep  # the pause between attempts (tests record it)
+
+
+async def _fetch(url: str, client: Client, policy: Policy) -> bytes:
     problem = url_problem(url)
     if problem:
         raise FetchError(*problem)
     start = time.monotonic()
     attempts = 0
-    with _download_deadline(start + policy.deadline):
-        while True:
-            try:
-                return _attempt(url, session, policy, start)
-            except TransientError as e:
-                attempts += 1
-                # a timed-out attempt has waited already; backing off is for answers that came fast
-                pause = (
-                    0.0 if e.reason == "timeout" else max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
-                )
-                if attempts > policy.retries or time.monotonic() - start + pause >= policy.deadline:
-                    raise
-                if pause:
-                    time.sleep(pause)
-
-
-def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
-    """One attempt, holding one of the host's slots: follow the redirects, read the body."""
-    with policy.host_slot(urlsplit(url).hostname or ""):
-        response = _open(url, client, policy, start, checked=True)
+    while True:
         try:
-            return _read_body(response, policy, start)
-        finally:
-            response.close()  # a no-op once the body is read: the connection went back to the pool
+            return await _attempt(url, client, policy, start)
+        except TransientError as e:
+            attempts += 1
+            # a timed-out attempt has waited already; backing off is for answers that came fast
+            pause = 0.0 if e.reason == "timeout" else max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
+            if attempts > policy.retries or time.monotonic() - start + pause >= policy.deadline:
+                raise
+            if pause:
+                await _sleep(pause)
 
 
-def _open(url: str, client: Client, policy: Policy, start: float, checked: bool = False) -> BaseHTTPResponse:
+async def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
+    """One attempt within what is left of the deadline, holding one of the host's slots: follow the
+    redirects, read the body."""
+    remaining = policy.deadline - (time.monotonic() - start)
+    if remaining <= 0:
+        raise TransientError("timeout", f"no time left of the {policy.deadline:g}s deadline")
+    async with client.host_slot(_host_of(url)):
+        try:
+            async with asyncio.timeout(remaining):
+                response = await _open(url, client, policy, checked=True)
+                try:
+                    return await _read_body(response, policy)
+                finally:
+                    response.release()
+        except TimeoutError:
+            raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline") from None
+
+
+def _host_of(url: str) -> str:
+    try:
+        return URL(url).host or ""
+    except ValueError as e:
+        raise FetchError("invalid_url", str(e)) from None
+
+
+async def _open(url: str, client: Client, policy: Policy, checked: bool = False) -> aiohttp.ClientResponse:
     """The 2xx response at the end of url's redirect chain, every hop checked (`checked`: the
     caller already checked url itself)."""
     seen = {url}
@@ -277,16 +309,16 @@ def _open(url: str, client: Client, policy: Policy, start: float, checked: bool 
         problem = None if checked and hop == 0 else url_problem(url)
         if problem:
             raise FetchError(*problem)
-        response = _get(url, client, policy, start)
-        location = response.get_redirect_location()
+        response = await _get(url, client, policy)
+        location = response.headers.get("Location") if response.status in _REDIRECTS else None
         if not location:
             try:
                 _check_status(response)
             except FetchError:
-                _discard(response)
+                await _discard(response)
                 raise
             return response
-        _discard(response)
+        await _discard(response)
         target = urljoin(url, location)
         if target in seen:
             raise FetchError("redirect_loop", f"{url} redirects back to {target}")
@@ -295,81 +327,50 @@ def _open(url: str, client: Client, policy: Policy, start: float, checked: bool 
     raise FetchError("redirect_loop", f"more than {policy.max_redirects} redirects")
 
 
-def _discard(response: BaseHTTPResponse) -> None:
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
     """Done with a redirect or an error answer: keep the connection when its body is small."""
     declared = _framed_length(response)
     if declared is not None and declared <= _DRAIN:
-        response.drain_conn()
-        response.release_conn()
+        try:
+            await response.read()
+        except (aiohttp.ClientError, OSError):
+            response.close()
+            return
+        response.release()
     else:
         response.close()
 
 
-@contextmanager
-def open_stream(url: str, policy: Policy) -> Iterator[io.BufferedReader[BaseHTTPResponse]]:
-    """A URL list (or any large body) as a binary stream, with the same guards but no size cap."""
-    with make_session(policy, pool_maxsize=1) as client:
-        response = _open(url, client, replace(policy, deadline=float("inf")), time.monotonic())
-        # stays readable at the end, as BufferedReader needs (an HTTPResponse, typed as its base)
-        response.auto_close = False  # type: ignore[attr-defined]
-        # readline: the buffered reader's is C; the response's own reads a byte per call
-        with io.BufferedReader(response, _READ) as stream:
-            yield stream
-
-
-def policy_from_settings(settings: Settings) -> Policy:
-    """The download policy the settings describe."""
-    return Policy(
-        allow_private=settings.allow_private_addresses,
-        blocked=parse_networks(settings.blocked_networks),
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
-        deadline=settings.download_deadline,
-        max_bytes=settings.max_bytes,
-        max_redirects=settings.max_redirects,
-        retries=settings.retries,
-        backoff=settings.retry_backoff,
-        user_agent=settings.user_agent,
-        per_host=settings.per_host_connections,
-    )
-
-
-def _get(url: str, client: Client, policy: Policy, start: float) -> BaseHTTPResponse:
-    """Send one GET within the remaining deadline, turning exceptions into reasons."""
-    remaining = policy.deadline - (time.monotonic() - start)
-    if remaining <= 0:
-        raise FetchError("timeout", f"no time left of the {policy.deadline:g}s deadline")
-    timeout = Timeout(
-        connect=min(policy.connect_timeout, remaining), read=min(policy.read_timeout, remaining)
-    )
+async def _get(url: str, client: Client, policy: Policy) -> aiohttp.ClientResponse:
+    """Send one GET, turning exceptions into reasons."""
+    timeout = aiohttp.ClientTimeout(sock_connect=policy.connect_timeout, sock_read=policy.read_timeout)
     try:
-        return client.pool.urlopen(
-            "GET",
-            url,
-            headers=client.headers,
-            redirect=False,
-            retries=False,
-            preload_content=False,
-            timeout=timeout,
-        )
+        parsed = URL(url)
+    except ValueError as e:
+        raise FetchError("invalid_url", str(e)) from None
+    try:
+        _check_literal(parsed.raw_host or "", policy)
+        return await client.session.get(parsed, allow_redirects=False, timeout=timeout)
     except BlockedAddress as e:
         raise FetchError("blocked_address", str(e)) from None
     except DnsFailure as e:
         raise TransientError("dns_error", str(e)) from None
-    except LocationValueError as e:
-        raise FetchError("invalid_url", str(e)) from None
-    except NewConnectionError as e:  # a subclass of ConnectTimeoutError: test it first
-        raise TransientError("connection_error", _cause(e)) from None
-    except ConnectTimeoutError as e:
+    except aiohttp.InvalidURL as e:
+        raise FetchError("invalid_url", _cause(e)) from None
+    except aiohttp.ConnectionTimeoutError as e:
         raise TransientError("timeout", f"connect timed out: {_cause(e)}") from None
-    except (ReadTimeoutError, TimeoutError) as e:
-        waited = f"no response within {timeout.read_timeout:g}s"
-        raise TransientError("timeout", f"{waited}: {_cause(e)}") from None
-    except (HTTPError, HTTPException, OSError) as e:
+    except aiohttp.SocketTimeoutError as e:
+        raise TransientError("timeout", f"no response within {policy.read_timeout:g}s: {_cause(e)}") from None
+    except aiohttp.ClientResponseError as e:  # status line or headers malformed: the same next time
+        raise FetchError("connection_error", f"malformed response: {_cause(e)}") from None
+    except (aiohttp.ClientError, OSError) as e:
         raise TransientError("connection_error", _cause(e)) from None
 
 
-def _check_status(response: BaseHTTPResponse) -> None:
+def _check_status(response: aiohttp.ClientResponse) -> None:
     """Refuse non-2xx answers; 429 and 5xx are worth a retry."""
     code = response.status
     if 200 <= code < 300:
@@ -388,54 +389,96 @@ def _retry_after(value: str | None) -> float:
         return 0.0
 
 
-def _read_body(response: BaseHTTPResponse, policy: Policy, start: float) -> bytes:
-    """Read the body within the byte limit and the deadline."""
+async def _read_body(response: aiohttp.ClientResponse, policy: Policy) -> bytes:
+    """Read the body within the byte limit (of the decoded bytes, when the body is encoded)."""
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
         raise FetchError("too_large", f"Content-Length {declared} exceeds {policy.max_bytes} bytes")
     encoded = response.headers.get("Content-Encoding", "identity") not in ("", "identity")
     length = _framed_length(response)
-    got = bytearray()
-    body: bytes | bytearray = got
+    body = bytearray()
     try:
         if length is not None and not encoded:
-            body = response.read(length)  # one read, no copy: the length is within the cap
-        else:
-            _read_capped(response, got, policy.max_bytes)
-    except FetchError:
-        raise
-    except (ReadTimeoutError, TimeoutError):
+            return await response.content.readexactly(length)
+        while chunk := await response.content.readany():
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise FetchError("too_large", f"body exceeds {policy.max_bytes} bytes")
+    except asyncio.IncompleteReadError as e:
+        raise TransientError("truncated", f"got {len(e.partial)} of {declared} bytes") from None
+    except aiohttp.SocketTimeoutError:
         raise TransientError("timeout", f"read timed out after {len(body)} bytes") from None
-    except (HTTPError, HTTPException, OSError, ValueError) as e:  # the body stopped early or is malformed
+    except (aiohttp.ClientError, OSError, ValueError) as e:  # the body stopped early or is malformed
         raise TransientError("truncated", f"body ended after {len(body)} bytes: {_cause(e)}") from None
-    if time.monotonic() - start > policy.deadline:
-        raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline")
-    if declared.isdigit() and not encoded and len(body) != int(declared):
-        raise TransientError("truncated", f"got {len(body)} of {declared} bytes")
-    return body if isinstance(body, bytes) else bytes(body)
+    return bytes(body)
 
 
-def _framed_length(response: BaseHTTPResponse) -> int | None:
+def _framed_length(response: aiohttp.ClientResponse) -> int | None:
     """Content-Length when it frames the body (with Transfer-Encoding, chunks do: it is ignored)."""
     declared = response.headers.get("Content-Length", "")
     return int(declared) if declared.isdigit() and "Transfer-Encoding" not in response.headers else None
 
 
-def _read_capped(response: BaseHTTPResponse, body: bytearray, max_bytes: int) -> None:
-    """Append whatever bytes arrive (decoded) to body, refusing more than max_bytes."""
-    while chunk := response.read1(_READ, decode_content=True):
-        body += chunk
-        if len(body) > max_bytes:
-            raise FetchError("too_large", f"body exceeds {max_bytes} bytes")
-
-
 def _cause(error: BaseException) -> str:
-    """The innermost useful message of a wrapped urllib3 exception."""
+    """The innermost useful message of a wrapped exception."""
     inner = error
     while True:
-        nxt = getattr(inner, "reason", None) or inner.__cause__ or inner.__context__
+        nxt = getattr(inner, "os_error", None) or inner.__cause__ or inner.__context__
         if nxt is None or nxt is inner or not isinstance(nxt, BaseException):
             break
         inner = nxt
-    text = str(inner) or type(inner).__name__
-    return text[:300]
+    message = getattr(inner, "message", None)  # aiohttp's parse errors: "400, message: ..." otherwise
+    text = message if isinstance(message, str) and message else str(inner)
+    return " ".join(text.split())[:300] or type(inner).__name__
+
+
+# --- a URL list as a stream ---------------------------------------------------------------------
+
+
+class _ResponseStream(io.RawIOBase):
+    """A blocking, readable view of a response's body read on the client's loop."""
+
+    def __init__(self, client: Client, response: aiohttp.ClientResponse):
+        self.client = client
+        self.response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self.client.call(self.response.content.read(len(buffer)))
+        except (aiohttp.ClientError, asyncio.IncompleteReadError) as e:
+            raise OSError(f"the body stopped early: {_cause(e)}") from e
+        buffer[: len(data)] = data
+        return len(data)
+
+
+@contextmanager
+def open_stream(url: str, policy: Policy) -> Iterator[io.BufferedReader[_ResponseStream]]:
+    """A URL list (or any large body) as a binary stream, with the same guards but no size cap
+    nor deadline."""
+    with make_session(policy, concurrency=1) as client:
+        response = client.call(_open(url, client, replace(policy, deadline=float("inf")), checked=False))
+        try:
+            with io.BufferedReader(_ResponseStream(client, response), _READ) as stream:
+                yield stream
+        finally:
+            response.close()
+
+
+def policy_from_settings(settings: Settings) -> Policy:
+    """The download policy the settings describe."""
+    return Policy(
+        allow_private=settings.allow_private_addresses,
+        blocked=parse_networks(settings.blocked_networks),
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        deadline=settings.download_deadline,
+        max_bytes=settings.max_bytes,
+        max_redirects=settings.max_redirects,
+        retries=settings.retries,
+        backoff=settings.retry_backoff,
+        user_agent=settings.user_agent,
+        per_host=settings.per_host_connections,
+    )

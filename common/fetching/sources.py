@@ -15,11 +15,8 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, TypedDict
-
-from urllib3.exceptions import DecodeError, HTTPError
 
 from common.fetching.urls import SCHEME
 
@@ -166,9 +163,10 @@ def iter_items(
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-# what reading a list may raise part way: a corrupt or cut gzip, a body cut off or badly encoded
-CORRUPT_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, DecodeError)
-READ_ERRORS = (*CORRUPT_ERRORS, OSError, HTTPError, HTTPException)
+# what reading a list may raise part way: a corrupt or cut gzip; a body cut off or badly encoded
+# (an OSError from `fetch.open_stream`)
+CORRUPT_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+READ_ERRORS = (*CORRUPT_ERRORS, OSError)
 
 
 class SourceError(Exception):

@@ -28,7 +28,7 @@ class Downloader:
         self.settings = settings
         self.out_dir = out_dir
         self.policy = policy_from_settings(settings)
-        self.session = make_session(self.policy, pool_maxsize=threads)
+        self.session = make_session(self.policy, concurrency=threads)
         self.present = existing_keys(out_dir)
         self.failures = FailureLog(out_dir)
 
