@@ -16,16 +16,18 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from common.fetching.fetch import Client, Policy, fetch
 from common.messages import ChunkItem, FileItem, is_fetch
 from common.output import records
 from common.pictures import images, lab
 from common.settings import Settings
 from common.state.failures import ItemError
+
+if TYPE_CHECKING:  # aiohttp (~0.15 s to import) only where something is downloaded
+    from common.fetching.fetch import Client, Policy
 
 log = logging.getLogger("koala.stages")
 
@@ -46,6 +48,8 @@ def failure_of(error: Exception) -> tuple[str, str]:
 def item_bytes(item: ChunkItem, client: Client, policy: Policy, keep_originals: Path | None = None) -> bytes:
     """The image file of a chunk item: its submitted bytes, or its URL fetched (and kept in
     `keep_originals` as <key>.<ext> when set)."""
+    from common.fetching.fetch import fetch
+
     if not is_fetch(item):
         return cast(FileItem, item)["b"]
     return kept(item, fetch(item["u"], client, policy), keep_originals)

@@ -4,6 +4,8 @@ functions included), and `common/` never imports `producer/` or `workers/`."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from testkit import ROOT
@@ -78,3 +80,9 @@ def test_the_finder_sees_a_circle():
 def test_common_imports_neither_producer_nor_workers():
     wrong = {m: sorted(i for i in deps if not i.startswith("common")) for m, deps in graph().items()}
     assert {m: d for m, d in wrong.items() if m.startswith("common") and d} == {}
+
+
+def test_the_cli_starts_without_the_http_client():
+    # every `koala submit` pays its imports; aiohttp (~0.15 s) comes in only where something downloads
+    code = "import sys, producer.cli; assert 'aiohttp' not in sys.modules, 'aiohttp imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

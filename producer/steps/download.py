@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from common.fetching.fetch import FetchError, make_session, policy_from_settings
 from common.fetching.sources import ParseCounts, UrlItem, is_url, iter_items, open_list
 from common.pictures import images
 from common.settings import Settings, get_settings
@@ -25,6 +24,11 @@ class Downloader:
     """Fetches URL items into <md5>.<ext> files, keeping only what the fleet would accept."""
 
     def __init__(self, settings: Settings, out_dir: Path, threads: int):
+        from common.fetching.fetch import (
+            make_session,
+            policy_from_settings,
+        )  # aiohttp: not for other commands
+
         self.settings = settings
         self.out_dir = out_dir
         self.policy = policy_from_settings(settings)
@@ -66,6 +70,8 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
 
     Files already there are skipped (re-run to resume); failures go to OUT_DIR/failures.jsonl
     with the fleet's reasons (one line per URL still failing)."""
+    from common.fetching.fetch import FetchError
+
     if not is_url(source) and not os.path.isfile(source):
         raise click.ClickException(f"no such file: {source}")
     settings = get_settings()
