@@ -19,7 +19,6 @@ from typing import BinaryIO, cast
 import msgpack
 from celery import Celery
 
-from common.fetching.fetch import FetchError
 from common.fetching.sources import (
     READ_ERRORS,
     FileTooLarge,
@@ -27,7 +26,6 @@ from common.fetching.sources import (
     LocalFile,
     NotRegularFile,
     ParseCounts,
-    SourceError,
     UrlItem,
     is_url,
     iter_folder,
@@ -297,8 +295,6 @@ def submit_source(source: str, submitter: Submitter, skip: int = 0, count: int |
         try:
             with open_list(source, submitter.settings) as stream:
                 submitter.submit_urls(stream, skip, count)
-        except FetchError as e:
-            raise SourceError(f"cannot fetch the URL list {source}: {e.reason}: {e.detail}") from e
         except ListBroken as e:
             e.source = source
             raise

@@ -13,7 +13,7 @@ import os
 import stat
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal, TypedDict
@@ -295,14 +295,16 @@ def read_regular(path: str | Path, max_bytes: int) -> bytes:
 def open_list(source: str, settings: Settings) -> Iterator[BinaryIO]:
     """A binary stream of a URL list: local file (gzip by extension) or http(s) URL (gzip when
     the body, once its Content-Encoding is undone, starts as gzip does). A local source must be
-    a regular file (SourceError otherwise: /dev/zero would be read without end, a FIFO block)."""
+    a regular file (SourceError otherwise: /dev/zero would be read without end, a FIFO block); a
+    URL that cannot be fetched is a SourceError too."""
     if is_url(source):
-        from common.fetching.fetch import (
-            open_stream,
-            policy_from_settings,
-        )
+        from common.fetching.fetch import FetchError, open_stream, policy_from_settings
 
-        with open_stream(source, policy_from_settings(settings)) as stream:
+        with ExitStack() as stack:
+            try:
+                stream = stack.enter_context(open_stream(source, policy_from_settings(settings)))
+            except FetchError as e:
+                raise SourceError(f"cannot fetch the URL list {source}: {e.reason}: {e.detail}") from e
             try:
                 gzipped = stream.peek(len(GZIP_MAGIC))[: len(GZIP_MAGIC)] == GZIP_MAGIC
             except READ_ERRORS as e:

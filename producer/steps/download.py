@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from common.fetching.sources import ParseCounts, UrlItem, is_url, iter_items, open_list
+from common.fetching.sources import ParseCounts, SourceError, UrlItem, is_url, iter_items, open_list
 from common.pictures import images
 from common.settings import Settings, get_settings
 from common.stages import (
@@ -70,8 +70,6 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
 
     Files already there are skipped (re-run to resume); failures go to OUT_DIR/failures.jsonl
     with the fleet's reasons (one line per URL still failing)."""
-    from common.fetching.fetch import FetchError
-
     if not is_url(source) and not os.path.isfile(source):
         raise click.ClickException(f"no such file: {source}")
     settings = get_settings()
@@ -85,8 +83,8 @@ def download(source: str, out_dir: Path, count: int | None, skip: int, threads: 
             ):
                 outcomes[outcome] += 1
                 bar.update()
-    except FetchError as e:
-        raise click.ClickException(f"cannot fetch the URL list {source}: {e.reason}: {e.detail}") from e
+    except SourceError as e:
+        raise click.ClickException(str(e)) from e
     finally:
         loader.failures.close()
         loader.session.close()
