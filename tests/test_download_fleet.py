@@ -416,3 +416,24 @@ def test_redis_with_a_password(image_server: ImageServer, tmp_path):
     finally:
         team.stop_all()
         server.stop()
+
+
+def test_the_download_gate_lets_in_at_most_its_slots_in_order():
+    from functools import partial
+
+    from workers.download import _Gate
+
+    gate, started = _Gate(2), []
+    for i in range(5):
+        gate.enter(partial(started.append, i))
+    assert started == [0, 1]  # the others wait for a slot
+    gate.leave()
+    assert started == [0, 1, 2]
+    gate.leave()
+    gate.leave()
+    assert started == [0, 1, 2, 3, 4]
+    gate.leave()
+    gate.leave()  # every item has left: both slots are free again
+    for i in (5, 6, 7):
+        gate.enter(partial(started.append, i))
+    assert started[5:] == [5, 6]

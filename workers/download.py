@@ -7,6 +7,7 @@ of `common/stages.py`, which the standalone `koala download` and `koala resize` 
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -47,6 +48,7 @@ class DownloadStage:
         self.decoders = Decoders(size, *limits, processes=settings.decoders)
         # the bytes go to a decoder from these threads: a full pipe must not stop the download loop
         self.handoff = ThreadPoolExecutor(self.decoders.processes + 1, "handoff")
+        self.gate = _Gate(settings.download_concurrency)
 
     def run(self, items: list[ChunkItem], publish: Publish) -> None:
         """Process one chunk: its pending items downloaded at once, every one published or failed,
@@ -55,10 +57,7 @@ class DownloadStage:
         pending = [i for i, current in zip(items, states, strict=True) if current not in (WRITTEN, FAILED)]
         chunk = _Chunk(len(pending))
         for item in pending:
-            if is_fetch(item):
-                self.client.submit(item["u"], partial(self.fetched, item, chunk))
-            else:
-                self.handoff.submit(self.decode, item, cast(FileItem, item)["b"], chunk)
+            self.gate.enter(partial(self.start, item, chunk))
         ready: list[EmbedImage] = []
         first_ready = 0.0
         left = len(pending)
@@ -83,22 +82,34 @@ class DownloadStage:
         publish(ready)
         self.state.mark_downloaded_many([image["key"] for image in ready])
 
+    def start(self, item: ChunkItem, chunk: _Chunk) -> None:
+        """Start an item that passed the gate: its download, or its submitted bytes to a decoder."""
+        if is_fetch(item):
+            self.client.submit(item["u"], partial(self.fetched, item, chunk))
+        else:
+            self.handoff.submit(self.decode, item, cast(FileItem, item)["b"], chunk)
+
     def fetched(self, item: ChunkItem, chunk: _Chunk, outcome: bytes | Exception) -> None:
         """On the download loop: an item's bytes go on to a decoder; its error ends it in `chunk`."""
         if isinstance(outcome, Exception):
             chunk.end(item, outcome)
+            self.gate.leave()
         else:
             self.handoff.submit(self.decode, item, outcome, chunk)
 
     def decode(self, item: ChunkItem, data: bytes, chunk: _Chunk) -> None:
         """In a handoff thread: keep a download's original when asked, then have a decoder decode the
-        bytes; its payload or its error ends the item in `chunk` (from the decoder's answer)."""
+        bytes (its payload or its error ends the item in `chunk`, from the decoder's answer); the
+        item leaves the gate once its bytes are in the decoder's pipe."""
         try:
-            data = kept(item, data, self.settings.keep_originals) if is_fetch(item) else data
-        except Exception as e:
-            chunk.end(item, e)
-            return
-        self.decoders.decode(data, lambda outcome: chunk.end(item, outcome))
+            try:
+                data = kept(item, data, self.settings.keep_originals) if is_fetch(item) else data
+            except Exception as e:
+                chunk.end(item, e)
+                return
+            self.decoders.decode(data, lambda outcome: chunk.end(item, outcome))
+        finally:
+            self.gate.leave()
 
     def failed(self, item: ChunkItem, error: Exception) -> None:
         """Record the failure of an item, named by its exception."""
@@ -124,6 +135,36 @@ class DownloadStage:
     def queued_images(self) -> int:
         """Images waiting in the embed queue, estimated as messages × chunk size."""
         return self.state.queue_length(EMBED_QUEUE) * self.settings.chunk_size
+
+
+class _Gate:
+    """At most `slots` items between the start of their download and their bytes reaching a
+    decoder's pipe; the others wait their turn, in order. A worker so holds at most that many image
+    files while its decoders are behind (else every item of its chunks in progress could be: 512 at
+    the defaults, of up to KOALA_MAX_BYTES each)."""
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def enter(self, start: Callable[[], None]) -> None:
+        """Call `start` now if a slot is free, else when one is."""
+        with self._lock:
+            if not self._free:
+                self._waiting.append(start)
+                return
+            self._free -= 1
+        start()
+
+    def leave(self) -> None:
+        """Give a slot back: to the next one waiting, if any."""
+        with self._lock:
+            start = self._waiting.popleft() if self._waiting else None
+            if start is None:
+                self._free += 1
+        if start is not None:
+            start()
 
 
 class _Chunk:
