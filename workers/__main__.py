@@ -62,10 +62,11 @@ def download(concurrency: int | None, keep_originals: str | None, name: str | No
     use_settings(settings)  # before the app and its tasks exist: they read get_settings()
     from workers.tasks import app
 
-    # the downloads of a chunk run at once on the stage's pool; a chunk holds its slot until its
-    # slowest URL ends (a dead host: connect timeout x attempts), so eight chunks per pool's worth
-    # of threads keep the pool busy while many chunks wait for one last URL
-    chunks = max(8, math.ceil(8 * settings.download_concurrency / settings.chunk_size))
+    # the downloads of a chunk are all started at once (at most `download_concurrency` in flight); a
+    # chunk holds its slot until its slowest URL ends (a dead host: connect timeout x attempts), so
+    # sixteen chunks per `download_concurrency` worth of items keep the downloads going while many
+    # chunks wait for one last URL (eight: the realistic mix of 2,000 URLs took 44 s instead of 39)
+    chunks = max(8, math.ceil(16 * settings.download_concurrency / settings.chunk_size))
     app.worker_main(
         [
             "worker",
