@@ -258,6 +258,13 @@ def test_a_connect_that_hangs_ends_at_the_deadline(full_backlog: int):
     assert reason == "timeout" and took < SHORT.deadline + 1
 
 
+def test_a_connect_timeout_says_so(full_backlog: int):
+    quick = Policy(allow_private=True, connect_timeout=0.3, deadline=5, retries=0)
+    with make_session(quick) as s, pytest.raises(FetchError) as info:
+        fetch(f"http://127.0.0.1:{full_backlog}/x.jpg", s, quick)
+    assert (info.value.reason, info.value.detail) == ("timeout", "connect timed out after 0.3s")
+
+
 @pytest.fixture
 def dribbling_tls_server() -> Iterator[int]:
     """A TCP server that answers a TLS ClientHello with a record header, then a byte per 0.2 s."""

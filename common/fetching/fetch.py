@@ -360,10 +360,10 @@ async def _get(url: str, client: Client, policy: Policy) -> aiohttp.ClientRespon
         raise TransientError("dns_error", str(e)) from None
     except aiohttp.InvalidURL as e:
         raise FetchError("invalid_url", _cause(e)) from None
-    except aiohttp.ConnectionTimeoutError as e:
-        raise TransientError("timeout", f"connect timed out: {_cause(e)}") from None
-    except aiohttp.SocketTimeoutError as e:
-        raise TransientError("timeout", f"no response within {policy.read_timeout:g}s: {_cause(e)}") from None
+    except aiohttp.ConnectionTimeoutError:
+        raise TransientError("timeout", f"connect timed out after {policy.connect_timeout:g}s") from None
+    except aiohttp.SocketTimeoutError:
+        raise TransientError("timeout", f"no response within {policy.read_timeout:g}s") from None
     except aiohttp.ClientResponseError as e:  # status line or headers malformed: the same next time
         raise FetchError("connection_error", f"malformed response: {_cause(e)}") from None
     except (aiohttp.ClientError, OSError) as e:
