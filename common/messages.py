@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Any, Literal, TypedDict, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeGuard, cast
 
-import numpy as np
 import zstandard
 
-from common.pictures.images import inflate_whole, undo_up_filter
+if TYPE_CHECKING:  # numpy and Pillow only for the pixel payloads: `koala submit` starts without them
+    import numpy as np
 
 DOWNLOAD_QUEUE = "download"  # kombu keeps each queue as a Redis list of this name
 EMBED_QUEUE = "embed"
@@ -165,6 +165,8 @@ def _zstd() -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
 
 def encode_pixels(arr: np.ndarray) -> bytes:
     """Lossless, compact encoding of a uint8 [H, W, 3] array for the message queue."""
+    import numpy as np
+
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {arr.dtype} {arr.shape}")
     h, w, _ = arr.shape
@@ -185,6 +187,10 @@ def decode_pixels(
     """Exact inverse of encode_pixels; ValueError on a corrupt or unknown payload. The size its
     header declares is checked before anything is decompressed: it must be `size` (width, height)
     when given, and at most `max_pixels` (PayloadSizeError, a ValueError)."""
+    import numpy as np
+
+    from common.pictures.images import inflate_whole, undo_up_filter
+
     data = bytes(data)
     tag = data[:1]
     if len(data) < 1 + _HEADER.size or tag not in (_TAG_UP_ZSTD, _TAG_UP_ZLIB):

@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LAB_SIZES = (299, 224)  # the dataset guide's size, and what the original training code reads
+
+
+RecordFormat = Literal["lab", "compact"]
+RECORD_FORMATS: tuple[str, ...] = get_args(RecordFormat)  # KOALA_RECORD_FORMAT's values
 
 
 class Settings(BaseSettings):
@@ -144,7 +148,7 @@ class Settings(BaseSettings):
     examples_per_shard: int = Field(500, description="records per shard")
     shard_max_age: float = Field(600.0, description="seconds a shard stays open before it is finalized")
     compression: Literal["none", "gzip", "zlib"] = Field("none", description="TFRecord compression")
-    record_format: Literal["lab", "compact"] = Field(
+    record_format: RecordFormat = Field(
         "lab",
         description="lab: the original schema (Lab floats); compact: the 299×299 image as a PNG + the embedding, ~7× smaller (common/output/dataset.py gives the same Lab tensors)",
     )

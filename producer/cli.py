@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
@@ -10,18 +11,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
 from common.celery_app import make_app
-from common.output.records import RECORD_FORMATS
 from common.output.storage import is_url, local_folder
-from common.settings import Settings, get_settings
+from common.settings import RECORD_FORMATS, Settings, get_settings
 from common.state.failures import REASONS
 from common.state.job import JobState
-from producer.convert import convert as convert_command
 from producer.progress import progress_bar, resend_when_stalled, snapshot, watch, with_rates
-from producer.steps import register as register_steps
 
 
 def job_state(settings: Settings, broker: str | None = None) -> JobState:
@@ -87,7 +86,34 @@ RUN_FOLDER = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A group whose heavier commands are imported when asked for (click's documented pattern):
+    `koala submit` starts without numpy, Pillow or TensorFlow's helpers."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy  # command name -> "module.attribute"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.lazy:
+            return super().get_command(ctx, name)
+        module, _, attribute = self.lazy[name].rpartition(".")
+        return getattr(importlib.import_module(module), attribute)
+
+
+STEPS = {  # the original project's steps standalone, a preview, and the record-format converter
+    "download": "producer.steps.download.download",
+    "resize": "producer.steps.resize.resize",
+    "lab-batch": "producer.steps.lab_batch.lab_batch",
+    "preview": "producer.steps.preview.preview",
+    "convert": "producer.convert.convert",
+}
+
+
+@click.group(cls=LazyGroup, lazy=STEPS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--broker",
     envvar="KOALA_BROKER_URL",
@@ -349,10 +375,6 @@ def reset(yes: bool) -> None:
     if not yes:
         click.confirm(f"Delete every {settings.state_prefix}:* key?", abort=True)
     click.echo(f"deleted {state.reset()} keys")
-
-
-register_steps(main)
-main.add_command(convert_command)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})

@@ -30,7 +30,7 @@ from PIL import Image
 from common.output import records
 from common.output.shards import finished_shards
 from common.pictures import images, lab
-from common.settings import LAB_SIZES, get_settings
+from common.settings import LAB_SIZES, RECORD_FORMATS, get_settings
 
 TOLERANCE = 1e-6  # the Lab of the rebuilt image against the record's channels
 SIDE = 299  # of the image a compact record holds
@@ -176,7 +176,7 @@ def convert_folder(src_dir: Path, dst_dir: Path, to: str, lab_size: int, echo=pr
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--to", "to", type=click.Choice(records.RECORD_FORMATS), required=True, help="the record format to write"
+    "--to", "to", type=click.Choice(RECORD_FORMATS), required=True, help="the record format to write"
 )
 @click.option(
     "--lab-size",

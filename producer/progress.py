@@ -14,7 +14,6 @@ from typing import Any, TextIO
 from tqdm import tqdm
 
 from common.messages import DOWNLOAD_QUEUE, EMBED_QUEUE
-from common.output.shards import count_shards
 from common.state.job import JobState
 from common.state.retries import retry_on_broker
 
@@ -49,6 +48,8 @@ def progress_bar(**options: Any) -> tqdm:
 
 def snapshot(state: JobState, out_dir: Path | str) -> dict:
     """Everything `koala status --json` reports, read once."""
+    from common.output.shards import count_shards  # numpy: not for `koala submit`
+
     counts = state.counts()
     return {
         **counts,

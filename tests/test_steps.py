@@ -20,7 +20,6 @@ from common.output.dataset import read_dataset
 from common.output.shards import SHARD_GLOB
 from common.pictures import images as img
 from common.pictures import lab
-from producer.steps import register
 from producer.steps.files import FAILURES_FILE
 from producer.steps.preview import SHEET_PAD, record_images, sheet_size
 from testkit.fleet import koala
@@ -230,7 +229,11 @@ def test_preview_parses_floats_as_written():
     assert np.array_equal(records.example_floats(data, b"image_embedding"), emb)
 
 
-def test_register_adds_the_commands():
-    group = click.Group("koala")
-    register(group)
-    assert {"download", "resize", "lab-batch", "preview"} <= set(group.commands)
+def test_the_steps_are_commands_of_koala_loaded_when_asked_for():
+    from producer.cli import STEPS, main
+
+    ctx = click.Context(main)
+    assert {"download", "resize", "lab-batch", "preview", "convert"} <= set(main.list_commands(ctx))
+    for name in STEPS:
+        command = main.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from common.output.records import EMBEDDING_SIZE, RECORD_FORMATS
+from common.output.records import EMBEDDING_SIZE
 from common.output.storage import Store, filesystem, is_url
+from common.settings import RECORD_FORMATS
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -32,7 +32,6 @@ if google_crc32c.implementation != "c":
 EMBEDDING_SIZE = 1001
 KEY_FEATURE = b"image_key"
 PNG_FEATURE = b"image_png"  # in `compact` records only
-RECORD_FORMATS = ("lab", "compact")
 _MAX_RECORD = 1 << 31  # sanity cap on a record length read from an (already CRC-checked) header
 
 

@@ -12,11 +12,10 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from common.output import records
 from common.output.shards import ShardWriter, highest_in, publish_to_store
 from common.output.storage import StorageError, Store, local_folder
 from common.pictures import images
-from common.settings import Settings, get_settings
+from common.settings import RECORD_FORMATS, Settings, get_settings
 from common.stages import (
     Model,
     compact_record_of,
@@ -172,7 +171,7 @@ def shard_writer(store: Store, folder: Path, per_shard: int, settings: Settings)
 )
 @click.option(
     "--record-format",
-    type=click.Choice(records.RECORD_FORMATS),
+    type=click.Choice(RECORD_FORMATS),
     default=None,
     help="lab (the original schema) or compact (a PNG, ~7× smaller); default KOALA_RECORD_FORMAT",
 )
