@@ -168,8 +168,8 @@ class _Gate:
 
 
 class _Chunk:
-    """One chunk's items in progress: their outcomes (a payload or an exception) as fetch threads
-    and decoder answers end them, and the chunk's thread woken at the last one, and at the next one
+    """One chunk's items in progress: their outcomes (a payload or an exception) as the download
+    loop and decoder answers end them, and the chunk's thread woken at the last one, and at the next one
     while it is `eager` (no group of images waiting for GROUP_WAIT): not at every one."""
 
     def __init__(self, items: int):

@@ -14,6 +14,7 @@ import asyncio
 import io
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -127,10 +128,8 @@ def _check_literal(host: str, policy: Policy) -> None:
 
 
 @cache
-def _tls_context() -> Any:
+def _tls_context() -> ssl.SSLContext:
     """One verifying TLS context per process (certifi's roots, as requests used), shared by clients."""
-    import ssl
-
     context = ssl.create_default_context()
     try:
         import certifi
@@ -282,7 +281,7 @@ async def _attempt(url: str, client: Client, policy: Policy, start: float) -> by
     remaining = policy.deadline - (time.monotonic() - start)
     if remaining <= 0:
         raise TransientError("timeout", f"no time left of the {policy.deadline:g}s deadline")
-    async with client.host_slot(_host_of(url)):
+    async with client.host_slot(_parsed(url).host or ""):
         try:
             async with asyncio.timeout(remaining):
                 response = await _open(url, client, policy, checked=True)
@@ -294,9 +293,10 @@ async def _attempt(url: str, client: Client, policy: Policy, start: float) -> by
             raise TransientError("timeout", f"download exceeded the {policy.deadline:g}s deadline") from None
 
 
-def _host_of(url: str) -> str:
+def _parsed(url: str) -> URL:
+    """url as yarl parses it (aiohttp requests it so); FetchError invalid_url where it cannot."""
     try:
-        return URL(url).host or ""
+        return URL(url)
     except ValueError as e:
         raise FetchError("invalid_url", str(e)) from None
 
@@ -347,10 +347,7 @@ async def _discard(response: aiohttp.ClientResponse) -> None:
 async def _get(url: str, client: Client, policy: Policy) -> aiohttp.ClientResponse:
     """Send one GET, turning exceptions into reasons."""
     timeout = aiohttp.ClientTimeout(sock_connect=policy.connect_timeout, sock_read=policy.read_timeout)
-    try:
-        parsed = URL(url)
-    except ValueError as e:
-        raise FetchError("invalid_url", str(e)) from None
+    parsed = _parsed(url)
     try:
         _check_literal(parsed.raw_host or "", policy)
         return await client.session.get(parsed, allow_redirects=False, timeout=timeout)
