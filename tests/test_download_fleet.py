@@ -437,3 +437,8 @@ def test_the_download_gate_lets_in_at_most_its_slots_in_order():
     for i in (5, 6, 7):
         gate.enter(partial(started.append, i))
     assert started[5:] == [5, 6]
+    gate.enter(partial(started.append, "back"), first=True)  # a download back from its pause
+    gate.leave()
+    assert started[7:] == ["back"]
+    gate.leave()
+    assert started[8:] == [7]

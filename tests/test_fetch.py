@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 
@@ -103,6 +105,23 @@ def test_a_timed_out_attempt_is_retried_at_once_the_others_after_a_backoff(image
         assert reason_of(f"{image_server.base}/counted/500/backoff", s, quick) == "http_error"
         assert pauses == [0.1, 0.2]
     assert image_server.behaviour.hits["/counted/500/backoff"] == 3
+
+
+def test_a_download_resting_between_attempts_holds_none_of_the_clients_slots(image_server, images):
+    rested: list = []
+    quick = Policy(allow_private=True, retries=1, backoff=0.1)
+    with make_session(quick, concurrency=1) as s:
+
+        async def rest(seconds: float) -> None:  # another download, on the client's one slot
+            rested.append(seconds)
+            rested.append(await asyncio.wait_for(s.fetch(f"{image_server.base}/img/jpeg_rgb"), 30))
+
+        outcome: Future = Future()
+        s.submit(f"{image_server.base}/counted/500/rest", outcome.set_result, rest)
+        error = outcome.result(60)
+    assert isinstance(error, FetchError) and error.reason == "http_error"
+    assert rested == [0.1, images["jpeg_rgb"]]
+    assert image_server.behaviour.hits["/counted/500/rest"] == 2
 
 
 def test_503_then_200_is_retried_into_success(image_server: ImageServer, images, session, policy):

@@ -7,6 +7,7 @@ of `common/stages.py`, which the standalone `koala download` and `koala resize` 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import threading
@@ -85,7 +86,7 @@ class DownloadStage:
     def start(self, item: ChunkItem, chunk: _Chunk) -> None:
         """Start an item that passed the gate: its download, or its submitted bytes to a decoder."""
         if is_fetch(item):
-            self.client.submit(item["u"], partial(self.fetched, item, chunk))
+            self.client.submit(item["u"], partial(self.fetched, item, chunk), self.rest)
         else:
             self.handoff.submit(self.decode, item, cast(FileItem, item)["b"], chunk)
 
@@ -96,6 +97,16 @@ class DownloadStage:
             self.gate.leave()
         else:
             self.handoff.submit(self.decode, item, outcome, chunk)
+
+    async def rest(self, seconds: float) -> None:
+        """On the loop, a download between attempts (a 503, a failed lookup): its slot goes to the
+        next item meanwhile, and it takes the first one free after, ahead of the items waiting."""
+        self.gate.leave()
+        await asyncio.sleep(seconds)
+        loop = asyncio.get_running_loop()
+        back: asyncio.Future[None] = loop.create_future()
+        self.gate.enter(partial(loop.call_soon_threadsafe, _wake, back), first=True)
+        await back
 
     def decode(self, item: ChunkItem, data: bytes, chunk: _Chunk) -> None:
         """In a handoff thread: keep a download's original when asked, then have a decoder decode the
@@ -148,11 +159,11 @@ class _Gate:
         self._waiting: collections.deque[Callable[[], None]] = collections.deque()
         self._lock = threading.Lock()
 
-    def enter(self, start: Callable[[], None]) -> None:
-        """Call `start` now if a slot is free, else when one is."""
+    def enter(self, start: Callable[[], None], first: bool = False) -> None:
+        """Call `start` now if a slot is free, else when one is (`first`: before the others waiting)."""
         with self._lock:
             if not self._free:
-                self._waiting.append(start)
+                (self._waiting.appendleft if first else self._waiting.append)(start)
                 return
             self._free -= 1
         start()
@@ -165,6 +176,11 @@ class _Gate:
                 self._free += 1
         if start is not None:
             start()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():  # not cancelled (the client closing)
+        future.set_result(None)
 
 
 class _Chunk:

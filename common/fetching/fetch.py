@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -42,6 +42,7 @@ _DRAIN = 64 * 1024  # error and redirect bodies up to this size are read so the 
 _HEADERS = {"Accept": "image/*,*/*;q=0.5", "Accept-Encoding": "gzip, deflate"}
 T = TypeVar("T")
 Done = Callable[[bytes | Exception], None]  # gets the body, or why there is none
+Rest = Callable[[float], Awaitable[None]]  # waits out the pause between attempts
 
 
 class FetchError(ItemError):
@@ -163,7 +164,7 @@ class Client:
         self._thread.start()
         self._slots: dict[str, _Slots] = {}  # touched on the loop only
         self._tasks: set[asyncio.Task] = set()
-        self._running = self.call(self._start(concurrency))
+        self.running = self.call(self._start(concurrency))  # attempts in flight
 
     async def _start(self, concurrency: int) -> asyncio.Semaphore:
         connector = aiohttp.TCPConnector(
@@ -184,19 +185,19 @@ class Client:
         """Run a coroutine on the client's loop and wait for its result (from any other thread)."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def submit(self, url: str, done: Done) -> None:
+    def submit(self, url: str, done: Done, rest: Rest | None = None) -> None:
         """Start downloading url; `done` gets the body or the exception, on the loop's thread (it
-        must not block)."""
-        self.loop.call_soon_threadsafe(self._start_task, url, done)
+        must not block). `rest(seconds)`, when given, is awaited between attempts instead of a sleep."""
+        self.loop.call_soon_threadsafe(self._start_task, url, done, rest)
 
-    def _start_task(self, url: str, done: Done) -> None:
-        task = self.loop.create_task(self._fetch_then(url, done))
+    def _start_task(self, url: str, done: Done, rest: Rest | None) -> None:
+        task = self.loop.create_task(self._fetch_then(url, done, rest))
         self._tasks.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
 
-    async def _fetch_then(self, url: str, done: Done) -> None:
+    async def _fetch_then(self, url: str, done: Done, rest: Rest | None) -> None:
         try:
-            outcome: bytes | Exception = await self.fetch(url)
+            outcome: bytes | Exception = await self.fetch(url, rest)
         except Exception as e:
             outcome = e
         try:
@@ -204,10 +205,9 @@ class Client:
         except Exception:  # never the loop's end: the other downloads go on
             log.exception("a download's callback failed")
 
-    async def fetch(self, url: str) -> bytes:
+    async def fetch(self, url: str, rest: Rest | None = None) -> bytes:
         """The body of url, following redirects, with retries; FetchError with a reason otherwise."""
-        async with self._running:
-            return await _fetch(url, self, self.policy)
+        return await _fetch(url, self, self.policy, rest)
 
     @asynccontextmanager
     async def host_slot(self, host: str) -> AsyncIterator[None]:
@@ -256,7 +256,7 @@ def fetch(url: str, client: Client, policy: Policy | None = None) -> bytes:
 _sleep = asyncio.sleep  # the pause between attempts (tests record it)
 
 
-async def _fetch(url: str, client: Client, policy: Policy) -> bytes:
+async def _fetch(url: str, client: Client, policy: Policy, rest: Rest | None = None) -> bytes:
     problem = url_problem(url)
     if problem:
         raise FetchError(*problem)
@@ -271,17 +271,17 @@ async def _fetch(url: str, client: Client, policy: Policy) -> bytes:
             pause = 0.0 if e.reason == "timeout" else max(policy.backoff * 2 ** (attempts - 1), e.retry_after)
             if attempts > policy.retries or time.monotonic() - start + pause >= policy.deadline:
                 raise
-            if pause:
-                await _sleep(pause)
+            if pause:  # holding no slot of the client's: a waiting download is not in flight
+                await (rest or _sleep)(pause)
 
 
 async def _attempt(url: str, client: Client, policy: Policy, start: float) -> bytes:
-    """One attempt within what is left of the deadline, holding one of the host's slots: follow the
-    redirects, read the body."""
+    """One attempt within what is left of the deadline, holding one of the client's slots and one
+    of the host's: follow the redirects, read the body."""
     remaining = policy.deadline - (time.monotonic() - start)
     if remaining <= 0:
         raise TransientError("timeout", f"no time left of the {policy.deadline:g}s deadline")
-    async with client.host_slot(_parsed(url).host or ""):
+    async with client.running, client.host_slot(_parsed(url).host or ""):
         try:
             async with asyncio.timeout(remaining):
                 response = await _open(url, client, policy, checked=True)
