@@ -194,14 +194,23 @@ class Handler(BaseHTTPRequestHandler):
         self.send_body(b"not found", "text/plain", 404)
 
     def img(self, path: str, rest: str) -> None:
-        """/img/<name>[?hold=G]: a file, as bytes; with `hold`, once the test opened gate G."""
+        """/img/<name>[?hold=G][&opens=O]: a file, as bytes; with `hold`, once the test opened gate G;
+        with `opens`, gate O opens once it is sent."""
         if rest in self.files:
-            gate = parse_qs(urlsplit(self.path).query).get("hold")
-            if gate:
-                self.behaviour.gate(gate[0]).wait(HOLD_LIMIT)
+            query = parse_qs(urlsplit(self.path).query)
+            if "hold" in query:
+                self.behaviour.gate(query["hold"][0]).wait(HOLD_LIMIT)
             self.send_body(self.files[rest], "application/octet-stream")
+            if "opens" in query:
+                self.behaviour.gate(query["opens"][0]).set()
         else:
             self.not_found(path, rest)
+
+    def busy_until(self, path: str, rest: str) -> None:  # /busy-until/<gate>: 503 until <gate> opens
+        if self.behaviour.hit(path) > 1 and self.behaviour.gate(rest).wait(HOLD_LIMIT):
+            self.send_body(self.files["jpeg_small"])
+        else:
+            self.send_body(b"busy", "text/plain", code=503)
 
     def counted(self, path: str, rest: str) -> None:  # /counted/<code>/<id>: counts hits, answers <code>
         self.behaviour.hit(path)
@@ -351,6 +360,7 @@ ROUTES: dict[str, Callable[[Handler, str, str], None]] = {
     "status": Handler.status,
     "flaky503": Handler.flaky503,
     "ratelimited": Handler.ratelimited,
+    "busy-until": Handler.busy_until,
     "html": Handler.html,
     "html-as-jpeg": Handler.html_as_jpeg,
     "empty": Handler.empty,

@@ -366,6 +366,22 @@ def test_pickle_message_is_refused_and_never_executed(
     assert "pickle" in workers.logs().lower()
 
 
+def test_a_download_waiting_to_retry_gives_its_slot_to_the_next_item(
+    image_server: ImageServer, workers: Workers, rclient, tmp_path
+):
+    # one download at a time: the second URL can only start while the first waits out its backoff,
+    # and the first one's retry is answered only once the second was served
+    gate = f"retry-slot-{tmp_path.name}"
+    urls = [f"{image_server.base}/busy-until/{gate}", f"{image_server.base}/img/jpeg_small?opens={gate}"]
+    listing = tmp_path / "urls.txt"
+    listing.write_text("\n".join(urls))
+    workers.start("download", "-c", "1")
+    assert koala(workers.env(), "submit", str(listing)).returncode == 0
+    wait_for(lambda: rclient.hget("koala:counts", "downloaded") == b"2", 60, "both downloaded", workers.logs)
+    assert rclient.hget("koala:counts", "failed") is None
+    assert image_server.behaviour.hits[f"/busy-until/{gate}"] == 2
+
+
 def test_retry_sends_failed_items_again_after_an_outage(
     image_server: ImageServer, workers: Workers, redis_url, rclient, tmp_path
 ):
