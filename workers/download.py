@@ -156,10 +156,10 @@ class _Gate:
 
     def __init__(self, slots: int):
         self._free = slots
-        self._waiting: collections.deque[Callable[[], None]] = collections.deque()
+        self._waiting: collections.deque[Callable[[], object]] = collections.deque()
         self._lock = threading.Lock()
 
-    def enter(self, start: Callable[[], None], first: bool = False) -> None:
+    def enter(self, start: Callable[[], object], first: bool = False) -> None:
         """Call `start` now if a slot is free, else when one is (`first`: before the others waiting)."""
         with self._lock:
             if not self._free:
