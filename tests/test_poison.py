@@ -52,6 +52,8 @@ def test_a_url_that_kills_its_worker_fails_alone_and_its_chunk_goes_on(
 
 def test_a_chunk_whose_task_raises_still_ends_every_item(redis_url, rclient, tmp_path, monkeypatch):
     # one function under test (the task body): the stage's run raises as it did under a memory limit
+    from celery.utils.nodenames import gethostname
+
     from common.settings import get_settings
     from common.state.job import JobState
     from workers import tasks
@@ -70,6 +72,7 @@ def test_a_chunk_whose_task_raises_still_ends_every_item(redis_url, rclient, tmp
     try:
         assert tasks.download.apply(args=[items]).get() == 3
     finally:
+        tasks.download_stage(gethostname()).close()  # the stage the eager task built, as Celery names it
         get_settings.cache_clear()
         tasks.download_stage.cache_clear()
     assert state.states([i["k"] for i in items]) == [b"d", b"f", b"f"]

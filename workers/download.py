@@ -51,6 +51,12 @@ class DownloadStage:
         self.handoff = ThreadPoolExecutor(self.decoders.processes + 1, "handoff")
         self.gate = _Gate(settings.download_concurrency)
 
+    def close(self) -> None:
+        """Stop the HTTP client's loop, the hand-off threads and the decoder processes."""
+        self.client.close()
+        self.handoff.shutdown()
+        self.decoders.close()
+
     def run(self, items: list[ChunkItem], publish: Publish) -> None:
         """Process one chunk: its pending items downloaded at once, every one published or failed,
         exactly once; the images go out as one message (stragglers later, in their own)."""
