@@ -6,8 +6,12 @@ mostly dead links (MIX_SHARES), the same limits for both, in a network namespace
 img2dataset runs from its own venv; ours is a redis-server, WORKERS download workers at their default
 settings, the producer and a sink draining `embed`.
 
+`--against DIR`: this checkout's workers against another checkout's (e.g. `git worktree add DIR REV`),
+alternating, instead of img2dataset: an A/B of a change, by the same method.
+
 Run: .venv/bin/python -m bench.download [--corpus photos|imagenet|small] [--scenario mix] [--images 2000]
-     [--rounds 3] [--json PATH] [--smoke]   (mix as root; smoke: 40 images or 60 URLs, ours only)
+     [--rounds 3] [--against DIR] [--json PATH] [--smoke]   (mix as root; smoke: 40 images or 60 URLs,
+     ours only)
 """
 
 from __future__ import annotations
@@ -416,9 +420,12 @@ def run_img2dataset(
 
 class Fleet:
     """WORKERS download workers at their default settings on `redis`, kept up across rounds (as a
-    fleet is); `close` stops them."""
+    fleet is), run from the checkout `code` (this one by default) and reported as `tool`; `close`
+    stops them."""
 
-    def __init__(self, redis, workdir: Path, extra_env: dict[str, str]):
+    def __init__(
+        self, redis, workdir: Path, extra_env: dict[str, str], code: Path = ROOT, tool: str = "ours"
+    ):
         from testkit.servers import worker_env
 
         shutil.rmtree(workdir, ignore_errors=True)
@@ -430,9 +437,12 @@ class Fleet:
         for var in (*PROXY_VARS, *TEST_SETTINGS):  # the product's defaults, not the tests' short ones
             if var not in extra_env:
                 self.env.pop(var, None)
+        # `python -m workers` and `-m producer` are found in the working directory first
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), self.env.get("PYTHONPATH")]))
+        self.code, self.tool = code, tool
         started, logs = time.perf_counter(), [workdir / f"dl{i}.log" for i in range(1, WORKERS + 1)]
         command = [sys.executable, "-m", "workers", "download", "-n"]
-        self.workers = [spawn([*command, f"{p.stem}@bench"], p, self.env) for p in logs]
+        self.workers = [spawn([*command, f"{p.stem}@bench"], p, self.env, code) for p in logs]
         try:
             for proc, path in zip(self.workers, logs, strict=True):
                 while "ready." not in path.read_text(errors="replace"):
@@ -484,7 +494,7 @@ class Fleet:
         check, t_first, t_last, t_done, next_count = None, 0.0, 0.0, None, 0.0
         t0 = time.perf_counter()
         command = [sys.executable, "-m", "producer", "submit", str(url_list), "--json"]
-        producer.append(spawn(command, self.workdir / "submit.json", self.env))
+        producer.append(spawn(command, self.workdir / "submit.json", self.env, self.code))
         while True:
             batch = self.client.rpop("embed", 64) or []
             for raw in batch:
@@ -509,7 +519,7 @@ class Fleet:
         measure.stop()
         cpu = {k: v - cpu0[k] for k, v in self.split().items()} | {"producer": producer_cpu}
         total = sum(cpu.values())
-        result = {"tool": "ours", "producer_exit": code}
+        result = {"tool": self.tool, "producer_exit": code}
         result |= measure.result(n, count, wall, total, (t_first, t_last, count - first_images))
         result |= {f"cpu_ms_per_image_{k}": round(1000 * v / max(count, 1), 2) for k, v in cpu.items()}
         result |= {
@@ -587,7 +597,7 @@ METHOD = (
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Medians per tool and the ratios ours / img2dataset."""
+    """Medians per tool and the ratios ours / the other tool (img2dataset, or another checkout)."""
     med: dict[str, dict] = {}
     for tool in dict.fromkeys(r["tool"] for r in runs):
         rows = [r for r in runs if r["tool"] == tool]
@@ -595,20 +605,20 @@ def summarize(runs: list[dict]) -> dict:
         med[tool] = {k: statistics.median(v) if v else None for k, v in values.items()} | {"runs": len(rows)}
         med[tool]["all_images"] = all(r["success"] == r["expected"] for r in rows)
     out: dict = {"medians": med}
-    ours, i2d = med.get("ours"), med.get("img2dataset")
+    ours, other = med.get("ours"), next((m for tool, m in med.items() if tool != "ours"), None)
     for k in ("images_per_s", "steady_images_per_s", "cpu_ms_per_image", "peak_rss_mb"):
-        if ours and i2d and ours[k] and i2d[k]:
-            out[f"ratio_{k}"] = round(ours[k] / i2d[k], 2)
+        if ours and other and ours[k] and other[k]:
+            out[f"ratio_{k}"] = round(ours[k] / other[k], 2)
     return out
 
 
 def markdown(result: dict) -> str:
     """The tables printed to stdout and written beside the JSON."""
     cfg, c, summary, runs = result["config"], result["corpus"], result["summary"], result["runs"]
-    mix = cfg.get("mix")
+    mix, other = cfg.get("mix"), cfg.get("against") or "img2dataset"
     title = f"{cfg['corpus']} corpus" + (", realistic mix (mostly dead links)" if mix else "")
     lines = [
-        f"### Download + resize to {SIZE}x{SIZE}, {title}: ours vs img2dataset\n\n`{cfg['command']}`  ",
+        f"### Download + resize to {SIZE}x{SIZE}, {title}: ours vs {other}\n\n`{cfg['command']}`  ",
         f"{cfg['images']} {'URLs' if mix else 'images'}: {c['mean_kb']} KB and {c['mean_mpix']} Mpix on "
         f"average ({c['mpix_min_max'][0]}-{c['mpix_min_max'][1]} Mpix, width/height "
         f"{c['aspect_min_max'][0]}-{c['aspect_min_max'][1]}, {c['progressive_share']:.0%} progressive), "
@@ -630,12 +640,9 @@ def markdown(result: dict) -> str:
         for i, r in enumerate(runs, 1)
     ]
     lines.append(md_table(["run", "tool", *COLUMNS.values(), "ok"], rows) + "\n")
-    if ours := [r for r in runs if r["tool"] == "ours"]:
-        rows = [
-            [i, *(r[f"cpu_ms_per_image_{p}"] for p in SPLIT), r["first_image_s"]]
-            for i, r in enumerate(ours, 1)
-        ]
-        table = md_table(["ours run", *SPLIT, "first image s"], rows)
+    if ours := [r for r in runs if "cpu_ms_per_image_workers" in r]:
+        rows = [[r["tool"], *(r[f"cpu_ms_per_image_{p}"] for p in SPLIT), r["first_image_s"]] for r in ours]
+        table = md_table(["run of", *SPLIT, "first image s"], rows)
         lines.append(f"Our CPU-ms per image by process:\n\n{table}\n")
     rows = [
         [tool, *(m[k] for k in COLUMNS), m["runs"], "yes" if m["all_images"] else "NO"]
@@ -651,10 +658,10 @@ def markdown(result: dict) -> str:
     if "ratio_images_per_s" in summary:
         targets = "x1 or more" if mix else "x2 or more whole and steady; CPU per image x0.5 or less"
         lines.append(
-            f"\n**ours / img2dataset (medians): images/s x{summary['ratio_images_per_s']}, steady "
+            f"\n**ours / {other} (medians): images/s x{summary['ratio_images_per_s']}, steady "
             f"x{summary.get('ratio_steady_images_per_s')}, CPU per image "
-            f"x{summary['ratio_cpu_ms_per_image']}, peak RSS x{summary['ratio_peak_rss_mb']}** (targets: "
-            f"images/s {targets})"
+            f"x{summary['ratio_cpu_ms_per_image']}, peak RSS x{summary['ratio_peak_rss_mb']}**"
+            + ("" if cfg.get("against") else f" (targets: images/s {targets})")
         )
     for r in runs[-2:] if mix else []:
         why = sorted((r.get("failures_by_reason") or r.get("errors") or {}).items(), key=lambda kv: -kv[1])
@@ -670,32 +677,61 @@ def markdown(result: dict) -> str:
 @click.option("--rounds", type=int, default=3, show_default=True, help="runs of each tool, alternating")
 @click.option("--corpus", type=click.Choice(sorted(CORPORA)), default="photos", show_default=True)
 @click.option("--scenario", type=click.Choice(["clean", "mix"]), default="clean", show_default=True)
+@click.option(
+    "--against",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="another checkout's workers instead of img2dataset (an A/B of a change)",
+)
 @options
-def main(images: int, rounds: int, corpus: str, scenario: str, json_path: Path | None, smoke: bool) -> None:
-    """Download + resize throughput, CPU and busy cores: ours vs img2dataset on a loopback corpus (smoke:
-    40 images, mix 60 URLs and 2 s timeouts; 1 round, no img2dataset)."""
+def main(
+    images: int,
+    rounds: int,
+    corpus: str,
+    scenario: str,
+    against: Path | None,
+    json_path: Path | None,
+    smoke: bool,
+) -> None:
+    """Download + resize throughput, CPU and busy cores: ours vs img2dataset (or vs another checkout)
+    on a loopback corpus (smoke: 40 images, mix 60 URLs and 2 s timeouts; 1 round, no img2dataset)."""
     mix = (SMOKE_MIX if smoke else MIX) if scenario == "mix" else None
     if smoke:
         images, rounds = (60 if mix else 40), 1
     paths = ensure_corpus(images, corpus)
-    bindir, i2d = (None, "not run (--smoke)") if smoke else ensure_img2dataset()
+    if against:
+        bindir, i2d = None, "not run (--against)"
+    else:
+        bindir, i2d = (None, "not run (--smoke)") if smoke else ensure_img2dataset()
     if mix:
         enter_private_network()  # after what needs the network (pip) and many files; runs again inside
     TMP.mkdir(parents=True, exist_ok=True)
     command = ("python -m bench.download " + " ".join(sys.argv[1:])).strip()
     config = {"command": command, "corpus": corpus, "scenario": scenario, "images": images}
     config |= {"latency": LATENCY, "rounds": rounds, "workers": WORKERS}
+    if against:
+        config["against"] = checkout_name(against.resolve())
     result: dict = {"config": config, "corpus": corpus_stats(paths)}
     result |= {"runs": [], "img2dataset_version" if bindir else "img2dataset_error": i2d}
     if mix:
         result["network"] = check_private_network()
     server = CorpusServer(CACHE / CORPORA[corpus], images, mix["slow_s"] if mix else 3.0, mix is not None)
     try:
-        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths)
+        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths, against and against.resolve())
     finally:
         server.stop()
     result["summary"] = summarize(result["runs"])
-    finish("download-mix" if mix else "download", result, json_path, smoke, markdown(result))
+    name = ("download-mix" if mix else "download") + ("-against" if against else "")
+    finish(name, result, json_path, smoke, markdown(result))
+
+
+def checkout_name(code: Path) -> str:
+    """`ours@<commit>` of a checkout (`+changes` when its tracked files differ from the commit)."""
+    git = ["git", "-C", str(code)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    changed = subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode
+    name = commit.stdout.strip() or code.name
+    return f"ours@{name}" + ("+changes" if changed else "")
 
 
 def url_list(name: str, urls: list[str]) -> Path:
@@ -704,9 +740,16 @@ def url_list(name: str, urls: list[str]) -> Path:
 
 
 def compare(
-    result: dict, server: CorpusServer, mix: dict | None, bindir: Path | None, quiet: float, paths: list[Path]
+    result: dict,
+    server: CorpusServer,
+    mix: dict | None,
+    bindir: Path | None,
+    quiet: float,
+    paths: list[Path],
+    against: Path | None = None,
 ) -> None:
-    """img2dataset's fixed cost, then the rounds (img2dataset, then ours), into `result`."""
+    """img2dataset's fixed cost, then the rounds (img2dataset, then ours; or the other checkout's
+    workers, then ours, each fleet on a Redis of its own), into `result`."""
     cfg, n = result["config"], result["config"]["images"]
     urls, expected, env, limits, timeout = server.urls(n), n, {}, {}, max(120.0, n / 5)
     if mix:
@@ -718,24 +761,27 @@ def compare(
         limits = {"fetch_timeout": mix["timeout_s"], "retries": mix["retries"]}
         timeout += 2 * (mix["retries"] + 1) * mix["timeout_s"] + mix["slow_s"]
     listed = url_list(f"urls-{cfg['scenario']}-{n}", urls)
-    with (
-        common.redis_server("download") as redis,
-        contextlib.closing(Fleet(redis, TMP / "fleet", env)) as fleet,
-    ):
-        result["ours_startup"] = fleet.startup
+    checkouts = [(cfg["against"], against)] if against else []
+    with contextlib.ExitStack() as stack:
+        fleets = {}
+        for tool, code in [*checkouts, ("ours", ROOT)]:
+            redis = stack.enter_context(common.redis_server("download"))
+            workdir = TMP / ("fleet" if tool == "ours" else "fleet-against")
+            fleets[tool] = stack.enter_context(contextlib.closing(Fleet(redis, workdir, env, code, tool)))
+        result["ours_startup"] = fleets["ours"].startup
         if bindir:
             fixed = run_img2dataset(bindir, url_list("urls-1", urls[:1]), 1, server, 120)
             result["img2dataset_fixed_cost_1_image"] = {
                 k: fixed[k] for k in ("wall_s", "cpu_s", "peak_rss_mb")
             }
-        # a warm-up: connections, the decoders' first images
-        fleet.run(url_list("urls-warm", server.urls(min(n, 200))), min(n, 200), server, timeout)
+        for fleet in fleets.values():  # a warm-up: connections, the decoders' first images
+            fleet.run(url_list("urls-warm", server.urls(min(n, 200))), min(n, 200), server, timeout)
         for round_no in range(1, cfg["rounds"] + 1):
-            for tool in ("img2dataset", "ours") if bindir else ("ours",):
+            for tool in ("img2dataset", *fleets) if bindir else fleets:
                 before = wait_quiet(quiet) if quiet else None
                 calibration_ms = calibrate(paths)
-                if tool == "ours":
-                    r = fleet.run(listed, n, server, timeout)
+                if tool in fleets:
+                    r = fleets[tool].run(listed, n, server, timeout)
                 else:
                     r = run_img2dataset(bindir, listed, n, server, timeout, **limits)
                 more = {

@@ -94,3 +94,18 @@ def test_bench_smoke_runs_every_benchmark_and_writes_the_summary(tmp_path: Path)
     check_resize(tmp_path)
     check_ceiling(tmp_path)
     check_broker(tmp_path)
+
+
+def test_download_against_another_checkout_alternates_the_two_fleets(tmp_path):
+    # an A/B of a change: this checkout's workers against another's (here the same one)
+    out = tmp_path / "against.json"
+    command = [sys.executable, "-m", "bench.download", "--smoke", "--against", str(ROOT), "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    other = result["config"]["against"]
+    assert other.startswith("ours@")
+    assert [r["tool"] for r in result["runs"]] == [other, "ours"]
+    assert all(r["success"] == r["images"] and r["cpu_ms_per_image_decoders"] > 0 for r in result["runs"])
+    assert result["summary"]["ratio_cpu_ms_per_image"] > 0
+    assert f"ours vs {other}" in out.with_suffix(".md").read_text()
