@@ -6,12 +6,14 @@ mostly dead links (MIX_SHARES), the same limits for both, in a network namespace
 img2dataset runs from its own venv; ours is a redis-server, WORKERS download workers at their default
 settings, the producer and a sink draining `embed`.
 
+`--threads`: also where each worker's CPU goes by thread (the kernel's per-thread clocks, the threads
+named by py-spy, installed from PyPI into bench/results/py-spy-venv the first time).
 `--against DIR`: this checkout's workers against another checkout's (e.g. `git worktree add DIR REV`),
 alternating, instead of img2dataset: an A/B of a change, by the same method.
 
 Run: .venv/bin/python -m bench.download [--corpus photos|imagenet|small] [--scenario mix] [--images 2000]
-     [--rounds 3] [--against DIR] [--json PATH] [--smoke]   (mix as root; smoke: 40 images or 60 URLs,
-     ours only)
+     [--rounds 3] [--against DIR] [--threads] [--json PATH] [--smoke]
+     (mix as root; smoke: 40 images or 60 URLs, ours only)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -42,7 +45,7 @@ import numpy as np
 from bench import common
 from bench.common import CACHE, RESULTS, ROOT, finish, log, machine_cpu_s, md_table, options
 
-I2D_VENV, TMP = RESULTS / "img2dataset-venv", RESULTS / "tmp"
+I2D_VENV, PY_SPY_VENV, TMP = RESULTS / "img2dataset-venv", RESULTS / "py-spy-venv", RESULTS / "tmp"
 CORPORA = {"photos": "photos-v1", "imagenet": "corpus-v1", "small": "small-v1"}  # name -> cache folder
 SMALL = 0.4  # the small corpus: the photos at this fraction of each side
 SIZE, THREADS = 299, 64  # the output side; img2dataset's --thread_count
@@ -378,6 +381,38 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
     return bindir, f"img2dataset {version}, opencv {cv2_version}"
 
 
+def ensure_py_spy() -> Path:
+    """py-spy in its own venv (`python3 -m venv` + `pip install py-spy` if missing)."""
+    exe = PY_SPY_VENV / "bin" / "py-spy"
+    if not exe.exists():
+        log("installing py-spy into its own venv (bench/results/py-spy-venv) ...")
+        run = {"check": True, "capture_output": True, "timeout": 1200}
+        subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(PY_SPY_VENV)], **run)
+        subprocess.run([str(PY_SPY_VENV / "bin" / "pip"), "install", "-q", "py-spy"], **run)
+    return exe
+
+
+def thread_clocks(pids: list[int]) -> dict[int, float]:
+    """CPU seconds of every thread of the processes, by thread id (the kernel's schedstat)."""
+    clocks = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                clocks[int(tid)] = int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+    return clocks
+
+
+def thread_names(py_spy: Path, pids: list[int]) -> dict[int, str]:
+    """Python's names of the processes' threads, by thread id, digits folded ("decoder-N-answers")."""
+    names = {}
+    for pid in pids:
+        command = [str(py_spy), "dump", "--nonblocking", "--pid", str(pid)]
+        dump = subprocess.run(command, capture_output=True, text=True).stdout
+        for tid, name in re.findall(r'^Thread (\d+) [^"\n]*"([^"]*)"', dump, re.MULTILINE):
+            names[int(tid)] = re.sub(r"\d+", "N", name)
+    return names
+
+
 def run_img2dataset(
     bindir: Path, url_list: Path, n: int, server: CorpusServer, timeout: float, **limits
 ) -> dict:
@@ -424,7 +459,13 @@ class Fleet:
     stops them."""
 
     def __init__(
-        self, redis, workdir: Path, extra_env: dict[str, str], code: Path = ROOT, tool: str = "ours"
+        self,
+        redis,
+        workdir: Path,
+        extra_env: dict[str, str],
+        code: Path = ROOT,
+        tool: str = "ours",
+        py_spy: Path | None = None,
     ):
         from testkit.servers import worker_env
 
@@ -439,7 +480,7 @@ class Fleet:
                 self.env.pop(var, None)
         # `python -m workers` and `-m producer` are found in the working directory first
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), self.env.get("PYTHONPATH")]))
-        self.code, self.tool = code, tool
+        self.code, self.tool, self.py_spy = code, tool, py_spy
         started, logs = time.perf_counter(), [workdir / f"dl{i}.log" for i in range(1, WORKERS + 1)]
         command = [sys.executable, "-m", "workers", "download", "-n"]
         self.workers = [spawn([*command, f"{p.stem}@bench"], p, self.env, code) for p in logs]
@@ -488,6 +529,7 @@ class Fleet:
 
         self.reset()
         state, cpu0 = JobState(self.client), self.split()
+        clocks0 = thread_clocks(self.pids()) if self.py_spy else {}
         producer: list[subprocess.Popen] = []  # not reaped before the end: its CPU stays in the samples
         measure = Measure(lambda: [*self.pids(), self.redis_pid, *(p.pid for p in producer)], server)
         count = failed = payload_bytes = messages = first_images = 0
@@ -529,11 +571,24 @@ class Fleet:
             "bytes_per_image": round(payload_bytes / max(count, 1)),
             "payload_check": check,
         }
+        if self.py_spy:
+            result["cpu_ms_per_image_by_thread"] = self.by_thread(clocks0, count)
         if t_done is None:
             result["timed_out"] = True
         if result["failed"]:
             result["failures_by_reason"] = state.failures_by_reason()
         return result
+
+    def by_thread(self, before: dict[int, float], images: int) -> dict[str, float]:
+        """The workers' CPU-ms per image since `before`, by thread name (threads gone since: "ended")."""
+        assert self.py_spy is not None
+        clocks, names = thread_clocks(self.pids()), thread_names(self.py_spy, self.pids())
+        spent: dict[str, float] = {}
+        for tid in clocks.keys() | before.keys():
+            name = names.get(tid, "unnamed") if tid in clocks else "ended"
+            spent[name] = spent.get(name, 0.0) + clocks.get(tid, 0.0) - before.get(tid, 0.0)
+        ranked = sorted(spent.items(), key=lambda kv: -kv[1])
+        return {name: round(1000 * s / max(images, 1), 3) for name, s in ranked if s > 0}
 
     def close(self) -> None:
         for proc in self.workers:
@@ -644,6 +699,14 @@ def markdown(result: dict) -> str:
         rows = [[r["tool"], *(r[f"cpu_ms_per_image_{p}"] for p in SPLIT), r["first_image_s"]] for r in ours]
         table = md_table(["run of", *SPLIT, "first image s"], rows)
         lines.append(f"Our CPU-ms per image by process:\n\n{table}\n")
+    if by_thread := [r for r in runs if "cpu_ms_per_image_by_thread" in r]:
+        names = list(dict.fromkeys(n for r in by_thread for n in r["cpu_ms_per_image_by_thread"]))
+        rows = [[n, *(r["cpu_ms_per_image_by_thread"].get(n, 0) for r in by_thread)] for n in names]
+        table = md_table(["thread", *(f"{r['tool']} r{r['round']}" for r in by_thread)], rows)
+        lines.append(
+            "The workers' own processes (not their decoders), CPU-ms per image by thread (both workers; the "
+            f"kernel's thread clocks, Python's thread names by py-spy; digits folded to N):\n\n{table}\n"
+        )
     rows = [
         [tool, *(m[k] for k in COLUMNS), m["runs"], "yes" if m["all_images"] else "NO"]
         for tool, m in summary["medians"].items()
@@ -683,6 +746,7 @@ def markdown(result: dict) -> str:
     default=None,
     help="another checkout's workers instead of img2dataset (an A/B of a change)",
 )
+@click.option("--threads", is_flag=True, help="also our workers' CPU by thread (installs py-spy)")
 @options
 def main(
     images: int,
@@ -690,6 +754,7 @@ def main(
     corpus: str,
     scenario: str,
     against: Path | None,
+    threads: bool,
     json_path: Path | None,
     smoke: bool,
 ) -> None:
@@ -717,7 +782,9 @@ def main(
         result["network"] = check_private_network()
     server = CorpusServer(CACHE / CORPORA[corpus], images, mix["slow_s"] if mix else 3.0, mix is not None)
     try:
-        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths, against and against.resolve())
+        py_spy = ensure_py_spy() if threads else None
+        checkout = against and against.resolve()
+        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths, checkout, py_spy)
     finally:
         server.stop()
     result["summary"] = summarize(result["runs"])
@@ -747,6 +814,7 @@ def compare(
     quiet: float,
     paths: list[Path],
     against: Path | None = None,
+    py_spy: Path | None = None,
 ) -> None:
     """img2dataset's fixed cost, then the rounds (img2dataset, then ours; or the other checkout's
     workers, then ours, each fleet on a Redis of its own), into `result`."""
@@ -767,7 +835,8 @@ def compare(
         for tool, code in [*checkouts, ("ours", ROOT)]:
             redis = stack.enter_context(common.redis_server("download"))
             workdir = TMP / ("fleet" if tool == "ours" else "fleet-against")
-            fleets[tool] = stack.enter_context(contextlib.closing(Fleet(redis, workdir, env, code, tool)))
+            fleet = Fleet(redis, workdir, env, code, tool, py_spy)
+            fleets[tool] = stack.enter_context(contextlib.closing(fleet))
         result["ours_startup"] = fleets["ours"].startup
         if bindir:
             fixed = run_img2dataset(bindir, url_list("urls-1", urls[:1]), 1, server, 120)

@@ -109,3 +109,15 @@ def test_download_against_another_checkout_alternates_the_two_fleets(tmp_path):
     assert all(r["success"] == r["images"] and r["cpu_ms_per_image_decoders"] > 0 for r in result["runs"])
     assert result["summary"]["ratio_cpu_ms_per_image"] > 0
     assert f"ours vs {other}" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_download_by_thread_names_the_workers_threads(tmp_path):
+    # slow group: it installs py-spy from PyPI the first time
+    out = tmp_path / "threads.json"
+    command = [sys.executable, "-m", "bench.download", "--smoke", "--threads", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    by_thread = run["cpu_ms_per_image_by_thread"]
+    assert {"fetch-loop", "MainThread"} <= set(by_thread) and all(v > 0 for v in by_thread.values())
