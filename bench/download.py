@@ -657,7 +657,8 @@ def summarize(runs: list[dict]) -> dict:
     for tool in dict.fromkeys(r["tool"] for r in runs):
         rows = [r for r in runs if r["tool"] == tool]
         values = {k: [r[k] for r in rows if r.get(k) is not None] for k in COLUMNS}
-        med[tool] = {k: statistics.median(v) if v else None for k, v in values.items()} | {"runs": len(rows)}
+        med[tool] = {k: round(statistics.median(v), 2) if v else None for k, v in values.items()}
+        med[tool]["runs"] = len(rows)
         med[tool]["all_images"] = all(r["success"] == r["expected"] for r in rows)
     out: dict = {"medians": med}
     ours, other = med.get("ours"), next((m for tool, m in med.items() if tool != "ours"), None)
