@@ -112,7 +112,9 @@ class EmbeddedRedis:
                 if time.monotonic() > deadline:
                     raise RunError("the embedded Redis did not answer within 60 s") from None
                 time.sleep(0.05)
-        (self.dir / "url").write_text(self.url)
+        # whole or absent: `koala status --out` and the tests read it while the run goes on
+        (self.dir / "url.tmp").write_text(self.url)
+        os.replace(self.dir / "url.tmp", self.dir / "url")
         return self
 
     def stop(self) -> None:
