@@ -147,14 +147,22 @@ def test_loopback_refused_without_allow_private(image_server: ImageServer):
         assert reason_of(f"{image_server.base}/img/jpeg_rgb", s, strict) == "blocked_address"
 
 
-def test_dns_failure_is_dns_error(monkeypatch, session, policy):
-    def no_such_host(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+@pytest.mark.parametrize(
+    ("errno", "lookups"),
+    [(socket.EAI_NONAME, 1), (socket.EAI_AGAIN, 2)],  # no such name: not asked again; failed for now: retried
+)
+def test_dns_failure_is_dns_error(monkeypatch, errno, lookups):
+    asked: list[str] = []
 
-    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    def no_answer(host, *args, **kwargs):
+        asked.append(host)
+        raise socket.gaierror(errno, "no answer")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_answer)
     fast = Policy(allow_private=True, retries=1, backoff=0.01)
     with make_session(fast) as s:
         assert reason_of("http://no-such-host.invalid/x.jpg", s, fast) == "dns_error"
+    assert asked == ["no-such-host.invalid"] * lookups
 
 
 def test_host_resolving_to_metadata_is_blocked_even_with_private_allowed(monkeypatch):

@@ -63,7 +63,16 @@ class BlockedAddress(Exception):
 
 
 class DnsFailure(Exception):
-    """The host name did not resolve."""
+    """The host name did not resolve; `lasting` when the answer was that it does not exist (or the
+    name cannot be encoded), not that the lookup failed for now."""
+
+    def __init__(self, message: str, lasting: bool):
+        super().__init__(message)
+        self.lasting = lasting
+
+
+# getaddrinfo's answers that a name has no address (NXDOMAIN, no records): asking again gets the same
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,10 @@ def resolve_checked(host: str, port: int, policy: Policy) -> list[tuple]:
     """getaddrinfo for host, refusing the whole host if any address is not allowed."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise DnsFailure(f"cannot resolve {host}: {e}") from e
+    except socket.gaierror as e:
+        raise DnsFailure(f"cannot resolve {host}: {e}", lasting=e.errno in _NO_SUCH_NAME) from e
+    except UnicodeError as e:
+        raise DnsFailure(f"cannot resolve {host}: {e}", lasting=True) from e
     for info in infos:
         ip = cast(str, info[4][0])  # an INET or INET6 sockaddr: (host, port, ...)
         why = classify(ip, allow_private=policy.allow_private, extra_blocked=policy.blocked)
@@ -353,8 +364,8 @@ async def _get(url: str, client: Client, policy: Policy) -> aiohttp.ClientRespon
         return await client.session.get(parsed, allow_redirects=False, timeout=timeout)
     except BlockedAddress as e:
         raise FetchError("blocked_address", str(e)) from None
-    except DnsFailure as e:
-        raise TransientError("dns_error", str(e)) from None
+    except DnsFailure as e:  # a name that does not exist is not retried; a lookup that failed for now is
+        raise (FetchError if e.lasting else TransientError)("dns_error", str(e)) from None
     except aiohttp.InvalidURL as e:
         raise FetchError("invalid_url", _cause(e)) from None
     except aiohttp.ConnectionTimeoutError:
