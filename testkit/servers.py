@@ -304,7 +304,7 @@ class Handler(BaseHTTPRequestHandler):
     def poison(self, path: str, rest: str) -> None:
         """/poison/<id>: SIGKILLs the worker process that asks (as the out-of-memory killer would)."""
         self.behaviour.hit(path)
-        pid = pid_of_peer(self.client_address[1])
+        pid = pid_of_peer(self.client_address[1], self.server.server_address[1])
         if pid is None:
             raise RuntimeError(f"poison: no process holds the socket of port {self.client_address[1]}")
         if b"workers" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -329,13 +329,16 @@ def _zeros_gzipped() -> bytes:
     return gzip.compress(bytes(64 << 20), compresslevel=9)
 
 
-def pid_of_peer(port: int) -> int | None:
-    """The process holding the loopback TCP socket bound to local `port` (from /proc), if any."""
+def pid_of_peer(port: int, server_port: int) -> int | None:
+    """The process holding the TCP socket from local `port` to `server_port` (from /proc), if any.
+    Both ports: a local port alone may also be another connection's, to another server (an
+    ephemeral port is reused across destinations), and that process is not the one to kill."""
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+            if (local, remote) == (port, server_port):
                 inodes.add(f"socket:[{fields[9]}]")
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
