@@ -156,9 +156,10 @@ class DownloadStage:
 
 class _Gate:
     """At most `slots` items between the start of their download and their bytes reaching a
-    decoder's pipe; the others wait their turn, in order. A worker so holds at most that many image
-    files while its decoders are behind (else every item of its chunks in progress could be: 512 at
-    the defaults, of up to KOALA_MAX_BYTES each)."""
+    decoder's pipe, not counting downloads that wait out a retry's pause (`DownloadStage.rest`); the
+    others wait their turn, in order. A worker so holds at most that many image files while its
+    decoders are behind (else every item of its chunks in progress could be: 512 at the defaults, of
+    up to KOALA_MAX_BYTES each)."""
 
     def __init__(self, slots: int):
         self._free = slots
