@@ -366,9 +366,7 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
     run = {"check": True, "capture_output": True, "text": True, "timeout": 1200}
     try:
         if not (bindir / "img2dataset").exists():
-            log("installing img2dataset into its own venv (bench/results/img2dataset-venv) ...")
-            subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(I2D_VENV)], **run)
-            subprocess.run([str(bindir / "pip"), "install", "-q", "img2dataset"], **run)
+            venv_with(I2D_VENV, "img2dataset")
         # its bytecode, which pip wrote at install: without it (deleted, or never written) every
         # img2dataset process compiles its imports (PYTHONDONTWRITEBYTECODE: a 1-image run 3 -> 7 s)
         for site in (I2D_VENV / "lib").glob("python3*/site-packages"):
@@ -381,14 +379,19 @@ def ensure_img2dataset() -> tuple[Path | None, str]:
     return bindir, f"img2dataset {version}, opencv {cv2_version}"
 
 
+def venv_with(venv: Path, package: str) -> None:
+    """`python3 -m venv` + `pip install package` (a tool of the bench's own, beside the project's)."""
+    log(f"installing {package} into its own venv ({venv.relative_to(ROOT)}) ...")
+    run = {"check": True, "capture_output": True, "text": True, "timeout": 1200}
+    subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(venv)], **run)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", package], **run)
+
+
 def ensure_py_spy() -> Path:
-    """py-spy in its own venv (`python3 -m venv` + `pip install py-spy` if missing)."""
+    """py-spy in its own venv (installed if missing)."""
     exe = PY_SPY_VENV / "bin" / "py-spy"
     if not exe.exists():
-        log("installing py-spy into its own venv (bench/results/py-spy-venv) ...")
-        run = {"check": True, "capture_output": True, "timeout": 1200}
-        subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(PY_SPY_VENV)], **run)
-        subprocess.run([str(PY_SPY_VENV / "bin" / "pip"), "install", "-q", "py-spy"], **run)
+        venv_with(PY_SPY_VENV, "py-spy")
     return exe
 
 
@@ -743,7 +746,7 @@ def markdown(result: dict) -> str:
 @click.option("--scenario", type=click.Choice(["clean", "mix"]), default="clean", show_default=True)
 @click.option(
     "--against",
-    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    type=click.Path(file_okay=False, exists=True, resolve_path=True, path_type=Path),
     default=None,
     help="another checkout's workers instead of img2dataset (an A/B of a change)",
 )
@@ -776,7 +779,7 @@ def main(
     config = {"command": command, "corpus": corpus, "scenario": scenario, "images": images}
     config |= {"latency": LATENCY, "rounds": rounds, "workers": WORKERS}
     if against:
-        config["against"] = checkout_name(against.resolve())
+        config["against"] = checkout_name(against)
     result: dict = {"config": config, "corpus": corpus_stats(paths)}
     result |= {"runs": [], "img2dataset_version" if bindir else "img2dataset_error": i2d}
     if mix:
@@ -784,8 +787,7 @@ def main(
     server = CorpusServer(CACHE / CORPORA[corpus], images, mix["slow_s"] if mix else 3.0, mix is not None)
     try:
         py_spy = ensure_py_spy() if threads else None
-        checkout = against and against.resolve()
-        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths, checkout, py_spy)
+        compare(result, server, mix, bindir, 0 if smoke else QUIET_WAIT, paths, against, py_spy)
     finally:
         server.stop()
     result["summary"] = summarize(result["runs"])
@@ -797,8 +799,8 @@ def checkout_name(code: Path) -> str:
     """`ours@<commit>` of a checkout (`+changes` when its tracked files differ from the commit)."""
     git = ["git", "-C", str(code)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    changed = subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode
-    name = commit.stdout.strip() or code.name
+    changed = subprocess.run([*git, "diff", "--quiet", "HEAD"], capture_output=True).returncode == 1
+    name = commit.stdout.strip() or code.name  # not a git checkout: its folder's name
     return f"ours@{name}" + ("+changes" if changed else "")
 
 
