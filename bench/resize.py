@@ -1,10 +1,13 @@
 """Resize benchmark: JPEG bytes -> 299x299 RGB (contain), single-threaded CPU cost and quality per path
 (common.pictures.images): pillow_full (full decode + LANCZOS), pillow_draft (`load_rgb` without simplejpeg),
 fast (`load_rgb`: simplejpeg DCT-scaled decode + cykooz Lanczos-3); floor: the JPEGs decoded at 1/8 scale.
+fast_1x: `load_rgb` decoding at the DCT scale that keeps 1x the target instead of DESIGN's 2x (not the
+product's: what relaxing that rule would buy). --img2dataset: also img2dataset's path (OpenCV's full
+decode + INTER_AREA, in its own venv: bench/opencv_resize.py).
 Cost: this thread's CPU, least of --repeat runs, median over images; quality: PSNR against a float32
 Lanczos-3 of the full decode. Corpus: scikit-image's photos scaled to 0.5-2 Mpix, cropped, noised, JPEG.
 
-Run: .venv/bin/python -m bench.resize [--images 200] [--repeat 3] [--json PATH] [--smoke]
+Run: .venv/bin/python -m bench.resize [--images 200] [--repeat 3] [--img2dataset] [--json PATH] [--smoke]
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import io
 import math
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +33,7 @@ from common.pictures import images
 PHOTOS = "astronaut chelsea coffee hubble_deep_field immunohistochemistry retina rocket stereo_motorcycle"
 ASPECTS = (1.0, 4 / 3, 3 / 2, 16 / 9, 5 / 4)
 SIZE, MODE, TARGET_MS = (299, 299), "contain", 4.5
+_NEED_2X = images._need  # the product's rule, before fast_1x patches it
 
 
 def make_corpus(n: int, seed: int = 0) -> list[bytes]:
@@ -82,8 +88,18 @@ def paths(mode: str) -> dict[str, Callable[[bytes], np.ndarray]]:
         with mock.patch.object(images, "simplejpeg", None):
             return fast(data)
 
+    def fast_1x(data: bytes) -> np.ndarray:  # the DCT scale keeping 1x the picture's size, not 2x
+        with mock.patch.object(images, "_need", need_1x):
+            return fast(data)
+
     out = {"pillow_full": lambda d: images.resize(images.decode(d), SIZE, mode), "pillow_draft": pillow_draft}
-    return out | ({"fast": fast} if images.simplejpeg and images.Resizer else {})
+    return out | ({"fast": fast, "fast_1x": fast_1x} if images.simplejpeg and images.Resizer else {})
+
+
+def need_1x(stored: tuple[int, int], orientation: int, target: tuple[int, int], mode: str) -> tuple[int, int]:
+    """images._need's size halved (1x the picture's scaled size): bench.resize's fast_1x only."""
+    w, h = _NEED_2X(stored, orientation, target, mode)
+    return math.ceil(w / 2), math.ceil(h / 2)
 
 
 def reference(data: bytes, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
@@ -119,14 +135,13 @@ def cost_ms(fn: Callable[[bytes], np.ndarray], data: bytes, repeat: int) -> tupl
     return cpu * 1e3, out
 
 
-def measure(corpus: list[bytes], repeat: int) -> dict[str, dict]:
+def measure(corpus: list[bytes], refs: list, repeat: int) -> dict[str, dict]:
     """Per path: median CPU ms per image, PSNR mean and min."""
     fns = paths(MODE)
     for fn in fns.values():  # warm-up: imports, thread-local resizers
         fn(corpus[0])
     rows: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "psnr": []} for n in fns}
-    for i, data in enumerate(corpus):
-        ref = reference(data, MODE)
+    for i, (data, ref) in enumerate(zip(corpus, refs, strict=True)):
         for name, fn in fns.items():
             cpu, out = cost_ms(fn, data, repeat)
             assert out.shape == (SIZE[1], SIZE[0], 3) and out.dtype == np.uint8, (name, out.shape)
@@ -134,12 +149,36 @@ def measure(corpus: list[bytes], repeat: int) -> dict[str, dict]:
             rows[name]["psnr"].append(psnr(out, ref))
         if (i + 1) % 50 == 0:
             log(f"{i + 1}/{len(corpus)} images")
-    median, mean = statistics.median, statistics.fmean
+    return {name: summary(r["cpu"], r["psnr"]) for name, r in rows.items()}
+
+
+def summary(cpu: list[float], quality: list[float]) -> dict:
     return {
-        n: {"cpu_ms_median": round(median(r["cpu"]), 3), "psnr_mean": round(mean(r["psnr"]), 2)}
-        | {"psnr_min": round(min(r["psnr"]), 2)}
-        for n, r in rows.items()
-    }
+        "cpu_ms_median": round(statistics.median(cpu), 3),
+        "psnr_mean": round(statistics.fmean(quality), 2),
+    } | {"psnr_min": round(min(quality), 2)}
+
+
+def measure_img2dataset(corpus: list[bytes], refs: list, repeat: int) -> tuple[dict | None, str]:
+    """img2dataset's path (bench/opencv_resize.py in its venv): (row, its versions) or (None, why not)."""
+    from bench.download import ensure_img2dataset
+
+    bindir, versions = ensure_img2dataset()
+    if bindir is None:
+        return None, versions
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, data in enumerate(corpus):
+            (Path(tmp) / f"{i:05d}.jpg").write_bytes(data)
+        out = Path(tmp) / "out.npz"
+        script = Path(__file__).with_name("opencv_resize.py")
+        subprocess.run(
+            [str(bindir / "python"), str(script), tmp, str(out), str(repeat)], check=True, timeout=3600
+        )
+        with np.load(out) as got:
+            cpu = [float(c) for c in got["cpu_ms"]]
+            pictures = [got[f"picture_{i}"] for i in range(len(corpus))]
+    quality = [psnr(images._place(p, SIZE, ref[1]), ref) for p, ref in zip(pictures, refs, strict=True)]
+    return summary(cpu, quality), versions
 
 
 def markdown(result: dict) -> str:
@@ -156,6 +195,12 @@ def markdown(result: dict) -> str:
         f"{result['dct_scales']}; load average at start {result['load_average']}.\n",
         md_table(["path", "CPU ms (median)", "speed vs pillow_full", "PSNR mean dB", "PSNR min dB"], body),
     ]
+    if "fast_1x" in rows:
+        lines.append(
+            "\nfast_1x: the fast path at the DCT scale keeping 1x the target, not DESIGN's 2x (not used)."
+        )
+    if "img2dataset" in rows:
+        lines.append(f"img2dataset: OpenCV's full decode + INTER_AREA ({result['img2dataset']}), one thread.")
     if "fast" in rows:
         fast, draft = rows["fast"]["cpu_ms_median"], rows["pillow_draft"]["cpu_ms_median"]
         lines.append(f"\nfast path: {fast} ms CPU median (target <= {TARGET_MS}), {draft / fast:.2f}x faster")
@@ -169,8 +214,9 @@ def markdown(result: dict) -> str:
 @click.command()
 @click.option("--images", "n", type=int, default=200, show_default=True, help="corpus size")
 @click.option("--repeat", type=int, default=3, show_default=True, help="runs per image and path (least kept)")
+@click.option("--img2dataset", "with_img2dataset", is_flag=True, help="also img2dataset's path (installs it)")
 @options
-def main(n: int, repeat: int, json_path: Path | None, smoke: bool) -> None:
+def main(n: int, repeat: int, with_img2dataset: bool, json_path: Path | None, smoke: bool) -> None:
     """Decode + resize cost and quality of each path on a photo JPEG corpus."""
     if smoke:
         n, repeat = 12, 1
@@ -178,7 +224,12 @@ def main(n: int, repeat: int, json_path: Path | None, smoke: bool) -> None:
     corpus = make_corpus(n)
     config = {"command": "python -m bench.resize " + " ".join(sys.argv[1:]), "images": n, "repeat": repeat}
     result = {"config": config | {"smoke": smoke}, "load_average": load(), **describe(corpus, MODE)}
-    result["paths"] = measure(corpus, repeat)
+    refs = [reference(data, MODE) for data in corpus]
+    result["paths"] = measure(corpus, refs, repeat)
+    if with_img2dataset:
+        row, result["img2dataset"] = measure_img2dataset(corpus, refs, repeat)
+        if row:
+            result["paths"]["img2dataset"] = row
     if "fast" in result["paths"]:
         eighth = lambda d: images.simplejpeg.decode_jpeg(d, min_factor=8, min_height=1, min_width=1)  # noqa: E731
         result["floor_ms"] = round(statistics.median(cost_ms(eighth, d, repeat)[0] for d in corpus), 3)
