@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 
 from common.pictures import images as img
 from testkit import corpus, hostile
@@ -148,15 +148,6 @@ def test_draft_actually_reduces_large_jpeg():
 # cykooz.resizer has no wheel), Pillow throughout (where simplejpeg has none, and for what it refuses).
 
 BACKENDS = ("fast", "simplejpeg_pillow", "pillow")
-_SHOW = {  # ImageOps.exif_transpose's turn for each EXIF orientation
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 _INVERSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
@@ -228,9 +219,14 @@ def _float_reference(data: bytes, mode: str, size: tuple[int, int] = (299, 299),
         )
         for c in range(3)
     ]
-    if orientation in _SHOW:
-        channels = [c.transpose(_SHOW[orientation]) for c in channels]
+    channels = [_shown(c, orientation) for c in channels]
     return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0, 255), offset
+
+
+def _shown(channel: Image.Image, orientation: int) -> Image.Image:
+    """A picture in the file's orientation as shown: Pillow's ImageOps.exif_transpose."""
+    channel.getexif()[0x0112] = orientation
+    return ImageOps.exif_transpose(channel)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
