@@ -153,10 +153,12 @@ def measure(corpus: list[bytes], refs: list, repeat: int) -> dict[str, dict]:
 
 
 def summary(cpu: list[float], quality: list[float]) -> dict:
+    """A path's row: median CPU ms per image, PSNR mean and min."""
     return {
         "cpu_ms_median": round(statistics.median(cpu), 3),
         "psnr_mean": round(statistics.fmean(quality), 2),
-    } | {"psnr_min": round(min(quality), 2)}
+        "psnr_min": round(min(quality), 2),
+    }
 
 
 def measure_img2dataset(corpus: list[bytes], refs: list, repeat: int) -> tuple[dict | None, str]:
@@ -165,10 +167,13 @@ def measure_img2dataset(corpus: list[bytes], refs: list, repeat: int) -> tuple[d
 
     bindir, versions = ensure_img2dataset()
     if bindir is None:
+        log(versions)
         return None, versions
     with tempfile.TemporaryDirectory() as tmp:
         for i, data in enumerate(corpus):
             (Path(tmp) / f"{i:05d}.jpg").write_bytes(data)
+        # each picture's size, from the reference: the same geometry as ours
+        (Path(tmp) / "sizes.txt").write_text("".join(f"{r[0].shape[1]} {r[0].shape[0]}\n" for r in refs))
         out = Path(tmp) / "out.npz"
         script = Path(__file__).with_name("opencv_resize.py")
         subprocess.run(
